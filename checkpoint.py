@@ -1,0 +1,86 @@
+"""Checkpoints: weights as safetensors plus JSON metadata, written atomically, pruned, and loaded back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+logger = logging.getLogger(__name__)
+
+_ROUND_FILE = re.compile(r"^round-(\d{5})\.json$")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write bytes so that `path` holds either its old content or all of `data`: temp file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def save(directory: Path, round_number: int, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], keep: int = 3) -> Path:
+    """Write round `round_number`'s weights and metadata; keep the newest `keep` rounds. Returns the JSON path."""
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+    weights = save_safetensors(tensors)
+    weights_path = directory / f"round-{round_number:05d}.safetensors"
+    atomic_write(weights_path, weights)
+    record = {
+        **metadata,
+        "round": round_number,
+        "weights": weights_path.name,
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+    }
+    # The JSON is written last: its presence means the weights beside it are complete.
+    json_path = directory / f"round-{round_number:05d}.json"
+    atomic_write(json_path, json.dumps(record, indent=2, sort_keys=True).encode())
+    atomic_write(directory / "latest.json", json.dumps(record, indent=2, sort_keys=True).encode())
+    _prune(directory, keep)
+    return json_path
+
+
+def _prune(directory: Path, keep: int) -> None:
+    """Delete all but the newest `keep` rounds."""
+    rounds = sorted(int(match.group(1)) for name in os.listdir(directory) if (match := _ROUND_FILE.match(name)))
+    for old in rounds[:-keep] if keep > 0 else []:
+        for suffix in (".json", ".safetensors"):
+            (directory / f"round-{old:05d}{suffix}").unlink(missing_ok=True)
+
+
+def load(json_path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load a checkpoint's metadata and weights, checking the weights' hash."""
+    record = json.loads(json_path.read_text())
+    data = (json_path.parent / record["weights"]).read_bytes()
+    if hashlib.sha256(data).hexdigest() != record["weights_sha256"]:
+        raise ValueError(f"{record['weights']} does not match the hash recorded in {json_path.name}")
+    return record, load_safetensors(data)
+
+
+def latest(directory: Path) -> Path | None:
+    """The newest round's JSON in `directory`, or None."""
+    if not directory.is_dir():
+        return None
+    names = sorted(name for name in os.listdir(directory) if _ROUND_FILE.match(name))
+    return directory / names[-1] if names else None

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Regenerates the gRPC stubs in protos/ from the .proto files. Run from the
+# repository root so that generated imports read "from protos import ...".
+set -euo pipefail
+cd "$(dirname "$0")"
+out="${1:-.}"
+python -m grpc_tools.protoc -I . \
+    --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
+    protos/tensors.proto protos/leader.proto protos/learner.proto

@@ -1,0 +1,626 @@
+"""The leader: serves the global model and data splits, coordinates rounds, aggregates updates."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import logging
+import math
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+import torch.nn.functional as F
+from grpc_health.v1 import health_pb2
+
+import aggregation
+import checkpoint
+import rpc
+import wire
+from model import MODELS, build_model
+from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from utils import DATASETS, IMAGE_SHAPE, DataError, ImageData, load_dataset, normalize, resolve_device, split_iid
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 10134  # the blog's port
+AGGREGATIONS = ("fedsgd", "fedavg")
+DATA_MODES = ("split", "local")
+EVAL_BATCH_SIZE = 1000
+MAX_LOCAL_EXAMPLES = 10**9
+WAIT_SLICE_S = 0.5  # how often waits wake up to check for shutdown
+
+
+@dataclass(frozen=True)
+class LeaderConfig:
+    """Everything a federation run is configured by; saved with every checkpoint."""
+
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    learners: int = 2
+    min_learners: int = 0  # 0 means all of --learners
+    rounds: int = 10
+    aggregation: str = "fedsgd"
+    model: str = "resnet18"
+    dataset: str = "cifar10"
+    data_dir: str | None = "data"
+    data_mode: str = "split"
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.001
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    local_steps: int = 0
+    local_epochs: int = 1
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    checkpoint_dir: str = "checkpoints"
+    keep_checkpoints: int = 3
+    join_timeout: float = 600.0
+    round_timeout: float = 3600.0
+
+    @property
+    def quorum(self) -> int:
+        """Learners that must report for a round to count."""
+        return self.min_learners or self.learners
+
+
+class LeaderError(Exception):
+    """A request the leader refuses, with the gRPC status it answers."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RunError(Exception):
+    """The federation cannot go on; the message says why."""
+
+
+@dataclass
+class LearnerRecord:
+    """A registered learner as the leader sees it."""
+
+    learner_id: int
+    address: str
+    callback_token: str
+    num_examples: int
+    channel: grpc.Channel
+    stub: learner_pb2_grpc.LearnerServiceStub
+    alive: bool = True
+
+
+@dataclass
+class RoundState:
+    """Updates received in the round now open."""
+
+    number: int
+    accepting: bool = True
+    running: aggregation.RunningMean = field(default_factory=aggregation.RunningMean)
+    digests: dict[int, bytes] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    bytes_in: int = 0
+
+
+class Leader:
+    """Holds the global model and the federation's state; gRPC-free apart from calling learners."""
+
+    def __init__(self, config: LeaderConfig, test_data: ImageData, train_data: ImageData | None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.test_data = test_data
+        self.num_classes = test_data.num_classes
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.model, self.num_classes).to(self.device)
+        self.optimizer = self._server_optimizer()
+        self.specs = wire.specs_of(self.model.state_dict())
+        self.update_bytes = sum(spec.nbytes for spec in self.specs)
+        self.train_data = train_data
+        self.shards = split_iid(len(train_data), config.learners, config.seed) if train_data is not None else None
+        self.stop_event = threading.Event()
+        self.history: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._learners: dict[int, LearnerRecord] = {}
+        self._tokens: dict[str, int] = {}
+        self._started = False
+        self._round = RoundState(0, accepting=False)
+        self._published = self._publish(1)
+
+    def _server_optimizer(self) -> torch.optim.Optimizer:
+        """fedsgd: the leader takes the SGD step; fedavg: it applies the averaged delta with the server lr."""
+        config = self.config
+        if config.aggregation == "fedsgd":
+            return torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(self.model.parameters(), lr=config.server_lr, momentum=config.server_momentum)
+
+    def plan(self) -> leader_pb2.TrainingPlan:
+        """The training plan sent to every learner at registration."""
+        config = self.config
+        return leader_pb2.TrainingPlan(
+            model=config.model,
+            num_classes=self.num_classes,
+            aggregation=config.aggregation,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            local_steps=config.local_steps,
+            local_epochs=config.local_epochs,
+            seed=config.seed,
+            rounds=config.rounds,
+            augment=config.augment,
+            image_shape=IMAGE_SHAPE,
+            dataset=config.dataset,
+        )
+
+    # ---- requests from learners -------------------------------------------------
+
+    def register(self, info: leader_pb2.LearnerInfo) -> tuple[int, str]:
+        """Admit a learner; returns its id and session token."""
+        if info.version != rpc.PROTOCOL_VERSION:
+            raise LeaderError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"learner speaks protocol {info.version or '?'}, leader {rpc.PROTOCOL_VERSION}: install the same release on both",
+            )
+        try:
+            rpc.parse_address(info.network_addr)
+        except ValueError as error:
+            raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"network_addr: {error}") from None
+        if len(info.callback_token) < 16:
+            raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, "callback_token must be a random secret of at least 16 characters")
+        if self.config.data_mode == "split" and info.num_examples:
+            raise LeaderError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this leader splits the data itself: start the learner without --data-dir, or the leader with --data-mode local",
+            )
+        if self.config.data_mode == "local" and not 0 < info.num_examples <= MAX_LOCAL_EXAMPLES:
+            raise LeaderError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this leader expects learners with their own data: start the learner with --data-dir",
+            )
+        with self._cond:
+            if self._started:
+                raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION, "training has already started; this federation takes no new learners")
+            if len(self._learners) >= self.config.learners:
+                raise LeaderError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the federation is full ({self.config.learners} of {self.config.learners} learners)",
+                )
+            learner_id = len(self._learners)
+            token = secrets.token_urlsafe(32)
+            channel = rpc.insecure_channel(info.network_addr)
+            num_examples = info.num_examples or len(self.shards[learner_id])
+            self._learners[learner_id] = LearnerRecord(
+                learner_id, info.network_addr, info.callback_token, num_examples, channel, learner_pb2_grpc.LearnerServiceStub(channel)
+            )
+            self._tokens[token] = learner_id
+            self._cond.notify_all()
+        logger.info("learner %d registered from %s (%d examples)", learner_id, info.network_addr, num_examples)
+        return learner_id, token
+
+    def learner_for_token(self, token: str | None) -> int | None:
+        """The id a session token belongs to, or None."""
+        if token is None:
+            return None
+        with self._cond:
+            return self._tokens.get(token)
+
+    def data_for(self, learner_id: int) -> ImageData:
+        """A learner's split of the training set."""
+        if self.train_data is None or self.shards is None:
+            raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION, "this leader holds no training data (--data-mode local)")
+        return self.train_data.subset(self.shards[learner_id])
+
+    def published(self) -> tuple[int, Any, bytearray]:
+        """The current global model as (round, manifest, payload)."""
+        return self._published
+
+    def check_update_header(self, learner_id: int, header: leader_pb2.GradientData) -> None:
+        """Refuse an update early, before its bytes are read, when its header is wrong."""
+        if header.learner_id != learner_id:
+            raise LeaderError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"session belongs to learner {learner_id}, update claims learner {header.learner_id}",
+            )
+        with self._cond:
+            current = self._round
+            registered = self._learners[learner_id].num_examples
+        if header.round != current.number or not current.accepting:
+            raise LeaderError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stale update for round {header.round}; the leader is "
+                + (f"collecting round {current.number}" if current.accepting else f"not collecting (round {current.number} closed)"),
+            )
+        limit = self._max_examples(registered)
+        if not 0 < header.num_examples <= limit:
+            raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"num_examples must be in 1..{limit}, got {header.num_examples}")
+        if not math.isfinite(header.train_loss):
+            raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, "train_loss is not finite")
+
+    def _max_examples(self, registered: int) -> int:
+        """Most examples one update can stand for, so that no learner outweighs the rest by claiming more."""
+        config = self.config
+        if config.aggregation == "fedsgd":
+            return min(config.batch_size, registered)
+        if config.local_steps:
+            return config.local_steps * config.batch_size
+        return registered * config.local_epochs
+
+    def accept_update(self, learner_id: int, header: leader_pb2.GradientData, received: wire.Received) -> str:
+        """Add a checked update to the round's running sum, once per learner per round."""
+        digest = hashlib.blake2b(received.payload, digest_size=16).digest()
+        with self._cond:
+            current = self._round
+            if header.round != current.number or not current.accepting:
+                raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION, f"stale update for round {header.round}; round {current.number} is closed")
+            if learner_id in current.digests:
+                if current.digests[learner_id] == digest:
+                    return f"duplicate of the accepted update for round {header.round}; counted once"
+                raise LeaderError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"learner {learner_id} already sent a different update for round {header.round}",
+                )
+            current.running.add(received.tensors, float(header.num_examples))
+            current.digests[learner_id] = digest
+            current.losses.append(header.train_loss)
+            current.bytes_in += len(received.payload)
+            self._cond.notify_all()
+        return f"update for round {header.round} accepted"
+
+    # ---- the round loop ---------------------------------------------------------
+
+    def run(self) -> list[dict[str, Any]]:
+        """Wait for the learners, run every round, tell learners to stop; returns per-round metrics."""
+        config = self.config
+        self._wait_for_learners()
+        start = time.monotonic()
+        for number in range(1, config.rounds + 1):
+            round_start = time.monotonic()
+            self._open_round(number)
+            if number == 1:
+                self._call_all("StartTraining", lambda record: record.stub.StartTraining(
+                    learner_pb2.Empty(), timeout=rpc.CONTROL_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token)))
+            else:
+                self._push_state(number)
+            finished = self._collect(number)
+            mean = finished.running.mean()
+            aggregation.apply_update(self.model, self.optimizer, mean)
+            test_loss, test_accuracy = self.evaluate()
+            metrics = {
+                "round": number,
+                "learners_reported": finished.running.count,
+                "train_loss": sum(finished.losses) / len(finished.losses),
+                "test_loss": test_loss,
+                "test_accuracy": test_accuracy,
+                "bytes_in": finished.bytes_in,
+                "round_seconds": time.monotonic() - round_start,
+                "elapsed_seconds": time.monotonic() - start,
+            }
+            self.history.append(metrics)
+            self._published = self._publish(number + 1)
+            checkpoint.save(
+                Path(config.checkpoint_dir),
+                number,
+                self.model.state_dict(),
+                {"config": dataclasses.asdict(config), "metrics": metrics, "num_classes": self.num_classes},
+                keep=config.keep_checkpoints,
+            )
+            logger.info(
+                "round %d/%d: %d learners, train loss %.4f, test loss %.4f, test accuracy %.2f%%, %.1fs",
+                number, config.rounds, metrics["learners_reported"], metrics["train_loss"],
+                test_loss, 100 * test_accuracy, metrics["round_seconds"],
+            )
+        self.stop_learners("training complete")
+        return self.history
+
+    def _wait_for_learners(self) -> None:
+        """Block until --learners have registered, the join timeout passes, or shutdown."""
+        deadline = time.monotonic() + self.config.join_timeout
+        with self._cond:
+            while len(self._learners) < self.config.learners:
+                self._check_stop()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RunError(
+                        f"only {len(self._learners)} of {self.config.learners} learners registered within "
+                        f"{self.config.join_timeout:.0f}s (--join-timeout); start more with: python learner.py --leader HOST:{self.config.port}"
+                    )
+                self._cond.wait(min(remaining, WAIT_SLICE_S))
+            self._started = True
+        logger.info("all %d learners registered; starting training", self.config.learners)
+
+    def _open_round(self, number: int) -> None:
+        with self._cond:
+            self._round = RoundState(number)
+
+    def _collect(self, number: int) -> RoundState:
+        """Wait for every live learner's update or the round deadline; the round needs the quorum."""
+        deadline = time.monotonic() + self.config.round_timeout
+        with self._cond:
+            current = self._round
+            while True:
+                self._check_stop()
+                alive = sum(record.alive for record in self._learners.values())
+                if current.running.count >= alive:
+                    break
+                if alive < self.config.quorum:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(min(remaining, WAIT_SLICE_S))
+            current.accepting = False
+        if current.running.count < self.config.quorum:
+            raise RunError(
+                f"round {number}: {current.running.count} of {self.config.learners} learners reported "
+                f"and {self.config.quorum} are needed (--min-learners); see the learners' logs"
+            )
+        return current
+
+    def _check_stop(self) -> None:
+        if self.stop_event.is_set():
+            raise RunError("leader shutting down")
+
+    def _publish(self, number: int) -> tuple[int, Any, bytearray]:
+        """Serialize the global model once per round for every GetModel and push."""
+        manifest, payload = wire.encode(self.model.state_dict())
+        return number, manifest, payload
+
+    def _push_state(self, number: int) -> None:
+        """Send the new global model to every live learner with SyncModelState."""
+        _, manifest, payload = self._published
+
+        def push(record: LearnerRecord) -> Any:
+            messages = wire.stream(learner_pb2.ModelState, manifest, payload, round=number)
+            return record.stub.SyncModelState(messages, timeout=rpc.TRANSFER_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token))
+
+        self._call_all("SyncModelState", push)
+
+    def _call_all(self, what: str, call: Any) -> None:
+        """Call every live learner in parallel; a learner whose call fails is marked absent."""
+        with self._cond:
+            records = [record for record in self._learners.values() if record.alive]
+        if not records:
+            return
+        with ThreadPoolExecutor(max_workers=min(32, len(records))) as pool:
+            outcomes = list(pool.map(lambda record: _try_call(call, record), records))
+        for record, error in zip(records, outcomes):
+            if error is not None:
+                logger.warning("learner %d at %s failed %s: %s", record.learner_id, record.address, what, error)
+                with self._cond:
+                    record.alive = False
+                    self._cond.notify_all()
+
+    def stop_learners(self, reason: str) -> None:
+        """Tell every live learner to stop (best effort, short deadline)."""
+        def stop(record: LearnerRecord) -> Any:
+            message = learner_pb2.ModelState(stop=True, reason=reason)
+            return record.stub.SyncModelState(iter([message]), timeout=rpc.CONTROL_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token))
+
+        self._call_all("stop", stop)
+
+    def evaluate(self) -> tuple[float, float]:
+        """Test loss and accuracy of the global model."""
+        self.model.eval()
+        total_loss = 0.0
+        correct = 0
+        with torch.inference_mode():
+            for start in range(0, len(self.test_data), EVAL_BATCH_SIZE):
+                images = self.test_data.images[start : start + EVAL_BATCH_SIZE].to(self.device)
+                labels = self.test_data.labels[start : start + EVAL_BATCH_SIZE].to(self.device)
+                logits = self.model(normalize(images))
+                total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+                correct += int((logits.argmax(1) == labels).sum())
+        self.model.train()
+        count = max(1, len(self.test_data))
+        return total_loss / count, correct / count
+
+    def close(self) -> None:
+        """Close the channels to learners."""
+        with self._cond:
+            for record in self._learners.values():
+                record.channel.close()
+
+
+def _try_call(call: Any, record: LearnerRecord) -> str | None:
+    """Run one call against a learner; returns None or the error's description."""
+    try:
+        reply = call(record)
+    except grpc.RpcError as error:
+        return f"{error.code().name}: {error.details()}"
+    if not reply.success:
+        return reply.message
+    return None
+
+
+class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
+    """The gRPC boundary: authenticates callers, checks payloads, answers with status codes."""
+
+    def __init__(self, leader: Leader) -> None:
+        self.leader = leader
+
+    def _caller(self, context: grpc.ServicerContext) -> int:
+        learner_id = self.leader.learner_for_token(rpc.caller_token(context))
+        if learner_id is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or unknown {rpc.TOKEN_METADATA_KEY}: call RegisterLearner first")
+        return learner_id
+
+    def RegisterLearner(self, request: leader_pb2.LearnerInfo, context: grpc.ServicerContext) -> leader_pb2.AckWithMetadata:
+        try:
+            learner_id, token = self.leader.register(request)
+        except LeaderError as error:
+            context.abort(error.code, str(error))
+        return leader_pb2.AckWithMetadata(
+            success=True,
+            message=f"registered as learner {learner_id}",
+            learner_id=learner_id,
+            max_learners=self.leader.config.learners,
+            plan=self.leader.plan(),
+            session_token=token,
+        )
+
+    def GetModel(self, request: leader_pb2.Empty, context: grpc.ServicerContext) -> Iterator[leader_pb2.ModelChunk]:
+        self._caller(context)
+        number, manifest, payload = self.leader.published()
+        yield from wire.stream(leader_pb2.ModelChunk, manifest, payload, round=number)
+
+    def GetData(self, request: leader_pb2.LearnerDataRequest, context: grpc.ServicerContext) -> Iterator[leader_pb2.DataChunk]:
+        learner_id = self._caller(context)
+        if request.learner_id != learner_id:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"session belongs to learner {learner_id}, not {request.learner_id}")
+        try:
+            data = self.leader.data_for(learner_id)
+        except LeaderError as error:
+            context.abort(error.code, str(error))
+        manifest, payload = wire.encode({"images": data.images, "labels": data.labels})
+        yield from wire.stream(leader_pb2.DataChunk, manifest, payload)
+
+    def AccumulateGradients(self, request_iterator: Iterator[leader_pb2.GradientData], context: grpc.ServicerContext) -> leader_pb2.Ack:
+        learner_id = self._caller(context)
+        try:
+            received = wire.receive(
+                request_iterator,
+                max_bytes=self.leader.update_bytes,
+                expected=self.leader.specs,
+                check_header=lambda header: self.leader.check_update_header(learner_id, header),
+            )
+            message = self.leader.accept_update(learner_id, received.header, received)
+        except wire.WireError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {error}")
+        except LeaderError as error:
+            context.abort(error.code, str(error))
+        return leader_pb2.Ack(success=True, message=message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The leader's command line; every flag's help states its default."""
+    defaults = LeaderConfig()
+    parser = argparse.ArgumentParser(
+        description="Federated learning leader: serves the global model and coordinates rounds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--host", default=defaults.host, help="address to listen on")
+    add("--port", type=int, default=defaults.port, help="port to listen on (0 picks a free one)")
+    add("--learners", type=_positive_int, default=defaults.learners, help="learners to wait for before training starts")
+    add("--min-learners", type=int, default=defaults.min_learners, help="learners that must report for a round to count (0: all)")
+    add("--rounds", type=_positive_int, default=defaults.rounds, help="federated rounds to run")
+    add("--aggregation", choices=AGGREGATIONS, default=defaults.aggregation,
+        help="fedsgd: one batch per learner, the leader averages gradients and takes an SGD step; "
+        "fedavg: learners train locally, the leader averages their model deltas")
+    add("--model", choices=list(MODELS), default=defaults.model, help="architecture, built from model.py on both sides")
+    add("--dataset", choices=DATASETS, default=defaults.dataset, help="data set kind")
+    add("--data-dir", default=defaults.data_dir, help="where the data set lives (CIFAR-10 downloads here when online)")
+    add("--data-mode", choices=DATA_MODES, default=defaults.data_mode,
+        help="split: the leader sends each learner its split (GetData); local: learners train on their own --data-dir")
+    add("--batch-size", type=_positive_int, default=defaults.batch_size, help="examples per local batch")
+    add("--lr", type=float, default=defaults.lr, help="SGD learning rate (the leader's in fedsgd, the learners' in fedavg)")
+    add("--momentum", type=float, default=defaults.momentum, help="SGD momentum (same side as --lr)")
+    add("--weight-decay", type=float, default=defaults.weight_decay, help="SGD weight decay (same side as --lr)")
+    add("--server-lr", type=float, default=defaults.server_lr, help="fedavg: step size on the averaged delta (1 is plain FedAvg)")
+    add("--server-momentum", type=float, default=defaults.server_momentum, help="fedavg: server momentum (0 is plain FedAvg)")
+    add("--local-steps", type=int, default=defaults.local_steps, help="fedavg: local batches per round (0: use --local-epochs)")
+    add("--local-epochs", type=_positive_int, default=defaults.local_epochs, help="fedavg: local epochs per round")
+    add("--no-augment", dest="augment", action="store_false", help="turn off random crop and flip on the learners")
+    add("--seed", type=int, default=defaults.seed, help="seed of the model, the split and the learners' shuffling")
+    add("--device", default=defaults.device, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    add("--threads", type=int, default=defaults.threads, help="CPU threads for evaluation (0: PyTorch's default)")
+    add("--checkpoint-dir", default=defaults.checkpoint_dir, help="where each round's checkpoint is written")
+    add("--keep-checkpoints", type=_positive_int, default=defaults.keep_checkpoints, help="rounds of checkpoints to keep")
+    add("--join-timeout", type=float, default=defaults.join_timeout, help="seconds to wait for --learners to register")
+    add("--round-timeout", type=float, default=defaults.round_timeout, help="seconds a round waits for updates")
+    add("-v", "--verbose", action="store_true", help="log debug detail")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bool]:
+    """Parse the command line into a LeaderConfig (and the verbose flag)."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    verbose = args.pop("verbose")
+    config = LeaderConfig(**args)
+    if config.min_learners > config.learners:
+        parser.error(f"--min-learners {config.min_learners} exceeds --learners {config.learners}")
+    if config.dataset == "synthetic" and config.data_mode == "local":
+        parser.error("--data-mode local needs real data on the learners: use --dataset cifar10 or imagefolder")
+    return config, verbose
+
+
+def serve(config: LeaderConfig) -> tuple[Leader, grpc.Server, int, Any]:
+    """Load data, build the leader and start its server; returns (leader, server, port, health)."""
+    test_data = load_dataset(config.dataset, config.data_dir, train=False, seed=config.seed)
+    train_data = load_dataset(config.dataset, config.data_dir, train=True, seed=config.seed) if config.data_mode == "split" else None
+    leader = Leader(config, test_data, train_data)
+    server, port, health = rpc.create_server(
+        lambda server: leader_pb2_grpc.add_LeaderServiceServicer_to_server(LeaderServicer(leader), server),
+        config.host,
+        config.port,
+        max_workers=max(16, 2 * config.learners + 8),
+    )
+    return leader, server, port, health
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a federation from the command line."""
+    config, verbose = parse_config(argv)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s leader %(levelname)s %(message)s")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        leader, server, port, health = serve(config)
+    except (DataError, OSError, ValueError) as error:
+        print(f"leader: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leader: interrupted while starting", file=sys.stderr)
+        return 130
+    logger.info("serving on %s:%d; waiting for %d learners (python learner.py --leader HOST:%d)", config.host, port, config.learners, port)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        leader.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    status = 0
+    try:
+        history = leader.run()
+        if history:
+            final = history[-1]
+            logger.info("done: %d rounds, test accuracy %.2f%%, checkpoints in %s", len(history), 100 * final["test_accuracy"], config.checkpoint_dir)
+    except RunError as error:
+        if leader.stop_event.is_set():
+            logger.info("stopping: %s", error)
+            status = 130
+        else:
+            logger.error("%s", error)
+            status = 1
+        leader.stop_learners(str(error))
+    finally:
+        health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        server.stop(grace=5).wait()
+        leader.close()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,427 @@
+"""The learner: registers with the leader, trains on its data each round, and reports its update."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+import torch.nn.functional as F
+
+import aggregation
+import rpc
+import wire
+from model import build_model
+from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from utils import DataError, ImageData, augment, load_dataset, normalize, resolve_device
+
+logger = logging.getLogger(__name__)
+
+# Largest data split a learner accepts from GetData.
+MAX_DATA_BYTES = 8 << 30
+HEALTH_INTERVAL_S = 5.0  # how often a waiting learner checks that the leader is alive
+LEADER_LOST_CHECKS = 6  # consecutive failed health checks (about 30 s) before giving up
+SEED_STRIDE = 7919  # separates the learners' random streams
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """A learner's command-line settings."""
+
+    leader: str = "127.0.0.1:10134"
+    host: str = "0.0.0.0"
+    port: int = 0
+    advertise_address: str | None = None
+    data_dir: str | None = None
+    device: str = "auto"
+    threads: int = 0
+    connect_timeout: float = 60.0
+
+
+class LearnerError(Exception):
+    """The learner cannot go on; the message says why."""
+
+
+class Stopped(Exception):
+    """The leader told this learner to stop."""
+
+
+class Learner:
+    """One learner's state: its model, its data and the round it is in."""
+
+    def __init__(self, config: LearnerConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.callback_token = secrets.token_urlsafe(32)
+        self.channel = rpc.insecure_channel(config.leader)
+        self.stub = leader_pb2_grpc.LeaderServiceStub(self.channel)
+        self.model: torch.nn.Module | None = None
+        self.specs: list[wire.TensorSpec] | None = None
+        self.learner_id = -1
+        self.plan: leader_pb2.TrainingPlan | None = None
+        self.data: ImageData | None = None
+        self.rounds_trained = 0
+        self._session_token = ""
+        self._cond = threading.Condition()
+        self._started = False
+        self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._stop_reason: str | None = None
+
+    # ---- calls from the leader (through LearnerServicer) ----------------------
+
+    def start(self) -> str:
+        """Let the round loop begin."""
+        with self._cond:
+            already = self._started
+            self._started = True
+            self._cond.notify_all()
+        return "already training" if already else "training started"
+
+    def offer_state(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep a pushed global model until the round loop takes it."""
+        with self._cond:
+            if self._pending is None or number > self._pending[0]:
+                self._pending = (number, tensors)
+            self._cond.notify_all()
+
+    def stop(self, reason: str) -> None:
+        """End the round loop at its next wait."""
+        with self._cond:
+            self._stop_reason = reason or "told to stop"
+            self._cond.notify_all()
+
+    # ---- the learner's own work ------------------------------------------------
+
+    def register(self, advertise_address: str) -> None:
+        """Join the federation, retrying while the leader is not up yet (bounded by --connect-timeout)."""
+        info = leader_pb2.LearnerInfo(
+            network_addr=advertise_address,
+            callback_token=self.callback_token,
+            num_examples=len(self.data) if self.data is not None else 0,
+            version=rpc.PROTOCOL_VERSION,
+        )
+        deadline = time.monotonic() + self.config.connect_timeout
+        announced = False
+        while True:
+            try:
+                reply = self.stub.RegisterLearner(info, timeout=rpc.CONTROL_TIMEOUT_S, wait_for_ready=True)
+                break
+            except grpc.RpcError as error:
+                retry = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if not retry:
+                    raise LearnerError(f"the leader refused registration: {error.details()}") from None
+                if time.monotonic() >= deadline:
+                    raise LearnerError(
+                        f"no leader answered at {self.config.leader} within {self.config.connect_timeout:.0f}s: "
+                        "check --leader and that leader.py is running"
+                    ) from None
+                if not announced:
+                    logger.info("waiting for the leader at %s (up to %.0fs)", self.config.leader, self.config.connect_timeout)
+                    announced = True
+                time.sleep(1.0)  # backoff between attempts against a leader that is still starting
+        self.learner_id = reply.learner_id
+        self.plan = reply.plan
+        self._session_token = reply.session_token
+        logger.info(
+            "registered as learner %d of %d: %s, %s, batch %d",
+            reply.learner_id, reply.max_learners, self.plan.model, self.plan.aggregation, self.plan.batch_size,
+        )
+
+    def prepare(self) -> None:
+        """Build the model the plan names and fetch the data split when the leader holds the data."""
+        plan = self.plan
+        self.model = build_model(plan.model, plan.num_classes).to(self.device)
+        self.specs = wire.specs_of(self.model.state_dict())
+        if self.data is None:
+            self.data = self._fetch_data()
+        if len(self.data) == 0:
+            raise LearnerError("this learner has no training examples")
+        if int(self.data.labels.max()) >= plan.num_classes or int(self.data.labels.min()) < 0:
+            raise LearnerError(f"labels fall outside the leader's {plan.num_classes} classes")
+        if tuple(self.data.images.shape[1:]) != tuple(plan.image_shape):
+            raise LearnerError(f"images are {list(self.data.images.shape[1:])}, the leader's model takes {list(plan.image_shape)}")
+
+    def _fetch_data(self) -> ImageData:
+        """GetData: this learner's split, as uint8 images and int64 labels."""
+        responses = self.stub.GetData(
+            leader_pb2.LearnerDataRequest(learner_id=self.learner_id),
+            timeout=rpc.TRANSFER_TIMEOUT_S,
+            metadata=self._metadata(),
+        )
+        try:
+            received = wire.receive(responses, max_bytes=MAX_DATA_BYTES)
+        except wire.WireError as error:
+            raise LearnerError(f"the leader sent a malformed data split: {error}") from None
+        tensors = received.tensors
+        if set(tensors) != {"images", "labels"} or tensors["images"].dtype != torch.uint8 or tensors["labels"].dtype != torch.int64:
+            raise LearnerError("the leader's data split is not uint8 'images' with int64 'labels'")
+        images, labels = tensors["images"], tensors["labels"]
+        if images.dim() != 4 or labels.shape != (images.shape[0],):
+            raise LearnerError("the leader's data split has inconsistent shapes")
+        logger.info("received %d training examples (%.1f MB)", len(labels), len(received.payload) / 1e6)
+        return ImageData(images, labels, self.plan.num_classes)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return rpc.token_metadata(self._session_token)
+
+    def run(self) -> str:
+        """Wait for StartTraining, then train round after round until told to stop; returns the reason."""
+        self._wait(lambda: self._started, "StartTraining")
+        number, state = self._get_model()
+        batches = self._batches()
+        while True:
+            self.model.load_state_dict(state)
+            update, num_examples, loss = self._train(batches)
+            self._send(number, update, num_examples, loss)
+            self.rounds_trained += 1
+            try:
+                self._wait(lambda: self._pending is not None and self._pending[0] > number, "the next global model")
+            except Stopped as stop:
+                return str(stop)
+            with self._cond:
+                number, state = self._pending
+                self._pending = None
+
+    def _wait(self, ready: Callable[[], bool], what: str) -> None:
+        """Wait for `ready` or a stop, checking every few seconds that the leader is still alive."""
+        failures = 0
+        with self._cond:
+            while True:
+                if self._stop_reason is not None:
+                    raise Stopped(self._stop_reason)
+                if ready():
+                    return
+                if self._cond.wait(HEALTH_INTERVAL_S):
+                    continue
+                self._cond.release()
+                try:
+                    alive = rpc.is_serving(self.channel, timeout=HEALTH_INTERVAL_S)
+                finally:
+                    self._cond.acquire()
+                failures = 0 if alive else failures + 1
+                if failures >= LEADER_LOST_CHECKS:
+                    raise LearnerError(f"lost the leader at {self.config.leader} while waiting for {what}")
+
+    def _get_model(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """GetModel: the current global model, checked against the local architecture."""
+        responses = self.stub.GetModel(leader_pb2.Empty(), timeout=rpc.TRANSFER_TIMEOUT_S, metadata=self._metadata())
+        try:
+            received = wire.receive(responses, max_bytes=sum(spec.nbytes for spec in self.specs), expected=self.specs)
+        except wire.WireError as error:
+            raise LearnerError(f"the leader's model does not fit this learner's {self.plan.model}: {error}") from None
+        return received.header.round, received.tensors
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """Endless shuffled batches of example indices, epoch after epoch, seeded per learner."""
+        generator = torch.Generator().manual_seed(self.plan.seed + SEED_STRIDE * (self.learner_id + 1))
+        size = len(self.data)
+        batch_size = self.plan.batch_size
+        while True:
+            order = torch.randperm(size, generator=generator)
+            for start in range(0, size, batch_size):
+                batch = order[start : start + batch_size]
+                if len(batch) > 1 or size == 1:  # BatchNorm cannot train on a batch of one
+                    yield batch
+
+    def _train(self, batches: Iterator[torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, float]:
+        """Do this round's local work; returns (update, examples used, mean loss)."""
+        plan = self.plan
+        model = self.model
+        model.train()
+        augment_generator = torch.Generator().manual_seed(plan.seed + SEED_STRIDE * (self.learner_id + 1) + self.rounds_trained)
+        if plan.aggregation == "fedsgd":
+            steps = 1
+        elif plan.local_steps > 0:
+            steps = plan.local_steps
+        else:
+            steps = batches_per_epoch(len(self.data), plan.batch_size) * plan.local_epochs
+        global_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
+        total_loss = 0.0
+        examples = 0
+        for _ in range(steps):
+            indices = next(batches)
+            images = self.data.images[indices]
+            if plan.augment:
+                images = augment(images, augment_generator)
+            inputs = normalize(images.to(self.device))
+            labels = self.data.labels[indices].to(self.device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(inputs), labels)
+            loss.backward()
+            if plan.aggregation == "fedavg":
+                optimizer.step()
+            total_loss += loss.item() * len(indices)
+            examples += len(indices)
+        if plan.aggregation == "fedsgd":
+            update = aggregation.gradient_update(model)
+        else:
+            update = aggregation.model_delta(global_state, model)
+        return update, examples, total_loss / examples
+
+    def _send(self, number: int, update: dict[str, torch.Tensor], num_examples: int, loss: float) -> None:
+        """AccumulateGradients: stream the update; a stale round is logged, not fatal."""
+        manifest, payload = wire.encode(update)
+        messages = wire.stream(
+            leader_pb2.GradientData, manifest, payload,
+            learner_id=self.learner_id, round=number, num_examples=num_examples, train_loss=loss,
+        )
+        try:
+            reply = self.stub.AccumulateGradients(messages, timeout=rpc.TRANSFER_TIMEOUT_S, metadata=self._metadata())
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                logger.warning("round %d: update not taken: %s", number, error.details())
+                return
+            raise LearnerError(f"sending the round {number} update failed: {error.code().name}: {error.details()}") from None
+        logger.info("round %d: sent update (%d examples, loss %.4f): %s", number, num_examples, loss, reply.message)
+
+
+class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
+    """The gRPC boundary: only the leader holding our callback token may start us or push a model."""
+
+    def __init__(self, learner: Learner) -> None:
+        self.learner = learner
+
+    def _authenticate(self, context: grpc.ServicerContext) -> None:
+        if rpc.caller_token(context) is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing {rpc.TOKEN_METADATA_KEY}")
+        if not rpc.token_matches(context, self.learner.callback_token):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "token does not belong to this learner's leader")
+
+    def StartTraining(self, request: learner_pb2.Empty, context: grpc.ServicerContext) -> learner_pb2.Ack:
+        self._authenticate(context)
+        return learner_pb2.Ack(success=True, message=self.learner.start())
+
+    def SyncModelState(self, request_iterator: Iterator[learner_pb2.ModelState], context: grpc.ServicerContext) -> learner_pb2.Ack:
+        self._authenticate(context)
+        first = next(request_iterator, None)
+        if first is not None and first.stop:
+            self.learner.stop(first.reason)
+            return learner_pb2.Ack(success=True, message="stopping")
+        specs = self.learner.specs
+        if specs is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "learner has no model yet")
+        messages = [] if first is None else _chain(first, request_iterator)
+        try:
+            received = wire.receive(messages, max_bytes=sum(spec.nbytes for spec in specs), expected=specs)
+        except wire.WireError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model state refused: {error}")
+        self.learner.offer_state(received.header.round, received.tensors)
+        return learner_pb2.Ack(success=True, message=f"model for round {received.header.round} received")
+
+
+def batches_per_epoch(size: int, batch_size: int) -> int:
+    """Batches `_batches` yields per epoch: a last batch of one example is dropped (BatchNorm cannot train on it)."""
+    full, rest = divmod(size, batch_size)
+    return full + (1 if rest > 1 or size == 1 else 0)
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def advertise_address_for(config: LearnerConfig, port: int) -> str:
+    """The address the leader should call us at: --advertise-address, or our address on the route to the leader."""
+    if config.advertise_address:
+        rpc.parse_address(config.advertise_address)
+        return config.advertise_address
+    if config.host not in ("0.0.0.0", "::", "[::]"):
+        return f"[{config.host}]:{port}" if ":" in config.host else f"{config.host}:{port}"
+    leader_host, leader_port = rpc.parse_address(config.leader)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((leader_host.strip("[]"), leader_port))  # UDP connect sends nothing; it only picks a route
+            own_host = probe.getsockname()[0]
+    except OSError:
+        own_host = socket.gethostname()
+    return f"{own_host}:{port}"
+
+
+def load_local_data(data_dir: str) -> ImageData:
+    """A learner's own training data: an image folder (train/<class>/*) or CIFAR-10 in torchvision's format."""
+    root = Path(data_dir)
+    kind = "imagefolder" if (root / "train").is_dir() else "cifar10"
+    return load_dataset(kind, root, train=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The learner's command line; every flag's help states its default."""
+    defaults = LearnerConfig()
+    parser = argparse.ArgumentParser(
+        description="Federated learning learner: trains on local or leader-sent data and reports updates.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--leader", default=defaults.leader, help="the leader's host:port")
+    add("--host", default=defaults.host, help="address this learner's server listens on")
+    add("--port", type=int, default=defaults.port, help="port this learner's server listens on (0 picks a free one)")
+    add("--advertise-address", default=defaults.advertise_address,
+        help="host:port the leader should call back (default: this machine's address on the route to the leader)")
+    add("--data-dir", default=defaults.data_dir,
+        help="train on local data here (train/<class>/* or CIFAR-10) instead of receiving a split from the leader")
+    add("--device", default=defaults.device, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    add("--threads", type=int, default=defaults.threads, help="CPU threads for training (0: PyTorch's default)")
+    add("--connect-timeout", type=float, default=defaults.connect_timeout, help="seconds to keep trying to reach the leader")
+    add("-v", "--verbose", action="store_true", help="log debug detail")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a learner from the command line."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    verbose = args.pop("verbose")
+    config = LearnerConfig(**args)
+    try:
+        rpc.parse_address(config.leader)
+        if config.advertise_address:
+            rpc.parse_address(config.advertise_address)
+    except ValueError as error:
+        parser.error(str(error))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s learner %(levelname)s %(message)s")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    server = None
+    try:
+        learner = Learner(config)
+        if config.data_dir:
+            learner.data = load_local_data(config.data_dir)
+        server, port, _ = rpc.create_server(
+            lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server),
+            config.host, config.port, max_workers=4,
+        )
+        learner.register(advertise_address_for(config, port))
+        learner.prepare()
+        reason = learner.run()
+        logger.info("stopping after %d rounds: %s", learner.rounds_trained, reason)
+        return 0
+    except Stopped as stop:
+        logger.info("stopping before training: %s", stop)
+        return 0
+    except (LearnerError, DataError, OSError, ValueError) as error:
+        print(f"learner: {error}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as error:
+        print(f"learner: call to the leader failed: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("learner: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if server is not None:
+            server.stop(grace=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

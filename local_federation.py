@@ -1,0 +1,89 @@
+"""One command for a whole federation on this machine: the leader plus N learner processes on loopback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import leader
+
+HERE = Path(__file__).resolve().parent
+LEARNER_EXIT_GRACE_S = 30.0  # how long learners get to exit after the leader has
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def learner_threads(learners: int, cores: int | None = None) -> int:
+    """Split the machine's cores among the learners: processes that oversubscribe cores run several times slower."""
+    return max(1, (cores or os.cpu_count() or 1) // learners)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the leader with the given leader flags, then --learners learners, and wait for the run to end."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = leader.build_parser()
+    parser.prog = "local_federation.py"
+    parser.description = "Run a leader and its learners on this machine. Takes every leader.py flag."
+    parser.add_argument("--learner-data-dir", action="append", default=None,
+                        help="give learners their own data (repeat once per learner; needs --data-mode local)")
+    args = parser.parse_args(argv)
+    learner_dirs = args.learner_data_dir or []
+    if learner_dirs and len(learner_dirs) != args.learners:
+        parser.error(f"--learner-data-dir was given {len(learner_dirs)} times for {args.learners} learners")
+    if learner_dirs and args.data_mode != "local":
+        parser.error("--learner-data-dir needs --data-mode local")
+    leader_argv = [arg for arg in _drop_values(argv, "--learner-data-dir") if not arg.startswith("--learner-data-dir=")]
+    port_given = any(arg == "--port" or arg.startswith("--port=") for arg in argv)
+    port = args.port if port_given and args.port else free_port()
+    leader_cmd = [sys.executable, str(HERE / "leader.py"), *leader_argv, "--host", "127.0.0.1", "--port", str(port)]
+    threads = learner_threads(args.learners)
+    processes: list[subprocess.Popen] = []
+    leader_process = subprocess.Popen(leader_cmd)
+    processes.append(leader_process)
+    for index in range(args.learners):
+        cmd = [sys.executable, str(HERE / "learner.py"), "--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1",
+               "--threads", str(threads), "--device", args.device]
+        if learner_dirs:
+            cmd += ["--data-dir", learner_dirs[index]]
+        processes.append(subprocess.Popen(cmd))
+    try:
+        status = leader_process.wait()
+    except KeyboardInterrupt:
+        # The terminal sent SIGINT to every process of the group; the leader tells the learners to stop.
+        status = leader_process.wait()
+    for process in processes[1:]:
+        try:
+            process.wait(timeout=LEARNER_EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)
+            process.wait()
+    return status
+
+
+def _drop_values(argv: list[str], flag: str) -> list[str]:
+    """Remove `flag VALUE` pairs from an argument list."""
+    result = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == flag:
+            skip = True
+            continue
+        result.append(arg)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

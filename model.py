@@ -1,0 +1,131 @@
+"""Model architectures both roles build by name: the blog's ResNet-18, CIFAR variants and a tiny CNN."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (He et al. 2016)."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet of BasicBlocks with either the ImageNet stem (the blog's) or a CIFAR stem."""
+
+    def __init__(
+        self,
+        layers: list[int],
+        widths: list[int],
+        num_classes: int = 10,
+        imagenet_stem: bool = True,
+    ) -> None:
+        super().__init__()
+        first = widths[0]
+        if imagenet_stem:
+            # 7x7 stride-2 convolution and max-pool: the torchvision ResNet the blog used.
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, first, 7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(first),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            )
+        else:
+            # 3x3 stride-1 convolution, no pooling: keeps 32x32 inputs at full resolution.
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, first, 3, stride=1, padding=1, bias=False),
+                nn.BatchNorm2d(first),
+                nn.ReLU(inplace=True),
+            )
+        stages = []
+        in_planes = first
+        for index, (blocks, width) in enumerate(zip(layers, widths)):
+            stride = 1 if index == 0 else 2
+            stage = []
+            for block in range(blocks):
+                stage.append(BasicBlock(in_planes, width, stride if block == 0 else 1))
+                in_planes = width
+            stages.append(nn.Sequential(*stage))
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.stages(self.stem(x))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+
+class TinyCNN(nn.Module):
+    """Two convolutions and a linear layer, without BatchNorm: for tests and smoke runs."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 8 * 8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        out = F.max_pool2d(F.relu(self.conv2(out)), 2)
+        return self.fc(out.flatten(1))
+
+
+def resnet18(num_classes: int = 10) -> nn.Module:
+    """The blog's ResNet-18: BasicBlock, layers [2, 2, 2, 2], ImageNet stem (11.2 M parameters)."""
+    return ResNet([2, 2, 2, 2], [64, 128, 256, 512], num_classes, imagenet_stem=True)
+
+
+def resnet18_cifar(num_classes: int = 10) -> nn.Module:
+    """ResNet-18 with a 3x3 stem and no max-pool, the usual CIFAR variant."""
+    return ResNet([2, 2, 2, 2], [64, 128, 256, 512], num_classes, imagenet_stem=False)
+
+
+def resnet20(num_classes: int = 10) -> nn.Module:
+    """ResNet-20 for CIFAR (He et al. 2016): 3 stages of 3 blocks, 16/32/64 channels (0.27 M parameters)."""
+    return ResNet([3, 3, 3], [16, 32, 64], num_classes, imagenet_stem=False)
+
+
+def tiny_cnn(num_classes: int = 10) -> nn.Module:
+    """A BatchNorm-free CNN of about 23 k parameters."""
+    return TinyCNN(num_classes)
+
+
+# The fixed list of architectures a leader may name; learners build only these.
+MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet18-cifar": resnet18_cifar,
+    "resnet20": resnet20,
+    "tiny-cnn": tiny_cnn,
+}
+
+
+def build_model(name: str, num_classes: int = 10) -> nn.Module:
+    """Build an architecture from MODELS by name."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    return MODELS[name](num_classes)

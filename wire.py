@@ -1,0 +1,217 @@
+"""Tensor wire format: named tensors as a plain manifest plus raw bytes, chunked and checked."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from protos import tensors_pb2
+
+# 1 MiB chunks: gRPC Python moves about 1.3x more MB/s with them than with 64 KiB
+# or 4 MiB chunks over loopback.
+CHUNK_BYTES = 1 << 20
+# Largest chunk a receiver accepts; senders of other implementations may use up to this.
+MAX_CHUNK_BYTES = 4 << 20
+# gRPC per-message cap: a full chunk plus room for a manifest of a few thousand tensors.
+MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + (2 << 20)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+if sys.byteorder != "little":  # the payload is little-endian and read as native memory
+    raise ImportError("the tensor wire format needs a little-endian machine")
+
+
+class WireError(ValueError):
+    """A received payload does not match what the receiver expects; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype name and shape of one tensor in a payload."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's raw bytes."""
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+def specs_of(tensors: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
+    """Describe tensors (in mapping order) as wire specs."""
+    return [TensorSpec(name, DTYPE_NAMES[t.dtype], tuple(t.shape)) for name, t in tensors.items()]
+
+
+def encode(tensors: Mapping[str, torch.Tensor]) -> tuple[tensors_pb2.TensorManifest, bytearray]:
+    """Pack tensors into one flat little-endian buffer with the manifest describing it."""
+    specs = specs_of(tensors)
+    total = sum(spec.nbytes for spec in specs)
+    payload = bytearray(total)
+    offset = 0
+    for spec, tensor in zip(specs, tensors.values()):
+        if spec.nbytes:
+            view = torch.frombuffer(payload, dtype=tensor.dtype, count=tensor.numel(), offset=offset)
+            view.view(tensor.shape).copy_(tensor.detach())  # one copy, from any device
+        offset += spec.nbytes
+    manifest = tensors_pb2.TensorManifest(total_bytes=total)
+    for spec in specs:
+        manifest.tensors.add(name=spec.name, dtype=spec.dtype, shape=spec.shape)
+    return manifest, payload
+
+
+def iter_chunks(payload: bytes | bytearray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Slice a payload into chunks; an empty payload yields one empty chunk."""
+    view = memoryview(payload)
+    if not view.nbytes:
+        yield b""
+        return
+    for start in range(0, view.nbytes, chunk_bytes):
+        yield bytes(view[start : start + chunk_bytes])
+
+
+def read_manifest(manifest: tensors_pb2.TensorManifest, max_bytes: int) -> list[TensorSpec]:
+    """Check a manifest's structure and size cap; return its specs."""
+    specs: list[TensorSpec] = []
+    seen: set[str] = set()
+    for entry in manifest.tensors:
+        if entry.dtype not in DTYPES:
+            raise WireError(f"tensor {entry.name!r} has unknown dtype {entry.dtype!r}")
+        if entry.name in seen:
+            raise WireError(f"tensor {entry.name!r} appears twice in the manifest")
+        if any(dim < 0 for dim in entry.shape):
+            raise WireError(f"tensor {entry.name!r} has a negative dimension {list(entry.shape)}")
+        seen.add(entry.name)
+        specs.append(TensorSpec(entry.name, entry.dtype, tuple(entry.shape)))
+    total = sum(spec.nbytes for spec in specs)
+    if total != manifest.total_bytes:
+        raise WireError(f"manifest says {manifest.total_bytes} bytes but its tensors need {total}")
+    if total > max_bytes:
+        raise WireError(f"payload of {total} bytes exceeds the {max_bytes}-byte limit")
+    return specs
+
+
+def check_specs(received: Sequence[TensorSpec], expected: Sequence[TensorSpec]) -> None:
+    """Require the received specs to name, type and shape exactly the expected tensors."""
+    want = {spec.name: spec for spec in expected}
+    got = {spec.name: spec for spec in received}
+    missing = [name for name in want if name not in got]
+    if missing:
+        raise WireError(f"missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    unexpected = [name for name in got if name not in want]
+    if unexpected:
+        raise WireError(f"unexpected tensors: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+    for name, spec in got.items():
+        if spec.dtype != want[name].dtype:
+            raise WireError(f"tensor {name!r} has dtype {spec.dtype}, expected {want[name].dtype}")
+        if spec.shape != want[name].shape:
+            raise WireError(f"tensor {name!r} has shape {list(spec.shape)}, expected {list(want[name].shape)}")
+
+
+def decode(specs: Sequence[TensorSpec], payload: bytearray, require_finite: bool = True) -> dict[str, torch.Tensor]:
+    """View a complete payload as tensors (zero-copy), refusing NaN or infinite values."""
+    tensors: dict[str, torch.Tensor] = {}
+    offset = 0
+    for spec in specs:
+        dtype = DTYPES[spec.dtype]
+        count = math.prod(spec.shape)
+        if count:
+            flat = torch.frombuffer(payload, dtype=dtype, count=count, offset=offset)
+            tensor = flat.view(spec.shape)
+        else:
+            tensor = torch.empty(spec.shape, dtype=dtype)
+        if require_finite and dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            raise WireError(f"tensor {spec.name!r} holds NaN or infinite values")
+        tensors[spec.name] = tensor
+        offset += spec.nbytes
+    return tensors
+
+
+@dataclass
+class Received:
+    """A complete, checked payload: the stream's first message, its tensors and their raw bytes."""
+
+    header: Any
+    tensors: dict[str, torch.Tensor]
+    payload: bytearray
+
+
+def receive(
+    messages: Iterable[Any],
+    max_bytes: int,
+    expected: Sequence[TensorSpec] | None = None,
+    check_header: Callable[[Any], None] | None = None,
+    require_finite: bool = True,
+) -> Received:
+    """Assemble a chunked stream whose first message carries the manifest.
+
+    Refuses (WireError) before allocating anything when the manifest is malformed,
+    too large or does not match `expected`, and after the stream ends when the
+    bytes do not add up or values are not finite. `check_header` sees the first
+    message before any bulk bytes are read and may raise to refuse it.
+    """
+    iterator = iter(messages)
+    first = next(iterator, None)
+    if first is None:
+        raise WireError("empty stream: expected a manifest and tensor bytes")
+    if not first.HasField("manifest"):
+        raise WireError("the first message carries no tensor manifest; payloads are raw tensor bytes, never pickles")
+    specs = read_manifest(first.manifest, max_bytes)
+    if expected is not None:
+        check_specs(specs, expected)
+    if check_header is not None:
+        check_header(first)
+    total = first.manifest.total_bytes
+    payload = bytearray(total)
+    filled = 0
+    for index, message in _with_rest(first, iterator):
+        chunk = message.chunk
+        if index and message.HasField("manifest"):
+            raise WireError("only the first message may carry a manifest")
+        if len(chunk) > MAX_CHUNK_BYTES:
+            raise WireError(f"chunk of {len(chunk)} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit")
+        if filled + len(chunk) > total:
+            raise WireError(f"payload is longer than the {total} bytes its manifest declares")
+        payload[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
+    if filled != total:
+        raise WireError(f"truncated payload: received {filled} of {total} bytes")
+    return Received(first, decode(specs, payload, require_finite), payload)
+
+
+def _with_rest(first: Any, rest: Iterator[Any]) -> Iterator[tuple[int, Any]]:
+    """Enumerate the first message followed by the remaining ones."""
+    yield 0, first
+    for index, message in enumerate(rest, start=1):
+        yield index, message
+
+
+def stream(
+    message_type: type,
+    manifest: tensors_pb2.TensorManifest,
+    payload: bytes | bytearray,
+    chunk_bytes: int = CHUNK_BYTES,
+    **header: Any,
+) -> Iterator[Any]:
+    """Yield messages of `message_type`: the first with manifest and header fields, then bare chunks."""
+    for index, chunk in enumerate(iter_chunks(payload, chunk_bytes)):
+        if index == 0:
+            yield message_type(chunk=chunk, manifest=manifest, **header)
+        else:
+            yield message_type(chunk=chunk)
