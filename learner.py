@@ -113,8 +113,9 @@ class Learner:
         deadline = time.monotonic() + self.config.connect_timeout
         announced = False
         while True:
+            attempt_timeout = max(0.5, min(rpc.CONTROL_TIMEOUT_S, deadline - time.monotonic()))
             try:
-                reply = self.stub.RegisterLearner(info, timeout=rpc.CONTROL_TIMEOUT_S, wait_for_ready=True)
+                reply = self.stub.RegisterLearner(info, timeout=attempt_timeout, wait_for_ready=True)
                 break
             except grpc.RpcError as error:
                 retry = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -179,18 +180,24 @@ class Learner:
         self._wait(lambda: self._started, "StartTraining")
         number, state = self._get_model()
         batches = self._batches()
-        while True:
-            self.model.load_state_dict(state)
-            update, num_examples, loss = self._train(batches)
-            self._send(number, update, num_examples, loss)
-            self.rounds_trained += 1
-            try:
+        try:
+            while True:
+                self.model.load_state_dict(state)
+                update, num_examples, loss = self._train(batches)
+                self._raise_if_stopped()
+                self._send(number, update, num_examples, loss)
+                self.rounds_trained += 1
                 self._wait(lambda: self._pending is not None and self._pending[0] > number, "the next global model")
-            except Stopped as stop:
-                return str(stop)
-            with self._cond:
-                number, state = self._pending
-                self._pending = None
+                with self._cond:
+                    number, state = self._pending
+                    self._pending = None
+        except Stopped as stop:
+            return str(stop)
+
+    def _raise_if_stopped(self) -> None:
+        with self._cond:
+            if self._stop_reason is not None:
+                raise Stopped(self._stop_reason)
 
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
         """Wait for `ready` or a stop, checking every few seconds that the leader is still alive."""
@@ -279,6 +286,7 @@ class Learner:
         try:
             reply = self.stub.AccumulateGradients(messages, timeout=rpc.TRANSFER_TIMEOUT_S, metadata=self._metadata())
         except grpc.RpcError as error:
+            self._raise_if_stopped()  # the leader said stop while this update was under way
             if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 logger.warning("round %d: update not taken: %s", number, error.details())
                 return

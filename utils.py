@@ -108,9 +108,10 @@ def load_image_folder(directory: Path) -> ImageData:
 
 
 def synthetic_dataset(size: int, seed: int, train: bool = True) -> ImageData:
-    """Learnable synthetic images: each class is a fixed random pattern plus noise."""
+    """Learnable synthetic images: each class is a fixed smooth random pattern (so crops and flips keep it) plus noise."""
     generator = torch.Generator().manual_seed(seed)
-    prototypes = torch.rand((SYNTHETIC_CLASSES, *IMAGE_SHAPE), generator=generator) * 255
+    coarse = 96 + torch.rand((SYNTHETIC_CLASSES, IMAGE_SHAPE[0], 4, 4), generator=generator) * 64
+    prototypes = torch.nn.functional.interpolate(coarse, size=IMAGE_SHAPE[1:], mode="bilinear", align_corners=False)
     split_generator = torch.Generator().manual_seed(seed * 2 + (0 if train else 1) + 1)
     labels = torch.randint(0, SYNTHETIC_CLASSES, (size,), generator=split_generator)
     noise = torch.randn((size, *IMAGE_SHAPE), generator=split_generator) * 60

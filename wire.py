@@ -86,8 +86,8 @@ def iter_chunks(payload: bytes | bytearray, chunk_bytes: int = CHUNK_BYTES) -> I
         yield bytes(view[start : start + chunk_bytes])
 
 
-def read_manifest(manifest: tensors_pb2.TensorManifest, max_bytes: int) -> list[TensorSpec]:
-    """Check a manifest's structure and size cap; return its specs."""
+def read_manifest(manifest: tensors_pb2.TensorManifest) -> list[TensorSpec]:
+    """Check a manifest's structure (known dtypes, unique names, sizes that add up); return its specs."""
     specs: list[TensorSpec] = []
     seen: set[str] = set()
     for entry in manifest.tensors:
@@ -102,8 +102,6 @@ def read_manifest(manifest: tensors_pb2.TensorManifest, max_bytes: int) -> list[
     total = sum(spec.nbytes for spec in specs)
     if total != manifest.total_bytes:
         raise WireError(f"manifest says {manifest.total_bytes} bytes but its tensors need {total}")
-    if total > max_bytes:
-        raise WireError(f"payload of {total} bytes exceeds the {max_bytes}-byte limit")
     return specs
 
 
@@ -172,9 +170,11 @@ def receive(
         raise WireError("empty stream: expected a manifest and tensor bytes")
     if not first.HasField("manifest"):
         raise WireError("the first message carries no tensor manifest; payloads are raw tensor bytes, never pickles")
-    specs = read_manifest(first.manifest, max_bytes)
+    specs = read_manifest(first.manifest)
     if expected is not None:
         check_specs(specs, expected)
+    if first.manifest.total_bytes > max_bytes:
+        raise WireError(f"payload of {first.manifest.total_bytes} bytes exceeds the {max_bytes}-byte limit")
     if check_header is not None:
         check_header(first)
     total = first.manifest.total_bytes

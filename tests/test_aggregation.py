@@ -1,0 +1,84 @@
+"""Aggregation rules against numbers computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import aggregation
+
+
+def test_weighted_mean_by_hand():
+    updates = [
+        {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(10)},
+        {"w": torch.tensor([4.0, -1.0]), "n": torch.tensor(13)},
+    ]
+    mean = aggregation.weighted_mean(updates, [1, 3])
+    # (1*1 + 3*4)/4 = 3.25, (1*2 + 3*-1)/4 = -0.25; integers: (10 + 39)/4 = 12.25 -> 12
+    assert torch.equal(mean["w"], torch.tensor([3.25, -0.25]))
+    assert mean["n"].dtype == torch.int64 and int(mean["n"]) == 12
+
+
+def test_one_update_and_identical_updates_average_to_themselves():
+    update = {"w": torch.tensor([0.5, -7.0])}
+    assert torch.equal(aggregation.weighted_mean([update], [5])["w"], update["w"])
+    assert torch.equal(aggregation.weighted_mean([update] * 3, [1, 2, 3])["w"], update["w"])
+
+
+def test_running_mean_refuses_bad_input():
+    running = aggregation.RunningMean()
+    with pytest.raises(ValueError, match="zero updates"):
+        running.mean()
+    with pytest.raises(ValueError, match="positive"):
+        running.add({"w": torch.zeros(1)}, 0)
+    running.add({"w": torch.zeros(1)}, 1)
+    with pytest.raises(ValueError, match="names differ"):
+        running.add({"v": torch.zeros(1)}, 1)
+
+
+def test_apply_update_steps_parameters_and_copies_buffers():
+    model = nn.BatchNorm1d(2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([1.0, 2.0]))
+        model.bias.copy_(torch.tensor([0.0, 0.0]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    update = {
+        "weight": torch.tensor([2.0, -2.0]),
+        "bias": torch.tensor([1.0, 0.0]),
+        "running_mean": torch.tensor([0.3, 0.4]),
+        "running_var": torch.tensor([2.0, 3.0]),
+        "num_batches_tracked": torch.tensor(4),
+    }
+    aggregation.apply_update(model, optimizer, update)
+    assert torch.equal(model.weight.data, torch.tensor([0.0, 3.0]))  # 1 - 0.5*2, 2 + 0.5*2
+    assert torch.equal(model.bias.data, torch.tensor([-0.5, 0.0]))
+    assert torch.equal(model.running_mean, torch.tensor([0.3, 0.4]))
+    assert int(model.num_batches_tracked) == 4
+
+
+def test_fedavg_delta_with_server_lr_one_gives_the_average_model():
+    global_model = nn.Linear(1, 1)
+    with torch.no_grad():
+        global_model.weight.fill_(1.0)
+        global_model.bias.fill_(0.0)
+    start = {k: v.clone() for k, v in global_model.state_dict().items()}
+    deltas = []
+    for weight in (3.0, 5.0):
+        local = nn.Linear(1, 1)
+        with torch.no_grad():
+            local.weight.fill_(weight)
+            local.bias.fill_(weight / 2)
+        deltas.append(aggregation.model_delta(start, local))
+    assert torch.equal(deltas[0]["weight"], torch.tensor([[-2.0]]))
+    aggregation.apply_update(global_model, torch.optim.SGD(global_model.parameters(), lr=1.0), aggregation.weighted_mean(deltas, [1, 1]))
+    assert global_model.weight.item() == 4.0 and global_model.bias.item() == 2.0
+
+
+def test_gradient_update_holds_gradients_and_buffers():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    model(torch.tensor([[1.0, 2.0], [3.0, 5.0]])).sum().backward()
+    update = aggregation.gradient_update(model)
+    assert list(update) == list(model.state_dict())
+    assert torch.equal(update["0.weight"], model[0].weight.grad)
+    assert torch.equal(update["1.running_mean"], model[1].running_mean)

@@ -1,0 +1,139 @@
+"""Models, data loading and splitting, augmentation and checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import checkpoint
+import utils
+from model import MODELS, build_model
+
+
+@pytest.mark.parametrize("name, parameters", [("resnet18", 11_181_642), ("resnet18-cifar", 11_173_962), ("resnet20", 272_474), ("tiny-cnn", 11_642)])
+def test_models_take_native_32x32_inputs(name, parameters):
+    model = build_model(name, 10)
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_build_model_refuses_unknown_names():
+    with pytest.raises(ValueError, match="choose one of resnet18"):
+        build_model("evil; import os")
+    assert set(MODELS) == {"resnet18", "resnet18-cifar", "resnet20", "tiny-cnn"}
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    parts = utils.split_iid(103, 4, seed=5)
+    assert [len(p) for p in parts] == [26, 26, 26, 25]
+    joined = torch.cat(parts)
+    assert sorted(joined.tolist()) == list(range(103))
+    assert all(torch.equal(a, b) for a, b in zip(parts, utils.split_iid(103, 4, seed=5)))
+    assert not torch.equal(joined, torch.cat(utils.split_iid(103, 4, seed=6)))
+
+
+def test_augment_crops_within_padding_and_flips():
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).view(2, 3, 32, 32) % 251 + 1
+    images = images.to(torch.uint8)
+    out = utils.augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    for index in range(2):
+        found = False
+        padded = torch.nn.functional.pad(images[index], (4,) * 4)
+        for dy in range(9):
+            for dx in range(9):
+                crop = padded[:, dy : dy + 32, dx : dx + 32]
+                if torch.equal(out[index], crop) or torch.equal(out[index], crop.flip(2)):
+                    found = True
+        assert found, "each output is a (possibly flipped) 32x32 window of the padded image"
+
+
+def test_normalize_uses_cifar_statistics():
+    white = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
+    expected = torch.tensor([(1 - m) / s for m, s in zip(utils.CIFAR10_MEAN, utils.CIFAR10_STD)])
+    torch.testing.assert_close(utils.normalize(white).view(3), expected)
+
+
+def test_image_folder_loads_classes_in_sorted_order(tmp_path):
+    colours = {"cat": (255, 0, 0), "ant": (0, 255, 0)}
+    for name, colour in colours.items():
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for index in range(2):
+            Image.new("RGB", (32, 32), colour).save(tmp_path / "train" / name / f"{index}.png")
+    Image.new("RGB", (64, 48), (0, 0, 255)).save(tmp_path / "train" / "cat" / "big.png")
+    data = utils.load_dataset("imagefolder", tmp_path, train=True)
+    assert data.num_classes == 2 and data.images.shape == (5, 3, 32, 32)
+    assert data.labels.tolist() == [0, 0, 1, 1, 1]  # ant, then cat
+    assert data.images[0, :, 0, 0].tolist() == [0, 255, 0]
+    assert data.images[4, :, 5, 5].tolist() == [0, 0, 255]  # resized to 32x32
+
+
+def test_missing_data_sets_say_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(utils.DataError, match="no image folder at"):
+        utils.load_dataset("imagefolder", tmp_path, train=True)
+    with pytest.raises(utils.DataError, match="--dataset synthetic"):
+        utils.load_dataset("cifar10", None, train=True)
+
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Dataset not found or corrupted")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(utils.DataError, match="could not be downloaded.*--data-dir.*--dataset synthetic"):
+        utils.load_dataset("cifar10", tmp_path, train=True)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    with pytest.raises(utils.DataError, match="--dataset imagefolder"):
+        utils.load_dataset("cifar10", tmp_path, train=True)
+
+
+def test_synthetic_data_is_seeded_and_class_structured():
+    a = utils.synthetic_dataset(200, seed=1)
+    b = utils.synthetic_dataset(200, seed=1)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    # same-class images are closer to each other than to other classes' images
+    images = a.images.float().flatten(1)
+    first = images[a.labels == 0]
+    other = images[a.labels == 1]
+    assert torch.cdist(first, first).mean() < torch.cdist(first, other).mean()
+
+
+def test_checkpoints_are_atomic_hashed_and_pruned(tmp_path):
+    state = {"w": torch.arange(4.0), "n": torch.tensor(3)}
+    for round_number in range(1, 6):
+        checkpoint.save(tmp_path, round_number, state, {"metrics": {"acc": round_number / 10}}, keep=2)
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["latest.json", "round-00004.json", "round-00004.safetensors", "round-00005.json", "round-00005.safetensors"]
+    record, weights = checkpoint.load(checkpoint.latest(tmp_path))
+    assert record["round"] == 5 and record["metrics"]["acc"] == 0.5
+    assert torch.equal(weights["w"], state["w"]) and torch.equal(weights["n"], state["n"])
+    (tmp_path / "round-00005.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(ValueError, match="does not match the hash"):
+        checkpoint.load(tmp_path / "round-00005.json")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "file.bin"
+    checkpoint.atomic_write(target, b"old")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_write(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["file.bin"]
+
+
+def test_resolve_device():
+    assert utils.resolve_device("cpu").type == "cpu"
+    assert utils.resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device auto or cpu"):
+            utils.resolve_device("cuda")

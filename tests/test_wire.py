@@ -1,0 +1,125 @@
+"""The tensor wire format: round trips, chunking and every refusal, without a network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wire
+from protos import leader_pb2
+
+
+def sample() -> dict[str, torch.Tensor]:
+    return {
+        "w": torch.arange(6, dtype=torch.float32).view(2, 3),
+        "half": torch.tensor([1.5, -2.0], dtype=torch.float16),
+        "bf": torch.tensor([0.25], dtype=torch.bfloat16),
+        "count": torch.tensor(7, dtype=torch.int64),
+        "pixels": torch.tensor([[0, 255]], dtype=torch.uint8),
+        "empty": torch.zeros(0, 4),
+    }
+
+
+def messages(tensors, chunk_bytes=wire.CHUNK_BYTES, **header):
+    manifest, payload = wire.encode(tensors)
+    return list(wire.stream(leader_pb2.GradientData, manifest, payload, chunk_bytes, **header))
+
+
+def test_round_trip_keeps_names_dtypes_shapes_and_values_over_many_chunks():
+    tensors = sample()
+    stream = messages(tensors, chunk_bytes=5, round=4)
+    manifest, payload = wire.encode(tensors)
+    assert manifest.total_bytes == 6 * 4 + 2 * 2 + 2 + 8 + 2 + 0 == len(payload)
+    assert len(stream) == -(-len(payload) // 5)
+    assert all(not m.HasField("manifest") for m in stream[1:])
+    received = wire.receive(stream, max_bytes=1000, expected=wire.specs_of(tensors))
+    assert received.header.round == 4
+    assert list(received.tensors) == list(tensors)
+    for name, tensor in tensors.items():
+        assert received.tensors[name].dtype == tensor.dtype
+        assert torch.equal(received.tensors[name], tensor)
+
+
+def test_layout_is_little_endian_raw_bytes_in_manifest_order():
+    _, payload = wire.encode({"a": torch.tensor([1.0], dtype=torch.float32), "b": torch.tensor([258], dtype=torch.int32)})
+    assert bytes(payload) == b"\x00\x00\x80\x3f" + b"\x02\x01\x00\x00"
+
+
+def test_a_single_message_carrying_manifest_and_bytes_is_a_valid_stream():
+    manifest, payload = wire.encode(sample())
+    single = leader_pb2.GradientData(chunk=bytes(payload), manifest=manifest)
+    assert torch.equal(wire.receive([single], max_bytes=1000).tensors["w"], sample()["w"])
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda m: m.tensors[0].__setattr__("dtype", "object"), "unknown dtype"),
+        (lambda m: m.tensors[1].__setattr__("name", "w"), "appears twice"),
+        (lambda m: m.tensors[0].shape.__setitem__(0, -2), "negative dimension"),
+        (lambda m: m.__setattr__("total_bytes", m.total_bytes + 1), "manifest says"),
+    ],
+)
+def test_malformed_manifests_are_refused(mutate, reason):
+    stream = messages(sample())
+    mutate(stream[0].manifest)
+    with pytest.raises(wire.WireError, match=reason):
+        wire.receive(stream, max_bytes=1000)
+
+
+def test_stream_refusals():
+    tensors = sample()
+    expected = wire.specs_of(tensors)
+    with pytest.raises(wire.WireError, match="empty stream"):
+        wire.receive([], max_bytes=1000)
+    with pytest.raises(wire.WireError, match="no tensor manifest"):
+        wire.receive([leader_pb2.GradientData(chunk=b"\x80\x04pickle")], max_bytes=1000)
+    with pytest.raises(wire.WireError, match="exceeds the 10-byte limit"):
+        wire.receive(messages(tensors), max_bytes=10)
+    truncated = messages(tensors, chunk_bytes=8)[:-1]
+    with pytest.raises(wire.WireError, match="truncated"):
+        wire.receive(truncated, max_bytes=1000)
+    padded = messages(tensors, chunk_bytes=8) + [leader_pb2.GradientData(chunk=b"x")]
+    with pytest.raises(wire.WireError, match="longer than"):
+        wire.receive(padded, max_bytes=1000)
+    second_manifest = messages(tensors, chunk_bytes=8)
+    second_manifest[1].manifest.CopyFrom(second_manifest[0].manifest)
+    with pytest.raises(wire.WireError, match="only the first"):
+        wire.receive(second_manifest, max_bytes=1000)
+    manifest, _ = wire.encode(tensors)
+    oversized_chunk = leader_pb2.GradientData(chunk=b"\0" * (wire.MAX_CHUNK_BYTES + 1), manifest=manifest)
+    with pytest.raises(wire.WireError, match="chunk of"):
+        wire.receive([oversized_chunk], max_bytes=1 << 30)
+    nan = dict(tensors, w=torch.tensor([[0.0, float("nan"), 0.0]] * 2))
+    with pytest.raises(wire.WireError, match="NaN or infinite"):
+        wire.receive(messages(nan), max_bytes=1000, expected=expected)
+
+
+def test_expected_specs_catch_missing_extra_retyped_and_reshaped_tensors():
+    tensors = sample()
+    expected = wire.specs_of(tensors)
+    cases = {
+        "missing tensors: bf": {k: v for k, v in tensors.items() if k != "bf"},
+        "unexpected tensors: x": dict(tensors, x=torch.zeros(1)),
+        "dtype float64, expected float32": dict(tensors, w=tensors["w"].double()),
+        r"shape \[3, 2\], expected \[2, 3\]": dict(tensors, w=tensors["w"].view(3, 2)),
+    }
+    for reason, changed in cases.items():
+        with pytest.raises(wire.WireError, match=reason):
+            wire.receive(messages(changed), max_bytes=1000, expected=expected)
+
+
+def test_check_header_runs_before_bulk_bytes_are_read():
+    seen = []
+
+    def chunks():
+        for message in messages(sample(), chunk_bytes=4):
+            seen.append(message)
+            yield message
+
+    def refuse(header):
+        raise PermissionError("no")
+
+    with pytest.raises(PermissionError):
+        wire.receive(chunks(), max_bytes=1000, check_header=refuse)
+    assert len(seen) == 1
