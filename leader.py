@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import secrets
@@ -25,6 +26,8 @@ from grpc_health.v1 import health_pb2
 
 import aggregation
 import checkpoint
+from cli import StatusLine, parse_with_config, setup_logging
+from recorder import Recorder, TensorBoardMissing
 import rpc
 import wire
 from model import MODELS, build_model
@@ -67,8 +70,11 @@ class LeaderConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0
-    checkpoint_dir: str = "checkpoints"
+    run_dir: str | None = None  # None: runs/<start time>
+    checkpoint_dir: str | None = None  # None: <run_dir>/checkpoints
     keep_checkpoints: int = 3
+    tensorboard: bool = False
+    quiet: bool = False
     join_timeout: float = 600.0
     round_timeout: float = 3600.0
 
@@ -112,7 +118,9 @@ class RoundState:
     running: aggregation.RunningMean = field(default_factory=aggregation.RunningMean)
     digests: dict[int, bytes] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    update_norms: list[float] = field(default_factory=list)
     bytes_in: int = 0
+    bytes_out: int = 0
 
 
 class Leader:
@@ -127,10 +135,12 @@ class Leader:
         self.model = build_model(config.model, self.num_classes).to(self.device)
         self.optimizer = self._server_optimizer()
         self.specs = wire.specs_of(self.model.state_dict())
+        self.parameter_names = [name for name, _ in self.model.named_parameters()]
         self.update_bytes = sum(spec.nbytes for spec in self.specs)
         self.train_data = train_data
         self.shards = split_iid(len(train_data), config.learners, config.seed) if train_data is not None else None
         self.stop_event = threading.Event()
+        self.status = StatusLine(enabled=False if config.quiet else None)
         self.history: list[dict[str, Any]] = []
         self._cond = threading.Condition()
         self._learners: dict[int, LearnerRecord] = {}
@@ -164,6 +174,8 @@ class Leader:
             augment=config.augment,
             image_shape=IMAGE_SHAPE,
             dataset=config.dataset,
+            model_fingerprint=wire.fingerprint(self.specs),
+            torch_version=torch.__version__,
         )
 
     # ---- requests from learners -------------------------------------------------
@@ -250,6 +262,16 @@ class Leader:
         if not math.isfinite(header.train_loss):
             raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, "train_loss is not finite")
 
+    def _parameter_norm(self, update: dict[str, torch.Tensor]) -> float:
+        """L2 norm of an update's parameter part (gradient or model delta), buffers left out."""
+        squares = sum(float(update[name].double().square().sum()) for name in self.parameter_names)
+        return math.sqrt(squares)
+
+    def count_bytes_out(self, count: int) -> None:
+        """Record model bytes sent to learners in the current round."""
+        with self._cond:
+            self._round.bytes_out += count
+
     def _max_examples(self, registered: int) -> int:
         """Most examples one update can stand for, so that no learner outweighs the rest by claiming more."""
         config = self.config
@@ -276,13 +298,14 @@ class Leader:
             current.running.add(received.tensors, float(header.num_examples))
             current.digests[learner_id] = digest
             current.losses.append(header.train_loss)
+            current.update_norms.append(self._parameter_norm(received.tensors))
             current.bytes_in += len(received.payload)
             self._cond.notify_all()
         return f"update for round {header.round} accepted"
 
     # ---- the round loop ---------------------------------------------------------
 
-    def run(self) -> list[dict[str, Any]]:
+    def run(self, recorder: Recorder | None = None) -> list[dict[str, Any]]:
         """Wait for the learners, run every round, tell learners to stop; returns per-round metrics."""
         config = self.config
         self._wait_for_learners()
@@ -295,17 +318,23 @@ class Leader:
                     learner_pb2.Empty(), timeout=rpc.CONTROL_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token)))
             else:
                 self._push_state(number)
-            finished = self._collect(number)
+            finished = self._collect(number, start)
             mean = finished.running.mean()
             aggregation.apply_update(self.model, self.optimizer, mean)
             test_loss, test_accuracy = self.evaluate()
             metrics = {
                 "round": number,
+                "wall_time": time.time(),
                 "learners_reported": finished.running.count,
+                "learners_dropped": len(self._learners) - finished.running.count,
                 "train_loss": sum(finished.losses) / len(finished.losses),
                 "test_loss": test_loss,
                 "test_accuracy": test_accuracy,
                 "bytes_in": finished.bytes_in,
+                "bytes_out": finished.bytes_out,
+                "update_norm_mean": sum(finished.update_norms) / len(finished.update_norms),
+                "update_norm_max": max(finished.update_norms),
+                "aggregate_norm": self._parameter_norm(mean),
                 "round_seconds": time.monotonic() - round_start,
                 "elapsed_seconds": time.monotonic() - start,
             }
@@ -318,6 +347,9 @@ class Leader:
                 {"config": dataclasses.asdict(config), "metrics": metrics, "num_classes": self.num_classes},
                 keep=config.keep_checkpoints,
             )
+            if recorder is not None:
+                recorder.record(metrics)
+            self.status.clear()
             logger.info(
                 "round %d/%d: %d learners, train loss %.4f, test loss %.4f, test accuracy %.2f%%, %.1fs",
                 number, config.rounds, metrics["learners_reported"], metrics["train_loss"],
@@ -346,14 +378,19 @@ class Leader:
         with self._cond:
             self._round = RoundState(number)
 
-    def _collect(self, number: int) -> RoundState:
+    def _collect(self, number: int, run_start: float) -> RoundState:
         """Wait for every live learner's update or the round deadline; the round needs the quorum."""
         deadline = time.monotonic() + self.config.round_timeout
+        last = f", last accuracy {100 * self.history[-1]['test_accuracy']:.2f}%" if self.history else ""
         with self._cond:
             current = self._round
             while True:
                 self._check_stop()
                 alive = sum(record.alive for record in self._learners.values())
+                self.status.show(
+                    f"round {number}/{self.config.rounds}: {current.running.count}/{alive} learners reported, "
+                    f"{time.monotonic() - run_start:.0f}s elapsed{last}"
+                )
                 if current.running.count >= alive:
                     break
                 if alive < self.config.quorum:
@@ -385,7 +422,9 @@ class Leader:
 
         def push(record: LearnerRecord) -> Any:
             messages = wire.stream(learner_pb2.ModelState, manifest, payload, round=number)
-            return record.stub.SyncModelState(messages, timeout=rpc.TRANSFER_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token))
+            reply = record.stub.SyncModelState(messages, timeout=rpc.TRANSFER_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token))
+            self.count_bytes_out(len(payload))
+            return reply
 
         self._call_all("SyncModelState", push)
 
@@ -476,6 +515,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         self._caller(context)
         number, manifest, payload = self.leader.published()
         yield from wire.stream(leader_pb2.ModelChunk, manifest, payload, round=number)
+        self.leader.count_bytes_out(len(payload))
 
     def GetData(self, request: leader_pb2.LearnerDataRequest, context: grpc.ServicerContext) -> Iterator[leader_pb2.DataChunk]:
         learner_id = self._caller(context)
@@ -534,14 +574,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--server-momentum", type=float, default=defaults.server_momentum, help="fedavg: server momentum (0 is plain FedAvg)")
     add("--local-steps", type=int, default=defaults.local_steps, help="fedavg: local batches per round (0: use --local-epochs)")
     add("--local-epochs", type=_positive_int, default=defaults.local_epochs, help="fedavg: local epochs per round")
-    add("--no-augment", dest="augment", action="store_false", help="turn off random crop and flip on the learners")
+    add("--augment", action=argparse.BooleanOptionalAction, default=defaults.augment, help="random crop and flip on the learners")
     add("--seed", type=int, default=defaults.seed, help="seed of the model, the split and the learners' shuffling")
     add("--device", default=defaults.device, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     add("--threads", type=int, default=defaults.threads, help="CPU threads for evaluation (0: PyTorch's default)")
-    add("--checkpoint-dir", default=defaults.checkpoint_dir, help="where each round's checkpoint is written")
+    add("--run-dir", default=defaults.run_dir, help="directory for this run's config, metrics, plot, log and checkpoints; None means runs/<start time>")
+    add("--checkpoint-dir", default=defaults.checkpoint_dir, help="where each round's checkpoint is written; None means <run-dir>/checkpoints")
     add("--keep-checkpoints", type=_positive_int, default=defaults.keep_checkpoints, help="rounds of checkpoints to keep")
     add("--join-timeout", type=float, default=defaults.join_timeout, help="seconds to wait for --learners to register")
     add("--round-timeout", type=float, default=defaults.round_timeout, help="seconds a round waits for updates")
+    add("--tensorboard", action="store_true", help="also log metrics for TensorBoard under <run-dir>/tensorboard (needs: pip install tensorboard)")
+    add("-q", "--quiet", action="store_true", help="no live status line; log warnings and errors only")
     add("-v", "--verbose", action="store_true", help="log debug detail")
     return parser
 
@@ -556,14 +599,22 @@ def _positive_int(text: str) -> int:
 def parse_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bool]:
     """Parse the command line into a LeaderConfig (and the verbose flag)."""
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    args = vars(parse_with_config(parser, argv))
+    args.pop("config")
     verbose = args.pop("verbose")
-    config = LeaderConfig(**args)
+    config = resolve_paths(LeaderConfig(**args))
     if config.min_learners > config.learners:
         parser.error(f"--min-learners {config.min_learners} exceeds --learners {config.learners}")
     if config.dataset == "synthetic" and config.data_mode == "local":
         parser.error("--data-mode local needs real data on the learners: use --dataset cifar10 or imagefolder")
     return config, verbose
+
+
+def resolve_paths(config: LeaderConfig) -> LeaderConfig:
+    """Fill in the run directory (runs/<start time>) and the checkpoint directory inside it."""
+    run_dir = config.run_dir or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    checkpoint_dir = config.checkpoint_dir or str(Path(run_dir) / "checkpoints")
+    return dataclasses.replace(config, run_dir=run_dir, checkpoint_dir=checkpoint_dir)
 
 
 def serve(config: LeaderConfig) -> tuple[Leader, grpc.Server, int, Any]:
@@ -576,6 +627,7 @@ def serve(config: LeaderConfig) -> tuple[Leader, grpc.Server, int, Any]:
         config.host,
         config.port,
         max_workers=max(16, 2 * config.learners + 8),
+        reflection_services=[leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name],
     )
     return leader, server, port, health
 
@@ -583,12 +635,15 @@ def serve(config: LeaderConfig) -> tuple[Leader, grpc.Server, int, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Run a federation from the command line."""
     config, verbose = parse_config(argv)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s leader %(levelname)s %(message)s")
+    run_dir = Path(config.run_dir)
+    setup_logging("leader", verbose, config.quiet, run_dir / "leader.log")
+    logger.info("config: %s", json.dumps(dataclasses.asdict(config), sort_keys=True))
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
+        recorder = Recorder(run_dir, dataclasses.asdict(config), config.tensorboard)
         leader, server, port, health = serve(config)
-    except (DataError, OSError, ValueError) as error:
+    except (DataError, OSError, ValueError, TensorBoardMissing) as error:
         print(f"leader: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -603,11 +658,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     status = 0
     try:
-        history = leader.run()
+        history = leader.run(recorder)
         if history:
             final = history[-1]
-            logger.info("done: %d rounds, test accuracy %.2f%%, checkpoints in %s", len(history), 100 * final["test_accuracy"], config.checkpoint_dir)
+            logger.info("done: %d rounds, test accuracy %.2f%%; results in %s", len(history), 100 * final["test_accuracy"], run_dir)
     except RunError as error:
+        leader.status.clear()
         if leader.stop_event.is_set():
             logger.info("stopping: %s", error)
             status = 130
@@ -619,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
         health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         server.stop(grace=5).wait()
         leader.close()
+        plot = recorder.close()
+        if plot is not None:
+            logger.info("plot: %s", plot)
     return status
 
 

@@ -17,9 +17,11 @@ from typing import Any
 import grpc
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import aggregation
 import rpc
+from cli import parse_with_config, setup_logging
 import wire
 from model import build_model
 from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
@@ -46,6 +48,7 @@ class LearnerConfig:
     device: str = "auto"
     threads: int = 0
     connect_timeout: float = 60.0
+    quiet: bool = False
 
 
 class LearnerError(Exception):
@@ -143,6 +146,12 @@ class Learner:
         plan = self.plan
         self.model = build_model(plan.model, plan.num_classes).to(self.device)
         self.specs = wire.specs_of(self.model.state_dict())
+        if plan.model_fingerprint and wire.fingerprint(self.specs) != plan.model_fingerprint:
+            raise LearnerError(
+                f"this learner's model.py builds a different {plan.model} than the leader's: install the same release on both"
+            )
+        if plan.torch_version and plan.torch_version.split(".")[:2] != torch.__version__.split(".")[:2]:
+            logger.warning("the leader runs PyTorch %s, this learner %s: results may differ slightly", plan.torch_version, torch.__version__)
         if self.data is None:
             self.data = self._fetch_data()
         if len(self.data) == 0:
@@ -256,7 +265,9 @@ class Learner:
         optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
         total_loss = 0.0
         examples = 0
-        for _ in range(steps):
+        progress = tqdm(range(steps), desc=f"round {self.rounds_trained + 1}", unit="batch", leave=False,
+                        disable=True if self.config.quiet else None)  # None: only on a terminal
+        for _ in progress:
             indices = next(batches)
             images = self.data.images[indices]
             if plan.augment:
@@ -270,6 +281,8 @@ class Learner:
                 optimizer.step()
             total_loss += loss.item() * len(indices)
             examples += len(indices)
+            progress.set_postfix(loss=f"{total_loss / examples:.3f}", refresh=False)
+        progress.close()
         if plan.aggregation == "fedsgd":
             update = aggregation.gradient_update(model)
         else:
@@ -375,12 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default=defaults.host, help="address this learner's server listens on")
     add("--port", type=int, default=defaults.port, help="port this learner's server listens on (0 picks a free one)")
     add("--advertise-address", default=defaults.advertise_address,
-        help="host:port the leader should call back (default: this machine's address on the route to the leader)")
+        help="host:port the leader should call back; None means this machine's address on the route to the leader")
     add("--data-dir", default=defaults.data_dir,
-        help="train on local data here (train/<class>/* or CIFAR-10) instead of receiving a split from the leader")
+        help="train on local data here (train/<class>/* or CIFAR-10); None means receive a split from the leader")
     add("--device", default=defaults.device, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     add("--threads", type=int, default=defaults.threads, help="CPU threads for training (0: PyTorch's default)")
     add("--connect-timeout", type=float, default=defaults.connect_timeout, help="seconds to keep trying to reach the leader")
+    add("-q", "--quiet", action="store_true", help="no progress bar; log warnings and errors only")
     add("-v", "--verbose", action="store_true", help="log debug detail")
     return parser
 
@@ -388,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a learner from the command line."""
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    args = vars(parse_with_config(parser, argv))
+    args.pop("config")
     verbose = args.pop("verbose")
     config = LearnerConfig(**args)
     try:
@@ -397,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             rpc.parse_address(config.advertise_address)
     except ValueError as error:
         parser.error(str(error))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s learner %(levelname)s %(message)s")
+    setup_logging("learner", verbose, config.quiet)
     if config.threads:
         torch.set_num_threads(config.threads)
     server = None

@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import leader
+from cli import parse_with_config
 
 HERE = Path(__file__).resolve().parent
 LEARNER_EXIT_GRACE_S = 30.0  # how long learners get to exit after the leader has
+LEARNER_CONNECT_TIMEOUT_S = 600.0  # the leader may spend minutes decoding a large data set before it serves
 
 
 def free_port() -> int:
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.description = "Run a leader and its learners on this machine. Takes every leader.py flag."
     parser.add_argument("--learner-data-dir", action="append", default=None,
                         help="give learners their own data (repeat once per learner; needs --data-mode local)")
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
     learner_dirs = args.learner_data_dir or []
     if learner_dirs and len(learner_dirs) != args.learners:
         parser.error(f"--learner-data-dir was given {len(learner_dirs)} times for {args.learners} learners")
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     processes.append(leader_process)
     for index in range(args.learners):
         cmd = [sys.executable, str(HERE / "learner.py"), "--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1",
-               "--threads", str(threads), "--device", args.device]
+               "--threads", str(threads), "--device", args.device, "--connect-timeout", str(LEARNER_CONNECT_TIMEOUT_S)]
         if learner_dirs:
             cmd += ["--data-dir", learner_dirs[index]]
         processes.append(subprocess.Popen(cmd))

@@ -9,6 +9,7 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 import wire
 
@@ -26,6 +27,9 @@ MAX_METADATA_BYTES = 16 * 1024
 # Keepalive pings find peers that vanished without closing their connection.
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+# Cap gRPC's exponential reconnect backoff (default up to 120 s), so a learner that
+# started before its leader registers within seconds of the leader coming up.
+MAX_RECONNECT_BACKOFF_MS = 2_000
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
@@ -35,6 +39,8 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
 ]
 SERVER_OPTIONS = GRPC_OPTIONS + [
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
@@ -76,8 +82,9 @@ def create_server(
     host: str,
     port: int,
     max_workers: int,
+    reflection_services: list[str] | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Start a server with our options and health checking on host:port (0 picks a free port)."""
+    """Start a server with our options, health checking and optional reflection on host:port (0 picks a free port)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         options=SERVER_OPTIONS,
@@ -86,6 +93,10 @@ def create_server(
     add_servicers(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if reflection_services is not None:
+        # lets grpcurl and other tools list and describe the services without the .proto files
+        names = [*reflection_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server)
     bind = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(bind)

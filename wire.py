@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -57,6 +58,12 @@ class TensorSpec:
 def specs_of(tensors: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
     """Describe tensors (in mapping order) as wire specs."""
     return [TensorSpec(name, DTYPE_NAMES[t.dtype], tuple(t.shape)) for name, t in tensors.items()]
+
+
+def fingerprint(specs: Sequence[TensorSpec]) -> str:
+    """SHA-256 over names, dtypes and shapes: equal for two models exactly when their wire layouts match."""
+    text = ";".join(f"{spec.name}:{spec.dtype}:{','.join(map(str, spec.shape))}" for spec in specs)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def encode(tensors: Mapping[str, torch.Tensor]) -> tuple[tensors_pb2.TensorManifest, bytearray]:

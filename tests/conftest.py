@@ -30,6 +30,7 @@ def leader_config(tmp_path: Path, **overrides: object) -> LeaderConfig:
         learners=2,
         augment=False,
         device="cpu",
+        run_dir=str(tmp_path / "run"),
         checkpoint_dir=str(tmp_path / "checkpoints"),
         join_timeout=60.0,
         round_timeout=60.0,

@@ -27,13 +27,17 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 def test_local_federation_trains_and_writes_checkpoints(tmp_path):
     result = run("local_federation.py", *TINY, "--rounds", "3", "--aggregation", "fedavg", "--local-steps", "20",
-                 "--lr", "0.05", "--checkpoint-dir", str(tmp_path), timeout=240)
+                 "--lr", "0.05", "--run-dir", str(tmp_path), timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert result.stderr.count("stopping after 3 rounds: training complete") == 2
-    record, weights = checkpoint.load(checkpoint.latest(tmp_path))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoints", "config.json", "leader.log", "metrics.jsonl", "metrics.png"]
+    assert json.loads((tmp_path / "config.json").read_text())["local_steps"] == 20
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    assert "round 3/3" in (tmp_path / "leader.log").read_text()
+    record, weights = checkpoint.load(checkpoint.latest(tmp_path / "checkpoints"))
     assert record["round"] == 3
-    accuracies = [json.loads((tmp_path / f"round-0000{r}.json").read_text())["metrics"]["test_accuracy"] for r in (1, 2, 3)]
+    accuracies = [json.loads(line)["test_accuracy"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert accuracies[-1] > 0.5, accuracies  # ten classes: chance is 0.1
     model = build_model(record["config"]["model"], record["num_classes"])
     model.load_state_dict(weights)
@@ -48,7 +52,7 @@ def _lines(stream, sink: queue.Queue) -> None:
 def test_sigterm_on_the_leader_stops_learners_cleanly(tmp_path):
     leader = subprocess.Popen(
         [sys.executable, "leader.py", *TINY, "--host", "127.0.0.1", "--port", "0", "--rounds", "1000",
-         "--aggregation", "fedsgd", "--checkpoint-dir", str(tmp_path)],
+         "--aggregation", "fedsgd", "--run-dir", str(tmp_path)],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )
     lines: queue.Queue = queue.Queue()
@@ -78,7 +82,7 @@ def test_sigterm_on_the_leader_stops_learners_cleanly(tmp_path):
         for process in [leader, *learners]:
             if process.poll() is None:
                 process.kill()
-    assert checkpoint.latest(tmp_path) is not None
+    assert checkpoint.latest(tmp_path / "checkpoints") is not None
 
 
 def test_learner_errors_are_one_line():
@@ -94,14 +98,14 @@ def test_learner_errors_are_one_line():
 
 
 def test_leader_errors_are_one_line(tmp_path):
-    result = run("leader.py", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "nowhere"))
+    result = run("leader.py", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"leader: no image folder at {tmp_path / 'nowhere' / 'test'}: expected {tmp_path / 'nowhere' / 'test'}/<class>/<image> files"
+    assert result.stderr.strip().splitlines()[-1] == f"leader: no image folder at {tmp_path / 'nowhere' / 'test'}: expected {tmp_path / 'nowhere' / 'test'}/<class>/<image> files"
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run("leader.py", *TINY, "--host", "127.0.0.1", "--port", str(port))
+        result = run("leader.py", *TINY, "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(tmp_path / "busy"))
     assert result.returncode == 2 and "the port is in use" in result.stderr and "Traceback" not in result.stderr
     result = run("leader.py", "--learners", "0")
     assert result.returncode == 2 and "--learners: must be at least 1" in result.stderr
@@ -110,6 +114,6 @@ def test_leader_errors_are_one_line(tmp_path):
 
 
 def test_join_timeout_ends_the_run_with_a_hint(tmp_path):
-    result = run("leader.py", *TINY, "--host", "127.0.0.1", "--port", "0", "--join-timeout", "1", "--checkpoint-dir", str(tmp_path))
+    result = run("leader.py", *TINY, "--host", "127.0.0.1", "--port", "0", "--join-timeout", "1", "--run-dir", str(tmp_path))
     assert result.returncode == 1
     assert "only 0 of 2 learners registered within 1s" in result.stderr and "python learner.py --leader" in result.stderr

@@ -5,12 +5,17 @@ from __future__ import annotations
 import copy
 import json
 
+import grpc
+import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import checkpoint
+import rpc
 from conftest import join_all, leader_config, running_leader, start_learners
 from model import build_model
+from protos import leader_pb2, leader_pb2_grpc
 from utils import load_dataset, normalize, split_iid
 
 SEED = 3
@@ -100,3 +105,39 @@ def test_batchnorm_statistics_are_averaged(tmp_path):
     # one local step each from the initial statistics (mean 0, var 1) moves them; both learners' steps count once
     assert int(state["stem.1.num_batches_tracked"]) == 1
     assert not torch.allclose(state["stem.1.running_mean"], torch.zeros(16))
+
+
+def make_image_folder(root, split: str, per_class: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for label, name in enumerate(("bright", "dark")):
+        (root / split / name).mkdir(parents=True)
+        for index in range(per_class):
+            base = 200 if label == 0 else 50
+            pixels = (base + torch.randint(-40, 40, (32, 32, 3), generator=generator)).clamp(0, 255).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / split / name / f"{index}.png")
+
+
+def test_local_data_mode_trains_on_the_learners_files_and_never_sends_data(tmp_path, channel_to):
+    make_image_folder(tmp_path / "leader", "test", per_class=10, seed=0)
+    for index in range(2):
+        make_image_folder(tmp_path / f"learner{index}", "train", per_class=12, seed=index + 1)
+    config = leader_config(tmp_path, dataset="imagefolder", data_dir=str(tmp_path / "leader"), data_mode="local",
+                           aggregation="fedavg", local_epochs=2, batch_size=8, rounds=2, lr=0.05)
+    with running_leader(config) as running:
+        assert running.leader.train_data is None
+        threads = []
+        for index in range(2):
+            threads += start_learners(running.address, 1, ["--data-dir", str(tmp_path / f"learner{index}")])
+        history = running.leader.run()
+    assert join_all(threads) == [0, 0]
+    assert [entry["learners_reported"] for entry in history] == [2, 2]
+    assert history[-1]["test_accuracy"] > 0.9  # bright against dark is easy
+
+    with running_leader(config) as running:
+        stub = leader_pb2_grpc.LeaderServiceStub(channel_to(running.address))
+        info = leader_pb2.LearnerInfo(network_addr="127.0.0.1:1", callback_token="c" * 32, num_examples=24, version=rpc.PROTOCOL_VERSION)
+        reply = stub.RegisterLearner(info, timeout=10)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.GetData(leader_pb2.LearnerDataRequest(learner_id=reply.learner_id), timeout=10,
+                              metadata=rpc.token_metadata(reply.session_token)))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
