@@ -19,7 +19,7 @@ def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
 
 
 class RunningMean:
-    """A weighted running sum of updates, so memory stays one model's worth however many learners report."""
+    """A weighted running sum of updates, so memory stays one model's worth (in float64) however many learners report."""
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
@@ -28,17 +28,16 @@ class RunningMean:
         self.count = 0
 
     def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
-        """Add `weight * update` to the sum; integer tensors are summed in float64 and rounded back."""
+        """Add `weight * update` to the sum, in float64 so that no finite float32 input can overflow it."""
         if not weight > 0:
             raise ValueError(f"update weight must be positive, got {weight}")
         if self._sums and update.keys() != self._sums.keys():
             raise ValueError("update names differ from the earlier updates'")
         for name, tensor in update.items():
-            accumulate = torch.float64 if not tensor.dtype.is_floating_point else torch.float32
             if name not in self._sums:
                 self._dtypes[name] = tensor.dtype
-                self._sums[name] = torch.zeros(tensor.shape, dtype=accumulate)
-            self._sums[name].add_(tensor.to(accumulate), alpha=weight)
+                self._sums[name] = torch.zeros(tensor.shape, dtype=torch.float64)
+            self._sums[name].add_(tensor.to(torch.float64), alpha=weight)
         self.total_weight += weight
         self.count += 1
 

@@ -77,6 +77,7 @@ class LeaderConfig:
     quiet: bool = False
     join_timeout: float = 600.0
     round_timeout: float = 3600.0
+    max_update_norm: float = 0.0  # 0: no bound
 
     @property
     def quorum(self) -> int:
@@ -119,6 +120,7 @@ class RoundState:
     digests: dict[int, bytes] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     update_norms: list[float] = field(default_factory=list)
+    rejected: dict[int, int] = field(default_factory=dict)  # learner id -> refused updates this round
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -136,6 +138,7 @@ class Leader:
         self.optimizer = self._server_optimizer()
         self.specs = wire.specs_of(self.model.state_dict())
         self.parameter_names = [name for name, _ in self.model.named_parameters()]
+        self.variance_names = [name for name, _ in self.model.named_buffers() if name.endswith("running_var")]
         self.update_bytes = sum(spec.nbytes for spec in self.specs)
         self.train_data = train_data
         self.shards = split_iid(len(train_data), config.learners, config.seed) if train_data is not None else None
@@ -204,6 +207,10 @@ class Leader:
                 "this leader expects learners with their own data: start the learner with --data-dir",
             )
         with self._cond:
+            for learner_id, record in self._learners.items():
+                if record.callback_token == info.callback_token:  # a retried registration gets the same identity
+                    token = next(token for token, owner in self._tokens.items() if owner == learner_id)
+                    return learner_id, token
             if self._started:
                 raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION, "training has already started; this federation takes no new learners")
             if len(self._learners) >= self.config.learners:
@@ -250,6 +257,9 @@ class Leader:
         with self._cond:
             current = self._round
             registered = self._learners[learner_id].num_examples
+            alive = self._learners[learner_id].alive
+        if not alive:
+            raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION, f"learner {learner_id} was marked absent after a failed call; it takes no further part")
         if header.round != current.number or not current.accepting:
             raise LeaderError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -266,6 +276,15 @@ class Leader:
         """L2 norm of an update's parameter part (gradient or model delta), buffers left out."""
         squares = sum(float(update[name].double().square().sum()) for name in self.parameter_names)
         return math.sqrt(squares)
+
+    def note_rejection(self, learner_id: int, code: grpc.StatusCode, reason: str) -> None:
+        """Count a refused update; log it once per learner per round."""
+        with self._cond:
+            current = self._round
+            first = learner_id not in current.rejected
+            current.rejected[learner_id] = current.rejected.get(learner_id, 0) + 1
+        if first:
+            logger.warning("round %d: refused an update from learner %d (%s): %s", current.number, learner_id, code.name, reason)
 
     def count_bytes_out(self, count: int) -> None:
         """Record model bytes sent to learners in the current round."""
@@ -284,21 +303,26 @@ class Leader:
     def accept_update(self, learner_id: int, header: leader_pb2.GradientData, received: wire.Received) -> str:
         """Add a checked update to the round's running sum, once per learner per round."""
         digest = hashlib.blake2b(received.payload, digest_size=16).digest()
+        for name in self.variance_names:
+            if bool((received.tensors[name] < 0).any()):
+                raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} holds negative variances")
+        norm = self._parameter_norm(received.tensors)
+        bound = self.config.max_update_norm
+        if bound and norm > bound:
+            raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"update norm {norm:.4g} exceeds --max-update-norm {bound:g}")
         with self._cond:
             current = self._round
             if header.round != current.number or not current.accepting:
                 raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION, f"stale update for round {header.round}; round {current.number} is closed")
-            if learner_id in current.digests:
-                if current.digests[learner_id] == digest:
-                    return f"duplicate of the accepted update for round {header.round}; counted once"
-                raise LeaderError(
-                    grpc.StatusCode.ALREADY_EXISTS,
-                    f"learner {learner_id} already sent a different update for round {header.round}",
-                )
+            previous = current.digests.get(learner_id)
+            if previous == digest:
+                return f"duplicate of the accepted update for round {header.round}; counted once"
+            if previous is not None:
+                raise LeaderError(grpc.StatusCode.ALREADY_EXISTS, f"learner {learner_id} already sent a different update for round {header.round}")
             current.running.add(received.tensors, float(header.num_examples))
             current.digests[learner_id] = digest
             current.losses.append(header.train_loss)
-            current.update_norms.append(self._parameter_norm(received.tensors))
+            current.update_norms.append(norm)
             current.bytes_in += len(received.payload)
             self._cond.notify_all()
         return f"update for round {header.round} accepted"
@@ -334,6 +358,7 @@ class Leader:
                 "bytes_out": finished.bytes_out,
                 "update_norm_mean": sum(finished.update_norms) / len(finished.update_norms),
                 "update_norm_max": max(finished.update_norms),
+                "updates_rejected": sum(finished.rejected.values()),
                 "aggregate_norm": self._parameter_norm(mean),
                 "round_seconds": time.monotonic() - round_start,
                 "elapsed_seconds": time.monotonic() - start,
@@ -422,7 +447,7 @@ class Leader:
 
         def push(record: LearnerRecord) -> Any:
             messages = wire.stream(learner_pb2.ModelState, manifest, payload, round=number)
-            reply = record.stub.SyncModelState(messages, timeout=rpc.TRANSFER_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token))
+            reply = record.stub.SyncModelState(messages, timeout=rpc.transfer_timeout(len(payload)), metadata=rpc.token_metadata(record.callback_token))
             self.count_bytes_out(len(payload))
             return reply
 
@@ -493,9 +518,10 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 
     def _caller(self, context: grpc.ServicerContext) -> int:
         learner_id = self.leader.learner_for_token(rpc.caller_token(context))
-        if learner_id is None:
+        if learner_id is None:  # the gate lets no such call through; kept for calls made without it
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or unknown {rpc.TOKEN_METADATA_KEY}: call RegisterLearner first")
         return learner_id
+
 
     def RegisterLearner(self, request: leader_pb2.LearnerInfo, context: grpc.ServicerContext) -> leader_pb2.AckWithMetadata:
         try:
@@ -539,10 +565,27 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             )
             message = self.leader.accept_update(learner_id, received.header, received)
         except wire.WireError as error:
+            self.leader.note_rejection(learner_id, grpc.StatusCode.INVALID_ARGUMENT, str(error))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {error}")
         except LeaderError as error:
+            self.leader.note_rejection(learner_id, error.code, str(error))
             context.abort(error.code, str(error))
         return leader_pb2.Ack(success=True, message=message)
+
+
+def leader_gate(leader: Leader, enrolment_token: str | None) -> rpc.Gate:
+    """Refuse, before any handler runs, registrations without the enrolment secret and calls without a session token."""
+
+    def check(method: str, metadata: Any) -> rpc.Refusal | None:
+        if method == "RegisterLearner":
+            if enrolment_token is not None and not rpc.secrets_match(rpc.metadata_value(metadata, rpc.ENROLMENT_METADATA_KEY), enrolment_token):
+                return grpc.StatusCode.UNAUTHENTICATED, "RegisterLearner needs this federation's enrolment secret (--token-file or $FL_ENROLMENT_TOKEN)"
+            return None
+        if leader.learner_for_token(rpc.metadata_value(metadata, rpc.TOKEN_METADATA_KEY)) is None:
+            return grpc.StatusCode.UNAUTHENTICATED, f"missing or unknown {rpc.TOKEN_METADATA_KEY}: call RegisterLearner first"
+        return None
+
+    return rpc.Gate(leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name, check)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -556,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default=defaults.host, help="address to listen on")
     add("--port", type=int, default=defaults.port, help="port to listen on (0 picks a free one)")
     add("--learners", type=_positive_int, default=defaults.learners, help="learners to wait for before training starts")
-    add("--min-learners", type=int, default=defaults.min_learners, help="learners that must report for a round to count (0: all)")
+    add("--min-learners", type=_non_negative_int, default=defaults.min_learners, help="learners that must report for a round to count (0: all)")
     add("--rounds", type=_positive_int, default=defaults.rounds, help="federated rounds to run")
     add("--aggregation", choices=AGGREGATIONS, default=defaults.aggregation,
         help="fedsgd: one batch per learner, the leader averages gradients and takes an SGD step; "
@@ -583,10 +626,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--keep-checkpoints", type=_positive_int, default=defaults.keep_checkpoints, help="rounds of checkpoints to keep")
     add("--join-timeout", type=float, default=defaults.join_timeout, help="seconds to wait for --learners to register")
     add("--round-timeout", type=float, default=defaults.round_timeout, help="seconds a round waits for updates")
+    add("--max-update-norm", type=float, default=defaults.max_update_norm, help="refuse updates whose parameter L2 norm exceeds this (0: no bound)")
+    add("--token-file", default=None, help=f"file holding the enrolment secret learners must present to register (or set ${rpc.ENROLMENT_ENV}); None means anyone who reaches the port may join")
     add("--tensorboard", action="store_true", help="also log metrics for TensorBoard under <run-dir>/tensorboard (needs: pip install tensorboard)")
     add("-q", "--quiet", action="store_true", help="no live status line; log warnings and errors only")
     add("-v", "--verbose", action="store_true", help="log debug detail")
     return parser
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -596,18 +648,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bool]:
-    """Parse the command line into a LeaderConfig (and the verbose flag)."""
+def parse_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bool, str | None]:
+    """Parse the command line into a LeaderConfig, the verbose flag and the enrolment secret (kept out of the config)."""
     parser = build_parser()
     args = vars(parse_with_config(parser, argv))
     args.pop("config")
     verbose = args.pop("verbose")
+    try:
+        enrolment_token = rpc.read_enrolment_token(args.pop("token_file"))
+    except ValueError as error:
+        parser.error(str(error))
     config = resolve_paths(LeaderConfig(**args))
     if config.min_learners > config.learners:
         parser.error(f"--min-learners {config.min_learners} exceeds --learners {config.learners}")
     if config.dataset == "synthetic" and config.data_mode == "local":
         parser.error("--data-mode local needs real data on the learners: use --dataset cifar10 or imagefolder")
-    return config, verbose
+    return config, verbose, enrolment_token
 
 
 def resolve_paths(config: LeaderConfig) -> LeaderConfig:
@@ -617,7 +673,7 @@ def resolve_paths(config: LeaderConfig) -> LeaderConfig:
     return dataclasses.replace(config, run_dir=run_dir, checkpoint_dir=checkpoint_dir)
 
 
-def serve(config: LeaderConfig) -> tuple[Leader, grpc.Server, int, Any]:
+def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Leader, grpc.Server, int, Any]:
     """Load data, build the leader and start its server; returns (leader, server, port, health)."""
     test_data = load_dataset(config.dataset, config.data_dir, train=False, seed=config.seed)
     train_data = load_dataset(config.dataset, config.data_dir, train=True, seed=config.seed) if config.data_mode == "split" else None
@@ -628,13 +684,14 @@ def serve(config: LeaderConfig) -> tuple[Leader, grpc.Server, int, Any]:
         config.port,
         max_workers=max(16, 2 * config.learners + 8),
         reflection_services=[leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name],
+        gate=leader_gate(leader, enrolment_token),
     )
     return leader, server, port, health
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a federation from the command line."""
-    config, verbose = parse_config(argv)
+    config, verbose, enrolment_token = parse_config(argv)
     run_dir = Path(config.run_dir)
     setup_logging("leader", verbose, config.quiet, run_dir / "leader.log")
     logger.info("config: %s", json.dumps(dataclasses.asdict(config), sort_keys=True))
@@ -642,13 +699,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(config.threads)
     try:
         recorder = Recorder(run_dir, dataclasses.asdict(config), config.tensorboard)
-        leader, server, port, health = serve(config)
+        leader, server, port, health = serve(config, enrolment_token)
     except (DataError, OSError, ValueError, TensorBoardMissing) as error:
         print(f"leader: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("leader: interrupted while starting", file=sys.stderr)
         return 130
+    if enrolment_token is None and not rpc.is_loopback(config.host):
+        logger.warning(
+            "listening on %s without an enrolment secret: anyone who reaches port %d can join this federation; "
+            "set $%s or --token-file", config.host, port, rpc.ENROLMENT_ENV,
+        )
     logger.info("serving on %s:%d; waiting for %d learners (python learner.py --leader HOST:%d)", config.host, port, config.learners, port)
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -662,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
         if history:
             final = history[-1]
             logger.info("done: %d rounds, test accuracy %.2f%%; results in %s", len(history), 100 * final["test_accuracy"], run_dir)
-    except RunError as error:
+    except (RunError, OSError) as error:  # OSError: a checkpoint or metrics write failed
+        health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         leader.status.clear()
         if leader.stop_event.is_set():
             logger.info("stopping: %s", error)

@@ -48,6 +48,7 @@ class LearnerConfig:
     device: str = "auto"
     threads: int = 0
     connect_timeout: float = 60.0
+    progress: bool = True
     quiet: bool = False
 
 
@@ -62,8 +63,9 @@ class Stopped(Exception):
 class Learner:
     """One learner's state: its model, its data and the round it is in."""
 
-    def __init__(self, config: LearnerConfig) -> None:
+    def __init__(self, config: LearnerConfig, enrolment_token: str | None = None) -> None:
         self.config = config
+        self._enrolment_metadata = ((rpc.ENROLMENT_METADATA_KEY, enrolment_token),) if enrolment_token else ()
         self.device = resolve_device(config.device)
         self.callback_token = secrets.token_urlsafe(32)
         self.channel = rpc.insecure_channel(config.leader)
@@ -118,7 +120,7 @@ class Learner:
         while True:
             attempt_timeout = max(0.5, min(rpc.CONTROL_TIMEOUT_S, deadline - time.monotonic()))
             try:
-                reply = self.stub.RegisterLearner(info, timeout=attempt_timeout, wait_for_ready=True)
+                reply = self.stub.RegisterLearner(info, timeout=attempt_timeout, wait_for_ready=True, metadata=self._enrolment_metadata)
                 break
             except grpc.RpcError as error:
                 retry = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -165,7 +167,7 @@ class Learner:
         """GetData: this learner's split, as uint8 images and int64 labels."""
         responses = self.stub.GetData(
             leader_pb2.LearnerDataRequest(learner_id=self.learner_id),
-            timeout=rpc.TRANSFER_TIMEOUT_S,
+            timeout=rpc.transfer_timeout(MAX_DATA_BYTES),
             metadata=self._metadata(),
         )
         try:
@@ -230,9 +232,10 @@ class Learner:
 
     def _get_model(self) -> tuple[int, dict[str, torch.Tensor]]:
         """GetModel: the current global model, checked against the local architecture."""
-        responses = self.stub.GetModel(leader_pb2.Empty(), timeout=rpc.TRANSFER_TIMEOUT_S, metadata=self._metadata())
+        model_bytes = sum(spec.nbytes for spec in self.specs)
+        responses = self.stub.GetModel(leader_pb2.Empty(), timeout=rpc.transfer_timeout(model_bytes), metadata=self._metadata())
         try:
-            received = wire.receive(responses, max_bytes=sum(spec.nbytes for spec in self.specs), expected=self.specs)
+            received = wire.receive(responses, max_bytes=model_bytes, expected=self.specs)
         except wire.WireError as error:
             raise LearnerError(f"the leader's model does not fit this learner's {self.plan.model}: {error}") from None
         return received.header.round, received.tensors
@@ -266,7 +269,7 @@ class Learner:
         total_loss = 0.0
         examples = 0
         progress = tqdm(range(steps), desc=f"round {self.rounds_trained + 1}", unit="batch", leave=False,
-                        disable=True if self.config.quiet else None)  # None: only on a terminal
+                        disable=None if self.config.progress and not self.config.quiet else True)  # None: only on a terminal
         for _ in progress:
             indices = next(batches)
             images = self.data.images[indices]
@@ -297,7 +300,7 @@ class Learner:
             learner_id=self.learner_id, round=number, num_examples=num_examples, train_loss=loss,
         )
         try:
-            reply = self.stub.AccumulateGradients(messages, timeout=rpc.TRANSFER_TIMEOUT_S, metadata=self._metadata())
+            reply = self.stub.AccumulateGradients(messages, timeout=rpc.transfer_timeout(len(payload)), metadata=self._metadata())
         except grpc.RpcError as error:
             self._raise_if_stopped()  # the leader said stop while this update was under way
             if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
@@ -308,23 +311,15 @@ class Learner:
 
 
 class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
-    """The gRPC boundary: only the leader holding our callback token may start us or push a model."""
+    """The gRPC boundary: start the round loop, take pushed models that fit."""
 
     def __init__(self, learner: Learner) -> None:
         self.learner = learner
 
-    def _authenticate(self, context: grpc.ServicerContext) -> None:
-        if rpc.caller_token(context) is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing {rpc.TOKEN_METADATA_KEY}")
-        if not rpc.token_matches(context, self.learner.callback_token):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "token does not belong to this learner's leader")
-
     def StartTraining(self, request: learner_pb2.Empty, context: grpc.ServicerContext) -> learner_pb2.Ack:
-        self._authenticate(context)
         return learner_pb2.Ack(success=True, message=self.learner.start())
 
     def SyncModelState(self, request_iterator: Iterator[learner_pb2.ModelState], context: grpc.ServicerContext) -> learner_pb2.Ack:
-        self._authenticate(context)
         first = next(request_iterator, None)
         if first is not None and first.stop:
             self.learner.stop(first.reason)
@@ -345,6 +340,20 @@ def batches_per_epoch(size: int, batch_size: int) -> int:
     """Batches `_batches` yields per epoch: a last batch of one example is dropped (BatchNorm cannot train on it)."""
     full, rest = divmod(size, batch_size)
     return full + (1 if rest > 1 or size == 1 else 0)
+
+
+def learner_gate(learner: Learner) -> rpc.Gate:
+    """Only the leader holding this learner's callback secret may start it or push a model, checked before any handler runs."""
+
+    def check(method: str, metadata: Any) -> rpc.Refusal | None:
+        token = rpc.metadata_value(metadata, rpc.TOKEN_METADATA_KEY)
+        if token is None:
+            return grpc.StatusCode.UNAUTHENTICATED, f"missing {rpc.TOKEN_METADATA_KEY}"
+        if not rpc.secrets_match(token, learner.callback_token):
+            return grpc.StatusCode.PERMISSION_DENIED, "token does not belong to this learner's leader"
+        return None
+
+    return rpc.Gate(learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name, check)
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
@@ -394,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default=defaults.device, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     add("--threads", type=int, default=defaults.threads, help="CPU threads for training (0: PyTorch's default)")
     add("--connect-timeout", type=float, default=defaults.connect_timeout, help="seconds to keep trying to reach the leader")
+    add("--token-file", default=None, help=f"file holding the federation's enrolment secret (or set ${rpc.ENROLMENT_ENV}); None means none")
+    add("--progress", action=argparse.BooleanOptionalAction, default=defaults.progress, help="a progress bar over local batches, when output is a terminal")
     add("-q", "--quiet", action="store_true", help="no progress bar; log warnings and errors only")
     add("-v", "--verbose", action="store_true", help="log debug detail")
     return parser
@@ -405,8 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parse_with_config(parser, argv))
     args.pop("config")
     verbose = args.pop("verbose")
+    token_file = args.pop("token_file")
     config = LearnerConfig(**args)
     try:
+        enrolment_token = rpc.read_enrolment_token(token_file)
         rpc.parse_address(config.leader)
         if config.advertise_address:
             rpc.parse_address(config.advertise_address)
@@ -417,12 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(config.threads)
     server = None
     try:
-        learner = Learner(config)
+        learner = Learner(config, enrolment_token)
         if config.data_dir:
             learner.data = load_local_data(config.data_dir)
         server, port, _ = rpc.create_server(
             lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server),
-            config.host, config.port, max_workers=4,
+            config.host, config.port, max_workers=4, gate=learner_gate(learner),
         )
         learner.register(advertise_address_for(config, port))
         learner.prepare()

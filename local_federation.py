@@ -54,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     processes.append(leader_process)
     for index in range(args.learners):
         cmd = [sys.executable, str(HERE / "learner.py"), "--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1",
-               "--threads", str(threads), "--device", args.device, "--connect-timeout", str(LEARNER_CONNECT_TIMEOUT_S)]
+               "--threads", str(threads), "--device", args.device, "--connect-timeout", str(LEARNER_CONNECT_TIMEOUT_S),
+               "--no-progress"]  # several bars on one terminal overwrite each other; the leader's status line stands in
         if learner_dirs:
             cmd += ["--data-dir", learner_dirs[index]]
+        if args.token_file:
+            cmd += ["--token-file", args.token_file]
         processes.append(subprocess.Popen(cmd))
     try:
         status = leader_process.wait()

@@ -32,6 +32,7 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, (accuracy_axes, loss_axes, bytes_axes) = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     for index, run_dir in enumerate(run_dirs):
@@ -45,7 +46,9 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
     accuracy_axes.set(title="Test accuracy", xlabel="round", ylabel="%")
     loss_axes.set(title="Loss", xlabel="round", ylabel="cross-entropy")
     bytes_axes.set(title="Bytes moved (in + out)", xlabel="round", ylabel="MB")
+    bytes_axes.set_ylim(bottom=0)
     for axes in (accuracy_axes, loss_axes, bytes_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hmac
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,10 +21,21 @@ import wire
 PROTOCOL_VERSION = "1"
 # Metadata entry that carries a caller's secret on every call after registration.
 TOKEN_METADATA_KEY = "x-session-token"
+# Metadata entry that carries the federation's shared enrolment secret on RegisterLearner.
+ENROLMENT_METADATA_KEY = "x-enrolment-token"
+# Environment variable the commands read the enrolment secret from, so it stays out of `ps` output.
+ENROLMENT_ENV = "FL_ENROLMENT_TOKEN"
 # Deadline of short control calls (register, start, health checks).
 CONTROL_TIMEOUT_S = 30.0
-# Deadline of calls that stream a model, an update or a data split.
-TRANSFER_TIMEOUT_S = 900.0
+# Deadlines of calls that stream a model, an update or a data split: the control
+# deadline plus the payload at this slowest acceptable rate, so a stalled peer is
+# given up on in about a minute for ResNet-18 (45 MB) rather than holding a round.
+MIN_TRANSFER_BYTES_PER_S = 1_000_000
+
+
+def transfer_timeout(num_bytes: int) -> float:
+    """Deadline for streaming `num_bytes`."""
+    return CONTROL_TIMEOUT_S + num_bytes / MIN_TRANSFER_BYTES_PER_S
 # Metadata larger than this is refused by the transport (tokens are 43 characters).
 MAX_METADATA_BYTES = 16 * 1024
 # Keepalive pings find peers that vanished without closing their connection.
@@ -58,23 +72,79 @@ def parse_address(address: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
+def read_enrolment_token(token_file: str | None) -> str | None:
+    """The enrolment secret from --token-file, else $FL_ENROLMENT_TOKEN, else None."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as error:
+            raise ValueError(f"cannot read --token-file {token_file}: {error.strerror}") from None
+        if not token:
+            raise ValueError(f"--token-file {token_file} is empty")
+        return token
+    return os.environ.get(ENROLMENT_ENV) or None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable from this machine only."""
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
+
+
 def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying a session token."""
     return ((TOKEN_METADATA_KEY, token),)
 
 
-def caller_token(context: grpc.ServicerContext) -> str | None:
-    """The session token a call carries, or None."""
-    for key, value in context.invocation_metadata():
-        if key == TOKEN_METADATA_KEY:
-            return value
+def metadata_value(metadata: Sequence[tuple[str, str | bytes]] | None, key: str) -> str | None:
+    """The value of one metadata entry, or None."""
+    for entry_key, value in metadata or ():
+        if entry_key == key:
+            return value if isinstance(value, str) else None
     return None
 
 
-def token_matches(context: grpc.ServicerContext, expected: str) -> bool:
-    """Whether the call carries exactly `expected`, compared in constant time."""
-    token = caller_token(context)
-    return token is not None and hmac.compare_digest(token.encode(), expected.encode())
+def caller_token(context: grpc.ServicerContext) -> str | None:
+    """The session token a call carries, or None."""
+    return metadata_value(context.invocation_metadata(), TOKEN_METADATA_KEY)
+
+
+def secrets_match(given: str | None, expected: str) -> bool:
+    """Whether `given` is exactly `expected`, compared in constant time."""
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+# What a gate returns to refuse a call: the status and the reason.
+Refusal = tuple[grpc.StatusCode, str]
+
+
+class Gate(grpc.ServerInterceptor):
+    """Refuses calls to one service whose metadata fails a check, before any handler runs."""
+
+    def __init__(self, service: str, check: Callable[[str, Sequence[tuple[str, Any]]], Refusal | None]) -> None:
+        self._prefix = f"/{service}/"
+        self._check = check
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        if not details.method.startswith(self._prefix):
+            return continuation(details)  # health and reflection stay open
+        handler = continuation(details)
+        if handler is None:
+            return None  # an unknown method: gRPC answers UNIMPLEMENTED
+        refusal = self._check(details.method[len(self._prefix):], details.invocation_metadata)
+        if refusal is None:
+            return handler
+        code, reason = refusal
+
+        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(code, reason)
+
+        if not handler.request_streaming and not handler.response_streaming:
+            return grpc.unary_unary_rpc_method_handler(refuse)
+        if handler.request_streaming and not handler.response_streaming:
+            return grpc.stream_unary_rpc_method_handler(refuse)
+        if handler.response_streaming and not handler.request_streaming:
+            return grpc.unary_stream_rpc_method_handler(refuse)
+        return grpc.stream_stream_rpc_method_handler(refuse)
 
 
 def create_server(
@@ -83,12 +153,14 @@ def create_server(
     port: int,
     max_workers: int,
     reflection_services: list[str] | None = None,
+    gate: Gate | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Start a server with our options, health checking and optional reflection on host:port (0 picks a free port)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_workers * 4,
+        interceptors=[gate] if gate is not None else None,
     )
     add_servicers(server)
     health_servicer = health.HealthServicer()

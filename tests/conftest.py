@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,12 +102,13 @@ class Client:
         return rpc.token_metadata(self.token)
 
 
-def register_client(channel: grpc.Channel, address: str = "127.0.0.1:1") -> Client:
-    """Register through the real RPC, as a learner whose server nobody will call."""
+def register_client(channel: grpc.Channel, callback_token: str | None = None) -> Client:
+    """Register through the real RPC, as a learner whose server (at a closed port) nobody will call."""
     stub = leader_pb2_grpc.LeaderServiceStub(channel)
-    reply = stub.RegisterLearner(
-        leader_pb2.LearnerInfo(network_addr=address, callback_token="c" * 32, version=rpc.PROTOCOL_VERSION), timeout=10
+    info = leader_pb2.LearnerInfo(
+        network_addr="127.0.0.1:1", callback_token=callback_token or secrets.token_urlsafe(32), version=rpc.PROTOCOL_VERSION
     )
+    reply = stub.RegisterLearner(info, timeout=10)
     return Client(stub, reply.learner_id, reply.session_token)
 
 

@@ -82,3 +82,9 @@ def test_gradient_update_holds_gradients_and_buffers():
     assert list(update) == list(model.state_dict())
     assert torch.equal(update["0.weight"], model[0].weight.grad)
     assert torch.equal(update["1.running_mean"], model[1].running_mean)
+
+
+def test_large_finite_updates_cannot_overflow_the_sum():
+    huge = {"w": torch.tensor([3e38], dtype=torch.float32)}
+    mean = aggregation.weighted_mean([huge, huge], [32, 32])
+    assert torch.isfinite(mean["w"]).all() and mean["w"].item() == pytest.approx(3e38, rel=1e-6)

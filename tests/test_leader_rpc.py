@@ -10,7 +10,7 @@ import torch
 
 import rpc
 import wire
-from conftest import leader_config, register_client, running_leader
+from conftest import join_all, leader_config, register_client, running_leader, start_learners
 from protos import leader_pb2, leader_pb2_grpc, tensors_pb2
 
 
@@ -172,3 +172,81 @@ def test_get_model_and_get_data_stream_checked_tensors(open_round):
     assert torch.equal(data.tensors["images"], shard.images)
     assert torch.equal(data.tensors["labels"], shard.labels)
     assert len(shard) == 1000  # half of the 2000 synthetic training examples
+
+
+def test_enrolment_secret_gates_registration_before_any_handler_runs(tmp_path, channel_to, monkeypatch):
+    import leader as leader_module
+
+    leader, server, port, _ = leader_module.serve(leader_config(tmp_path), enrolment_token="correct horse")
+    try:
+        stub = leader_pb2_grpc.LeaderServiceStub(channel_to(f"127.0.0.1:{port}"))
+        info = leader_pb2.LearnerInfo(network_addr="127.0.0.1:1", callback_token="c" * 32, version=rpc.PROTOCOL_VERSION)
+        for metadata in ((), ((rpc.ENROLMENT_METADATA_KEY, "battery staple"),)):
+            assert_refused(lambda: stub.RegisterLearner(info, timeout=10, metadata=metadata), grpc.StatusCode.UNAUTHENTICATED, "enrolment secret")
+        assert leader.learner_for_token("anything") is None and not leader._learners
+        reply = stub.RegisterLearner(info, timeout=10, metadata=((rpc.ENROLMENT_METADATA_KEY, "correct horse"),))
+        assert reply.success and reply.learner_id == 0
+
+        # a call without a session token never reaches the handler
+        calls = []
+        original = leader_module.LeaderServicer._caller
+        monkeypatch.setattr(leader_module.LeaderServicer, "_caller", lambda self, context: calls.append(1) or original(self, context))
+        leader._open_round(1)
+        manifest, payload = wire.encode(valid_update(leader))
+        messages = wire.stream(leader_pb2.GradientData, manifest, payload, learner_id=0, round=1, num_examples=10)
+        assert_refused(lambda: stub.AccumulateGradients(messages, timeout=10), grpc.StatusCode.UNAUTHENTICATED)
+        assert calls == []
+    finally:
+        server.stop(None)
+        leader.close()
+
+
+def test_learner_presents_the_enrolment_secret_from_a_file(tmp_path):
+    import leader as leader_module
+
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("correct horse\n")
+    leader, server, port, _ = leader_module.serve(leader_config(tmp_path, learners=1, rounds=1), enrolment_token="correct horse")
+    try:
+        threads = start_learners(f"127.0.0.1:{port}", 1, ["--token-file", str(secret_file)])
+        assert len(leader.run()) == 1
+        assert join_all(threads) == [0]
+    finally:
+        server.stop(None)
+        leader.close()
+
+
+def test_norm_bound_refuses_large_updates_and_rejections_are_counted_once_logged(tmp_path, channel_to, caplog):
+    with running_leader(leader_config(tmp_path, max_update_norm=1.0)) as running:
+        client = register_client(channel_to(running.address))
+        leader = running.leader
+        leader._open_round(1)
+        big = valid_update(leader, scale=1.0)  # norm sqrt(11642) ~ 108
+        for _ in range(2):
+            assert_refused(lambda: send(client, big), grpc.StatusCode.INVALID_ARGUMENT, "exceeds --max-update-norm 1")
+        assert_refused(lambda: send(client, big, round=7), grpc.StatusCode.FAILED_PRECONDITION, "stale")
+        assert leader._round.rejected == {0: 3}
+        assert leader._round.running.count == 0
+        small = valid_update(leader, scale=0.001)  # norm ~ 0.108
+        assert send(client, small).success
+    warnings = [record for record in caplog.records if "refused an update from learner 0" in record.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_negative_batchnorm_variances_are_refused(tmp_path, channel_to):
+    with running_leader(leader_config(tmp_path, model="resnet20")) as running:
+        client = register_client(channel_to(running.address))
+        leader = running.leader
+        leader._open_round(1)
+        update = {name: torch.zeros_like(tensor) for name, tensor in leader.model.state_dict().items()}
+        update["stem.1.running_var"] = torch.full_like(update["stem.1.running_var"], -1.0)
+        assert_refused(lambda: send(client, update), grpc.StatusCode.INVALID_ARGUMENT, "stem.1.running_var holds negative variances")
+        assert leader._round.running.count == 0
+
+
+def test_a_retried_registration_gets_the_same_identity(tmp_path, channel_to):
+    with running_leader(leader_config(tmp_path, learners=2)) as running:
+        channel = channel_to(running.address)
+        first, again = register_client(channel, "same secret" * 3), register_client(channel, "same secret" * 3)
+        assert (first.learner_id, first.token) == (again.learner_id, again.token)
+        assert len(running.leader._learners) == 1

@@ -13,15 +13,15 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 import leader as leader_module
 import learner as learner_module
 import plots
-from conftest import join_all, leader_config, running_leader, start_learners
+from conftest import join_all, leader_config, register_client, running_leader, start_learners
 from model import build_model
-from recorder import Recorder
+from recorder import Recorder, TensorBoardMissing
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CNN_BYTES = 11_642 * 4  # float32 parameters of tiny-cnn, its whole state
 METRIC_FIELDS = {
     "round", "wall_time", "learners_reported", "learners_dropped", "bytes_in", "bytes_out", "train_loss", "test_loss",
-    "test_accuracy", "update_norm_mean", "update_norm_max", "aggregate_norm", "round_seconds", "elapsed_seconds",
+    "test_accuracy", "update_norm_mean", "update_norm_max", "updates_rejected", "aggregate_norm", "round_seconds", "elapsed_seconds",
 }
 
 
@@ -74,11 +74,11 @@ def test_plot_command_draws_one_or_several_runs(tmp_path):
 def test_config_file_values_apply_and_flags_win(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('model = "resnet20"\nrounds = 7\nbatch-size = 16\naugment = false\nlr = 0.2\n')
-    config, _ = leader_module.parse_config(["--config", str(toml), "--rounds", "3", "--run-dir", str(tmp_path)])
+    config, _, _ = leader_module.parse_config(["--config", str(toml), "--rounds", "3", "--run-dir", str(tmp_path)])
     assert (config.model, config.rounds, config.batch_size, config.augment, config.lr) == ("resnet20", 3, 16, False, 0.2)
     as_json = tmp_path / "run.json"
     as_json.write_text(json.dumps({"aggregation": "fedavg", "learners": 4, "quiet": True}))
-    config, _ = leader_module.parse_config([f"--config={as_json}", "--run-dir", str(tmp_path)])
+    config, _, _ = leader_module.parse_config([f"--config={as_json}", "--run-dir", str(tmp_path)])
     assert (config.aggregation, config.learners, config.quiet) == ("fedavg", 4, True)
     assert config.checkpoint_dir == str(tmp_path / "checkpoints")
 
@@ -115,3 +115,16 @@ def test_learner_with_a_different_model_build_stops_with_a_clear_message(tmp_pat
         (thread,) = start_learners(running.address, 1)
         assert join_all([thread]) == [1]
     assert "builds a different tiny-cnn than the leader's: install the same release on both" in capsys.readouterr().err
+
+
+def test_tensorboard_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail as if not installed
+    with pytest.raises(TensorBoardMissing, match="pip install tensorboard"):
+        Recorder(tmp_path, {}, tensorboard=True)
+
+
+def test_learner_refused_by_a_full_federation_exits_with_the_reason(tmp_path, channel_to, capsys):
+    with running_leader(leader_config(tmp_path, learners=1)) as running:
+        register_client(channel_to(running.address))
+        assert join_all(start_learners(running.address, 1)) == [1]
+    assert "learner: the leader refused registration: the federation is full (1 of 1 learners)" in capsys.readouterr().err
