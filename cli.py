@@ -60,7 +60,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     """Parse argv, reading --config FILE first; flags on the command line override the file."""
     parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (keys are flag names); flags given here win")
     argv = list(sys.argv[1:] if argv is None else argv)
-    path = _config_path(argv)
+    path = flag_value(argv, "--config")
     if path is None:
         return parser.parse_args(argv)
     try:
@@ -70,12 +70,12 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     return parser.parse_args([*from_file, *argv])
 
 
-def _config_path(argv: list[str]) -> str | None:
-    """The --config value in argv, found without parsing anything else."""
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of `flag` in argv, found without parsing anything else."""
     for index, arg in enumerate(argv):
-        if arg == "--config" and index + 1 < len(argv):
+        if arg == flag and index + 1 < len(argv):
             return argv[index + 1]
-        if arg.startswith("--config="):
+        if arg.startswith(f"{flag}="):
             return arg.split("=", 1)[1]
     return None
 

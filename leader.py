@@ -26,8 +26,8 @@ from grpc_health.v1 import health_pb2
 
 import aggregation
 import checkpoint
-from cli import StatusLine, parse_with_config, setup_logging
-from recorder import Recorder, TensorBoardMissing
+from cli import StatusLine, flag_value, parse_with_config, setup_logging
+from recorder import CONFIG_FILE, Recorder, TensorBoardMissing
 import rpc
 import wire
 from model import MODELS, build_model
@@ -78,6 +78,7 @@ class LeaderConfig:
     join_timeout: float = 600.0
     round_timeout: float = 3600.0
     max_update_norm: float = 0.0  # 0: no bound
+    resume: str | None = None  # a run directory to continue
 
     @property
     def quorum(self) -> int:
@@ -150,7 +151,35 @@ class Leader:
         self._tokens: dict[str, int] = {}
         self._started = False
         self._round = RoundState(0, accepting=False)
+        self.start_round = 1
+        self.resumed_metrics: dict[str, Any] | None = None
         self._published = self._publish(1)
+
+    def optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        """The server optimizer's per-parameter tensors (momentum buffers), named by parameter."""
+        names = {id(parameter): name for name, parameter in self.model.named_parameters()}
+        tensors = {}
+        for parameter, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{names[id(parameter)]}.{key}"] = value
+        return tensors
+
+    def restore(self, json_path: Path) -> int:
+        """Continue from a checkpoint: global model, server optimizer state and round. Returns its round."""
+        record, weights = checkpoint.load(json_path)
+        if record["config"]["model"] != self.config.model or record["num_classes"] != self.num_classes:
+            raise ValueError(f"{json_path} holds a {record['config']['model']} with {record['num_classes']} classes, not this run's {self.config.model}")
+        self.model.load_state_dict(weights)
+        parameters = dict(self.model.named_parameters())
+        for name, tensor in checkpoint.load_optimizer(json_path, record).items():
+            parameter_name, key = name.rsplit(".", 1)
+            self.optimizer.state[parameters[parameter_name]][key] = tensor.to(self.device)
+        self.start_round = record["round"] + 1
+        self.resumed_metrics = record["metrics"]
+        self._published = self._publish(self.start_round)
+        logger.info("resuming after round %d from %s", record["round"], json_path)
+        return record["round"]
 
     def _server_optimizer(self) -> torch.optim.Optimizer:
         """fedsgd: the leader takes the SGD step; fedavg: it applies the averaged delta with the server lr."""
@@ -334,10 +363,10 @@ class Leader:
         config = self.config
         self._wait_for_learners()
         start = time.monotonic()
-        for number in range(1, config.rounds + 1):
+        for number in range(self.start_round, config.rounds + 1):
             round_start = time.monotonic()
             self._open_round(number)
-            if number == 1:
+            if number == self.start_round:
                 self._call_all("StartTraining", lambda record: record.stub.StartTraining(
                     learner_pb2.Empty(), timeout=rpc.CONTROL_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token)))
             else:
@@ -371,6 +400,7 @@ class Leader:
                 self.model.state_dict(),
                 {"config": dataclasses.asdict(config), "metrics": metrics, "num_classes": self.num_classes},
                 keep=config.keep_checkpoints,
+                optimizer_state=self.optimizer_tensors(),
             )
             if recorder is not None:
                 recorder.record(metrics)
@@ -627,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--join-timeout", type=float, default=defaults.join_timeout, help="seconds to wait for --learners to register")
     add("--round-timeout", type=float, default=defaults.round_timeout, help="seconds a round waits for updates")
     add("--max-update-norm", type=float, default=defaults.max_update_norm, help="refuse updates whose parameter L2 norm exceeds this (0: no bound)")
+    add("--resume", metavar="RUN_DIR", default=defaults.resume,
+        help="continue the run in RUN_DIR from its last checkpoint, with its config (flags given here win, e.g. --rounds)")
     add("--token-file", default=None, help=f"file holding the enrolment secret learners must present to register (or set ${rpc.ENROLMENT_ENV}); None means anyone who reaches the port may join")
     add("--tensorboard", action="store_true", help="also log metrics for TensorBoard under <run-dir>/tensorboard (needs: pip install tensorboard)")
     add("-q", "--quiet", action="store_true", help="no live status line; log warnings and errors only")
@@ -651,7 +683,7 @@ def _positive_int(text: str) -> int:
 def parse_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bool, str | None]:
     """Parse the command line into a LeaderConfig, the verbose flag and the enrolment secret (kept out of the config)."""
     parser = build_parser()
-    args = vars(parse_with_config(parser, argv))
+    args = vars(parse_with_config(parser, expand_resume(parser, argv)))
     args.pop("config")
     verbose = args.pop("verbose")
     try:
@@ -666,6 +698,19 @@ def parse_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bool, str
     return config, verbose, enrolment_token
 
 
+def expand_resume(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[str]:
+    """`--resume RUN_DIR` reads RUN_DIR/config.json and writes into RUN_DIR; flags given after it still win."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_dir = flag_value(argv, "--resume")
+    if run_dir is None:
+        return argv
+    config_file = Path(run_dir) / CONFIG_FILE
+    if not config_file.is_file():
+        parser.error(f"--resume {run_dir}: no {CONFIG_FILE} there; pass the directory of a run that leader.py wrote")
+    prefix = [] if flag_value(argv, "--config") else ["--config", str(config_file)]
+    return [*prefix, "--run-dir", run_dir, *argv]
+
+
 def resolve_paths(config: LeaderConfig) -> LeaderConfig:
     """Fill in the run directory (runs/<start time>) and the checkpoint directory inside it."""
     run_dir = config.run_dir or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -678,6 +723,13 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
     test_data = load_dataset(config.dataset, config.data_dir, train=False, seed=config.seed)
     train_data = load_dataset(config.dataset, config.data_dir, train=True, seed=config.seed) if config.data_mode == "split" else None
     leader = Leader(config, test_data, train_data)
+    if config.resume:
+        latest = checkpoint.latest(Path(config.checkpoint_dir))
+        if latest is None:
+            raise ValueError(f"--resume {config.resume}: no checkpoint in {config.checkpoint_dir}; nothing to resume")
+        finished = leader.restore(latest)
+        if finished >= config.rounds:
+            raise ValueError(f"--resume {config.resume}: the run already finished all {finished} rounds; pass --rounds N (N > {finished}) to go on")
     server, port, health = rpc.create_server(
         lambda server: leader_pb2_grpc.add_LeaderServiceServicer_to_server(LeaderServicer(leader), server),
         config.host,
@@ -698,8 +750,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        recorder = Recorder(run_dir, dataclasses.asdict(config), config.tensorboard)
         leader, server, port, health = serve(config, enrolment_token)
+        recorder = Recorder(run_dir, dataclasses.asdict(config), config.tensorboard, keep_rounds_before=leader.start_round)
+        if leader.resumed_metrics is not None:
+            recorder.ensure_recorded(leader.resumed_metrics)
     except (DataError, OSError, ValueError, TensorBoardMissing) as error:
         print(f"leader: {error}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import secrets
 import socket
@@ -33,7 +34,6 @@ logger = logging.getLogger(__name__)
 MAX_DATA_BYTES = 8 << 30
 HEALTH_INTERVAL_S = 5.0  # how often a waiting learner checks that the leader is alive
 LEADER_LOST_CHECKS = 6  # consecutive failed health checks (about 30 s) before giving up
-SEED_STRIDE = 7919  # separates the learners' random streams
 
 
 @dataclass(frozen=True)
@@ -190,11 +190,10 @@ class Learner:
         """Wait for StartTraining, then train round after round until told to stop; returns the reason."""
         self._wait(lambda: self._started, "StartTraining")
         number, state = self._get_model()
-        batches = self._batches()
         try:
             while True:
                 self.model.load_state_dict(state)
-                update, num_examples, loss = self._train(batches)
+                update, num_examples, loss = self._train(number)
                 self._raise_if_stopped()
                 self._send(number, update, num_examples, loss)
                 self.rounds_trained += 1
@@ -240,38 +239,49 @@ class Learner:
             raise LearnerError(f"the leader's model does not fit this learner's {self.plan.model}: {error}") from None
         return received.header.round, received.tensors
 
-    def _batches(self) -> Iterator[torch.Tensor]:
-        """Endless shuffled batches of example indices, epoch after epoch, seeded per learner."""
-        generator = torch.Generator().manual_seed(self.plan.seed + SEED_STRIDE * (self.learner_id + 1))
+    def steps_per_round(self) -> int:
+        """Local batches per round: one in fedsgd, --local-steps or --local-epochs worth in fedavg."""
+        plan = self.plan
+        if plan.aggregation == "fedsgd":
+            return 1
+        if plan.local_steps > 0:
+            return plan.local_steps
+        return batches_per_epoch(len(self.data), plan.batch_size) * plan.local_epochs
+
+    def round_batches(self, number: int) -> list[torch.Tensor]:
+        """Round `number`'s batches of example indices, a function of (seed, learner id, round) alone.
+
+        Batches run through seeded shuffles of the data epoch after epoch, continuing across rounds,
+        so a restarted learner or leader replays exactly the batches an uninterrupted run would use.
+        """
         size = len(self.data)
         batch_size = self.plan.batch_size
-        while True:
-            order = torch.randperm(size, generator=generator)
-            for start in range(0, size, batch_size):
-                batch = order[start : start + batch_size]
-                if len(batch) > 1 or size == 1:  # BatchNorm cannot train on a batch of one
-                    yield batch
+        per_epoch = batches_per_epoch(size, batch_size)
+        steps = self.steps_per_round()
+        batches = []
+        order_epoch, order = -1, torch.empty(0, dtype=torch.int64)
+        for step in range((number - 1) * steps, number * steps):
+            epoch, index = divmod(step, per_epoch)
+            if epoch != order_epoch:
+                generator = torch.Generator().manual_seed(derive_seed(self.plan.seed, self.learner_id, "epoch", epoch))
+                order_epoch, order = epoch, torch.randperm(size, generator=generator)
+            batches.append(order[index * batch_size : (index + 1) * batch_size])
+        return batches
 
-    def _train(self, batches: Iterator[torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, float]:
-        """Do this round's local work; returns (update, examples used, mean loss)."""
+    def _train(self, number: int) -> tuple[dict[str, torch.Tensor], int, float]:
+        """Do round `number`'s local work; returns (update, examples used, mean loss)."""
         plan = self.plan
         model = self.model
         model.train()
-        augment_generator = torch.Generator().manual_seed(plan.seed + SEED_STRIDE * (self.learner_id + 1) + self.rounds_trained)
-        if plan.aggregation == "fedsgd":
-            steps = 1
-        elif plan.local_steps > 0:
-            steps = plan.local_steps
-        else:
-            steps = batches_per_epoch(len(self.data), plan.batch_size) * plan.local_epochs
+        augment_generator = torch.Generator().manual_seed(derive_seed(plan.seed, self.learner_id, "augment", number))
+        batches = self.round_batches(number)
         global_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
         total_loss = 0.0
         examples = 0
-        progress = tqdm(range(steps), desc=f"round {self.rounds_trained + 1}", unit="batch", leave=False,
+        progress = tqdm(batches, desc=f"round {number}", unit="batch", leave=False,
                         disable=None if self.config.progress and not self.config.quiet else True)  # None: only on a terminal
-        for _ in progress:
-            indices = next(batches)
+        for indices in progress:
             images = self.data.images[indices]
             if plan.augment:
                 images = augment(images, augment_generator)
@@ -336,8 +346,14 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         return learner_pb2.Ack(success=True, message=f"model for round {received.header.round} received")
 
 
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed determined by `parts`, so that separate random streams never share a seed by accident."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def batches_per_epoch(size: int, batch_size: int) -> int:
-    """Batches `_batches` yields per epoch: a last batch of one example is dropped (BatchNorm cannot train on it)."""
+    """Batches per epoch: a last batch of one example is dropped (BatchNorm cannot train on it)."""
     full, rest = divmod(size, batch_size)
     return full + (1 if rest > 1 or size == 1 else 0)
 

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.description = "Run a leader and its learners on this machine. Takes every leader.py flag."
     parser.add_argument("--learner-data-dir", action="append", default=None,
                         help="give learners their own data (repeat once per learner; needs --data-mode local)")
-    args = parse_with_config(parser, argv)
+    args = parse_with_config(parser, leader.expand_resume(parser, argv))
     learner_dirs = args.learner_data_dir or []
     if learner_dirs and len(learner_dirs) != args.learners:
         parser.error(f"--learner-data-dir was given {len(learner_dirs)} times for {args.learners} learners")

@@ -32,12 +32,23 @@ def tensorboard_writer(log_dir: Path) -> Any:
 class Recorder:
     """Writes what a run produces into its directory."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: Path, config: dict[str, Any], tensorboard: bool = False, keep_rounds_before: int = 1) -> None:
+        """Start (or, for a resumed run, continue) a run directory; metrics of rounds >= keep_rounds_before are dropped."""
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write(run_dir / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True).encode())
         self.metrics_path = run_dir / plots.METRICS_FILE
+        if self.metrics_path.is_file():
+            # a run killed after its checkpoint but before (or during) its metrics line is replayed from there
+            kept = [record for record in plots.read_metrics(run_dir) if record["round"] < keep_rounds_before]
+            checkpoint.atomic_write(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
         self._writer = tensorboard_writer(run_dir / "tensorboard") if tensorboard else None
+
+    def ensure_recorded(self, metrics: dict[str, Any]) -> None:
+        """Record a round's metrics unless a line for that round is already there."""
+        existing = plots.read_metrics(self.run_dir) if self.metrics_path.is_file() else []
+        if all(record["round"] != metrics["round"] for record in existing):
+            self.record(metrics)
 
     def record(self, metrics: dict[str, Any]) -> None:
         """Append one round's metrics as a JSON line (flushed to disk) and to TensorBoard."""

@@ -1,0 +1,79 @@
+"""Resuming a run from its last checkpoint: the same weights as a run that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import checkpoint
+from conftest import join_all, leader_config, running_leader, start_learners
+from learner import Learner, LearnerConfig, batches_per_epoch
+from utils import synthetic_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def federate(config, resume_from: Path | None = None) -> dict[str, torch.Tensor]:
+    with running_leader(config) as running:
+        if resume_from is not None:
+            running.leader.restore(resume_from)
+        learners = start_learners(running.address, 2)
+        running.leader.run()
+        weights = {name: tensor.clone() for name, tensor in running.leader.model.state_dict().items()}
+    assert join_all(learners) == [0, 0]
+    return weights
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    # fedavg with server momentum, so the optimizer state must survive the restart too
+    settings = dict(aggregation="fedavg", local_steps=3, batch_size=64, lr=0.05, server_momentum=0.5, augment=True, seed=11)
+    straight = federate(leader_config(tmp_path / "straight", rounds=4, **settings))
+
+    interrupted = leader_config(tmp_path / "resumed", rounds=2, **settings)
+    federate(interrupted)
+    latest = checkpoint.latest(Path(interrupted.checkpoint_dir))
+    record, _ = checkpoint.load(latest)
+    assert record["round"] == 2 and checkpoint.load_optimizer(latest, record)  # momentum buffers were saved
+    resumed = federate(leader_config(tmp_path / "resumed", rounds=4, **settings), resume_from=latest)
+
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0)
+
+
+def test_round_batches_are_a_function_of_the_round_alone():
+    learner = Learner(LearnerConfig(leader="127.0.0.1:1", device="cpu"))
+    learner.data = synthetic_dataset(10, seed=0)
+    learner.learner_id = 1
+    from protos import leader_pb2
+
+    learner.plan = leader_pb2.TrainingPlan(aggregation="fedavg", local_steps=2, batch_size=3, seed=5)
+    assert batches_per_epoch(10, 3) == 3  # the last batch of one example is dropped
+    first, second = learner.round_batches(1), learner.round_batches(2)
+    assert [len(batch) for batch in first + second] == [3, 3, 3, 3]
+    # round 1 and the first batch of round 2 make up one epoch: nine distinct examples
+    assert len(set(torch.cat(first + second[:1]).tolist())) == 9
+    assert all(torch.equal(a, b) for a, b in zip(second, learner.round_batches(2)))
+    learner.learner_id = 0
+    assert not all(torch.equal(a, b) for a, b in zip(second, learner.round_batches(2)))
+
+
+def test_resume_command_continues_the_run_directory(tmp_path):
+    common = ["--dataset", "synthetic", "--model", "tiny-cnn", "--device", "cpu", "--aggregation", "fedavg", "--local-steps", "3"]
+    first = subprocess.run([sys.executable, "local_federation.py", *common, "--rounds", "2", "--run-dir", str(tmp_path)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = subprocess.run([sys.executable, "local_federation.py", "--resume", str(tmp_path), "--rounds", "3"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming after round 2" in again.stderr
+    rounds = [json.loads(line)["round"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3]
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "round-00003.json"
+    done = subprocess.run([sys.executable, "leader.py", "--resume", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "already finished all 3 rounds; pass --rounds N (N > 3)" in done.stderr
+    missing = subprocess.run([sys.executable, "leader.py", "--resume", str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no config.json there" in missing.stderr
