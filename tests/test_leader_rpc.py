@@ -250,3 +250,16 @@ def test_a_retried_registration_gets_the_same_identity(tmp_path, channel_to):
         first, again = register_client(channel, "same secret" * 3), register_client(channel, "same secret" * 3)
         assert (first.learner_id, first.token) == (again.learner_id, again.token)
         assert len(running.leader._learners) == 1
+
+
+def test_a_hundred_concurrent_registrations_get_distinct_ids_and_the_next_is_refused(tmp_path, channel_to):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with running_leader(leader_config(tmp_path, learners=100)) as running:
+        channel = channel_to(running.address)
+        with ThreadPoolExecutor(max_workers=100) as pool:
+            clients = list(pool.map(lambda _: register_client(channel), range(100)))
+        assert sorted(client.learner_id for client in clients) == list(range(100))
+        assert len({client.token for client in clients}) == 100
+        assert_refused(lambda: register_client(channel), grpc.StatusCode.RESOURCE_EXHAUSTED, "full (100 of 100 learners)")
+        assert rpc.is_serving(channel)
