@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import logging
 import secrets
 import socket
@@ -337,7 +338,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         specs = self.learner.specs
         if specs is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "learner has no model yet")
-        messages = [] if first is None else _chain(first, request_iterator)
+        messages = [] if first is None else itertools.chain([first], request_iterator)
         try:
             received = wire.receive(messages, max_bytes=sum(spec.nbytes for spec in specs), expected=specs)
         except wire.WireError as error:
@@ -370,11 +371,6 @@ def learner_gate(learner: Learner) -> rpc.Gate:
         return None
 
     return rpc.Gate(learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name, check)
-
-
-def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest
 
 
 def advertise_address_for(config: LearnerConfig, port: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -187,7 +188,7 @@ def receive(
     total = first.manifest.total_bytes
     payload = bytearray(total)
     filled = 0
-    for index, message in _with_rest(first, iterator):
+    for index, message in enumerate(itertools.chain([first], iterator)):
         chunk = message.chunk
         if index and message.HasField("manifest"):
             raise WireError("only the first message may carry a manifest")
@@ -200,13 +201,6 @@ def receive(
     if filled != total:
         raise WireError(f"truncated payload: received {filled} of {total} bytes")
     return Received(first, decode(specs, payload, require_finite), payload)
-
-
-def _with_rest(first: Any, rest: Iterator[Any]) -> Iterator[tuple[int, Any]]:
-    """Enumerate the first message followed by the remaining ones."""
-    yield 0, first
-    for index, message in enumerate(rest, start=1):
-        yield index, message
 
 
 def stream(
