@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 # Largest data split a learner accepts from GetData.
 MAX_DATA_BYTES = 8 << 30
+REGISTER_ATTEMPT_S = 5.0  # one registration attempt; the learner says it is waiting after the first
 HEALTH_INTERVAL_S = 5.0  # how often a waiting learner checks that the leader is alive
 LEADER_LOST_CHECKS = 6  # consecutive failed health checks (about 30 s) before giving up
 
@@ -117,25 +118,27 @@ class Learner:
             version=rpc.PROTOCOL_VERSION,
         )
         deadline = time.monotonic() + self.config.connect_timeout
-        announced = False
+        attempts = 0
         while True:
-            attempt_timeout = max(0.5, min(rpc.CONTROL_TIMEOUT_S, deadline - time.monotonic()))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LearnerError(
+                    f"no leader answered at {self.config.leader} within {self.config.connect_timeout:.0f}s: "
+                    "check --leader and that leader.py is running"
+                )
+            if attempts == 1:
+                logger.info("waiting for the leader at %s (up to %.0fs)", self.config.leader, self.config.connect_timeout)
+            attempts += 1
             try:
-                reply = self.stub.RegisterLearner(info, timeout=attempt_timeout, wait_for_ready=True, metadata=self._enrolment_metadata)
+                # wait_for_ready: gRPC itself waits, reconnecting with capped backoff, for a leader still starting;
+                # retrying is safe because the leader answers a repeated registration with the same identity
+                reply = self.stub.RegisterLearner(
+                    info, timeout=min(REGISTER_ATTEMPT_S, remaining), wait_for_ready=True, metadata=self._enrolment_metadata
+                )
                 break
             except grpc.RpcError as error:
-                retry = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                if not retry:
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise LearnerError(f"the leader refused registration: {error.details()}") from None
-                if time.monotonic() >= deadline:
-                    raise LearnerError(
-                        f"no leader answered at {self.config.leader} within {self.config.connect_timeout:.0f}s: "
-                        "check --leader and that leader.py is running"
-                    ) from None
-                if not announced:
-                    logger.info("waiting for the leader at %s (up to %.0fs)", self.config.leader, self.config.connect_timeout)
-                    announced = True
-                time.sleep(1.0)  # backoff between attempts against a leader that is still starting
         self.learner_id = reply.learner_id
         self.plan = reply.plan
         self._session_token = reply.session_token

@@ -91,8 +91,9 @@ def test_learner_errors_are_one_line():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
-    result = run("learner.py", "--leader", f"127.0.0.1:{free}", "--host", "127.0.0.1", "--connect-timeout", "2")
+    result = run("learner.py", "--leader", f"127.0.0.1:{free}", "--host", "127.0.0.1", "--connect-timeout", "6")
     assert result.returncode == 1
+    assert f"waiting for the leader at 127.0.0.1:{free} (up to 6s)" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("learner: no leader answered")
     assert "Traceback" not in result.stderr
 
