@@ -768,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("serving on %s:%d; waiting for %d learners (python learner.py --leader HOST:%d)", config.host, port, config.learners, port)
 
     def on_signal(signum: int, frame: Any) -> None:
+        health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # load balancers and probes see it at once
         leader.stop_event.set()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -128,3 +128,22 @@ def test_learner_refused_by_a_full_federation_exits_with_the_reason(tmp_path, ch
         register_client(channel_to(running.address))
         assert join_all(start_learners(running.address, 1)) == [1]
     assert "learner: the leader refused registration: the federation is full (1 of 1 learners)" in capsys.readouterr().err
+
+
+def test_status_line_is_silent_off_a_terminal_and_rewrites_in_place_on_one():
+    import io
+
+    from cli import StatusLine
+
+    piped = io.StringIO()
+    line = StatusLine(piped)  # StringIO is not a terminal
+    line.show("round 1/5: 0/2 learners reported")
+    assert piped.getvalue() == ""
+    terminal = io.StringIO()
+    line = StatusLine(terminal, enabled=True)
+    line.show("round 1/5: 0/2 learners reported")
+    line.show("round 1/5: 1/2")
+    line.clear()
+    assert terminal.getvalue() == (
+        "\rround 1/5: 0/2 learners reported" + "\rround 1/5: 1/2" + " " * 18 + "\r" + " " * 14 + "\r"
+    )
