@@ -15,7 +15,8 @@ from cli import parse_with_config
 
 HERE = Path(__file__).resolve().parent
 LEARNER_EXIT_GRACE_S = 30.0  # how long learners get to exit after the leader has
-LEARNER_CONNECT_TIMEOUT_S = 600.0  # the leader may spend minutes decoding a large data set before it serves
+LEARNER_CONNECT_TIMEOUT_S = 600.0
+LEADER_SETUP_ERROR = 2  # leader.py's exit status for a bad argument, missing data or a busy port  # the leader may spend minutes decoding a large data set before it serves
 
 
 def free_port() -> int:
@@ -67,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         # The terminal sent SIGINT to every process of the group; the leader tells the learners to stop.
         status = leader_process.wait()
     for process in processes[1:]:
+        if status == LEADER_SETUP_ERROR and process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # the leader never served, so nobody will tell its learners to stop
         try:
             process.wait(timeout=LEARNER_EXIT_GRACE_S)
         except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGTERM)
+            process.kill()
             process.wait()
     return status
 
