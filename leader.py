@@ -42,6 +42,7 @@ DATA_MODES = ("split", "local")
 EVAL_BATCH_SIZE = 1000
 MAX_LOCAL_EXAMPLES = 10**9
 WAIT_SLICE_S = 0.5  # how often waits wake up to check for shutdown
+STOP_TIMEOUT_S = 5.0  # a stop message is tiny; a learner that cannot take it in 5 s is frozen or gone
 
 
 @dataclass(frozen=True)
@@ -483,28 +484,28 @@ class Leader:
 
         self._call_all("SyncModelState", push)
 
-    def _call_all(self, what: str, call: Any) -> None:
-        """Call every live learner in parallel; a learner whose call fails is marked absent."""
+    def _call_all(self, what: str, call: Any, include_absent: bool = False) -> None:
+        """Call every live learner (or every learner) in parallel; a learner whose call fails is marked absent."""
         with self._cond:
-            records = [record for record in self._learners.values() if record.alive]
+            records = [record for record in self._learners.values() if record.alive or include_absent]
         if not records:
             return
         with ThreadPoolExecutor(max_workers=min(32, len(records))) as pool:
             outcomes = list(pool.map(lambda record: _try_call(call, record), records))
         for record, error in zip(records, outcomes):
-            if error is not None:
+            if error is not None and record.alive:
                 logger.warning("learner %d at %s failed %s: %s", record.learner_id, record.address, what, error)
                 with self._cond:
                     record.alive = False
                     self._cond.notify_all()
 
     def stop_learners(self, reason: str) -> None:
-        """Tell every live learner to stop (best effort, short deadline)."""
+        """Tell every learner to stop, those marked absent too, in case they come back (best effort, short deadline)."""
         def stop(record: LearnerRecord) -> Any:
             message = learner_pb2.ModelState(stop=True, reason=reason)
-            return record.stub.SyncModelState(iter([message]), timeout=rpc.CONTROL_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token))
+            return record.stub.SyncModelState(iter([message]), timeout=STOP_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token))
 
-        self._call_all("stop", stop)
+        self._call_all("stop", stop, include_absent=True)
 
     def evaluate(self) -> tuple[float, float]:
         """Test loss and accuracy of the global model."""
