@@ -43,6 +43,8 @@ def file_arguments(parser: argparse.ArgumentParser, values: dict[str, Any], sour
             known = ", ".join(sorted(name.replace("_", "-") for name in actions if name not in ("help", "config")))
             raise ConfigFileError(f"{source}: unknown setting {key!r}; known settings: {known}")
         flag = next(option for option in action.option_strings if option.startswith("--"))
+        if value is None:
+            continue  # null means "the default", as in a saved config.json
         if isinstance(action, argparse.BooleanOptionalAction):
             arguments.append(flag if value else f"--no-{flag[2:]}")
         elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):

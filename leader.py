@@ -80,6 +80,9 @@ class LeaderConfig:
     round_timeout: float = 3600.0
     max_update_norm: float = 0.0  # 0: no bound
     resume: str | None = None  # a run directory to continue
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
     @property
     def quorum(self) -> int:
@@ -130,8 +133,9 @@ class RoundState:
 class Leader:
     """Holds the global model and the federation's state; gRPC-free apart from calling learners."""
 
-    def __init__(self, config: LeaderConfig, test_data: ImageData, train_data: ImageData | None) -> None:
+    def __init__(self, config: LeaderConfig, test_data: ImageData, train_data: ImageData | None, tls: rpc.Tls | None = None) -> None:
         self.config = config
+        self.tls = tls
         self.device = resolve_device(config.device)
         self.test_data = test_data
         self.num_classes = test_data.num_classes
@@ -226,6 +230,12 @@ class Leader:
             raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"network_addr: {error}") from None
         if len(info.callback_token) < 16:
             raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, "callback_token must be a random secret of at least 16 characters")
+        if info.tls != (self.tls is not None):
+            raise LeaderError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this leader calls learners back over TLS: start the learner with --tls-cert, --tls-key and --tls-ca"
+                if self.tls is not None else "this leader does not use TLS: start the learner without --tls-cert",
+            )
         if self.config.data_mode == "split" and info.num_examples:
             raise LeaderError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -250,7 +260,7 @@ class Leader:
                 )
             learner_id = len(self._learners)
             token = secrets.token_urlsafe(32)
-            channel = rpc.insecure_channel(info.network_addr)
+            channel = rpc.channel(info.network_addr, self.tls)
             num_examples = info.num_examples or len(self.shards[learner_id])
             self._learners[learner_id] = LearnerRecord(
                 learner_id, info.network_addr, info.callback_token, num_examples, channel, learner_pb2_grpc.LearnerServiceStub(channel)
@@ -661,6 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", metavar="RUN_DIR", default=defaults.resume,
         help="continue the run in RUN_DIR from its last checkpoint, with its config (flags given here win, e.g. --rounds)")
     add("--token-file", default=None, help=f"file holding the enrolment secret learners must present to register (or set ${rpc.ENROLMENT_ENV}); None means anyone who reaches the port may join")
+    add("--tls-cert", default=defaults.tls_cert, help="PEM certificate to serve TLS with (and to present when calling learners)")
+    add("--tls-key", default=defaults.tls_key, help="PEM private key of --tls-cert")
+    add("--tls-ca", default=defaults.tls_ca,
+        help="PEM CA certificate that learners' certificates must chain to; also requires learners to present one (mutual TLS)")
     add("--tensorboard", action="store_true", help="also log metrics for TensorBoard under <run-dir>/tensorboard (needs: pip install tensorboard)")
     add("-q", "--quiet", action="store_true", help="no live status line; log warnings and errors only")
     add("-v", "--verbose", action="store_true", help="log debug detail")
@@ -723,7 +737,10 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
     """Load data, build the leader and start its server; returns (leader, server, port, health)."""
     test_data = load_dataset(config.dataset, config.data_dir, train=False, seed=config.seed)
     train_data = load_dataset(config.dataset, config.data_dir, train=True, seed=config.seed) if config.data_mode == "split" else None
-    leader = Leader(config, test_data, train_data)
+    tls = rpc.Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
+    if tls is not None and not tls.serving:
+        raise ValueError("--tls-ca on the leader needs --tls-cert and --tls-key too")
+    leader = Leader(config, test_data, train_data, tls)
     if config.resume:
         latest = checkpoint.latest(Path(config.checkpoint_dir))
         if latest is None:
@@ -738,6 +755,7 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
         max_workers=max(16, 2 * config.learners + 8),
         reflection_services=[leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name],
         gate=leader_gate(leader, enrolment_token),
+        tls=tls,
     )
     return leader, server, port, health
 
@@ -761,10 +779,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("leader: interrupted while starting", file=sys.stderr)
         return 130
-    if enrolment_token is None and not rpc.is_loopback(config.host):
+    if enrolment_token is None and config.tls_ca is None and not rpc.is_loopback(config.host):
         logger.warning(
-            "listening on %s without an enrolment secret: anyone who reaches port %d can join this federation; "
-            "set $%s or --token-file", config.host, port, rpc.ENROLMENT_ENV,
+            "listening on %s without an enrolment secret or client certificates: anyone who reaches port %d can join "
+            "this federation; set $%s or --token-file, or use --tls-ca", config.host, port, rpc.ENROLMENT_ENV,
         )
     logger.info("serving on %s:%d; waiting for %d learners (python learner.py --leader HOST:%d)", config.host, port, config.learners, port)
 

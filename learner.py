@@ -50,6 +50,9 @@ class LearnerConfig:
     device: str = "auto"
     threads: int = 0
     connect_timeout: float = 60.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
     progress: bool = True
     quiet: bool = False
 
@@ -65,12 +68,13 @@ class Stopped(Exception):
 class Learner:
     """One learner's state: its model, its data and the round it is in."""
 
-    def __init__(self, config: LearnerConfig, enrolment_token: str | None = None) -> None:
+    def __init__(self, config: LearnerConfig, enrolment_token: str | None = None, tls: rpc.Tls | None = None) -> None:
         self.config = config
+        self.tls = tls
         self._enrolment_metadata = ((rpc.ENROLMENT_METADATA_KEY, enrolment_token),) if enrolment_token else ()
         self.device = resolve_device(config.device)
         self.callback_token = secrets.token_urlsafe(32)
-        self.channel = rpc.insecure_channel(config.leader)
+        self.channel = rpc.channel(config.leader, tls)
         self.stub = leader_pb2_grpc.LeaderServiceStub(self.channel)
         self.model: torch.nn.Module | None = None
         self.specs: list[wire.TensorSpec] | None = None
@@ -116,6 +120,7 @@ class Learner:
             callback_token=self.callback_token,
             num_examples=len(self.data) if self.data is not None else 0,
             version=rpc.PROTOCOL_VERSION,
+            tls=self.tls is not None and self.tls.serving,
         )
         deadline = time.monotonic() + self.config.connect_timeout
         attempts = 0
@@ -418,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default=defaults.device, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     add("--threads", type=int, default=defaults.threads, help="CPU threads for training (0: PyTorch's default)")
     add("--connect-timeout", type=float, default=defaults.connect_timeout, help="seconds to keep trying to reach the leader")
+    add("--tls-cert", default=defaults.tls_cert, help="PEM certificate this learner serves TLS with and presents to the leader")
+    add("--tls-key", default=defaults.tls_key, help="PEM private key of --tls-cert")
+    add("--tls-ca", default=defaults.tls_ca, help="PEM CA certificate the leader's certificate must chain to (turns on TLS to the leader)")
     add("--token-file", default=None, help=f"file holding the federation's enrolment secret (or set ${rpc.ENROLMENT_ENV}); None means none")
     add("--progress", action=argparse.BooleanOptionalAction, default=defaults.progress, help="a progress bar over local batches, when output is a terminal")
     add("-q", "--quiet", action="store_true", help="no progress bar; log warnings and errors only")
@@ -435,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     config = LearnerConfig(**args)
     try:
         enrolment_token = rpc.read_enrolment_token(token_file)
+        tls = rpc.Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
         rpc.parse_address(config.leader)
         if config.advertise_address:
             rpc.parse_address(config.advertise_address)
@@ -445,12 +454,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(config.threads)
     server = None
     try:
-        learner = Learner(config, enrolment_token)
+        learner = Learner(config, enrolment_token, tls)
         if config.data_dir:
             learner.data = load_local_data(config.data_dir)
         server, port, _ = rpc.create_server(
             lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server),
-            config.host, config.port, max_workers=4, gate=learner_gate(learner),
+            config.host, config.port, max_workers=4, gate=learner_gate(learner), tls=tls,
         )
         learner.register(advertise_address_for(config, port))
         learner.prepare()

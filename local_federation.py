@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--data-dir", learner_dirs[index]]
         if args.token_file:
             cmd += ["--token-file", args.token_file]
+        for flag, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca)):
+            if value:
+                cmd += [flag, value]  # one certificate for every process on this machine
         processes.append(subprocess.Popen(cmd))
     try:
         status = leader_process.wait()

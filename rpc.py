@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -154,6 +155,7 @@ def create_server(
     max_workers: int,
     reflection_services: list[str] | None = None,
     gate: Gate | None = None,
+    tls: Tls | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Start a server with our options, health checking and optional reflection on host:port (0 picks a free port)."""
     server = grpc.server(
@@ -171,7 +173,7 @@ def create_server(
         reflection.enable_server_reflection(names, server)
     bind = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(bind)
+        bound = server.add_secure_port(bind, tls.server_credentials()) if tls is not None and tls.serving else server.add_insecure_port(bind)
     except RuntimeError:
         bound = 0
     if not bound:
@@ -181,9 +183,51 @@ def create_server(
     return server, bound, health_servicer
 
 
-def insecure_channel(address: str) -> grpc.Channel:
-    """A client channel with our size caps and keepalive."""
-    return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+@dataclass(frozen=True)
+class Tls:
+    """PEM bytes for TLS: our certificate and key (to serve, or as a client certificate) and the CA peers must chain to."""
+
+    cert: bytes | None = None
+    key: bytes | None = None
+    ca: bytes | None = None
+
+    @classmethod
+    def from_files(cls, cert: str | None, key: str | None, ca: str | None) -> Tls | None:
+        """Read --tls-cert, --tls-key and --tls-ca; None when none is given."""
+        if bool(cert) != bool(key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if not (cert or ca):
+            return None
+        return cls(*(_read_pem(flag, path) for flag, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca))))
+
+    @property
+    def serving(self) -> bool:
+        """Whether we hold a certificate and key to serve TLS with."""
+        return self.cert is not None and self.key is not None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """TLS for our server; with a CA, clients must present a certificate it signed (mutual TLS)."""
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca, require_client_auth=self.ca is not None)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """TLS for our calls: the peer must chain to our CA; we present our certificate when we hold one."""
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert)
+
+
+def _read_pem(flag: str, path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read {flag} {path}: {error.strerror}") from None
+
+
+def channel(address: str, tls: Tls | None = None) -> grpc.Channel:
+    """A client channel with our size caps and keepalive, over TLS when `tls` is given."""
+    if tls is None:
+        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    return grpc.secure_channel(address, tls.channel_credentials(), options=GRPC_OPTIONS)
 
 
 def is_serving(channel: grpc.Channel, timeout: float = 5.0) -> bool:

@@ -118,7 +118,7 @@ def channel_to() -> Iterator:
     channels: list[grpc.Channel] = []
 
     def make(address: str) -> grpc.Channel:
-        channel = rpc.insecure_channel(address)
+        channel = rpc.channel(address)
         channels.append(channel)
         return channel
 

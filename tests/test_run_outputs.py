@@ -77,9 +77,9 @@ def test_config_file_values_apply_and_flags_win(tmp_path):
     config, _, _ = leader_module.parse_config(["--config", str(toml), "--rounds", "3", "--run-dir", str(tmp_path)])
     assert (config.model, config.rounds, config.batch_size, config.augment, config.lr) == ("resnet20", 3, 16, False, 0.2)
     as_json = tmp_path / "run.json"
-    as_json.write_text(json.dumps({"aggregation": "fedavg", "learners": 4, "quiet": True}))
+    as_json.write_text(json.dumps({"aggregation": "fedavg", "learners": 4, "quiet": True, "tls_cert": None}))
     config, _, _ = leader_module.parse_config([f"--config={as_json}", "--run-dir", str(tmp_path)])
-    assert (config.aggregation, config.learners, config.quiet) == ("fedavg", 4, True)
+    assert (config.aggregation, config.learners, config.quiet, config.tls_cert) == ("fedavg", 4, True, None)
     assert config.checkpoint_dir == str(tmp_path / "checkpoints")
 
 
