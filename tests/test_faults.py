@@ -1,7 +1,8 @@
-"""Faults during a run: a learner that dies mid-round."""
+"""Faults during a run: a learner that dies mid-round, a process killed while it writes checkpoints."""
 
 from __future__ import annotations
 
+import random
 import signal
 import subprocess
 import sys
@@ -9,6 +10,9 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
+import checkpoint
 from conftest import leader_config, running_leader
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,3 +56,33 @@ def test_learner_killed_mid_round_leaves_a_quorum_that_finishes_the_run(tmp_path
             for process in processes:
                 if process.poll() is None:
                     process.kill()
+
+
+WRITER = """
+import sys, torch, checkpoint
+from pathlib import Path
+directory, start = Path(sys.argv[1]), int(sys.argv[2])
+for number in range(start, start + 1000):
+    checkpoint.save(directory, number, {"w": torch.full((2_000_000,), float(number))}, {"metrics": {}}, keep=2)
+    print(number, flush=True)
+"""
+
+
+def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint_loadable(tmp_path):
+    generator = random.Random(0)
+    start = 1
+    for _ in range(5):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(start)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        try:
+            writer.stdout.readline()  # one complete checkpoint, then kill it somewhere inside a later write
+            time.sleep(generator.uniform(0.0, 0.3))  # a random moment in the writer's loop, not a wait for a peer
+            writer.send_signal(signal.SIGKILL)
+            writer.wait(timeout=30)
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+        latest = checkpoint.latest(tmp_path)
+        record, weights = checkpoint.load(latest)  # raises if the weights do not match their recorded hash
+        assert torch.equal(weights["w"], torch.full((2_000_000,), float(record["round"])))
+        start = record["round"] + 1
+    assert start > 5
