@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 MAX_DATA_BYTES = 8 << 30
 REGISTER_ATTEMPT_S = 5.0  # one registration attempt; the learner says it is waiting after the first
 HEALTH_INTERVAL_S = 5.0  # how often a waiting learner checks that the leader is alive
-LEADER_LOST_CHECKS = 6  # consecutive failed health checks (about 30 s) before giving up
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,8 @@ class LearnerConfig:
     device: str = "auto"
     threads: int = 0
     connect_timeout: float = 60.0
+    leader_lost_after: float = 30.0
+    rejoin: bool = True
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -59,6 +60,10 @@ class LearnerConfig:
 
 class LearnerError(Exception):
     """The learner cannot go on; the message says why."""
+
+
+class LeaderLost(LearnerError):
+    """The leader stopped answering; the learner may register again once it is back."""
 
 
 class Stopped(Exception):
@@ -181,6 +186,8 @@ class Learner:
         )
         try:
             received = wire.receive(responses, max_bytes=MAX_DATA_BYTES)
+        except grpc.RpcError as error:
+            raise self._call_failed("GetData", error) from None
         except wire.WireError as error:
             raise LearnerError(f"the leader sent a malformed data split: {error}") from None
         tensors = received.tensors
@@ -191,6 +198,12 @@ class Learner:
             raise LearnerError("the leader's data split has inconsistent shapes")
         logger.info("received %d training examples (%.1f MB)", len(labels), len(received.payload) / 1e6)
         return ImageData(images, labels, self.plan.num_classes)
+
+    def _call_failed(self, what: str, error: grpc.RpcError) -> LearnerError:
+        """The error to raise for a failed call: LeaderLost when the leader is unreachable or no longer knows us."""
+        if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED):
+            return LeaderLost(f"{what} failed ({error.code().name}): the leader at {self.config.leader} went away")
+        return LearnerError(f"{what} failed: {error.code().name}: {error.details()}")
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return rpc.token_metadata(self._session_token)
@@ -220,23 +233,25 @@ class Learner:
 
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
         """Wait for `ready` or a stop, checking every few seconds that the leader is still alive."""
-        failures = 0
+        interval = min(HEALTH_INTERVAL_S, self.config.leader_lost_after / 3)
+        silent_since: float | None = None
         with self._cond:
             while True:
                 if self._stop_reason is not None:
                     raise Stopped(self._stop_reason)
                 if ready():
                     return
-                if self._cond.wait(HEALTH_INTERVAL_S):
+                if self._cond.wait(interval):
                     continue
                 self._cond.release()
                 try:
-                    alive = rpc.is_serving(self.channel, timeout=HEALTH_INTERVAL_S)
+                    alive = rpc.is_serving(self.channel, timeout=interval)
                 finally:
                     self._cond.acquire()
-                failures = 0 if alive else failures + 1
-                if failures >= LEADER_LOST_CHECKS:
-                    raise LearnerError(f"lost the leader at {self.config.leader} while waiting for {what}")
+                now = time.monotonic()
+                silent_since = None if alive else (silent_since or now)
+                if silent_since is not None and now - silent_since >= self.config.leader_lost_after:
+                    raise LeaderLost(f"lost the leader at {self.config.leader} while waiting for {what}")
 
     def _get_model(self) -> tuple[int, dict[str, torch.Tensor]]:
         """GetModel: the current global model, checked against the local architecture."""
@@ -244,6 +259,8 @@ class Learner:
         responses = self.stub.GetModel(leader_pb2.Empty(), timeout=rpc.transfer_timeout(model_bytes), metadata=self._metadata())
         try:
             received = wire.receive(responses, max_bytes=model_bytes, expected=self.specs)
+        except grpc.RpcError as error:
+            raise self._call_failed("GetModel", error) from None
         except wire.WireError as error:
             raise LearnerError(f"the leader's model does not fit this learner's {self.plan.model}: {error}") from None
         return received.header.round, received.tensors
@@ -325,7 +342,7 @@ class Learner:
             if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 logger.warning("round %d: update not taken: %s", number, error.details())
                 return
-            raise LearnerError(f"sending the round {number} update failed: {error.code().name}: {error.details()}") from None
+            raise self._call_failed(f"sending the round {number} update", error) from None
         logger.info("round %d: sent update (%d examples, loss %.4f): %s", number, num_examples, loss, reply.message)
 
 
@@ -423,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default=defaults.device, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     add("--threads", type=int, default=defaults.threads, help="CPU threads for training (0: PyTorch's default)")
     add("--connect-timeout", type=float, default=defaults.connect_timeout, help="seconds to keep trying to reach the leader")
+    add("--leader-lost-after", type=float, default=defaults.leader_lost_after,
+        help="seconds without an answer from the leader before this learner counts it as gone")
+    add("--rejoin", action=argparse.BooleanOptionalAction, default=defaults.rejoin,
+        help="when the leader goes away, register again (for up to --connect-timeout) and go on with it, e.g. after leader.py --resume")
     add("--tls-cert", default=defaults.tls_cert, help="PEM certificate this learner serves TLS with and presents to the leader")
     add("--tls-key", default=defaults.tls_key, help="PEM private key of --tls-cert")
     add("--tls-ca", default=defaults.tls_ca, help="PEM CA certificate the leader's certificate must chain to (turns on TLS to the leader)")
@@ -452,20 +473,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("learner", verbose, config.quiet)
     if config.threads:
         torch.set_num_threads(config.threads)
-    server = None
     try:
-        learner = Learner(config, enrolment_token, tls)
-        if config.data_dir:
-            learner.data = load_local_data(config.data_dir)
-        server, port, _ = rpc.create_server(
-            lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server),
-            config.host, config.port, max_workers=4, gate=learner_gate(learner), tls=tls,
-        )
-        learner.register(advertise_address_for(config, port))
-        learner.prepare()
-        reason = learner.run()
-        logger.info("stopping after %d rounds: %s", learner.rounds_trained, reason)
-        return 0
+        local_data = load_local_data(config.data_dir) if config.data_dir else None
+        while True:
+            try:
+                return run_session(config, enrolment_token, tls, local_data)
+            except LeaderLost as error:
+                if not config.rejoin:
+                    raise
+                logger.warning("%s; registering again (up to %.0fs)", error, config.connect_timeout)
     except Stopped as stop:
         logger.info("stopping before training: %s", stop)
         return 0
@@ -478,9 +494,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("learner: interrupted", file=sys.stderr)
         return 130
+
+
+def run_session(config: LearnerConfig, enrolment_token: str | None, tls: rpc.Tls | None, local_data: ImageData | None) -> int:
+    """One membership of a federation: serve, register, train until told to stop. Raises LeaderLost if the leader goes."""
+    learner = Learner(config, enrolment_token, tls)
+    learner.data = local_data
+    server, port, _ = rpc.create_server(
+        lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server),
+        config.host, config.port, max_workers=4, gate=learner_gate(learner), tls=tls,
+    )
+    try:
+        learner.register(advertise_address_for(config, port))
+        learner.prepare()
+        reason = learner.run()
+        logger.info("stopping after %d rounds: %s", learner.rounds_trained, reason)
+        return 0
     finally:
-        if server is not None:
-            server.stop(grace=2)
+        server.stop(grace=2)
+        learner.channel.close()
 
 
 if __name__ == "__main__":

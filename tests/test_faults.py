@@ -86,3 +86,46 @@ def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint_loadable(tmp
         assert torch.equal(weights["w"], torch.full((2_000_000,), float(record["round"])))
         start = record["round"] + 1
     assert start > 5
+
+
+def test_leader_killed_mid_run_resumes_and_learners_rejoin_with_the_uninterrupted_weights(tmp_path):
+    from local_federation import free_port
+
+    common = ["--dataset", "synthetic", "--model", "tiny-cnn", "--device", "cpu", "--aggregation", "fedavg",
+              "--local-steps", "20", "--server-momentum", "0.5", "--rounds", "6", "--seed", "5"]
+    straight = subprocess.run([sys.executable, "local_federation.py", *common, "--run-dir", str(tmp_path / "straight")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    port = free_port()
+    run_dir = tmp_path / "interrupted"
+    leader_cmd = [sys.executable, "leader.py", *common, "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(run_dir)]
+    learner_cmd = [sys.executable, "learner.py", "--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1", "--device", "cpu",
+                   "--threads", "1", "--leader-lost-after", "3", "--connect-timeout", "60"]
+    leader = subprocess.Popen(leader_cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    logs = [tmp_path / f"learner{index}.log" for index in range(2)]
+    learners = [subprocess.Popen(learner_cmd, cwd=ROOT, stderr=log.open("w")) for log in logs]
+    try:
+        for line in leader.stderr:
+            if "round 2/6" in line:
+                leader.send_signal(signal.SIGKILL)
+                break
+        leader.wait(timeout=30)
+        committed = checkpoint.load(checkpoint.latest(run_dir / "checkpoints"))[0]["round"]
+        assert 2 <= committed < 6
+        resumed = subprocess.run([sys.executable, "leader.py", "--resume", str(run_dir), "--join-timeout", "60"],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert resumed.returncode == 0, resumed.stderr[-2000:] + "".join(log.read_text()[-1500:] for log in logs)
+        assert f"resuming after round {committed}" in resumed.stderr
+        for process, log in zip(learners, logs):
+            assert process.wait(timeout=60) == 0, log.read_text()[-2000:]
+            assert "registering again" in log.read_text() and "training complete" in log.read_text()
+    finally:
+        for process in [leader, *learners]:
+            if process.poll() is None:
+                process.kill()
+    _, expected = checkpoint.load(checkpoint.latest(tmp_path / "straight" / "checkpoints"))
+    record, weights = checkpoint.load(checkpoint.latest(run_dir / "checkpoints"))
+    assert record["round"] == 6
+    for name, tensor in expected.items():
+        torch.testing.assert_close(weights[name], tensor, atol=1e-5, rtol=0)
