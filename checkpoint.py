@@ -101,6 +101,16 @@ def load_optimizer(json_path: Path, record: Mapping[str, Any]) -> dict[str, torc
     return _read_tensors(json_path.parent, record["optimizer"], record["optimizer_sha256"])
 
 
+def remove_partial_writes(directory: Path) -> int:
+    """Delete temp files that a process killed mid-write left behind; returns how many."""
+    if not directory.is_dir():
+        return 0
+    partial = [name for name in os.listdir(directory) if name.startswith(".") and name.endswith(".tmp")]
+    for name in partial:
+        (directory / name).unlink(missing_ok=True)
+    return len(partial)
+
+
 def latest(directory: Path) -> Path | None:
     """The newest round's JSON in `directory`, or None."""
     if not directory.is_dir():

@@ -741,6 +741,8 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
     if tls is not None and not tls.serving:
         raise ValueError("--tls-ca on the leader needs --tls-cert and --tls-key too")
     leader = Leader(config, test_data, train_data, tls)
+    if checkpoint.remove_partial_writes(Path(config.checkpoint_dir)):
+        logger.info("removed partly written checkpoint files left by an earlier run in %s", config.checkpoint_dir)
     if config.resume:
         latest = checkpoint.latest(Path(config.checkpoint_dir))
         if latest is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -86,6 +87,10 @@ def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint_loadable(tmp
         assert torch.equal(weights["w"], torch.full((2_000_000,), float(record["round"])))
         start = record["round"] + 1
     assert start > 5
+    (tmp_path / ".round-00099.safetensors.abc.tmp").write_bytes(b"half")
+    leftovers = checkpoint.remove_partial_writes(tmp_path)
+    assert leftovers >= 1 and not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert checkpoint.load(checkpoint.latest(tmp_path))[0]["round"] == start - 1
 
 
 def test_leader_killed_mid_run_resumes_and_learners_rejoin_with_the_uninterrupted_weights(tmp_path):
