@@ -109,6 +109,7 @@ class LearnerRecord:
     learner_id: int
     address: str
     callback_token: str
+    session_token: str
     num_examples: int
     channel: grpc.Channel
     stub: learner_pb2_grpc.LearnerServiceStub
@@ -249,8 +250,7 @@ class Leader:
         with self._cond:
             for learner_id, record in self._learners.items():
                 if record.callback_token == info.callback_token:  # a retried registration gets the same identity
-                    token = next(token for token, owner in self._tokens.items() if owner == learner_id)
-                    return learner_id, token
+                    return learner_id, record.session_token
             if self._started:
                 raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION, "training has already started; this federation takes no new learners")
             if len(self._learners) >= self.config.learners:
@@ -263,7 +263,8 @@ class Leader:
             channel = rpc.channel(info.network_addr, self.tls)
             num_examples = info.num_examples or len(self.shards[learner_id])
             self._learners[learner_id] = LearnerRecord(
-                learner_id, info.network_addr, info.callback_token, num_examples, channel, learner_pb2_grpc.LearnerServiceStub(channel)
+                learner_id, info.network_addr, info.callback_token, token, num_examples, channel,
+                learner_pb2_grpc.LearnerServiceStub(channel),
             )
             self._tokens[token] = learner_id
             self._cond.notify_all()
