@@ -146,7 +146,7 @@ class Leader:
         self.specs = wire.specs_of(self.model.state_dict())
         self.parameter_names = [name for name, _ in self.model.named_parameters()]
         self.variance_names = [name for name, _ in self.model.named_buffers() if name.endswith("running_var")]
-        self.update_bytes = sum(spec.nbytes for spec in self.specs)
+        self.update_bytes = wire.payload_bytes(self.specs)
         self.train_data = train_data
         self.shards = split_iid(len(train_data), config.learners, config.seed) if train_data is not None else None
         self.stop_event = threading.Event()

@@ -255,7 +255,7 @@ class Learner:
 
     def _get_model(self) -> tuple[int, dict[str, torch.Tensor]]:
         """GetModel: the current global model, checked against the local architecture."""
-        model_bytes = sum(spec.nbytes for spec in self.specs)
+        model_bytes = wire.payload_bytes(self.specs)
         responses = self.stub.GetModel(leader_pb2.Empty(), timeout=rpc.transfer_timeout(model_bytes), metadata=self._metadata())
         try:
             received = wire.receive(responses, max_bytes=model_bytes, expected=self.specs)
@@ -365,7 +365,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "learner has no model yet")
         messages = [] if first is None else itertools.chain([first], request_iterator)
         try:
-            received = wire.receive(messages, max_bytes=sum(spec.nbytes for spec in specs), expected=specs)
+            received = wire.receive(messages, max_bytes=wire.payload_bytes(specs), expected=specs)
         except wire.WireError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model state refused: {error}")
         self.learner.offer_state(received.header.round, received.tensors)

@@ -56,6 +56,11 @@ class TensorSpec:
         return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
+def payload_bytes(specs: Sequence[TensorSpec]) -> int:
+    """Size of the flat payload that holds tensors of these specs."""
+    return sum(spec.nbytes for spec in specs)
+
+
 def specs_of(tensors: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
     """Describe tensors (in mapping order) as wire specs."""
     return [TensorSpec(name, DTYPE_NAMES[t.dtype], tuple(t.shape)) for name, t in tensors.items()]
@@ -70,7 +75,7 @@ def fingerprint(specs: Sequence[TensorSpec]) -> str:
 def encode(tensors: Mapping[str, torch.Tensor]) -> tuple[tensors_pb2.TensorManifest, bytearray]:
     """Pack tensors into one flat little-endian buffer with the manifest describing it."""
     specs = specs_of(tensors)
-    total = sum(spec.nbytes for spec in specs)
+    total = payload_bytes(specs)
     payload = bytearray(total)
     offset = 0
     for spec, tensor in zip(specs, tensors.values()):
@@ -107,7 +112,7 @@ def read_manifest(manifest: tensors_pb2.TensorManifest) -> list[TensorSpec]:
             raise WireError(f"tensor {entry.name!r} has a negative dimension {list(entry.shape)}")
         seen.add(entry.name)
         specs.append(TensorSpec(entry.name, entry.dtype, tuple(entry.shape)))
-    total = sum(spec.nbytes for spec in specs)
+    total = payload_bytes(specs)
     if total != manifest.total_bytes:
         raise WireError(f"manifest says {manifest.total_bytes} bytes but its tensors need {total}")
     return specs
