@@ -27,8 +27,8 @@ class RunningMean:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
-        """Add `weight * update` to the sum, in float64 so that no finite float32 input can overflow it."""
+    def add(self, update: Mapping[str, torch.Tensor], weight: float, key: int = 0) -> None:
+        """Add `weight * update` to the sum, in float64 so that no finite float32 input can overflow it (`key` is unused)."""
         if not weight > 0:
             raise ValueError(f"update weight must be positive, got {weight}")
         if self._sums and update.keys() != self._sums.keys():
@@ -51,6 +51,37 @@ class RunningMean:
             dtype = self._dtypes[name]
             result[name] = mean.to(dtype) if dtype.is_floating_point else mean.round().to(dtype)
         return result
+
+
+class OrderedMean:
+    """A weighted mean summed in key order whatever order updates arrive in, so that it is reproducible bit for bit.
+
+    Floating-point addition is not associative: summing the same updates in another order can change
+    the last bit, and that difference grows over later rounds. It holds every update until mean().
+    """
+
+    def __init__(self) -> None:
+        self._updates: dict[int, tuple[Mapping[str, torch.Tensor], float]] = {}
+
+    @property
+    def count(self) -> int:
+        """Updates added so far."""
+        return len(self._updates)
+
+    def add(self, update: Mapping[str, torch.Tensor], weight: float, key: int = 0) -> None:
+        """Keep `update` with its weight under `key` (the sender's id)."""
+        if key in self._updates:
+            raise ValueError(f"an update under key {key} was already added")
+        if not weight > 0:
+            raise ValueError(f"update weight must be positive, got {weight}")
+        self._updates[key] = (update, weight)
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The weighted mean, summed in ascending key order."""
+        running = RunningMean()
+        for key in sorted(self._updates):
+            running.add(*self._updates[key])
+        return running.mean()
 
 
 def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, mean_update: Mapping[str, torch.Tensor]) -> None:

@@ -79,6 +79,9 @@ class LeaderConfig:
     join_timeout: float = 600.0
     round_timeout: float = 3600.0
     max_update_norm: float = 0.0  # 0: no bound
+    deterministic: bool = False
+    stream_idle_timeout: float = rpc.STREAM_IDLE_TIMEOUT_S
+    reflection: bool = False
     resume: str | None = None  # a run directory to continue
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -113,7 +116,9 @@ class LearnerRecord:
     num_examples: int
     channel: grpc.Channel
     stub: learner_pb2_grpc.LearnerServiceStub
+    joins_round: int  # it gets StartTraining when this round opens, and a pushed model every round after
     alive: bool = True
+    started: bool = False
 
 
 @dataclass
@@ -122,7 +127,8 @@ class RoundState:
 
     number: int
     accepting: bool = True
-    running: aggregation.RunningMean = field(default_factory=aggregation.RunningMean)
+    members: frozenset[int] = frozenset()  # learners taking part; a learner that joins mid-round waits for the next
+    running: aggregation.RunningMean | aggregation.OrderedMean = field(default_factory=aggregation.RunningMean)
     digests: dict[int, bytes] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     update_norms: list[float] = field(default_factory=list)
@@ -159,6 +165,7 @@ class Leader:
         self._round = RoundState(0, accepting=False)
         self.start_round = 1
         self.resumed_metrics: dict[str, Any] | None = None
+        self.limits: rpc.CallLimits | None = None  # set by serve()
         self._published = self._publish(1)
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
@@ -214,12 +221,13 @@ class Leader:
             dataset=config.dataset,
             model_fingerprint=wire.fingerprint(self.specs),
             torch_version=torch.__version__,
+            deterministic=config.deterministic,
         )
 
     # ---- requests from learners -------------------------------------------------
 
-    def register(self, info: leader_pb2.LearnerInfo) -> tuple[int, str]:
-        """Admit a learner; returns its id and session token."""
+    def register(self, info: leader_pb2.LearnerInfo) -> tuple[int, str, int]:
+        """Admit a learner; returns its id, its session token and the first round it takes part in."""
         if info.version != rpc.PROTOCOL_VERSION:
             raise LeaderError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -248,28 +256,54 @@ class Leader:
                 "this leader expects learners with their own data: start the learner with --data-dir",
             )
         with self._cond:
-            for learner_id, record in self._learners.items():
-                if record.callback_token == info.callback_token:  # a retried registration gets the same identity
-                    return learner_id, record.session_token
-            if self._started:
-                raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION, "training has already started; this federation takes no new learners")
-            if len(self._learners) >= self.config.learners:
+            for record in self._learners.values():
+                if record.callback_token == info.callback_token and record.alive:  # a retried registration gets the same identity
+                    return record.learner_id, record.session_token, record.joins_round
+            learner_id = self._free_slot()
+            if learner_id is None:
                 raise LeaderError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the federation is full ({self.config.learners} of {self.config.learners} learners)",
                 )
-            learner_id = len(self._learners)
+            replaced = self._learners.get(learner_id)
+            if replaced is not None:  # the slot of an absent learner: its split and its session go to the newcomer
+                self._tokens.pop(replaced.session_token, None)
+                replaced.channel.close()
+            # before training, a learner starts with the first round; during it, with the round after the open one
+            joins_round = max(self._round.number + 1, self.start_round) if self._started else self.start_round
             token = secrets.token_urlsafe(32)
             channel = rpc.channel(info.network_addr, self.tls)
             num_examples = info.num_examples or len(self.shards[learner_id])
             self._learners[learner_id] = LearnerRecord(
                 learner_id, info.network_addr, info.callback_token, token, num_examples, channel,
-                learner_pb2_grpc.LearnerServiceStub(channel),
+                learner_pb2_grpc.LearnerServiceStub(channel), joins_round,
             )
             self._tokens[token] = learner_id
             self._cond.notify_all()
-        logger.info("learner %d registered from %s (%d examples)", learner_id, info.network_addr, num_examples)
-        return learner_id, token
+        if replaced is None:
+            logger.info("learner %d registered from %s (%d examples)", learner_id, info.network_addr, num_examples)
+        else:
+            logger.info("learner %d's slot taken by %s (%d examples); it takes part from round %d",
+                        learner_id, info.network_addr, num_examples, joins_round)
+        return learner_id, token, joins_round
+
+    def _free_slot(self) -> int | None:
+        """The id a newcomer gets: the next unused one, else the lowest one whose learner is absent; None when full."""
+        if len(self._learners) < self.config.learners:
+            return len(self._learners)
+        absent = [learner_id for learner_id, record in self._learners.items() if not record.alive]
+        return min(absent) if absent else None
+
+    def membership(self, learner_id: int) -> tuple[bool, str]:
+        """Whether a learner is still a member, and what it should know (for Heartbeat)."""
+        with self._cond:
+            record = self._learners[learner_id]
+            number = self._round.number
+        if not record.alive:
+            return False, f"learner {learner_id} was marked absent; register again to take part"
+        if not record.started:
+            return True, f"waiting to start with round {record.joins_round}"
+        return True, f"round {number} in progress"
 
     def learner_for_token(self, token: str | None) -> int | None:
         """The id a session token belongs to, or None."""
@@ -277,6 +311,13 @@ class Leader:
             return None
         with self._cond:
             return self._tokens.get(token)
+
+    def largest_split_bytes(self) -> int:
+        """Bytes of the largest data split GetData streams (0 when learners hold their own data)."""
+        if self.train_data is None or self.shards is None:
+            return 0
+        per_example = self.train_data.images[0].numel() * self.train_data.images.element_size() + self.train_data.labels.element_size()
+        return max(len(shard) for shard in self.shards) * per_example
 
     def data_for(self, learner_id: int) -> ImageData:
         """A learner's split of the training set."""
@@ -297,10 +338,16 @@ class Leader:
             )
         with self._cond:
             current = self._round
-            registered = self._learners[learner_id].num_examples
-            alive = self._learners[learner_id].alive
+            record = self._learners[learner_id]
+            registered = record.num_examples
+            alive = record.alive
         if not alive:
-            raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION, f"learner {learner_id} was marked absent after a failed call; it takes no further part")
+            raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION, f"learner {learner_id} was marked absent; register again to take part")
+        if header.round == current.number and learner_id not in current.members:
+            raise LeaderError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"learner {learner_id} joined during round {current.number} and takes part from round {record.joins_round}",
+            )
         if header.round != current.number or not current.accepting:
             raise LeaderError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -360,7 +407,7 @@ class Leader:
                 return f"duplicate of the accepted update for round {header.round}; counted once"
             if previous is not None:
                 raise LeaderError(grpc.StatusCode.ALREADY_EXISTS, f"learner {learner_id} already sent a different update for round {header.round}")
-            current.running.add(received.tensors, float(header.num_examples))
+            current.running.add(received.tensors, float(header.num_examples), key=learner_id)
             current.digests[learner_id] = digest
             current.losses.append(header.train_loss)
             current.update_norms.append(norm)
@@ -377,12 +424,7 @@ class Leader:
         start = time.monotonic()
         for number in range(self.start_round, config.rounds + 1):
             round_start = time.monotonic()
-            self._open_round(number)
-            if number == self.start_round:
-                self._call_all("StartTraining", lambda record: record.stub.StartTraining(
-                    learner_pb2.Empty(), timeout=rpc.CONTROL_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token)))
-            else:
-                self._push_state(number)
+            self._begin_round(self._open_round(number))
             finished = self._collect(number, start)
             mean = finished.running.mean()
             aggregation.apply_update(self.model, self.optimizer, mean)
@@ -391,7 +433,7 @@ class Leader:
                 "round": number,
                 "wall_time": time.time(),
                 "learners_reported": finished.running.count,
-                "learners_dropped": len(self._learners) - finished.running.count,
+                "learners_dropped": config.learners - finished.running.count,
                 "train_loss": sum(finished.losses) / len(finished.losses),
                 "test_loss": test_loss,
                 "test_accuracy": test_accuracy,
@@ -426,24 +468,65 @@ class Leader:
         return self.history
 
     def _wait_for_learners(self) -> None:
-        """Block until --learners have registered, the join timeout passes, or shutdown."""
+        """Block until --learners live learners have registered, the join timeout passes, or shutdown.
+
+        When the federation fills up, every learner's health is checked: one that died after registering
+        frees its slot for the next to register, rather than holding up the first round.
+        """
         deadline = time.monotonic() + self.config.join_timeout
-        with self._cond:
-            while len(self._learners) < self.config.learners:
-                self._check_stop()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RunError(
-                        f"only {len(self._learners)} of {self.config.learners} learners registered within "
-                        f"{self.config.join_timeout:.0f}s (--join-timeout); start more with: python learner.py --leader HOST:{self.config.port}"
-                    )
-                self._cond.wait(min(remaining, WAIT_SLICE_S))
-            self._started = True
+        while True:
+            with self._cond:
+                while (joined := sum(record.alive for record in self._learners.values())) < self.config.learners:
+                    self._check_stop()
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise RunError(
+                            f"only {joined} of {self.config.learners} learners registered within "
+                            f"{self.config.join_timeout:.0f}s (--join-timeout); start more with: python learner.py --leader HOST:{self.config.port}"
+                        )
+                    self._cond.wait(min(remaining, WAIT_SLICE_S))
+                records = list(self._learners.values())
+            with ThreadPoolExecutor(max_workers=min(32, len(records))) as pool:
+                serving = list(pool.map(lambda record: rpc.is_serving(record.channel, timeout=STOP_TIMEOUT_S), records))
+            with self._cond:
+                for record, alive in zip(records, serving):
+                    if not alive and self._learners.get(record.learner_id) is record:
+                        logger.warning("learner %d at %s stopped answering before training; its slot goes to the next to register",
+                                       record.learner_id, record.address)
+                        record.alive = False
+                if all(record.alive for record in self._learners.values()):
+                    self._started = True
+                    break
         logger.info("all %d learners registered; starting training", self.config.learners)
 
-    def _open_round(self, number: int) -> None:
+    def _open_round(self, number: int) -> RoundState:
+        """Start collecting round `number` from the live learners due to take part in it."""
         with self._cond:
-            self._round = RoundState(number)
+            members = frozenset(learner_id for learner_id, record in self._learners.items()
+                                if record.alive and record.joins_round <= number)
+            running = aggregation.OrderedMean() if self.config.deterministic else aggregation.RunningMean()
+            self._round = RoundState(number, members=members, running=running)
+            return self._round
+
+    def _begin_round(self, current: RoundState) -> None:
+        """Start the newcomers (they fetch the model with GetModel) and push the new global model to the rest."""
+        _, manifest, payload = self._published
+        with self._cond:
+            records = [self._learners[learner_id] for learner_id in sorted(current.members)]
+            newcomers = {record.learner_id for record in records if not record.started}
+            for record in records:
+                record.started = True
+
+        def begin(record: LearnerRecord) -> Any:
+            metadata = rpc.token_metadata(record.callback_token)
+            if record.learner_id in newcomers:
+                return record.stub.StartTraining(learner_pb2.Empty(), timeout=rpc.CONTROL_TIMEOUT_S, metadata=metadata)
+            messages = wire.stream(learner_pb2.ModelState, manifest, payload, round=current.number)
+            reply = record.stub.SyncModelState(messages, timeout=rpc.transfer_timeout(len(payload)), metadata=metadata)
+            self.count_bytes_out(len(payload))
+            return reply
+
+        self._call_all("the round's start", begin, records)
 
     def _collect(self, number: int, run_start: float) -> RoundState:
         """Wait for every live learner's update or the round deadline; the round needs the quorum."""
@@ -453,7 +536,7 @@ class Leader:
             current = self._round
             while True:
                 self._check_stop()
-                alive = sum(record.alive for record in self._learners.values())
+                alive = sum(self._learners[learner_id].alive for learner_id in current.members)
                 self.status.show(
                     f"round {number}/{self.config.rounds}: {current.running.count}/{alive} learners reported, "
                     f"{time.monotonic() - run_start:.0f}s elapsed{last}"
@@ -467,6 +550,13 @@ class Leader:
                     break
                 self._cond.wait(min(remaining, WAIT_SLICE_S))
             current.accepting = False
+            late = [self._learners[learner_id] for learner_id in sorted(current.members)
+                    if learner_id not in current.digests and self._learners[learner_id].alive]
+            for record in late:  # it missed the deadline: a later update of this round is stale, and it must register again
+                record.alive = False
+        for record in late:
+            logger.warning("learner %d at %s sent no update for round %d by the deadline (--round-timeout); marked absent",
+                           record.learner_id, record.address, number)
         if current.running.count < self.config.quorum:
             raise RunError(
                 f"round {number}: {current.running.count} of {self.config.learners} learners reported "
@@ -483,22 +573,8 @@ class Leader:
         manifest, payload = wire.encode(self.model.state_dict())
         return number, manifest, payload
 
-    def _push_state(self, number: int) -> None:
-        """Send the new global model to every live learner with SyncModelState."""
-        _, manifest, payload = self._published
-
-        def push(record: LearnerRecord) -> Any:
-            messages = wire.stream(learner_pb2.ModelState, manifest, payload, round=number)
-            reply = record.stub.SyncModelState(messages, timeout=rpc.transfer_timeout(len(payload)), metadata=rpc.token_metadata(record.callback_token))
-            self.count_bytes_out(len(payload))
-            return reply
-
-        self._call_all("SyncModelState", push)
-
-    def _call_all(self, what: str, call: Any, include_absent: bool = False) -> None:
-        """Call every live learner (or every learner) in parallel; a learner whose call fails is marked absent."""
-        with self._cond:
-            records = [record for record in self._learners.values() if record.alive or include_absent]
+    def _call_all(self, what: str, call: Any, records: list[LearnerRecord]) -> None:
+        """Call learners in parallel; a learner whose call fails is marked absent."""
         if not records:
             return
         with ThreadPoolExecutor(max_workers=min(32, len(records))) as pool:
@@ -516,7 +592,9 @@ class Leader:
             message = learner_pb2.ModelState(stop=True, reason=reason)
             return record.stub.SyncModelState(iter([message]), timeout=STOP_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token))
 
-        self._call_all("stop", stop, include_absent=True)
+        with self._cond:
+            records = list(self._learners.values())
+        self._call_all("stop", stop, records)
 
     def evaluate(self) -> tuple[float, float]:
         """Test loss and accuracy of the global model."""
@@ -567,7 +645,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 
     def RegisterLearner(self, request: leader_pb2.LearnerInfo, context: grpc.ServicerContext) -> leader_pb2.AckWithMetadata:
         try:
-            learner_id, token = self.leader.register(request)
+            learner_id, token, joins_round = self.leader.register(request)
         except LeaderError as error:
             context.abort(error.code, str(error))
         return leader_pb2.AckWithMetadata(
@@ -577,6 +655,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             max_learners=self.leader.config.learners,
             plan=self.leader.plan(),
             session_token=token,
+            joins_round=joins_round,
         )
 
     def GetModel(self, request: leader_pb2.Empty, context: grpc.ServicerContext) -> Iterator[leader_pb2.ModelChunk]:
@@ -613,6 +692,13 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             self.leader.note_rejection(learner_id, error.code, str(error))
             context.abort(error.code, str(error))
         return leader_pb2.Ack(success=True, message=message)
+
+    def Heartbeat(self, request: leader_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> leader_pb2.Ack:
+        learner_id = self._caller(context)
+        if request.learner_id != learner_id:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"session belongs to learner {learner_id}, not {request.learner_id}")
+        member, message = self.leader.membership(learner_id)
+        return leader_pb2.Ack(success=member, message=message)
 
 
 def leader_gate(leader: Leader, enrolment_token: str | None) -> rpc.Gate:
@@ -668,6 +754,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--keep-checkpoints", type=_positive_int, default=defaults.keep_checkpoints, help="rounds of checkpoints to keep")
     add("--join-timeout", type=float, default=defaults.join_timeout, help="seconds to wait for --learners to register")
     add("--round-timeout", type=float, default=defaults.round_timeout, help="seconds a round waits for updates")
+    add("--deterministic", action=argparse.BooleanOptionalAction, default=defaults.deterministic,
+        help="deterministic kernels on the learners and updates summed in learner order, so that a resumed run "
+        "reproduces an uninterrupted one bit for bit; the leader holds every update of a round in memory")
+    add("--stream-idle-timeout", type=_positive_float, default=defaults.stream_idle_timeout,
+        help="seconds a stream may move no message before the leader cancels it, freeing its thread")
+    add("--reflection", action=argparse.BooleanOptionalAction, default=defaults.reflection,
+        help="serve gRPC reflection, so that grpcurl can list and describe the services without the .proto files")
     add("--max-update-norm", type=float, default=defaults.max_update_norm, help="refuse updates whose parameter L2 norm exceeds this (0: no bound)")
     add("--resume", metavar="RUN_DIR", default=defaults.resume,
         help="continue the run in RUN_DIR from its last checkpoint, with its config (flags given here win, e.g. --rounds)")
@@ -693,6 +786,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
     return value
 
 
@@ -751,14 +851,22 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
         finished = leader.restore(latest)
         if finished >= config.rounds:
             raise ValueError(f"--resume {config.resume}: the run already finished all {finished} rounds; pass --rounds N (N > {finished}) to go on")
+    service = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name
+    leader.limits = rpc.CallLimits(config.stream_idle_timeout, stream_deadlines={
+        # a stream may take as long as the peer's own deadline for it, and no longer
+        f"/{service}/GetModel": rpc.transfer_timeout(leader.update_bytes),
+        f"/{service}/AccumulateGradients": rpc.transfer_timeout(leader.update_bytes),
+        f"/{service}/GetData": rpc.transfer_timeout(leader.largest_split_bytes()),
+    })
     server, port, health = rpc.create_server(
         lambda server: leader_pb2_grpc.add_LeaderServiceServicer_to_server(LeaderServicer(leader), server),
         config.host,
         config.port,
         max_workers=max(16, 2 * config.learners + 8),
-        reflection_services=[leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name],
+        reflection_services=[service] if config.reflection else None,
         gate=leader_gate(leader, enrolment_token),
         tls=tls,
+        limits=leader.limits,
     )
     return leader, server, port, health
 

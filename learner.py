@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import itertools
 import logging
+import random
 import secrets
 import socket
 import sys
@@ -34,7 +35,12 @@ logger = logging.getLogger(__name__)
 # Largest data split a learner accepts from GetData.
 MAX_DATA_BYTES = 8 << 30
 REGISTER_ATTEMPT_S = 5.0  # one registration attempt; the learner says it is waiting after the first
-HEALTH_INTERVAL_S = 5.0  # how often a waiting learner checks that the leader is alive
+HEARTBEAT_INTERVAL_S = 5.0  # how often a waiting learner checks that the leader still counts it as a member
+# Pause before registering again after losing the leader: doubling from the first
+# value up to the cap, each drawn at random from its upper half, so that a hundred
+# learners whose leader restarted do not all register in the same instant.
+REJOIN_BACKOFF_S = 1.0
+REJOIN_BACKOFF_MAX_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -152,14 +158,17 @@ class Learner:
         self.learner_id = reply.learner_id
         self.plan = reply.plan
         self._session_token = reply.session_token
+        joins = f", joining from round {reply.joins_round}" if reply.joins_round > 1 else ""
         logger.info(
-            "registered as learner %d of %d: %s, %s, batch %d",
-            reply.learner_id, reply.max_learners, self.plan.model, self.plan.aggregation, self.plan.batch_size,
+            "registered as learner %d of %d: %s, %s, batch %d%s",
+            reply.learner_id, reply.max_learners, self.plan.model, self.plan.aggregation, self.plan.batch_size, joins,
         )
 
     def prepare(self) -> None:
         """Build the model the plan names and fetch the data split when the leader holds the data."""
         plan = self.plan
+        if plan.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: an op without such a kernel still runs
         self.model = build_model(plan.model, plan.num_classes).to(self.device)
         self.specs = wire.specs_of(self.model.state_dict())
         if plan.model_fingerprint and wire.fingerprint(self.specs) != plan.model_fingerprint:
@@ -233,7 +242,7 @@ class Learner:
 
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
         """Wait for `ready` or a stop, checking every few seconds that the leader is still alive."""
-        interval = min(HEALTH_INTERVAL_S, self.config.leader_lost_after / 3)
+        interval = min(HEARTBEAT_INTERVAL_S, self.config.leader_lost_after / 3)
         silent_since: float | None = None
         with self._cond:
             while True:
@@ -245,13 +254,25 @@ class Learner:
                     continue
                 self._cond.release()
                 try:
-                    alive = rpc.is_serving(self.channel, timeout=interval)
+                    alive = self._heartbeat(interval)
                 finally:
                     self._cond.acquire()
                 now = time.monotonic()
                 silent_since = None if alive else (silent_since or now)
                 if silent_since is not None and now - silent_since >= self.config.leader_lost_after:
                     raise LeaderLost(f"lost the leader at {self.config.leader} while waiting for {what}")
+
+    def _heartbeat(self, timeout: float) -> bool:
+        """Whether the leader answered; raises LeaderLost when it no longer counts this learner as a member."""
+        try:
+            reply = self.stub.Heartbeat(leader_pb2.HeartbeatRequest(learner_id=self.learner_id), timeout=timeout, metadata=self._metadata())
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:  # a restarted leader: our session died with the old one
+                raise LeaderLost(f"the leader at {self.config.leader} no longer knows this learner (it restarted)") from None
+            return False
+        if not reply.success:
+            raise LeaderLost(f"the leader dropped this learner: {reply.message}")
+        return True
 
     def _get_model(self) -> tuple[int, dict[str, torch.Tensor]]:
         """GetModel: the current global model, checked against the local architecture."""
@@ -372,6 +393,12 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         return learner_pb2.Ack(success=True, message=f"model for round {received.header.round} received")
 
 
+def rejoin_pause(attempt: int, draw: float) -> float:
+    """Seconds to pause before the `attempt`-th re-registration (0-based), for a uniform `draw` in [0, 1)."""
+    ceiling = min(REJOIN_BACKOFF_MAX_S, REJOIN_BACKOFF_S * 2**attempt)
+    return ceiling * (0.5 + draw / 2)
+
+
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed determined by `parts`, so that separate random streams never share a seed by accident."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
@@ -475,13 +502,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(config.threads)
     try:
         local_data = load_local_data(config.data_dir) if config.data_dir else None
-        while True:
+        for attempt in itertools.count():
             try:
                 return run_session(config, enrolment_token, tls, local_data)
             except LeaderLost as error:
                 if not config.rejoin:
                     raise
-                logger.warning("%s; registering again (up to %.0fs)", error, config.connect_timeout)
+                pause = rejoin_pause(attempt, random.random())
+                logger.warning("%s; registering again in %.1fs (up to %.0fs)", error, pause, config.connect_timeout)
+                time.sleep(pause)  # spreads out the learners of a restarted leader; the leader itself is awaited by register()
     except Stopped as stop:
         logger.info("stopping before training: %s", stop)
         return 0

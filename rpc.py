@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -16,6 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import wire
+
+logger = logging.getLogger(__name__)
 
 # Bumped whenever the protos or the payload layout change incompatibly; a learner
 # with another version is refused at registration.
@@ -42,6 +48,12 @@ MAX_METADATA_BYTES = 16 * 1024
 # Keepalive pings find peers that vanished without closing their connection.
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+# Calls one session token may have in flight at once. An honest learner needs two
+# (a transfer and a heartbeat); the cap keeps one peer from taking every thread.
+MAX_CALLS_PER_CALLER = 4
+# A stream that moves no message for this long is cancelled, so that a peer that
+# stops reading or writing frees its server thread.
+STREAM_IDLE_TIMEOUT_S = 30.0
 # Cap gRPC's exponential reconnect backoff (default up to 120 s), so a learner that
 # started before its leader registers within seconds of the leader coming up.
 MAX_RECONNECT_BACKOFF_MS = 2_000
@@ -139,13 +151,146 @@ class Gate(grpc.ServerInterceptor):
         def refuse(request: Any, context: grpc.ServicerContext) -> Any:
             context.abort(code, reason)
 
-        if not handler.request_streaming and not handler.response_streaming:
-            return grpc.unary_unary_rpc_method_handler(refuse)
-        if handler.request_streaming and not handler.response_streaming:
-            return grpc.stream_unary_rpc_method_handler(refuse)
-        if handler.response_streaming and not handler.request_streaming:
-            return grpc.unary_stream_rpc_method_handler(refuse)
-        return grpc.stream_stream_rpc_method_handler(refuse)
+        return _HANDLER_FACTORIES[handler.request_streaming, handler.response_streaming](refuse)
+
+
+@dataclass(eq=False)
+class _Watched:
+    """One open stream: when it last moved a message, and its own deadline."""
+
+    context: grpc.ServicerContext
+    method: str
+    deadline: float
+    last_moved: float = field(default_factory=time.monotonic)
+
+    def moved(self) -> None:
+        self.last_moved = time.monotonic()
+
+
+class Watchdog:
+    """Cancels streams that move no message for `idle_s`, or outlive their deadline; one thread watches them all."""
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self.cancelled = 0
+        self._lock = threading.Lock()
+        self._open: set[_Watched] = set()
+        self._closed = threading.Event()
+        threading.Thread(target=self._run, name="stream-watchdog", daemon=True).start()
+
+    def watch(self, context: grpc.ServicerContext, method: str, limit_s: float | None) -> _Watched:
+        """Start watching a stream until its RPC ends."""
+        entry = _Watched(context, method, time.monotonic() + limit_s if limit_s else float("inf"))
+        with self._lock:
+            self._open.add(entry)
+        if not context.add_callback(lambda: self._forget(entry)):
+            self._forget(entry)  # the RPC already ended
+        return entry
+
+    def _forget(self, entry: _Watched) -> None:
+        with self._lock:
+            self._open.discard(entry)
+
+    def _run(self) -> None:
+        while not self._closed.wait(min(1.0, self.idle_s / 4)):
+            now = time.monotonic()
+            with self._lock:
+                expired = [entry for entry in self._open if now - entry.last_moved > self.idle_s or now > entry.deadline]
+                self._open.difference_update(expired)
+            for entry in expired:
+                reason = "its deadline passed" if now > entry.deadline else f"it moved nothing for {self.idle_s:g}s"
+                logger.warning("cancelled a %s stream from %s: %s", entry.method.rsplit("/", 1)[-1], entry.context.peer(), reason)
+                self.cancelled += 1
+                entry.context.cancel()
+
+    def close(self) -> None:
+        """Stop the watching thread."""
+        self._closed.set()
+
+
+class CallLimits(grpc.ServerInterceptor):
+    """Resource limits on every call: in-flight calls per session token, and the stream watchdog's idle timeout and deadlines."""
+
+    def __init__(self, idle_s: float = STREAM_IDLE_TIMEOUT_S, max_calls_per_caller: int = MAX_CALLS_PER_CALLER,
+                 stream_deadlines: dict[str, float] | None = None) -> None:
+        self.watchdog = Watchdog(idle_s)
+        self.max_calls_per_caller = max_calls_per_caller
+        self._deadlines = stream_deadlines or {}
+        self._lock = threading.Lock()
+        self._in_flight: Counter[str] = Counter()
+
+    def in_flight(self) -> int:
+        """Calls now counted against their callers' caps."""
+        with self._lock:
+            return sum(self._in_flight.values())
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        caller = metadata_value(details.invocation_metadata, TOKEN_METADATA_KEY)
+        streaming = handler.request_streaming or handler.response_streaming
+        if caller is None and not streaming:
+            return handler
+        method = details.method
+        behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+        def admit(request: Any, context: grpc.ServicerContext) -> tuple[Any, _Watched | None]:
+            if caller is not None:
+                self._acquire(caller, context)
+            if not streaming:
+                return request, None
+            entry = self.watchdog.watch(context, method, self._deadlines.get(method))
+            return (_touching(request, entry) if handler.request_streaming else request), entry
+
+        if handler.response_streaming:
+            def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                request, entry = admit(request, context)
+                for response in behaviour(request, context):
+                    yield response
+                    entry.moved()  # the server asks for the next message once this one went out
+        else:
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                request, _ = admit(request, context)
+                return behaviour(request, context)
+
+        return _HANDLER_FACTORIES[handler.request_streaming, handler.response_streaming](
+            run, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+    def _acquire(self, caller: str, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            if self._in_flight[caller] >= self.max_calls_per_caller:
+                busy = True
+            else:
+                busy = False
+                self._in_flight[caller] += 1
+        if busy:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"this session already has {self.max_calls_per_caller} calls in flight; wait for one to finish")
+        if not context.add_callback(lambda: self._release(caller)):
+            self._release(caller)
+
+    def _release(self, caller: str) -> None:
+        with self._lock:
+            self._in_flight[caller] -= 1
+            if self._in_flight[caller] <= 0:
+                del self._in_flight[caller]
+
+
+def _touching(requests: Iterator[Any], entry: _Watched) -> Iterator[Any]:
+    """Pass a request stream through, noting each message's arrival."""
+    for request in requests:
+        entry.moved()
+        yield request
+
+
+_HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
 
 def create_server(
@@ -156,13 +301,15 @@ def create_server(
     reflection_services: list[str] | None = None,
     gate: Gate | None = None,
     tls: Tls | None = None,
+    limits: CallLimits | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Start a server with our options, health checking and optional reflection on host:port (0 picks a free port)."""
+    """Start a server with our options, call limits, health checking and optional reflection on host:port (0 picks a free port)."""
+    limits = limits or CallLimits()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_workers * 4,
-        interceptors=[gate] if gate is not None else None,
+        interceptors=[gate, limits] if gate is not None else [limits],  # the gate first: refused calls count against nothing
     )
     add_servicers(server)
     health_servicer = health.HealthServicer()

@@ -26,7 +26,7 @@ class LearnerInfo(_message.Message):
     def __init__(self, network_addr: _Optional[str] = ..., callback_token: _Optional[str] = ..., num_examples: _Optional[int] = ..., version: _Optional[str] = ..., tls: _Optional[bool] = ...) -> None: ...
 
 class TrainingPlan(_message.Message):
-    __slots__ = ("model", "num_classes", "aggregation", "batch_size", "lr", "momentum", "weight_decay", "local_steps", "local_epochs", "seed", "rounds", "augment", "image_shape", "dataset", "model_fingerprint", "torch_version")
+    __slots__ = ("model", "num_classes", "aggregation", "batch_size", "lr", "momentum", "weight_decay", "local_steps", "local_epochs", "seed", "rounds", "augment", "image_shape", "dataset", "model_fingerprint", "torch_version", "deterministic")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class TrainingPlan(_message.Message):
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_classes: int
     aggregation: str
@@ -59,23 +60,32 @@ class TrainingPlan(_message.Message):
     dataset: str
     model_fingerprint: str
     torch_version: str
-    def __init__(self, model: _Optional[str] = ..., num_classes: _Optional[int] = ..., aggregation: _Optional[str] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ..., augment: _Optional[bool] = ..., image_shape: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., torch_version: _Optional[str] = ...) -> None: ...
+    deterministic: bool
+    def __init__(self, model: _Optional[str] = ..., num_classes: _Optional[int] = ..., aggregation: _Optional[str] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ..., augment: _Optional[bool] = ..., image_shape: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., torch_version: _Optional[str] = ..., deterministic: _Optional[bool] = ...) -> None: ...
 
 class AckWithMetadata(_message.Message):
-    __slots__ = ("success", "message", "learner_id", "max_learners", "plan", "session_token")
+    __slots__ = ("success", "message", "learner_id", "max_learners", "plan", "session_token", "joins_round")
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LEARNER_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_LEARNERS_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    JOINS_ROUND_FIELD_NUMBER: _ClassVar[int]
     success: bool
     message: str
     learner_id: int
     max_learners: int
     plan: TrainingPlan
     session_token: str
-    def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., learner_id: _Optional[int] = ..., max_learners: _Optional[int] = ..., plan: _Optional[_Union[TrainingPlan, _Mapping]] = ..., session_token: _Optional[str] = ...) -> None: ...
+    joins_round: int
+    def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., learner_id: _Optional[int] = ..., max_learners: _Optional[int] = ..., plan: _Optional[_Union[TrainingPlan, _Mapping]] = ..., session_token: _Optional[str] = ..., joins_round: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("learner_id",)
+    LEARNER_ID_FIELD_NUMBER: _ClassVar[int]
+    learner_id: int
+    def __init__(self, learner_id: _Optional[int] = ...) -> None: ...
 
 class LearnerDataRequest(_message.Message):
     __slots__ = ("learner_id",)

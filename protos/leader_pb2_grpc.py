@@ -55,6 +55,11 @@ class LeaderServiceStub:
                 request_serializer=protos_dot_leader__pb2.GradientData.SerializeToString,
                 response_deserializer=protos_dot_leader__pb2.Ack.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/leader.LeaderService/Heartbeat',
+                request_serializer=protos_dot_leader__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=protos_dot_leader__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class LeaderServiceServicer:
@@ -96,6 +101,18 @@ class LeaderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Tells a waiting learner whether it is still a member of this federation.
+        Answers success=false with the reason once the learner was marked absent
+        (it missed a round); a leader that restarted no longer knows the session
+        token and fails UNAUTHENTICATED. Either way the learner registers again.
+        Unlike the standard health check it catches a leader that restarted on the
+        same address between two probes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LeaderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +134,11 @@ def add_LeaderServiceServicer_to_server(servicer, server):
             'AccumulateGradients': grpc.stream_unary_rpc_method_handler(
                     servicer.AccumulateGradients,
                     request_deserializer=protos_dot_leader__pb2.GradientData.FromString,
+                    response_serializer=protos_dot_leader__pb2.Ack.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=protos_dot_leader__pb2.HeartbeatRequest.FromString,
                     response_serializer=protos_dot_leader__pb2.Ack.SerializeToString,
             ),
     }
@@ -228,6 +250,33 @@ class LeaderService:
             target,
             '/leader.LeaderService/AccumulateGradients',
             protos_dot_leader__pb2.GradientData.SerializeToString,
+            protos_dot_leader__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/leader.LeaderService/Heartbeat',
+            protos_dot_leader__pb2.HeartbeatRequest.SerializeToString,
             protos_dot_leader__pb2.Ack.FromString,
             options,
             channel_credentials,

@@ -32,5 +32,5 @@ def test_blog_field_numbers_are_kept():
     for message in (leader_pb2.Ack, learner_pb2.Ack):
         assert numbers(message) == {"success": 1, "message": 2}
     service = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"]
-    assert [m.name for m in service.methods] == ["RegisterLearner", "GetModel", "GetData", "AccumulateGradients"]
+    assert [m.name for m in service.methods][:4] == ["RegisterLearner", "GetModel", "GetData", "AccumulateGradients"]
     assert [m.name for m in learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].methods] == ["StartTraining", "SyncModelState"]

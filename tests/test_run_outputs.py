@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 import leader as leader_module
 import learner as learner_module
 import plots
+import rpc
 from conftest import join_all, leader_config, register_client, running_leader, start_learners
 from model import build_model
 from recorder import Recorder, TensorBoardMissing
@@ -100,13 +102,19 @@ def test_bad_config_files_get_one_line_errors(tmp_path, content, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_leader_serves_reflection_and_health(tmp_path, channel_to):
-    with running_leader(leader_config(tmp_path)) as running:
+def test_leader_serves_reflection_only_when_asked_and_health_always(tmp_path, channel_to):
+    with running_leader(leader_config(tmp_path, reflection=True)) as running:
         database = ProtoReflectionDescriptorDatabase(channel_to(running.address))
         services = set(database.get_services())
         assert {"leader.LeaderService", "grpc.health.v1.Health"} <= services
         method = database.FindFileContainingSymbol("leader.LeaderService")
         assert method.name == "protos/leader.proto"
+    with running_leader(leader_config(tmp_path)) as running:
+        channel = channel_to(running.address)
+        assert rpc.is_serving(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_learner_with_a_different_model_build_stops_with_a_clear_message(tmp_path, monkeypatch, capsys):
