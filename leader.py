@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -871,6 +871,21 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
     return leader, server, port, health
 
 
+def handle_shutdown_signals(leader: Leader, health: Any) -> Callable[[int, Any], None]:
+    """On SIGTERM or SIGINT, turn health NOT_SERVING at once and have the round loop wind down; returns the handler.
+
+    The loop stops at its next check (within half a second); main() then tells the learners to stop and
+    gives calls in flight a grace period. The last committed round is already on disk.
+    """
+    def on_signal(signum: int, frame: Any) -> None:
+        health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # load balancers and probes see it at once
+        leader.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return on_signal
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a federation from the command line."""
     config, verbose, enrolment_token = parse_config(argv)
@@ -897,12 +912,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     logger.info("serving on %s:%d; waiting for %d learners (python learner.py --leader HOST:%d)", config.host, port, config.learners, port)
 
-    def on_signal(signum: int, frame: Any) -> None:
-        health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # load balancers and probes see it at once
-        leader.stop_event.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    handle_shutdown_signals(leader, health)
     status = 0
     try:
         history = leader.run(recorder)

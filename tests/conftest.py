@@ -97,19 +97,20 @@ class Client:
     stub: leader_pb2_grpc.LeaderServiceStub
     learner_id: int
     token: str
+    joins_round: int = 1
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return rpc.token_metadata(self.token)
 
 
-def register_client(channel: grpc.Channel, callback_token: str | None = None) -> Client:
-    """Register through the real RPC, as a learner whose server (at a closed port) nobody will call."""
+def register_client(channel: grpc.Channel, callback_token: str | None = None, address: str = "127.0.0.1:1") -> Client:
+    """Register through the real RPC, as a learner whose server is at `address` (by default a closed port nobody answers)."""
     stub = leader_pb2_grpc.LeaderServiceStub(channel)
     info = leader_pb2.LearnerInfo(
-        network_addr="127.0.0.1:1", callback_token=callback_token or secrets.token_urlsafe(32), version=rpc.PROTOCOL_VERSION
+        network_addr=address, callback_token=callback_token or secrets.token_urlsafe(32), version=rpc.PROTOCOL_VERSION
     )
     reply = stub.RegisterLearner(info, timeout=10)
-    return Client(stub, reply.learner_id, reply.session_token)
+    return Client(stub, reply.learner_id, reply.session_token, reply.joins_round)
 
 
 @pytest.fixture

@@ -88,3 +88,26 @@ def test_large_finite_updates_cannot_overflow_the_sum():
     huge = {"w": torch.tensor([3e38], dtype=torch.float32)}
     mean = aggregation.weighted_mean([huge, huge], [32, 32])
     assert torch.isfinite(mean["w"]).all() and mean["w"].item() == pytest.approx(3e38, rel=1e-6)
+
+
+def test_ordered_mean_is_the_same_whatever_the_arrival_order():
+    # float64 addition is not associative: 1e16 + 1 rounds back to 1e16, so the running sum depends on the order
+    big, one, minus_big = ({"w": torch.tensor([value], dtype=torch.float64)} for value in (1e16, 1.0, -1e16))
+    arrivals = [[(0, big), (1, one), (2, minus_big)], [(0, big), (2, minus_big), (1, one)]]
+    running_means = []
+    for arrival in arrivals:
+        running = aggregation.RunningMean()
+        for key, update in arrival:
+            running.add(update, 1.0, key=key)
+        running_means.append(float(running.mean()["w"]))
+    assert running_means == [0.0, 1 / 3]  # (1e16 + 1 - 1e16) / 3 in two orders
+    ordered_means = []
+    for arrival in arrivals:
+        ordered = aggregation.OrderedMean()
+        for key, update in arrival:
+            ordered.add(update, 1.0, key=key)
+        assert ordered.count == 3
+        ordered_means.append(float(ordered.mean()["w"]))
+    assert ordered_means == [0.0, 0.0]  # always summed as keys 0, 1, 2
+    with pytest.raises(ValueError, match="already added"):
+        ordered.add(one, 1.0, key=1)

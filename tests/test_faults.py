@@ -11,19 +11,32 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
+import pytest
 import torch
 
 import checkpoint
-from conftest import leader_config, running_leader
+import rpc
+import wire
+from conftest import join_all, leader_config, register_client, running_leader, start_learners
+from protos import leader_pb2, learner_pb2, learner_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def learner_process(address: str) -> subprocess.Popen:
+def learner_process(address: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "learner.py", "--leader", address, "--host", "127.0.0.1", "--device", "cpu", "--threads", "1"],
+        [sys.executable, "learner.py", "--leader", address, "--host", "127.0.0.1", "--device", "cpu", "--threads", "1", *extra],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )
+
+
+def run_in_thread(leader) -> tuple[threading.Thread, dict]:
+    """leader.run() in a daemon thread; its history lands in the returned dict."""
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.setdefault("history", leader.run()), daemon=True)
+    runner.start()
+    return runner, result
 
 
 def wait_until(condition, timeout: float = 60.0) -> None:
@@ -39,9 +52,7 @@ def test_learner_killed_mid_round_leaves_a_quorum_that_finishes_the_run(tmp_path
     with running_leader(config) as running:
         processes = [learner_process(running.address) for _ in range(3)]
         try:
-            result: dict = {}
-            runner = threading.Thread(target=lambda: result.setdefault("history", running.leader.run()), daemon=True)
-            runner.start()
+            runner, result = run_in_thread(running.leader)
             wait_until(lambda: running.leader._round.number == 1)
             processes[2].send_signal(signal.SIGKILL)
             runner.join(120)
@@ -96,8 +107,8 @@ def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint_loadable(tmp
 def test_leader_killed_mid_run_resumes_and_learners_rejoin_with_the_uninterrupted_weights(tmp_path):
     from local_federation import free_port
 
-    common = ["--dataset", "synthetic", "--model", "tiny-cnn", "--device", "cpu", "--aggregation", "fedavg",
-              "--local-steps", "20", "--server-momentum", "0.5", "--rounds", "6", "--seed", "5"]
+    common = ["--dataset", "synthetic", "--model", "tiny-cnn", "--device", "cpu", "--aggregation", "fedavg", "--learners", "3",
+              "--local-steps", "20", "--server-momentum", "0.5", "--rounds", "6", "--seed", "5", "--deterministic"]
     straight = subprocess.run([sys.executable, "local_federation.py", *common, "--run-dir", str(tmp_path / "straight")],
                               cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -108,7 +119,7 @@ def test_leader_killed_mid_run_resumes_and_learners_rejoin_with_the_uninterrupte
     learner_cmd = [sys.executable, "learner.py", "--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1", "--device", "cpu",
                    "--threads", "1", "--leader-lost-after", "3", "--connect-timeout", "60"]
     leader = subprocess.Popen(leader_cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    logs = [tmp_path / f"learner{index}.log" for index in range(2)]
+    logs = [tmp_path / f"learner{index}.log" for index in range(3)]
     learners = [subprocess.Popen(learner_cmd, cwd=ROOT, stderr=log.open("w")) for log in logs]
     try:
         for line in leader.stderr:
@@ -133,4 +144,145 @@ def test_leader_killed_mid_run_resumes_and_learners_rejoin_with_the_uninterrupte
     record, weights = checkpoint.load(checkpoint.latest(run_dir / "checkpoints"))
     assert record["round"] == 6
     for name, tensor in expected.items():
-        torch.testing.assert_close(weights[name], tensor, atol=1e-5, rtol=0)
+        assert torch.equal(weights[name], tensor), name  # bit for bit: --deterministic sums the updates in learner order
+
+
+def test_a_learner_that_dies_before_training_is_replaced_by_the_next_to_register(tmp_path, channel_to):
+    config = leader_config(tmp_path, learners=2, rounds=1)
+    with running_leader(config) as running:
+        leader = running.leader
+        runner, result = run_in_thread(leader)
+        register_client(channel_to(running.address))  # learner 0, whose server is gone
+        first = start_learners(running.address, 1)
+        wait_until(lambda: len(leader._learners) == 2 and not leader._learners[0].alive)
+        second = start_learners(running.address, 1)
+        assert join_all(first + second) == [0, 0]
+        runner.join(60)
+        assert result["history"][0]["learners_reported"] == 2
+        assert {record.address for record in leader._learners.values()}.isdisjoint({"127.0.0.1:1"})
+
+
+def test_a_frozen_learner_misses_the_round_has_its_late_update_refused_and_rejoins(tmp_path, monkeypatch):
+    monkeypatch.setattr(rpc, "CONTROL_TIMEOUT_S", 5.0)  # the leader's StartTraining deadline, should it reach the frozen learner
+    config = leader_config(tmp_path, learners=3, min_learners=2, round_timeout=8.0, rounds=8,
+                           aggregation="fedavg", local_steps=200, batch_size=16)
+    with running_leader(config) as running:
+        leader = running.leader
+        processes = [learner_process(running.address, "--leader-lost-after", "3") for _ in range(3)]
+        try:
+            runner, result = run_in_thread(leader)
+            wait_until(lambda: leader._round.number == 1)
+            frozen = processes[2]
+            frozen.send_signal(signal.SIGSTOP)  # in the middle of its 200 local steps, or before it was even started
+            wait_until(lambda: len(leader.history) == 1)
+            assert leader.history[0]["learners_reported"] == 2
+            frozen.send_signal(signal.SIGCONT)
+            runner.join(240)
+            assert not runner.is_alive()
+            reported = [entry["learners_reported"] for entry in result["history"]]
+            assert len(reported) == 8 and 3 in reported[1:], reported  # it came back and took part again
+            _, err = frozen.communicate(timeout=60)
+            assert frozen.returncode == 0, err
+            assert "update not taken" in err and "registering again" in err and "training complete" in err, err
+            assert err.count("registered as learner") == 2
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGCONT)
+                    process.kill()
+
+
+class Bystander(learner_pb2_grpc.LearnerServiceServicer):
+    """A learner server that takes every call and does nothing: a member the leader cannot tell from an honest one."""
+
+    def StartTraining(self, request, context):
+        return learner_pb2.Ack(success=True, message="training started")
+
+    def SyncModelState(self, request_iterator, context):
+        for _ in request_iterator:
+            pass
+        return learner_pb2.Ack(success=True, message="received")
+
+
+def test_stalled_and_trickling_streams_are_cancelled_and_honest_learners_finish(tmp_path, monkeypatch, channel_to):
+    monkeypatch.setattr(rpc, "CONTROL_TIMEOUT_S", 3.0)  # streams the leader allows last 3 s plus their bytes at 1 MB/s
+    config = leader_config(tmp_path, learners=3, min_learners=2, round_timeout=10.0, rounds=2, stream_idle_timeout=1.0)
+    bystander, port, _ = rpc.create_server(lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(Bystander(), server),
+                                           "127.0.0.1", 0, max_workers=4)
+    release = threading.Event()
+    with running_leader(config) as running:
+        leader = running.leader
+        hostile = register_client(channel_to(running.address), address=f"127.0.0.1:{port}")
+        honest = start_learners(running.address, 2)
+        runner, result = run_in_thread(leader)
+        try:
+            wait_until(lambda: leader._round.number == 1)
+            manifest, payload = wire.encode({name: torch.zeros_like(tensor) for name, tensor in leader.model.state_dict().items()})
+
+            def silent():  # opens the stream and never sends a message
+                release.wait(60)
+                yield from ()
+
+            def trickle():  # a valid header, then one byte every quarter second
+                header = leader_pb2.GradientData(manifest=manifest, learner_id=hostile.learner_id, round=1, num_examples=1, train_loss=1.0)
+                yield header
+                for index in range(len(payload)):
+                    if release.wait(0.25):
+                        return
+                    yield leader_pb2.GradientData(chunk=bytes(payload[index : index + 1]))
+
+            calls = [hostile.stub.AccumulateGradients.future(stream(), metadata=hostile.metadata())
+                     for stream in (silent, silent, trickle, trickle)]
+            wait_until(lambda: leader.limits.in_flight() >= 4, timeout=10)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(hostile.stub.GetModel(leader_pb2.Empty(), timeout=10, metadata=hostile.metadata()))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # a fifth call from the same session
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as caught:
+                    call.result(timeout=30)
+                assert caught.value.code() == grpc.StatusCode.CANCELLED
+            assert leader.limits.watchdog.cancelled == 4
+            assert join_all(honest, timeout=120) == [0, 0]
+            runner.join(60)
+            assert [entry["learners_reported"] for entry in result["history"]] == [2, 2]
+            wait_until(lambda: leader.limits.in_flight() == 0, timeout=10)
+        finally:
+            release.set()
+            bystander.stop(grace=None)
+
+
+def test_a_shutdown_signal_turns_health_not_serving_and_ends_the_run_after_a_committed_round(tmp_path, channel_to):
+    import leader as leader_module
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    config = leader_config(tmp_path, rounds=1000)
+    leader, server, port, health = leader_module.serve(config)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        handler = leader_module.handle_shutdown_signals(leader, health)
+        learners = start_learners(f"127.0.0.1:{port}", 2)
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                leader.run()
+            except leader_module.RunError as error:
+                outcome["error"] = str(error)
+
+        runner = threading.Thread(target=run, daemon=True)
+        runner.start()
+        wait_until(lambda: len(leader.history) >= 2)
+        handler(signal.SIGTERM, None)
+        check = health_pb2_grpc.HealthStub(channel_to(f"127.0.0.1:{port}")).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING  # still answering, but no longer serving
+        runner.join(30)
+        assert outcome["error"] == "leader shutting down"
+        leader.stop_learners(outcome["error"])
+        assert join_all(learners) == [0, 0]
+        record, weights = checkpoint.load(checkpoint.latest(Path(config.checkpoint_dir)))
+        assert record["round"] == len(leader.history)  # the last committed round is the last one on disk
+    finally:
+        for number, handler_before in previous.items():
+            signal.signal(number, handler_before)
+        server.stop(grace=None)
+        leader.close()

@@ -263,3 +263,35 @@ def test_a_hundred_concurrent_registrations_get_distinct_ids_and_the_next_is_ref
         assert len({client.token for client in clients}) == 100
         assert_refused(lambda: register_client(channel), grpc.StatusCode.RESOURCE_EXHAUSTED, "full (100 of 100 learners)")
         assert rpc.is_serving(channel)
+
+
+def heartbeat(client, learner_id=None):
+    request = leader_pb2.HeartbeatRequest(learner_id=client.learner_id if learner_id is None else learner_id)
+    return client.stub.Heartbeat(request, timeout=10, metadata=client.metadata())
+
+
+def test_a_learner_that_misses_the_deadline_is_told_so_and_its_slot_goes_to_a_newcomer(tmp_path, channel_to):
+    config = leader_config(tmp_path, learners=2, min_learners=1, round_timeout=0.5)
+    with running_leader(config) as running:
+        leader = running.leader
+        channel = channel_to(running.address)
+        late, punctual = register_client(channel), register_client(channel)
+        leader._started = True
+        leader._open_round(1)
+        assert heartbeat(late).success
+        assert_refused(lambda: heartbeat(late, learner_id=1), grpc.StatusCode.PERMISSION_DENIED, "belongs to learner 0")
+        assert send(punctual, valid_update(leader)).success
+        finished = leader._collect(1, 0.0)  # learner 0 sends nothing before the deadline
+        assert finished.running.count == 1
+        reply = heartbeat(late)
+        assert not reply.success and "marked absent" in reply.message
+        assert_refused(lambda: send(late, valid_update(leader)), grpc.StatusCode.FAILED_PRECONDITION, "marked absent")
+
+        leader._open_round(2)
+        newcomer = register_client(channel)
+        assert (newcomer.learner_id, newcomer.joins_round) == (0, 3)  # the absent learner's slot, from the round after this one
+        assert_refused(lambda: heartbeat(late), grpc.StatusCode.UNAUTHENTICATED)  # its session ended with its slot
+        assert heartbeat(newcomer).success
+        assert_refused(lambda: send(newcomer, valid_update(leader), round=2), grpc.StatusCode.FAILED_PRECONDITION, "from round 3")
+        assert send(punctual, valid_update(leader), round=2).success
+        assert leader._open_round(3).members == {0, 1}
