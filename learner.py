@@ -268,7 +268,10 @@ class Learner:
             reply = self.stub.Heartbeat(leader_pb2.HeartbeatRequest(learner_id=self.learner_id), timeout=timeout, metadata=self._metadata())
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:  # a restarted leader: our session died with the old one
-                raise LeaderLost(f"the leader at {self.config.leader} no longer knows this learner (it restarted)") from None
+                raise LeaderLost(
+                    f"the leader at {self.config.leader} no longer knows this learner's session "
+                    "(it restarted, or gave this learner's slot to another)"
+                ) from None
             return False
         if not reply.success:
             raise LeaderLost(f"the leader dropped this learner: {reply.message}")
