@@ -43,6 +43,8 @@ EVAL_BATCH_SIZE = 1000
 MAX_LOCAL_EXAMPLES = 10**9
 WAIT_SLICE_S = 0.5  # how often waits wake up to check for shutdown
 STOP_TIMEOUT_S = 5.0  # a stop message is tiny; a learner that cannot take it in 5 s is frozen or gone
+HEALTH_PROBE_INTERVAL_S = 5.0  # how often the leader checks the members that have not reported yet
+MAX_PARALLEL_CALLS = 32  # calls to learners in flight at once (round starts, pushes, health checks)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class LeaderConfig:
     quiet: bool = False
     join_timeout: float = 600.0
     round_timeout: float = 3600.0
+    learner_lost_after: float = 30.0
     max_update_norm: float = 0.0  # 0: no bound
     deterministic: bool = False
     stream_idle_timeout: float = rpc.STREAM_IDLE_TIMEOUT_S
@@ -163,6 +166,7 @@ class Leader:
         self._tokens: dict[str, int] = {}
         self._started = False
         self._round = RoundState(0, accepting=False)
+        self._calls = ThreadPoolExecutor(max_workers=MAX_PARALLEL_CALLS, thread_name_prefix="learner-call")
         self.start_round = 1
         self.resumed_metrics: dict[str, Any] | None = None
         self.limits: rpc.CallLimits | None = None  # set by serve()
@@ -526,15 +530,27 @@ class Leader:
             self.count_bytes_out(len(payload))
             return reply
 
-        self._call_all("the round's start", begin, records)
+        for record in records:  # not awaited: a learner that is slow to take the model must not hold up the others
+            self._calls.submit(_try_call, begin, record).add_done_callback(
+                lambda outcome, record=record: self._mark_absent_on_error(record, "the round's start", outcome.result()))
 
     def _collect(self, number: int, run_start: float) -> RoundState:
         """Wait for every live learner's update or the round deadline; the round needs the quorum."""
         deadline = time.monotonic() + self.config.round_timeout
         last = f", last accuracy {100 * self.history[-1]['test_accuracy']:.2f}%" if self.history else ""
+        probe_every = min(HEALTH_PROBE_INTERVAL_S, self.config.learner_lost_after / 3)
+        next_probe = time.monotonic() + probe_every
+        silent_since: dict[int, float] = {}
         with self._cond:
             current = self._round
             while True:
+                if time.monotonic() >= next_probe:
+                    self._cond.release()
+                    try:
+                        self._probe_members(current, silent_since, probe_every)
+                    finally:
+                        self._cond.acquire()
+                    next_probe = time.monotonic() + probe_every
                 self._check_stop()
                 alive = sum(self._learners[learner_id].alive for learner_id in current.members)
                 self.status.show(
@@ -548,7 +564,7 @@ class Leader:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._cond.wait(min(remaining, WAIT_SLICE_S))
+                self._cond.wait(min(remaining, WAIT_SLICE_S, max(0.0, next_probe - time.monotonic())))
             current.accepting = False
             late = [self._learners[learner_id] for learner_id in sorted(current.members)
                     if learner_id not in current.digests and self._learners[learner_id].alive]
@@ -564,6 +580,21 @@ class Leader:
             )
         return current
 
+    def _probe_members(self, current: RoundState, silent_since: dict[int, float], timeout: float) -> None:
+        """Health-check the members yet to report; mark absent those silent for --learner-lost-after seconds."""
+        with self._cond:
+            records = [self._learners[learner_id] for learner_id in sorted(current.members)
+                       if learner_id not in current.digests and self._learners[learner_id].alive]
+        serving = list(self._calls.map(lambda record: rpc.is_serving(record.channel, timeout=timeout), records))
+        now = time.monotonic()
+        for record, alive in zip(records, serving):
+            if alive:
+                silent_since.pop(record.learner_id, None)
+                continue
+            since = silent_since.setdefault(record.learner_id, now)
+            if now - since >= self.config.learner_lost_after:
+                self._mark_absent_on_error(record, f"health checks in round {current.number}", f"no answer for {now - since:.0f}s")
+
     def _check_stop(self) -> None:
         if self.stop_event.is_set():
             raise RunError("leader shutting down")
@@ -575,16 +606,18 @@ class Leader:
 
     def _call_all(self, what: str, call: Any, records: list[LearnerRecord]) -> None:
         """Call learners in parallel; a learner whose call fails is marked absent."""
-        if not records:
+        for record, error in zip(records, self._calls.map(lambda record: _try_call(call, record), records)):
+            self._mark_absent_on_error(record, what, error)
+
+    def _mark_absent_on_error(self, record: LearnerRecord, what: str, error: str | None) -> None:
+        if error is None:
             return
-        with ThreadPoolExecutor(max_workers=min(32, len(records))) as pool:
-            outcomes = list(pool.map(lambda record: _try_call(call, record), records))
-        for record, error in zip(records, outcomes):
-            if error is not None and record.alive:
-                logger.warning("learner %d at %s failed %s: %s", record.learner_id, record.address, what, error)
-                with self._cond:
-                    record.alive = False
-                    self._cond.notify_all()
+        with self._cond:
+            was_alive = record.alive
+            record.alive = False
+            self._cond.notify_all()
+        if was_alive:
+            logger.warning("learner %d at %s failed %s: %s", record.learner_id, record.address, what, error)
 
     def stop_learners(self, reason: str) -> None:
         """Tell every learner to stop, those marked absent too, in case they come back (best effort, short deadline)."""
@@ -613,7 +646,8 @@ class Leader:
         return total_loss / count, correct / count
 
     def close(self) -> None:
-        """Close the channels to learners."""
+        """Close the channels to learners and let calls in flight finish."""
+        self._calls.shutdown(wait=False, cancel_futures=True)
         with self._cond:
             for record in self._learners.values():
                 record.channel.close()
@@ -754,6 +788,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--keep-checkpoints", type=_positive_int, default=defaults.keep_checkpoints, help="rounds of checkpoints to keep")
     add("--join-timeout", type=float, default=defaults.join_timeout, help="seconds to wait for --learners to register")
     add("--round-timeout", type=float, default=defaults.round_timeout, help="seconds a round waits for updates")
+    add("--learner-lost-after", type=_positive_float, default=defaults.learner_lost_after,
+        help="seconds a learner due to report may fail health checks before it is marked absent and the round goes on without it")
     add("--deterministic", action=argparse.BooleanOptionalAction, default=defaults.deterministic,
         help="deterministic kernels on the learners and updates summed in learner order, so that a resumed run "
         "reproduces an uninterrupted one bit for bit; the leader holds every update of a round in memory")

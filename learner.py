@@ -543,7 +543,7 @@ def run_session(config: LearnerConfig, enrolment_token: str | None, tls: rpc.Tls
         logger.info("stopping after %d rounds: %s", learner.rounds_trained, reason)
         return 0
     finally:
-        server.stop(grace=2)
+        server.stop(grace=2).wait()  # an interpreter that exits while gRPC's threads still run can abort
         learner.channel.close()
 
 

@@ -46,8 +46,9 @@ def wait_until(condition, timeout: float = 60.0) -> None:
         time.sleep(0.05)  # polling our own in-process state, not waiting on a peer
 
 
-def test_learner_killed_mid_round_leaves_a_quorum_that_finishes_the_run(tmp_path):
-    config = leader_config(tmp_path, learners=3, min_learners=2, round_timeout=8.0, rounds=3,
+def test_learner_killed_mid_round_leaves_a_quorum_that_finishes_the_run(tmp_path, caplog):
+    # the round deadline is far off: the leader must notice the dead learner by its failed health checks
+    config = leader_config(tmp_path, learners=3, min_learners=2, round_timeout=600.0, learner_lost_after=2.0, rounds=3,
                            aggregation="fedavg", local_steps=2, batch_size=16)
     with running_leader(config) as running:
         processes = [learner_process(running.address) for _ in range(3)]
@@ -60,6 +61,7 @@ def test_learner_killed_mid_round_leaves_a_quorum_that_finishes_the_run(tmp_path
             history = result["history"]
             assert [entry["learners_reported"] for entry in history] == [2, 2, 2]
             assert [entry["learners_dropped"] for entry in history] == [1, 1, 1]
+            assert any("failed health checks in round 1" in record.getMessage() for record in caplog.records)
             for process in processes[:2]:
                 _, err = process.communicate(timeout=60)
                 assert process.returncode == 0, err
