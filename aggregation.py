@@ -1,8 +1,9 @@
-"""Aggregation rules: weighted averaging of learner updates and the server optimizer step, free of gRPC."""
+"""Aggregation rules, free of gRPC: weighted and robust averaging of learner updates, clipping, the server step."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -53,37 +54,6 @@ class RunningMean:
         return result
 
 
-class OrderedMean:
-    """A weighted mean summed in key order whatever order updates arrive in, so that it is reproducible bit for bit.
-
-    Floating-point addition is not associative: summing the same updates in another order can change
-    the last bit, and that difference grows over later rounds. It holds every update until mean().
-    """
-
-    def __init__(self) -> None:
-        self._updates: dict[int, tuple[Mapping[str, torch.Tensor], float]] = {}
-
-    @property
-    def count(self) -> int:
-        """Updates added so far."""
-        return len(self._updates)
-
-    def add(self, update: Mapping[str, torch.Tensor], weight: float, key: int = 0) -> None:
-        """Keep `update` with its weight under `key` (the sender's id)."""
-        if key in self._updates:
-            raise ValueError(f"an update under key {key} was already added")
-        if not weight > 0:
-            raise ValueError(f"update weight must be positive, got {weight}")
-        self._updates[key] = (update, weight)
-
-    def mean(self) -> dict[str, torch.Tensor]:
-        """The weighted mean, summed in ascending key order."""
-        running = RunningMean()
-        for key in sorted(self._updates):
-            running.add(*self._updates[key])
-        return running.mean()
-
-
 def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, mean_update: Mapping[str, torch.Tensor]) -> None:
     """Apply an averaged update: parameters take an optimizer step on it as a (pseudo-)gradient, buffers take its value."""
     parameters = dict(model.named_parameters())
@@ -119,3 +89,193 @@ def gradient_update(model: nn.Module) -> dict[str, torch.Tensor]:
         else:
             update[name] = tensor.detach()
     return update
+
+
+# Robust aggregation rules (median, trimmed mean, Krum) and norm clipping. Each takes every update of a
+# round at once, so the leader holds them all in an UpdateList. Float tensors follow the rule; integer
+# tensors (BatchNorm's num_batches_tracked) are counters, not votes, so they always take the weighted mean
+# that RunningMean gives. Everything is computed in float64 and returned in each input tensor's dtype.
+
+
+def _check_round(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None) -> None:
+    """Refuse an empty round, mismatched names or shapes, or weights that do not pair with updates."""
+    if not updates:
+        raise ValueError("cannot aggregate zero updates")
+    if weights is not None:
+        if len(weights) != len(updates):
+            raise ValueError(f"got {len(updates)} updates but {len(weights)} weights")
+        for weight in weights:
+            if not weight > 0:
+                raise ValueError(f"update weight must be positive, got {weight}")
+    first = updates[0]
+    for update in updates[1:]:
+        if update.keys() != first.keys():
+            raise ValueError("update names differ from the earlier updates'")
+        for name, tensor in update.items():
+            if tensor.shape != first[name].shape:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} differs from {tuple(first[name].shape)}")
+
+
+def _float_names(update: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors that a rule aggregates (the floating-point ones)."""
+    return [name for name, tensor in update.items() if tensor.dtype.is_floating_point]
+
+
+def _stacked(updates: Sequence[Mapping[str, torch.Tensor]], name: str) -> torch.Tensor:
+    """One tensor's values from every update, stacked along a new first dimension, in float64."""
+    return torch.stack([update[name].to(torch.float64) for update in updates])
+
+
+def _combine(
+    updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], floats: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Float results cast back to their dtypes, plus the weighted mean of the integer tensors, in the updates' name order."""
+    first = updates[0]
+    integers = [name for name in first if name not in floats]
+    means = weighted_mean([{name: update[name] for name in integers} for update in updates], weights) if integers else {}
+    return {name: floats[name].to(tensor.dtype) if name in floats else means[name] for name, tensor in first.items()}
+
+
+def coordinate_median(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Coordinate-wise median of float tensors (unweighted; mean of the two middle values for an even count)."""
+    _check_round(updates, weights)
+    n = len(updates)
+    floats = {}
+    for name in _float_names(updates[0]):
+        ordered = _stacked(updates, name).sort(dim=0).values
+        # torch.median picks the lower middle value; the usual median averages the two middle ones.
+        floats[name] = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return _combine(updates, weights, floats)
+
+
+def trimmed_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], trim: float) -> dict[str, torch.Tensor]:
+    """Per coordinate, drop the floor(trim * n) largest and smallest values and average the rest (unweighted)."""
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"trimmed mean needs 0 <= trim < 0.5, got {trim}")
+    _check_round(updates, weights)
+    n = len(updates)
+    k = math.floor(trim * n)
+    # trim < 0.5 makes k < n / 2, even after rounding trim * n (exact for n a power of two, and short
+    # of n / 2 by more than half a unit in the last place otherwise), so at least one value remains.
+    assert n - 2 * k >= 1, (trim, n)
+    floats = {}
+    for name in _float_names(updates[0]):
+        ordered = _stacked(updates, name).sort(dim=0).values
+        floats[name] = ordered[k : n - k].mean(dim=0)
+    return _combine(updates, weights, floats)
+
+
+def _check_krum(n: int, byzantine: int) -> None:
+    """Refuse a Byzantine count that Krum cannot tolerate with `n` updates."""
+    if byzantine < 0:
+        raise ValueError(f"krum needs --byzantine >= 0, got {byzantine}")
+    if not n > 2 * byzantine + 2:
+        raise ValueError(f"krum needs more than 2*f + 2 updates: got {n} with --byzantine {byzantine}")
+
+
+def krum_scores(updates: Sequence[Mapping[str, torch.Tensor]], byzantine: int) -> list[float]:
+    """Krum's score of each update: summed squared distances to its n - f - 2 nearest others (float tensors only)."""
+    _check_krum(len(updates), byzantine)
+    _check_round(updates, None)
+    n = len(updates)
+    # Summed tensor by tensor, so that memory holds n copies of one tensor rather than of the model;
+    # and by direct differences rather than torch.cdist, whose matrix-product shortcut cancels badly
+    # when updates are close. n is the number of learners, so n * n / 2 differences are cheap.
+    distances = [[0.0] * n for _ in range(n)]
+    for name in _float_names(updates[0]):
+        stacked = _stacked(updates, name)
+        stacked = stacked.reshape(n, stacked[0].numel())  # numel, not -1: a tensor may be empty
+        for i in range(n):
+            for j in range(i + 1, n):
+                distances[i][j] += float((stacked[i] - stacked[j]).square().sum())
+    for i in range(n):
+        for j in range(i + 1, n):
+            # An update holding NaN is as far from the rest as can be, and NaN would make sorting arbitrary.
+            if math.isnan(distances[i][j]):
+                distances[i][j] = math.inf
+            distances[j][i] = distances[i][j]
+    nearest = n - byzantine - 2
+    return [sum(sorted(distances[i][:i] + distances[i][i + 1 :])[:nearest]) for i in range(n)]
+
+
+def krum(
+    updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], byzantine: int, select: int = 1
+) -> dict[str, torch.Tensor]:
+    """Krum (select=1): the update with the lowest score; multi-Krum: the weighted mean of the `select` lowest-scoring."""
+    n = len(updates)
+    _check_krum(n, byzantine)
+    if not 1 <= select <= n - byzantine:
+        raise ValueError(f"multi-krum needs 1 <= select <= n - f = {n - byzantine}, got {select}")
+    _check_round(updates, weights)
+    scores = krum_scores(updates, byzantine)
+    chosen = sorted(range(n), key=lambda i: (scores[i], i))[:select]  # equal scores go to the lower index
+    names = _float_names(updates[0])
+    if select == 1:
+        # Taken as is, not as weight * x / weight, which can differ from x in the last bit.
+        floats = {name: updates[chosen[0]][name].to(torch.float64, copy=True) for name in names}
+    else:
+        floats = weighted_mean([{name: updates[i][name].to(torch.float64) for name in names} for i in chosen], [weights[i] for i in chosen])
+    return _combine(updates, weights, floats)
+
+
+def clip_to_norm(update: Mapping[str, torch.Tensor], max_norm: float, names: Sequence[str]) -> tuple[dict[str, torch.Tensor], float]:
+    """Scale the tensors in `names` down so that their joint L2 norm is at most max_norm; returns (update, original norm)."""
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    for name in names:
+        if name not in update:
+            raise ValueError(f"cannot clip {name}: the update has no tensor by that name")
+        if not update[name].dtype.is_floating_point:
+            raise ValueError(f"cannot clip {name}: it is {update[name].dtype}, not a float tensor")
+    norm = math.sqrt(sum(float(update[name].to(torch.float64).square().sum()) for name in names))
+    if not math.isfinite(norm):
+        # Scaling by max_norm / inf would turn the update into zeros and NaNs, not a bounded update.
+        raise ValueError(f"cannot clip an update whose norm is {norm}")
+    clipped = dict(update)
+    if norm > max_norm:
+        scale = max_norm / norm
+        for name in names:
+            clipped[name] = (update[name].to(torch.float64) * scale).to(update[name].dtype)
+    return clipped, norm
+
+
+class UpdateList:
+    """Every update of a round, kept under its sender's key, for rules that need them all at once (median, Krum)."""
+
+    def __init__(self) -> None:
+        self._updates: dict[int, tuple[Mapping[str, torch.Tensor], float]] = {}
+
+    @property
+    def count(self) -> int:
+        """Updates added so far."""
+        return len(self._updates)
+
+    @property
+    def total_weight(self) -> float:
+        """The sum of the weights added so far."""
+        return sum(weight for _, weight in self._updates.values())
+
+    def add(self, update: Mapping[str, torch.Tensor], weight: float, key: int = 0) -> None:
+        """Keep `update` with its weight under `key` (the sender's id)."""
+        if key in self._updates:
+            raise ValueError(f"an update under key {key} was already added")
+        if not weight > 0:
+            raise ValueError(f"update weight must be positive, got {weight}")
+        self._updates[key] = (update, weight)
+
+    def aggregate(
+        self, rule: Callable[[list[Mapping[str, torch.Tensor]], list[float]], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """Call `rule(updates, weights)` on everything added, in ascending key order."""
+        if not self._updates:
+            raise ValueError("cannot aggregate zero updates")
+        keys = sorted(self._updates)
+        return rule([self._updates[key][0] for key in keys], [self._updates[key][1] for key in keys])
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The weighted mean summed in ascending key order, whatever order updates arrived in.
+
+        Floating-point addition is not associative: summing the same updates in another order can change
+        the last bit, and that difference grows over later rounds. This sum is reproducible bit for bit.
+        """
+        return self.aggregate(weighted_mean)

@@ -26,21 +26,27 @@ from grpc_health.v1 import health_pb2
 
 import aggregation
 import checkpoint
+import privacy
+import server_opt
 from cli import StatusLine, flag_value, parse_with_config, setup_logging
 from recorder import CONFIG_FILE, Recorder, TensorBoardMissing
 import rpc
 import wire
 from model import MODELS, build_model
 from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
-from utils import DATASETS, IMAGE_SHAPE, DataError, ImageData, load_dataset, normalize, resolve_device, split_iid
+from utils import (DATASETS, IMAGE_SHAPE, DataError, ImageData, derive_seed, label_histogram, load_dataset, normalize,
+                   resolve_device, split_dirichlet, split_iid, split_shards)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10134  # the blog's port
 AGGREGATIONS = ("fedsgd", "fedavg")
+PARTITIONS = ("iid", "dirichlet", "shards")
+AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
 DATA_MODES = ("split", "local")
 EVAL_BATCH_SIZE = 1000
 MAX_LOCAL_EXAMPLES = 10**9
+SGDM_DEFAULT_MOMENTUM = 0.9  # FedAvgM's server momentum when --server-momentum is left at 0 (Hsu et al. 2019)
 WAIT_SLICE_S = 0.5  # how often waits wake up to check for shutdown
 STOP_TIMEOUT_S = 5.0  # a stop message is tiny; a learner that cannot take it in 5 s is frozen or gone
 HEALTH_PROBE_INTERVAL_S = 5.0  # how often the leader checks the members that have not reported yet
@@ -65,8 +71,23 @@ class LeaderConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.001
+    server_opt: str = "sgd"
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    prox_mu: float = 0.0
+    partition: str = "iid"
+    alpha: float = 0.5
+    classes_per_learner: int = 2
+    fraction: float = 1.0
+    aggregator: str = "mean"
+    trim: float = 0.1
+    byzantine: int = 0
+    clip_norm: float = 0.0  # 0: no clipping
+    dp_noise_multiplier: float = 0.0  # 0: no differential privacy
+    dp_delta: float = 1e-5
     local_steps: int = 0
     local_epochs: int = 1
     augment: bool = True
@@ -94,6 +115,10 @@ class LeaderConfig:
     def quorum(self) -> int:
         """Learners that must report for a round to count."""
         return self.min_learners or self.learners
+
+    def sampled(self, available: int) -> int:
+        """Learners asked to take part in a round when `available` could: --fraction of them, at least --min-learners."""
+        return min(available, max(math.ceil(self.fraction * available), self.min_learners, 1))
 
 
 class LeaderError(Exception):
@@ -131,7 +156,8 @@ class RoundState:
     number: int
     accepting: bool = True
     members: frozenset[int] = frozenset()  # learners taking part; a learner that joins mid-round waits for the next
-    running: aggregation.RunningMean | aggregation.OrderedMean = field(default_factory=aggregation.RunningMean)
+    quorum: int = 1  # updates the round needs
+    running: aggregation.RunningMean | aggregation.UpdateList = field(default_factory=aggregation.RunningMean)
     digests: dict[int, bytes] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     update_norms: list[float] = field(default_factory=list)
@@ -157,7 +183,12 @@ class Leader:
         self.variance_names = [name for name, _ in self.model.named_buffers() if name.endswith("running_var")]
         self.update_bytes = wire.payload_bytes(self.specs)
         self.train_data = train_data
-        self.shards = split_iid(len(train_data), config.learners, config.seed) if train_data is not None else None
+        self.shards = self._partition(train_data) if train_data is not None else None
+        # the share of learners in each round, --min-learners included (Poisson sampling at this rate is the accountant's model)
+        sampling_rate = config.sampled(config.learners) / config.learners
+        self.accountant = (privacy.PrivacyAccountant(config.dp_noise_multiplier, sampling_rate, config.dp_delta)
+                           if config.dp_noise_multiplier else None)
+        self._noise = torch.Generator().manual_seed(secrets.randbits(63))
         self.stop_event = threading.Event()
         self.status = StatusLine(enabled=False if config.quiet else None)
         self.history: list[dict[str, Any]] = []
@@ -194,16 +225,40 @@ class Leader:
             self.optimizer.state[parameters[parameter_name]][key] = tensor.to(self.device)
         self.start_round = record["round"] + 1
         self.resumed_metrics = record["metrics"]
+        if self.accountant is not None:
+            self.accountant.step(record["round"])  # privacy already spent by the committed rounds
         self._published = self._publish(self.start_round)
         logger.info("resuming after round %d from %s", record["round"], json_path)
         return record["round"]
 
     def _server_optimizer(self) -> torch.optim.Optimizer:
-        """fedsgd: the leader takes the SGD step; fedavg: it applies the averaged delta with the server lr."""
+        """The step the leader takes with the averaged update as a (pseudo-)gradient.
+
+        fedsgd with sgd or sgdm: the blog's SGD with --lr, --momentum and --weight-decay. Otherwise
+        --server-opt with --server-lr: plain FedAvg is sgd with lr 1, FedAvgM is sgdm, FedOpt is adam,
+        yogi or adagrad.
+        """
         config = self.config
-        if config.aggregation == "fedsgd":
-            return torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-        return torch.optim.SGD(self.model.parameters(), lr=config.server_lr, momentum=config.server_momentum)
+        parameters = self.model.parameters()
+        if config.aggregation == "fedsgd" and config.server_opt in ("sgd", "sgdm"):
+            return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        momentum = config.server_momentum or (SGDM_DEFAULT_MOMENTUM if config.server_opt == "sgdm" else 0.0)
+        return server_opt.build_server_optimizer(config.server_opt, parameters, lr=config.server_lr, momentum=momentum,
+                                                 beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau)
+
+    def _partition(self, train_data: ImageData) -> list[torch.Tensor]:
+        """Each learner's indices into the training set, by --partition; logs every part's label histogram."""
+        config = self.config
+        if config.partition == "dirichlet":
+            shards = split_dirichlet(train_data.labels, config.learners, config.alpha, config.seed)
+        elif config.partition == "shards":
+            shards = split_shards(train_data.labels, config.learners, config.classes_per_learner, config.seed)
+        else:
+            shards = split_iid(len(train_data), config.learners, config.seed)
+        for learner_id, shard in enumerate(shards):
+            logger.info("split %d (%s): %d examples, per class %s", learner_id, config.partition, len(shard),
+                        label_histogram(train_data.labels, shard, train_data.num_classes))
+        return shards
 
     def plan(self) -> leader_pb2.TrainingPlan:
         """The training plan sent to every learner at registration."""
@@ -226,6 +281,7 @@ class Leader:
             model_fingerprint=wire.fingerprint(self.specs),
             torch_version=torch.__version__,
             deterministic=config.deterministic,
+            prox_mu=config.prox_mu,
         )
 
     # ---- requests from learners -------------------------------------------------
@@ -411,7 +467,12 @@ class Leader:
                 return f"duplicate of the accepted update for round {header.round}; counted once"
             if previous is not None:
                 raise LeaderError(grpc.StatusCode.ALREADY_EXISTS, f"learner {learner_id} already sent a different update for round {header.round}")
-            current.running.add(received.tensors, float(header.num_examples), key=learner_id)
+            update = received.tensors
+            if self.config.clip_norm:
+                update, _ = aggregation.clip_to_norm(update, self.config.clip_norm, self.parameter_names)
+            # DP-FedAvg averages clipped updates unweighted, so that one learner's influence is bounded by the clip alone
+            weight = 1.0 if self.accountant is not None else float(header.num_examples)
+            current.running.add(update, weight, key=learner_id)
             current.digests[learner_id] = digest
             current.losses.append(header.train_loss)
             current.update_norms.append(norm)
@@ -430,14 +491,15 @@ class Leader:
             round_start = time.monotonic()
             self._begin_round(self._open_round(number))
             finished = self._collect(number, start)
-            mean = finished.running.mean()
+            mean = self._aggregate(finished)
             aggregation.apply_update(self.model, self.optimizer, mean)
             test_loss, test_accuracy = self.evaluate()
             metrics = {
                 "round": number,
                 "wall_time": time.time(),
+                "learners_selected": len(finished.members),
                 "learners_reported": finished.running.count,
-                "learners_dropped": config.learners - finished.running.count,
+                "learners_dropped": len(finished.members) - finished.running.count,
                 "train_loss": sum(finished.losses) / len(finished.losses),
                 "test_loss": test_loss,
                 "test_accuracy": test_accuracy,
@@ -447,6 +509,7 @@ class Leader:
                 "update_norm_max": max(finished.update_norms),
                 "updates_rejected": sum(finished.rejected.values()),
                 "aggregate_norm": self._parameter_norm(mean),
+                **({"dp_epsilon": self.accountant.epsilon()} if self.accountant is not None else {}),
                 "round_seconds": time.monotonic() - round_start,
                 "elapsed_seconds": time.monotonic() - start,
             }
@@ -504,13 +567,44 @@ class Leader:
         logger.info("all %d learners registered; starting training", self.config.learners)
 
     def _open_round(self, number: int) -> RoundState:
-        """Start collecting round `number` from the live learners due to take part in it."""
+        """Start collecting round `number` from the live learners due to take part in it (a seeded sample of --fraction)."""
+        config = self.config
         with self._cond:
-            members = frozenset(learner_id for learner_id, record in self._learners.items()
-                                if record.alive and record.joins_round <= number)
-            running = aggregation.OrderedMean() if self.config.deterministic else aggregation.RunningMean()
-            self._round = RoundState(number, members=members, running=running)
+            available = sorted(learner_id for learner_id, record in self._learners.items()
+                               if record.alive and record.joins_round <= number)
+            count = config.sampled(len(available))
+            if count < len(available):
+                generator = torch.Generator().manual_seed(derive_seed(config.seed, "sample", number))
+                chosen = torch.randperm(len(available), generator=generator)[:count].tolist()
+                members = frozenset(available[index] for index in chosen)
+            else:
+                members = frozenset(available)
+            # robust rules need every update; --deterministic sums them in learner order; else a running sum is enough
+            running = aggregation.UpdateList() if config.aggregator != "mean" or config.deterministic else aggregation.RunningMean()
+            quorum = min(config.min_learners, count) if config.min_learners else count
+            self._round = RoundState(number, members=members, quorum=max(1, quorum), running=running)
             return self._round
+
+    def _aggregate(self, finished: RoundState) -> dict[str, torch.Tensor]:
+        """The round's update by --aggregator, plus Gaussian noise on the parameters under DP-FedAvg."""
+        config = self.config
+        rules = {
+            "median": aggregation.coordinate_median,
+            "trimmed-mean": lambda updates, weights: aggregation.trimmed_mean(updates, weights, config.trim),
+            "krum": lambda updates, weights: aggregation.krum(updates, weights, config.byzantine),
+            "multi-krum": lambda updates, weights: aggregation.krum(updates, weights, config.byzantine, len(updates) - config.byzantine),
+        }
+        try:
+            result = finished.running.mean() if config.aggregator == "mean" else finished.running.aggregate(rules[config.aggregator])
+        except ValueError as error:
+            raise RunError(f"round {finished.number}: {error}; the model is unchanged") from None
+        if self.accountant is not None:
+            std = privacy.gaussian_noise_std(config.clip_norm, config.dp_noise_multiplier, finished.running.count)
+            for name in self.parameter_names:  # fresh OS randomness: noise anyone could regenerate from --seed protects nothing
+                noise = torch.randn(result[name].shape, generator=self._noise, dtype=torch.float64)
+                result[name] = (result[name].double() + std * noise).to(result[name].dtype)
+            self.accountant.step()
+        return result
 
     def _begin_round(self, current: RoundState) -> None:
         """Start the newcomers (they fetch the model with GetModel) and push the new global model to the rest."""
@@ -559,7 +653,7 @@ class Leader:
                 )
                 if current.running.count >= alive:
                     break
-                if alive < self.config.quorum:
+                if alive < current.quorum:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -573,10 +667,10 @@ class Leader:
         for record in late:
             logger.warning("learner %d at %s sent no update for round %d by the deadline (--round-timeout); marked absent",
                            record.learner_id, record.address, number)
-        if current.running.count < self.config.quorum:
+        if current.running.count < current.quorum:
             raise RunError(
-                f"round {number}: {current.running.count} of {self.config.learners} learners reported "
-                f"and {self.config.quorum} are needed (--min-learners); see the learners' logs"
+                f"round {number}: {current.running.count} of {len(current.members)} learners reported "
+                f"and {current.quorum} are needed (--min-learners); see the learners' logs"
             )
         return current
 
@@ -775,8 +869,30 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr", type=float, default=defaults.lr, help="SGD learning rate (the leader's in fedsgd, the learners' in fedavg)")
     add("--momentum", type=float, default=defaults.momentum, help="SGD momentum (same side as --lr)")
     add("--weight-decay", type=float, default=defaults.weight_decay, help="SGD weight decay (same side as --lr)")
-    add("--server-lr", type=float, default=defaults.server_lr, help="fedavg: step size on the averaged delta (1 is plain FedAvg)")
-    add("--server-momentum", type=float, default=defaults.server_momentum, help="fedavg: server momentum (0 is plain FedAvg)")
+    add("--server-opt", choices=server_opt.SERVER_OPTIMIZERS, default=defaults.server_opt,
+        help="the leader's optimizer on the averaged update: sgd (FedAvg; in fedsgd the blog's SGD with --lr, --momentum, "
+        "--weight-decay), sgdm (FedAvgM), adam, yogi or adagrad (FedOpt, Reddi et al. 2021); all but fedsgd's sgd use --server-lr")
+    add("--server-lr", type=float, default=defaults.server_lr, help="server step size (1 with sgd is plain FedAvg; FedOpt wants about 0.01-0.1)")
+    add("--server-momentum", type=float, default=defaults.server_momentum, help="server momentum of sgd and sgdm (0: none for sgd, 0.9 for sgdm)")
+    add("--server-beta1", type=float, default=defaults.server_beta1, help="adam, yogi, adagrad: first-moment decay")
+    add("--server-beta2", type=float, default=defaults.server_beta2, help="adam, yogi: second-moment decay")
+    add("--server-tau", type=_positive_float, default=defaults.server_tau, help="adam, yogi, adagrad: adaptivity (the epsilon added to the root of v)")
+    add("--prox-mu", type=_non_negative_float, default=defaults.prox_mu,
+        help="FedProx: learners add (mu/2)*||w - w_global||^2 to their loss (0: plain local SGD)")
+    add("--partition", choices=PARTITIONS, default=defaults.partition,
+        help="how the leader splits the training set: iid, dirichlet (label skew by --alpha) or shards (--classes-per-learner classes each)")
+    add("--alpha", type=_positive_float, default=defaults.alpha, help="dirichlet: concentration (small: each learner sees few classes)")
+    add("--classes-per-learner", type=_positive_int, default=defaults.classes_per_learner, help="shards: label shards per learner")
+    add("--fraction", type=_fraction, default=defaults.fraction,
+        help="share of the live learners asked to take part in each round (seeded sample, at least --min-learners)")
+    add("--aggregator", choices=AGGREGATORS, default=defaults.aggregator,
+        help="mean (weighted by examples), coordinate-wise median, trimmed-mean (--trim), krum or multi-krum (--byzantine)")
+    add("--trim", type=float, default=defaults.trim, help="trimmed-mean: share of the values dropped at each end of every coordinate")
+    add("--byzantine", type=_non_negative_int, default=defaults.byzantine, help="krum, multi-krum: learners that may be hostile (needs more than 2f+2 per round)")
+    add("--clip-norm", type=_non_negative_float, default=defaults.clip_norm, help="scale each update's parameters down to this L2 norm (0: no clipping)")
+    add("--dp-noise-multiplier", type=_non_negative_float, default=defaults.dp_noise_multiplier,
+        help="DP-FedAvg: Gaussian noise of this many times --clip-norm on the sum of updates (0: no differential privacy)")
+    add("--dp-delta", type=_fraction, default=defaults.dp_delta, help="DP-FedAvg: the delta at which the epsilon spent is reported")
     add("--local-steps", type=int, default=defaults.local_steps, help="fedavg: local batches per round (0: use --local-epochs)")
     add("--local-epochs", type=_positive_int, default=defaults.local_epochs, help="fedavg: local epochs per round")
     add("--augment", action=argparse.BooleanOptionalAction, default=defaults.augment, help="random crop and flip on the learners")
@@ -825,6 +941,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -845,9 +975,33 @@ def parse_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bool, str
     config = resolve_paths(LeaderConfig(**args))
     if config.min_learners > config.learners:
         parser.error(f"--min-learners {config.min_learners} exceeds --learners {config.learners}")
+    for problem in config_problems(config):
+        parser.error(problem)
     if config.dataset == "synthetic" and config.data_mode == "local":
         parser.error("--data-mode local needs real data on the learners: use --dataset cifar10 or imagefolder")
     return config, verbose, enrolment_token
+
+
+def config_problems(config: LeaderConfig) -> list[str]:
+    """Combinations of settings that cannot work, each as a message naming the flags."""
+    problems = []
+    per_round = config.sampled(config.learners)
+    if config.aggregator in ("krum", "multi-krum") and per_round <= 2 * config.byzantine + 2:
+        problems.append(f"--aggregator {config.aggregator} needs more than 2*f + 2 learners per round: "
+                        f"{per_round} with --byzantine {config.byzantine}; add learners or lower --byzantine")
+    if config.aggregator == "trimmed-mean" and not 0 <= config.trim < 0.5:
+        problems.append(f"--trim must be in [0, 0.5), got {config.trim}")
+    if config.dp_noise_multiplier and not config.clip_norm:
+        problems.append("--dp-noise-multiplier needs --clip-norm: the noise is calibrated to the clipped norm")
+    if config.dp_noise_multiplier and config.aggregator != "mean":
+        problems.append("--dp-noise-multiplier works with --aggregator mean only (the accountant assumes a clipped sum)")
+    if config.server_opt in server_opt.FEDOPT_MODES and config.server_momentum:
+        problems.append(f"--server-opt {config.server_opt} takes its momentum from --server-beta1; leave --server-momentum at 0")
+    if config.server_opt != "sgd" and config.server_lr <= 0:
+        problems.append(f"--server-opt {config.server_opt} needs --server-lr > 0")
+    if config.partition != "iid" and config.data_mode == "local":
+        problems.append("--partition applies to the leader's split; with --data-mode local each learner brings its own data")
+    return problems
 
 
 def expand_resume(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[str]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import logging
+import os
 import random
 import secrets
 import socket
@@ -28,7 +28,7 @@ from cli import parse_with_config, setup_logging
 import wire
 from model import build_model
 from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
-from utils import DataError, ImageData, augment, load_dataset, normalize, resolve_device
+from utils import DataError, ImageData, augment, derive_seed, load_dataset, normalize, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -341,6 +341,8 @@ class Learner:
             loss = F.cross_entropy(model(inputs), labels)
             loss.backward()
             if plan.aggregation == "fedavg":
+                if plan.prox_mu:
+                    add_proximal_gradient(model, global_state, plan.prox_mu)
                 optimizer.step()
             total_loss += loss.item() * len(indices)
             examples += len(indices)
@@ -396,16 +398,18 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         return learner_pb2.Ack(success=True, message=f"model for round {received.header.round} received")
 
 
+def add_proximal_gradient(model: torch.nn.Module, global_state: dict[str, torch.Tensor], mu: float) -> None:
+    """FedProx: add the gradient of (mu/2) * ||w - w_global||^2, which is mu * (w - w_global), to each parameter's."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.grad is not None:
+                parameter.grad.add_(parameter - global_state[name], alpha=mu)
+
+
 def rejoin_pause(attempt: int, draw: float) -> float:
     """Seconds to pause before the `attempt`-th re-registration (0-based), for a uniform `draw` in [0, 1)."""
     ceiling = min(REJOIN_BACKOFF_MAX_S, REJOIN_BACKOFF_S * 2**attempt)
     return ceiling * (0.5 + draw / 2)
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed determined by `parts`, so that separate random streams never share a seed by accident."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def batches_per_epoch(size: int, batch_size: int) -> int:
@@ -548,4 +552,10 @@ def run_session(config: LearnerConfig, enrolment_token: str | None, tls: rpc.Tls
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: gRPC's core threads can still be winding down then, and destroying them
+    # aborts the process now and then ("terminate called without an active exception") after a clean run.
+    os._exit(status)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -119,6 +120,12 @@ def synthetic_dataset(size: int, seed: int, train: bool = True) -> ImageData:
     return ImageData(images, labels, SYNTHETIC_CLASSES)
 
 
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed determined by `parts`, so that separate random streams never share a seed by accident."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def split_iid(num_examples: int, num_parts: int, seed: int) -> list[torch.Tensor]:
     """Split indices 0..num_examples-1 into disjoint, complete, seeded random parts (sizes differ by at most 1)."""
     if num_parts < 1:
@@ -162,3 +169,73 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps was asked for but MPS is not available: use --device auto or cpu")
     return device
+
+
+# Redraws of the Dirichlet proportions before giving up on a split where every part is non-empty: enough that
+# a feasible but unlucky draw almost never fails, few enough that an infeasible request fails fast.
+MAX_DIRICHLET_ATTEMPTS = 1000
+
+
+def split_dirichlet(labels: torch.Tensor, num_parts: int, alpha: float, seed: int) -> list[torch.Tensor]:
+    """Label-skewed split after Hsu et al. 2019: each class shared out by Dirichlet(alpha); parts sorted, non-empty."""
+    if num_parts < 1:
+        raise ValueError(f"num_parts must be positive, got {num_parts}")
+    if not alpha > 0:  # written this way so that NaN is refused too
+        raise ValueError(f"alpha must be positive, got {alpha}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be one-dimensional, got shape {tuple(labels.shape)}")
+    if num_parts > len(labels):
+        raise ValueError(f"cannot give each of {num_parts} parts an example: there are only {len(labels)} examples")
+    # NumPy, not torch: torch has no Dirichlet sampler that takes a Generator, and the global RNG is shared state.
+    rng = np.random.default_rng(seed)
+    label_array = labels.cpu().numpy()
+    # Each class's indices are shuffled once; a redraw only changes where they are cut.
+    members = [rng.permutation(np.flatnonzero(label_array == label)) for label in np.unique(label_array)]
+    # Proportions are drawn per class over the parts (the form of Yurochkin et al. 2019 and NIID-Bench), not per part
+    # over the classes as in Hsu et al.; both skew labels, and this one keeps every example without resampling.
+    for _ in range(MAX_DIRICHLET_ATTEMPTS):
+        cuts = []
+        sizes = np.zeros(num_parts, dtype=np.int64)
+        for indices in members:
+            proportions = rng.dirichlet(np.full(num_parts, alpha))
+            # The last boundary is left out, so rounding can never drop the class's final examples.
+            bounds = (np.cumsum(proportions)[:-1] * len(indices)).astype(np.int64)
+            cuts.append(bounds)
+            sizes += np.diff(bounds, prepend=0, append=len(indices))
+        if sizes.min() > 0:
+            chunks = [np.split(indices, bounds) for indices, bounds in zip(members, cuts)]
+            return [torch.from_numpy(np.sort(np.concatenate([chunk[part] for chunk in chunks]))).to(torch.int64)
+                    for part in range(num_parts)]
+    raise ValueError(
+        f"no Dirichlet(alpha={alpha}) split of {len(labels)} examples in {len(members)} classes gave all {num_parts} "
+        f"parts an example in {MAX_DIRICHLET_ATTEMPTS} draws: use a larger alpha or fewer parts"
+    )
+
+
+def split_shards(labels: torch.Tensor, num_parts: int, classes_per_part: int, seed: int) -> list[torch.Tensor]:
+    """McMahan et al. 2017's pathological split: label-sorted shards, classes_per_part per part at random; parts sorted."""
+    if num_parts < 1:
+        raise ValueError(f"num_parts must be positive, got {num_parts}")
+    if classes_per_part < 1:
+        raise ValueError(f"classes_per_part must be positive, got {classes_per_part}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be one-dimensional, got shape {tuple(labels.shape)}")
+    num_shards = num_parts * classes_per_part
+    if num_shards > len(labels):
+        raise ValueError(f"{num_parts} parts x {classes_per_part} shards need {num_shards} examples, "
+                         f"there are only {len(labels)}")
+    # Stable, so that ties keep index order and the shards do not depend on the sort implementation.
+    by_label = torch.sort(labels.cpu(), stable=True).indices
+    shards = torch.tensor_split(by_label, num_shards)  # sizes differ by at most 1
+    owners = torch.randperm(num_shards, generator=torch.Generator().manual_seed(seed)).view(num_parts, classes_per_part)
+    return [torch.sort(torch.cat([shards[shard] for shard in row.tolist()])).values for row in owners]
+
+
+def label_histogram(labels: torch.Tensor, indices: torch.Tensor, num_classes: int) -> list[int]:
+    """Number of examples of each class 0..num_classes-1 among labels[indices]."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    selected = labels[indices].cpu()
+    if selected.numel() and (int(selected.min()) < 0 or int(selected.max()) >= num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {int(selected.min())}..{int(selected.max())}")
+    return torch.bincount(selected, minlength=num_classes).tolist()

@@ -90,7 +90,7 @@ def test_large_finite_updates_cannot_overflow_the_sum():
     assert torch.isfinite(mean["w"]).all() and mean["w"].item() == pytest.approx(3e38, rel=1e-6)
 
 
-def test_ordered_mean_is_the_same_whatever_the_arrival_order():
+def test_update_list_mean_is_the_same_whatever_the_arrival_order():
     # float64 addition is not associative: 1e16 + 1 rounds back to 1e16, so the running sum depends on the order
     big, one, minus_big = ({"w": torch.tensor([value], dtype=torch.float64)} for value in (1e16, 1.0, -1e16))
     arrivals = [[(0, big), (1, one), (2, minus_big)], [(0, big), (2, minus_big), (1, one)]]
@@ -103,7 +103,7 @@ def test_ordered_mean_is_the_same_whatever_the_arrival_order():
     assert running_means == [0.0, 1 / 3]  # (1e16 + 1 - 1e16) / 3 in two orders
     ordered_means = []
     for arrival in arrivals:
-        ordered = aggregation.OrderedMean()
+        ordered = aggregation.UpdateList()
         for key, update in arrival:
             ordered.add(update, 1.0, key=key)
         assert ordered.count == 3

@@ -22,7 +22,7 @@ from recorder import Recorder, TensorBoardMissing
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CNN_BYTES = 11_642 * 4  # float32 parameters of tiny-cnn, its whole state
 METRIC_FIELDS = {
-    "round", "wall_time", "learners_reported", "learners_dropped", "bytes_in", "bytes_out", "train_loss", "test_loss",
+    "round", "wall_time", "learners_selected", "learners_reported", "learners_dropped", "bytes_in", "bytes_out", "train_loss", "test_loss",
     "test_accuracy", "update_norm_mean", "update_norm_max", "updates_rejected", "aggregate_norm", "round_seconds", "elapsed_seconds",
 }
 

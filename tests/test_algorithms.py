@@ -1,0 +1,150 @@
+"""The leader's algorithm choices wired end to end: partitions, sampling, robust rules, clipping, DP, FedProx, FedOpt."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import aggregation
+import leader as leader_module
+import privacy
+import utils
+from conftest import join_all, leader_config, register_client, running_leader, start_learners
+from learner import add_proximal_gradient
+from protos import leader_pb2
+from test_leader_rpc import send
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def filled(leader, value: float) -> dict[str, torch.Tensor]:
+    return {name: torch.full_like(tensor, value) for name, tensor in leader.model.state_dict().items()}
+
+
+def test_shards_give_each_learner_its_classes_and_the_split_is_logged(tmp_path, caplog):
+    caplog.set_level("INFO", logger="leader")
+    config = leader_config(tmp_path, learners=5, partition="shards", classes_per_learner=2, seed=4)
+    with running_leader(config) as running:
+        labels = running.leader.train_data.labels
+        expected = utils.split_shards(labels, 5, 2, 4)
+        assert all(torch.equal(got, want) for got, want in zip(running.leader.shards, expected, strict=True))
+        histograms = [utils.label_histogram(labels, shard, 10) for shard in expected]
+    logged = [record.getMessage() for record in caplog.records if "(shards)" in record.getMessage()]
+    assert logged == [f"split {index} (shards): {sum(counts)} examples, per class {counts}" for index, counts in enumerate(histograms)]
+
+
+def test_a_fraction_of_learners_is_sampled_each_round_reproducibly(tmp_path):
+    selections = []
+    for attempt in range(2):
+        config = leader_config(tmp_path / str(attempt), learners=4, fraction=0.5, rounds=4, seed=3)
+        with running_leader(config) as running:
+            learners = start_learners(running.address, 4)
+            history = running.leader.run()
+            assert join_all(learners) == [0, 0, 0, 0]
+        assert [entry["learners_selected"] for entry in history] == [2, 2, 2, 2]
+        assert [entry["learners_reported"] for entry in history] == [2, 2, 2, 2]
+        selections.append([running.leader._open_round(number).members for number in range(1, 5)])
+    assert selections[0] == selections[1]  # seeded by (seed, round)
+    assert len(set(selections[0])) > 1  # and not the same pair every round
+
+
+@pytest.mark.parametrize("aggregator", ["median", "trimmed-mean", "krum"])
+def test_robust_aggregators_ignore_one_scaled_sign_flipped_update(tmp_path, channel_to, aggregator):
+    config = leader_config(tmp_path, learners=5, aggregator=aggregator, trim=0.2, byzantine=1)
+    with running_leader(config) as running:
+        leader = running.leader
+        clients = [register_client(channel_to(running.address)) for _ in range(5)]
+        leader._started = True
+        current = leader._open_round(1)
+        for client, value in zip(clients, [0.01, 0.01, 0.01, 0.01, -0.1]):  # the last: sign flipped and 10x
+            assert send(client, filled(leader, value)).success
+        current.accepting = False
+        result = leader._aggregate(current)
+        for name, tensor in result.items():
+            assert torch.allclose(tensor, torch.full_like(tensor, 0.01)), name  # the mean would be -0.012
+
+
+def test_krum_refuses_a_round_below_its_bound(tmp_path, channel_to):
+    config = leader_config(tmp_path, learners=5, aggregator="krum", byzantine=1, min_learners=4)
+    with running_leader(config) as running:
+        leader = running.leader
+        clients = [register_client(channel_to(running.address)) for _ in range(5)]
+        leader._started = True
+        current = leader._open_round(1)
+        for client in clients[:4]:  # one learner dropped out: 4 is not more than 2*1 + 2
+            assert send(client, filled(leader, 0.01)).success
+        before = {name: tensor.clone() for name, tensor in leader.model.state_dict().items()}
+        with pytest.raises(leader_module.RunError, match="more than 2"):
+            leader._aggregate(current)
+        assert all(torch.equal(before[name], tensor) for name, tensor in leader.model.state_dict().items())
+
+
+def test_clipping_bounds_each_update_before_the_mean(tmp_path, channel_to):
+    config = leader_config(tmp_path, learners=2, clip_norm=1.0)
+    with running_leader(config) as running:
+        leader = running.leader
+        clients = [register_client(channel_to(running.address)) for _ in range(2)]
+        leader._started = True
+        current = leader._open_round(1)
+        assert send(clients[0], filled(leader, 10.0), num_examples=10).success
+        assert send(clients[1], filled(leader, 0.0), num_examples=10).success
+        result = leader._aggregate(current)
+        norm = leader._parameter_norm(result)
+        assert math.isclose(norm, 0.5, rel_tol=1e-5)  # the first clipped to norm 1, averaged with zero
+
+
+def test_dp_noise_has_the_calibrated_spread_and_epsilon_is_reported(tmp_path, channel_to):
+    config = leader_config(tmp_path, learners=2, clip_norm=2.0, dp_noise_multiplier=1.5, dp_delta=1e-5)
+    with running_leader(config) as running:
+        leader = running.leader
+        clients = [register_client(channel_to(running.address)) for _ in range(2)]
+        leader._started = True
+        current = leader._open_round(1)
+        for client in clients:
+            assert send(client, filled(leader, 0.0)).success
+        result = leader._aggregate(current)
+        noise = torch.cat([result[name].flatten().double() for name in leader.parameter_names])
+        expected = 1.5 * 2.0 / 2  # z * C / n on the mean of two clipped updates
+        assert noise.numel() > 10_000 and abs(float(noise.std()) / expected - 1) < 0.05
+        assert abs(float(noise.mean())) < 0.05 * expected
+        accountant = privacy.PrivacyAccountant(1.5, 1.0, 1e-5)
+        accountant.step()
+        assert leader.accountant.epsilon() == accountant.epsilon() > 0
+
+
+def test_proximal_gradient_by_hand():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0]]))
+    model.weight.grad = torch.tensor([[0.5, 0.5]])
+    add_proximal_gradient(model, {"weight": torch.tensor([[0.0, 0.0]])}, mu=0.1)
+    assert torch.allclose(model.weight.grad, torch.tensor([[0.6, 0.3]]))  # 0.5 + 0.1*1, 0.5 + 0.1*(-2)
+
+
+def test_fedprox_and_fedopt_rounds_run_and_adam_state_is_checkpointed(tmp_path):
+    config = leader_config(tmp_path, learners=2, rounds=2, aggregation="fedavg", local_steps=3, prox_mu=0.01,
+                           server_opt="adam", server_lr=0.01)
+    with running_leader(config) as running:
+        assert running.leader.plan().prox_mu == pytest.approx(0.01)
+        learners = start_learners(running.address, 2)
+        history = running.leader.run()
+        assert join_all(learners) == [0, 0]
+        tensors = running.leader.optimizer_tensors()
+    assert len(history) == 2
+    assert any(name.endswith(".v") for name in tensors) and any(name.endswith(".m") for name in tensors)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--aggregator", "krum", "--learners", "4", "--byzantine", "1"], "needs more than 2*f + 2 learners per round"),
+    (["--dp-noise-multiplier", "1.0"], "--dp-noise-multiplier needs --clip-norm"),
+    (["--aggregator", "trimmed-mean", "--trim", "0.5"], "--trim must be in [0, 0.5)"),
+    (["--fraction", "0"], "--fraction: must be in (0, 1]"),
+])
+def test_impossible_algorithm_settings_get_one_line_errors(flags, message):
+    result = subprocess.run([sys.executable, "leader.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
