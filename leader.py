@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -150,6 +149,24 @@ class LearnerRecord:
 
 
 @dataclass
+class Published:
+    """The global model learners train on in round `number`, encoded once and framed once for every call that sends it."""
+
+    number: int
+    manifest: Any
+    payload: bytearray
+    model_chunks: list[leader_pb2.ModelChunk]  # GetModel's replies
+    model_states: list[learner_pb2.ModelState]  # the round-start push
+
+    @classmethod
+    def of(cls, number: int, model: torch.nn.Module) -> Published:
+        """Encode a model's state for round `number`."""
+        manifest, payload = wire.encode(model.state_dict())
+        return cls(number, manifest, payload, list(wire.stream(leader_pb2.ModelChunk, manifest, payload, round=number)),
+                   list(wire.stream(learner_pb2.ModelState, manifest, payload, round=number)))
+
+
+@dataclass
 class RoundState:
     """Updates received in the round now open."""
 
@@ -158,7 +175,7 @@ class RoundState:
     members: frozenset[int] = frozenset()  # learners taking part; a learner that joins mid-round waits for the next
     quorum: int = 1  # updates the round needs
     running: aggregation.RunningMean | aggregation.UpdateList = field(default_factory=aggregation.RunningMean)
-    digests: dict[int, bytes] = field(default_factory=dict)
+    digests: dict[int, tuple[float, ...]] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     update_norms: list[float] = field(default_factory=list)
     rejected: dict[int, int] = field(default_factory=dict)  # learner id -> refused updates this round
@@ -197,11 +214,12 @@ class Leader:
         self._tokens: dict[str, int] = {}
         self._started = False
         self._round = RoundState(0, accepting=False)
+        self._running = aggregation.RunningMean()  # one float64 sum for every round, reset rather than reallocated
         self._calls = ThreadPoolExecutor(max_workers=MAX_PARALLEL_CALLS, thread_name_prefix="learner-call")
         self.start_round = 1
         self.resumed_metrics: dict[str, Any] | None = None
         self.limits: rpc.CallLimits | None = None  # set by serve()
-        self._published = self._publish(1)
+        self._published = Published.of(1, self.model)
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         """The server optimizer's per-parameter tensors (momentum buffers), named by parameter."""
@@ -227,7 +245,7 @@ class Leader:
         self.resumed_metrics = record["metrics"]
         if self.accountant is not None:
             self.accountant.step(record["round"])  # privacy already spent by the committed rounds
-        self._published = self._publish(self.start_round)
+        self._published = Published.of(self.start_round, self.model)
         logger.info("resuming after round %d from %s", record["round"], json_path)
         return record["round"]
 
@@ -385,8 +403,8 @@ class Leader:
             raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION, "this leader holds no training data (--data-mode local)")
         return self.train_data.subset(self.shards[learner_id])
 
-    def published(self) -> tuple[int, Any, bytearray]:
-        """The current global model as (round, manifest, payload)."""
+    def published(self) -> Published:
+        """The current global model, encoded."""
         return self._published
 
     def check_update_header(self, learner_id: int, header: leader_pb2.GradientData) -> None:
@@ -422,7 +440,7 @@ class Leader:
 
     def _parameter_norm(self, update: dict[str, torch.Tensor]) -> float:
         """L2 norm of an update's parameter part (gradient or model delta), buffers left out."""
-        squares = sum(float(update[name].double().square().sum()) for name in self.parameter_names)
+        squares = sum(_norm(update[name]) ** 2 for name in self.parameter_names)
         return math.sqrt(squares)
 
     def note_rejection(self, learner_id: int, code: grpc.StatusCode, reason: str) -> None:
@@ -450,11 +468,15 @@ class Leader:
 
     def accept_update(self, learner_id: int, header: leader_pb2.GradientData, received: wire.Received) -> str:
         """Add a checked update to the round's running sum, once per learner per round."""
-        digest = hashlib.blake2b(received.payload, digest_size=16).digest()
+        # per-tensor norms stand in for a hash of the bytes: they tell an identical retry from a different update
+        # (a different one that matched them would only be answered "duplicate"; neither is ever counted twice)
+        norms = {spec.name: received.norms[spec.name] if spec.name in received.norms else _norm(received.tensors[spec.name])
+                 for spec in self.specs}
+        digest = (*norms.values(), float(header.num_examples), header.train_loss)  # by name: a sender picks the order
         for name in self.variance_names:
             if bool((received.tensors[name] < 0).any()):
                 raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} holds negative variances")
-        norm = self._parameter_norm(received.tensors)
+        norm = math.sqrt(sum(norms[name] ** 2 for name in self.parameter_names))
         bound = self.config.max_update_norm
         if bound and norm > bound:
             raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"update norm {norm:.4g} exceeds --max-update-norm {bound:g}")
@@ -514,7 +536,7 @@ class Leader:
                 "elapsed_seconds": time.monotonic() - start,
             }
             self.history.append(metrics)
-            self._published = self._publish(number + 1)
+            self._published = Published.of(number + 1, self.model)
             checkpoint.save(
                 Path(config.checkpoint_dir),
                 number,
@@ -580,7 +602,7 @@ class Leader:
             else:
                 members = frozenset(available)
             # robust rules need every update; --deterministic sums them in learner order; else a running sum is enough
-            running = aggregation.UpdateList() if config.aggregator != "mean" or config.deterministic else aggregation.RunningMean()
+            running = aggregation.UpdateList() if config.aggregator != "mean" or config.deterministic else self._running.reset()
             quorum = min(config.min_learners, count) if config.min_learners else count
             self._round = RoundState(number, members=members, quorum=max(1, quorum), running=running)
             return self._round
@@ -608,7 +630,7 @@ class Leader:
 
     def _begin_round(self, current: RoundState) -> None:
         """Start the newcomers (they fetch the model with GetModel) and push the new global model to the rest."""
-        _, manifest, payload = self._published
+        published = self._published
         with self._cond:
             records = [self._learners[learner_id] for learner_id in sorted(current.members)]
             newcomers = {record.learner_id for record in records if not record.started}
@@ -619,9 +641,9 @@ class Leader:
             metadata = rpc.token_metadata(record.callback_token)
             if record.learner_id in newcomers:
                 return record.stub.StartTraining(learner_pb2.Empty(), timeout=rpc.CONTROL_TIMEOUT_S, metadata=metadata)
-            messages = wire.stream(learner_pb2.ModelState, manifest, payload, round=current.number)
-            reply = record.stub.SyncModelState(messages, timeout=rpc.transfer_timeout(len(payload)), metadata=metadata)
-            self.count_bytes_out(len(payload))
+            size = len(published.payload)
+            reply = record.stub.SyncModelState(iter(published.model_states), timeout=rpc.transfer_timeout(size), metadata=metadata)
+            self.count_bytes_out(size)
             return reply
 
         for record in records:  # not awaited: a learner that is slow to take the model must not hold up the others
@@ -693,11 +715,6 @@ class Leader:
         if self.stop_event.is_set():
             raise RunError("leader shutting down")
 
-    def _publish(self, number: int) -> tuple[int, Any, bytearray]:
-        """Serialize the global model once per round for every GetModel and push."""
-        manifest, payload = wire.encode(self.model.state_dict())
-        return number, manifest, payload
-
     def _call_all(self, what: str, call: Any, records: list[LearnerRecord]) -> None:
         """Call learners in parallel; a learner whose call fails is marked absent."""
         for record, error in zip(records, self._calls.map(lambda record: _try_call(call, record), records)):
@@ -747,6 +764,13 @@ class Leader:
                 record.channel.close()
 
 
+def _norm(tensor: torch.Tensor) -> float:
+    """L2 norm accumulated in float64, without a float64 copy of the tensor."""
+    if not tensor.dtype.is_floating_point:
+        tensor = tensor.double()  # small integer buffers, e.g. BatchNorm's batch counter
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+
+
 def _try_call(call: Any, record: LearnerRecord) -> str | None:
     """Run one call against a learner; returns None or the error's description."""
     try:
@@ -788,9 +812,9 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 
     def GetModel(self, request: leader_pb2.Empty, context: grpc.ServicerContext) -> Iterator[leader_pb2.ModelChunk]:
         self._caller(context)
-        number, manifest, payload = self.leader.published()
-        yield from wire.stream(leader_pb2.ModelChunk, manifest, payload, round=number)
-        self.leader.count_bytes_out(len(payload))
+        published = self.leader.published()
+        yield from published.model_chunks
+        self.leader.count_bytes_out(len(published.payload))
 
     def GetData(self, request: leader_pb2.LearnerDataRequest, context: grpc.ServicerContext) -> Iterator[leader_pb2.DataChunk]:
         learner_id = self._caller(context)

@@ -137,7 +137,13 @@ def check_specs(received: Sequence[TensorSpec], expected: Sequence[TensorSpec]) 
 
 def decode(specs: Sequence[TensorSpec], payload: bytearray, require_finite: bool = True) -> dict[str, torch.Tensor]:
     """View a complete payload as tensors (zero-copy), refusing NaN or infinite values."""
+    return _decode(specs, payload, require_finite)[0]
+
+
+def _decode(specs: Sequence[TensorSpec], payload: bytearray, require_finite: bool) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The tensors, and the L2 norm of each float tensor when values were checked (the check computes it)."""
     tensors: dict[str, torch.Tensor] = {}
+    norms: dict[str, float] = {}
     offset = 0
     for spec in specs:
         dtype = DTYPES[spec.dtype]
@@ -147,11 +153,23 @@ def decode(specs: Sequence[TensorSpec], payload: bytearray, require_finite: bool
             tensor = flat.view(spec.shape)
         else:
             tensor = torch.empty(spec.shape, dtype=dtype)
-        if require_finite and dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
-            raise WireError(f"tensor {spec.name!r} holds NaN or infinite values")
+        if require_finite and dtype.is_floating_point:
+            norms[spec.name] = _finite_norm(spec.name, tensor)
         tensors[spec.name] = tensor
         offset += spec.nbytes
-    return tensors
+    return tensors, norms
+
+
+def _finite_norm(name: str, tensor: torch.Tensor) -> float:
+    """The tensor's L2 norm, raising WireError when a value is NaN or infinite; one pass, no mask as large as the tensor.
+
+    A NaN or infinity makes the norm (accumulated in float64) NaN or infinite, and finite float32 or
+    float16 values cannot overflow it; only a float64 tensor near its range could, so that is confirmed exactly.
+    """
+    norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+    if not math.isfinite(norm) and not bool(torch.isfinite(tensor).all()):
+        raise WireError(f"tensor {name!r} holds NaN or infinite values")
+    return norm
 
 
 @dataclass
@@ -161,6 +179,7 @@ class Received:
     header: Any
     tensors: dict[str, torch.Tensor]
     payload: bytearray
+    norms: dict[str, float]  # L2 norm of each float tensor, from the finite check (empty without it)
 
 
 def receive(
@@ -205,7 +224,8 @@ def receive(
         filled += len(chunk)
     if filled != total:
         raise WireError(f"truncated payload: received {filled} of {total} bytes")
-    return Received(first, decode(specs, payload, require_finite), payload)
+    tensors, norms = _decode(specs, payload, require_finite)
+    return Received(first, tensors, payload, norms)
 
 
 def stream(

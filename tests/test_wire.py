@@ -123,3 +123,15 @@ def test_check_header_runs_before_bulk_bytes_are_read():
     with pytest.raises(PermissionError):
         wire.receive(chunks(), max_bytes=1000, check_header=refuse)
     assert len(seen) == 1
+
+
+def test_finite_check_catches_nan_and_inf_and_keeps_huge_finite_values():
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        tensors = {"w": torch.tensor([1.0, bad, 2.0])}
+        with pytest.raises(wire.WireError, match="NaN or infinite"):
+            wire.decode(wire.specs_of(tensors), wire.encode(tensors)[1])
+    opposite = {"w": torch.tensor([float("inf"), float("-inf")], dtype=torch.float16)}  # sums to NaN, not to a finite value
+    with pytest.raises(wire.WireError):
+        wire.decode(wire.specs_of(opposite), wire.encode(opposite)[1])
+    huge = {"w": torch.tensor([1e308, 1e308], dtype=torch.float64)}  # finite, though their sum overflows float64
+    assert torch.equal(wire.decode(wire.specs_of(huge), wire.encode(huge)[1])["w"], huge["w"])

@@ -1,0 +1,178 @@
+"""Wire throughput: the blog's 45 MB ResNet-18 through GetModel, SyncModelState and AccumulateGradients, against bare gRPC.
+
+Each path moves the same payload in the same 1 MiB chunks as a bare gRPC stream of raw bytes (no protobuf
+message around them, no checks) measured in the same run, so the ratio is what this system's framing,
+checks and bookkeeping cost. Client and server share this process, as the bare stream's do.
+
+    python -m bench.wire --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import torch
+
+import leader as leader_module
+import learner as learner_module
+import rpc
+import wire
+from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "resnet18"  # the blog's model: 44.8 MB of float32 weights and buffers
+DEFAULT_RUNS = 5
+CALL_TIMEOUT_S = 120.0
+BARE_SERVICE = "bench.Bare"
+
+
+def bare_server(payload_size: int) -> tuple[grpc.Server, int]:
+    """A server with two raw-bytes methods: Pull streams `payload_size` bytes out, Push takes a stream in."""
+    outgoing = bytes(payload_size)
+
+    def pull(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from wire.iter_chunks(outgoing)
+
+    def push(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        received = bytearray(payload_size)
+        filled = 0
+        for chunk in requests:
+            received[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(BARE_SERVICE, {
+        "Pull": grpc.unary_stream_rpc_method_handler(pull),
+        "Push": grpc.stream_unary_rpc_method_handler(push),
+    })
+    server, port, _ = rpc.create_server(lambda server: server.add_generic_rpc_handlers((handler,)), "127.0.0.1", 0, max_workers=4)
+    return server, port
+
+
+def timed(call: Callable[[], object], runs: int) -> list[float]:
+    """Seconds of each of `runs` calls, after one warm-up call."""
+    call()
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def main() -> None:
+    """Measure every path and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed repetitions per path, after one warm-up")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the transfer is what is measured; keep torch from competing with gRPC's threads
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = leader_module.LeaderConfig(host="127.0.0.1", port=0, dataset="synthetic", data_dir=None, model=MODEL,
+                                            learners=2, device="cpu", run_dir=tmp, checkpoint_dir=f"{tmp}/checkpoints")
+        leader, leader_server, leader_port, _ = leader_module.serve(config)
+        channel = rpc.channel(f"127.0.0.1:{leader_port}")
+        stub = leader_pb2_grpc.LeaderServiceStub(channel)
+        learner_server, learner_port = None, None
+        try:
+            specs = leader.specs
+            size = wire.payload_bytes(specs)
+            update = {name: torch.full_like(tensor, 1e-3) for name, tensor in leader.model.state_dict().items()}
+            update_manifest, update_payload = wire.encode(update)
+
+            # a learner that took part in round 1: AccumulateGradients is timed on rounds the leader opens here
+            info = leader_pb2.LearnerInfo(network_addr="127.0.0.1:1", callback_token="b" * 32, version=rpc.PROTOCOL_VERSION)
+            reply = stub.RegisterLearner(info, timeout=CALL_TIMEOUT_S)
+            metadata = rpc.token_metadata(reply.session_token)
+            rounds = iter(range(1, 1_000_000))
+
+            def get_model() -> None:
+                responses = stub.GetModel(leader_pb2.Empty(), timeout=CALL_TIMEOUT_S, metadata=metadata)
+                wire.receive(responses, max_bytes=size, expected=specs)
+
+            def accumulate() -> None:
+                number = next(rounds)
+                leader._open_round(number)
+                messages = wire.stream(leader_pb2.GradientData, update_manifest, update_payload,
+                                       learner_id=reply.learner_id, round=number, num_examples=1, train_loss=1.0)
+                ack = stub.AccumulateGradients(messages, timeout=CALL_TIMEOUT_S, metadata=metadata)
+                assert ack.success, ack.message
+
+            # a real learner server taking pushed models, as the leader pushes them
+            learner = learner_module.Learner(learner_module.LearnerConfig(leader="127.0.0.1:1", device="cpu"))
+            learner.specs = specs
+            learner_server, learner_port, _ = rpc.create_server(
+                lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(learner_module.LearnerServicer(learner), server),
+                "127.0.0.1", 0, max_workers=4, gate=learner_module.learner_gate(learner),
+            )
+            learner_stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(f"127.0.0.1:{learner_port}"))
+
+            published = leader.published()  # the leader frames each round's model once for every push
+
+            def sync_model_state() -> None:
+                ack = learner_stub.SyncModelState(iter(published.model_states), timeout=CALL_TIMEOUT_S,
+                                                  metadata=rpc.token_metadata(learner.callback_token))
+                assert ack.success, ack.message
+
+            bare, bare_port = bare_server(size)
+            bare_channel = rpc.channel(f"127.0.0.1:{bare_port}")
+            pull = bare_channel.unary_stream(f"/{BARE_SERVICE}/Pull")
+            push = bare_channel.stream_unary(f"/{BARE_SERVICE}/Push")
+            outgoing = bytes(size)
+
+            def bare_pull() -> None:
+                received = bytearray(size)
+                filled = 0
+                for chunk in pull(b"", timeout=CALL_TIMEOUT_S):
+                    received[filled : filled + len(chunk)] = chunk
+                    filled += len(chunk)
+
+            def bare_push() -> None:
+                push(wire.iter_chunks(outgoing), timeout=CALL_TIMEOUT_S)
+
+            results = {
+                "bare stream, server to client": timed(bare_pull, args.runs),
+                "GetModel (leader to learner)": timed(get_model, args.runs),
+                "bare stream, client to server": timed(bare_push, args.runs),
+                "SyncModelState (leader to learner)": timed(sync_model_state, args.runs),
+                "AccumulateGradients (learner to leader)": timed(accumulate, args.runs),
+            }
+            bare.stop(grace=None)
+        finally:
+            leader_server.stop(grace=None)
+            if learner_server is not None:
+                learner_server.stop(grace=None)
+            leader.close()
+
+    def rate(seconds: float) -> float:
+        return size / seconds / 1e6
+
+    baselines = {"GetModel (leader to learner)": "bare stream, server to client",
+                 "SyncModelState (leader to learner)": "bare stream, client to server",
+                 "AccumulateGradients (learner to leader)": "bare stream, client to server"}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    print(f"# Wire throughput: {MODEL}, {size / 1e6:.1f} MB in {wire.CHUNK_BYTES >> 20} MiB chunks, loopback, one process")
+    print(f"machine: {platform.platform()}, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} CPUs; "
+          f"python {platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}; commit {commit}; "
+          f"{args.runs} timed runs per path after one warm-up")
+    print()
+    print("| path | MB/s median | min | max | vs bare stream (same direction) |")
+    print("|---|---|---|---|---|")
+    for path, seconds in results.items():
+        rates = [rate(value) for value in seconds]
+        baseline = baselines.get(path)
+        ratio = f"{statistics.median(rates) / statistics.median(rate(v) for v in results[baseline]):.2f}x" if baseline else "1 (baseline)"
+        print(f"| {path} | {statistics.median(rates):.0f} | {min(rates):.0f} | {max(rates):.0f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
