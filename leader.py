@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2
 
 import aggregation
 import checkpoint
+import compression
 import privacy
 import server_opt
 from cli import StatusLine, flag_value, parse_with_config, setup_logging
@@ -100,8 +101,11 @@ class LeaderConfig:
     quiet: bool = False
     join_timeout: float = 600.0
     round_timeout: float = 3600.0
+    eval_every: int = 1
     learner_lost_after: float = 30.0
     max_update_norm: float = 0.0  # 0: no bound
+    compress: str = "none"
+    topk_ratio: float = 0.01
     deterministic: bool = False
     stream_idle_timeout: float = rpc.STREAM_IDLE_TIMEOUT_S
     reflection: bool = False
@@ -172,6 +176,7 @@ class RoundState:
 
     number: int
     accepting: bool = True
+    opened_at: float = field(default_factory=time.monotonic)
     members: frozenset[int] = frozenset()  # learners taking part; a learner that joins mid-round waits for the next
     quorum: int = 1  # updates the round needs
     running: aggregation.RunningMean | aggregation.UpdateList = field(default_factory=aggregation.RunningMean)
@@ -198,7 +203,10 @@ class Leader:
         self.specs = wire.specs_of(self.model.state_dict())
         self.parameter_names = [name for name, _ in self.model.named_parameters()]
         self.variance_names = [name for name, _ in self.model.named_buffers() if name.endswith("running_var")]
-        self.update_bytes = wire.payload_bytes(self.specs)
+        self.model_bytes = wire.payload_bytes(self.specs)
+        # what an update looks like on the wire under --compress, checked before any of its bytes are read
+        self.update_specs = compression.wire_specs(self.specs, config.compress, config.topk_ratio, sparse_names=self.parameter_names)
+        self.update_bytes = wire.payload_bytes(self.update_specs)
         self.train_data = train_data
         self.shards = self._partition(train_data) if train_data is not None else None
         # the share of learners in each round, --min-learners included (Poisson sampling at this rate is the accountant's model)
@@ -300,6 +308,8 @@ class Leader:
             torch_version=torch.__version__,
             deterministic=config.deterministic,
             prox_mu=config.prox_mu,
+            compression=config.compress,
+            topk_ratio=config.topk_ratio,
         )
 
     # ---- requests from learners -------------------------------------------------
@@ -466,15 +476,25 @@ class Leader:
             return config.local_steps * config.batch_size
         return registered * config.local_epochs
 
-    def accept_update(self, learner_id: int, header: leader_pb2.GradientData, received: wire.Received) -> str:
+    def unpack(self, received: wire.Received) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """A received update as the model's dense tensors (decompressed under --compress), with the norms known so far."""
+        if self.config.compress == "none":
+            return received.tensors, received.norms
+        try:
+            return compression.decompress(received.tensors, self.specs, self.config.compress), {}
+        except ValueError as error:
+            raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {error}") from None
+
+    def accept_update(self, learner_id: int, header: leader_pb2.GradientData, tensors: dict[str, torch.Tensor],
+                      known_norms: dict[str, float] | None = None) -> str:
         """Add a checked update to the round's running sum, once per learner per round."""
+        known_norms = known_norms or {}
         # per-tensor norms stand in for a hash of the bytes: they tell an identical retry from a different update
         # (a different one that matched them would only be answered "duplicate"; neither is ever counted twice)
-        norms = {spec.name: received.norms[spec.name] if spec.name in received.norms else _norm(received.tensors[spec.name])
-                 for spec in self.specs}
+        norms = {spec.name: known_norms[spec.name] if spec.name in known_norms else _norm(tensors[spec.name]) for spec in self.specs}
         digest = (*norms.values(), float(header.num_examples), header.train_loss)  # by name: a sender picks the order
         for name in self.variance_names:
-            if bool((received.tensors[name] < 0).any()):
+            if bool((tensors[name] < 0).any()):
                 raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} holds negative variances")
         norm = math.sqrt(sum(norms[name] ** 2 for name in self.parameter_names))
         bound = self.config.max_update_norm
@@ -489,7 +509,7 @@ class Leader:
                 return f"duplicate of the accepted update for round {header.round}; counted once"
             if previous is not None:
                 raise LeaderError(grpc.StatusCode.ALREADY_EXISTS, f"learner {learner_id} already sent a different update for round {header.round}")
-            update = received.tensors
+            update = tensors
             if self.config.clip_norm:
                 update, _ = aggregation.clip_to_norm(update, self.config.clip_norm, self.parameter_names)
             # DP-FedAvg averages clipped updates unweighted, so that one learner's influence is bounded by the clip alone
@@ -498,7 +518,7 @@ class Leader:
             current.digests[learner_id] = digest
             current.losses.append(header.train_loss)
             current.update_norms.append(norm)
-            current.bytes_in += len(received.payload)
+            current.bytes_in += self.update_bytes
             self._cond.notify_all()
         return f"update for round {header.round} accepted"
 
@@ -509,19 +529,26 @@ class Leader:
         config = self.config
         self._wait_for_learners()
         start = time.monotonic()
+        self._begin_round(self._open_round(self.start_round))
         for number in range(self.start_round, config.rounds + 1):
-            round_start = time.monotonic()
-            self._begin_round(self._open_round(number))
             finished = self._collect(number, start)
             mean = self._aggregate(finished)
             aggregation.apply_update(self.model, self.optimizer, mean)
-            test_loss, test_accuracy = self.evaluate()
+            round_seconds = time.monotonic() - finished.opened_at
+            reported = finished.running.count  # read now: the next round reuses the running sum
+            self._published = Published.of(number + 1, self.model)
+            if number < config.rounds:
+                # learners start the next round now; this one is evaluated and saved while they train
+                # (the model is not touched again before the next _collect, which this thread runs after)
+                self._begin_round(self._open_round(number + 1))
+            evaluated = number % config.eval_every == 0 or number == config.rounds
+            test_loss, test_accuracy = self.evaluate() if evaluated else (None, None)
             metrics = {
                 "round": number,
                 "wall_time": time.time(),
                 "learners_selected": len(finished.members),
-                "learners_reported": finished.running.count,
-                "learners_dropped": len(finished.members) - finished.running.count,
+                "learners_reported": reported,
+                "learners_dropped": len(finished.members) - reported,
                 "train_loss": sum(finished.losses) / len(finished.losses),
                 "test_loss": test_loss,
                 "test_accuracy": test_accuracy,
@@ -532,11 +559,10 @@ class Leader:
                 "updates_rejected": sum(finished.rejected.values()),
                 "aggregate_norm": self._parameter_norm(mean),
                 **({"dp_epsilon": self.accountant.epsilon()} if self.accountant is not None else {}),
-                "round_seconds": time.monotonic() - round_start,
+                "round_seconds": round_seconds,
                 "elapsed_seconds": time.monotonic() - start,
             }
             self.history.append(metrics)
-            self._published = Published.of(number + 1, self.model)
             checkpoint.save(
                 Path(config.checkpoint_dir),
                 number,
@@ -548,10 +574,10 @@ class Leader:
             if recorder is not None:
                 recorder.record(metrics)
             self.status.clear()
+            evaluation = f"test loss {test_loss:.4f}, test accuracy {100 * test_accuracy:.2f}%" if evaluated else "not evaluated"
             logger.info(
-                "round %d/%d: %d learners, train loss %.4f, test loss %.4f, test accuracy %.2f%%, %.1fs",
-                number, config.rounds, metrics["learners_reported"], metrics["train_loss"],
-                test_loss, 100 * test_accuracy, metrics["round_seconds"],
+                "round %d/%d: %d learners, train loss %.4f, %s, %.1fs",
+                number, config.rounds, metrics["learners_reported"], metrics["train_loss"], evaluation, round_seconds,
             )
         self.stop_learners("training complete")
         return self.history
@@ -653,7 +679,8 @@ class Leader:
     def _collect(self, number: int, run_start: float) -> RoundState:
         """Wait for every live learner's update or the round deadline; the round needs the quorum."""
         deadline = time.monotonic() + self.config.round_timeout
-        last = f", last accuracy {100 * self.history[-1]['test_accuracy']:.2f}%" if self.history else ""
+        accuracies = [entry["test_accuracy"] for entry in self.history if entry["test_accuracy"] is not None]
+        last = f", last accuracy {100 * accuracies[-1]:.2f}%" if accuracies else ""
         probe_every = min(HEALTH_PROBE_INTERVAL_S, self.config.learner_lost_after / 3)
         next_probe = time.monotonic() + probe_every
         silent_since: dict[int, float] = {}
@@ -833,10 +860,11 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             received = wire.receive(
                 request_iterator,
                 max_bytes=self.leader.update_bytes,
-                expected=self.leader.specs,
+                expected=self.leader.update_specs,
                 check_header=lambda header: self.leader.check_update_header(learner_id, header),
             )
-            message = self.leader.accept_update(learner_id, received.header, received)
+            tensors, norms = self.leader.unpack(received)
+            message = self.leader.accept_update(learner_id, received.header, tensors, norms)
         except wire.WireError as error:
             self.leader.note_rejection(learner_id, grpc.StatusCode.INVALID_ARGUMENT, str(error))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {error}")
@@ -928,6 +956,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--keep-checkpoints", type=_positive_int, default=defaults.keep_checkpoints, help="rounds of checkpoints to keep")
     add("--join-timeout", type=float, default=defaults.join_timeout, help="seconds to wait for --learners to register")
     add("--round-timeout", type=float, default=defaults.round_timeout, help="seconds a round waits for updates")
+    add("--eval-every", type=_positive_int, default=defaults.eval_every,
+        help="evaluate the global model on the test set every this many rounds (and after the last)")
     add("--learner-lost-after", type=_positive_float, default=defaults.learner_lost_after,
         help="seconds a learner due to report may fail health checks before it is marked absent and the round goes on without it")
     add("--deterministic", action=argparse.BooleanOptionalAction, default=defaults.deterministic,
@@ -937,6 +967,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a stream may move no message before the leader cancels it, freeing its thread")
     add("--reflection", action=argparse.BooleanOptionalAction, default=defaults.reflection,
         help="serve gRPC reflection, so that grpcurl can list and describe the services without the .proto files")
+    add("--compress", choices=compression.MODES, default=defaults.compress,
+        help="how learners send updates: none (float32), fp16, int8 (per-tensor scale) or topk (--topk-ratio of each "
+        "parameter tensor's entries, the rest carried to the next round: error feedback)")
+    add("--topk-ratio", type=_fraction, default=defaults.topk_ratio, help="topk: share of each parameter tensor's entries sent")
     add("--max-update-norm", type=float, default=defaults.max_update_norm, help="refuse updates whose parameter L2 norm exceeds this (0: no bound)")
     add("--resume", metavar="RUN_DIR", default=defaults.resume,
         help="continue the run in RUN_DIR from its last checkpoint, with its config (flags given here win, e.g. --rounds)")
@@ -1068,7 +1102,7 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
     service = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name
     leader.limits = rpc.CallLimits(config.stream_idle_timeout, stream_deadlines={
         # a stream may take as long as the peer's own deadline for it, and no longer
-        f"/{service}/GetModel": rpc.transfer_timeout(leader.update_bytes),
+        f"/{service}/GetModel": rpc.transfer_timeout(leader.model_bytes),
         f"/{service}/AccumulateGradients": rpc.transfer_timeout(leader.update_bytes),
         f"/{service}/GetData": rpc.transfer_timeout(leader.largest_split_bytes()),
     })

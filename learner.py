@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import aggregation
+import compression
 import rpc
 from cli import parse_with_config, setup_logging
 import wire
@@ -98,6 +99,7 @@ class Learner:
         self._started = False
         self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
         self._stop_reason: str | None = None
+        self._residual: dict[str, torch.Tensor] = {}  # topk's error feedback: what earlier rounds left unsent
 
     # ---- calls from the leader (through LearnerServicer) ----------------------
 
@@ -356,6 +358,10 @@ class Learner:
 
     def _send(self, number: int, update: dict[str, torch.Tensor], num_examples: int, loss: float) -> None:
         """AccumulateGradients: stream the update; a stale round is logged, not fatal."""
+        if self.plan.compression and self.plan.compression != "none":
+            parameters = [name for name, _ in self.model.named_parameters()]
+            update = compression.compress(update, self.plan.compression, self.plan.topk_ratio, sparse_names=parameters,
+                                          residual=self._residual)
         manifest, payload = wire.encode(update)
         messages = wire.stream(
             leader_pb2.GradientData, manifest, payload,

@@ -39,8 +39,11 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
         records = read_metrics(run_dir)
         label = labels[index] if labels else run_dir.name
         rounds = [record["round"] for record in records]
-        accuracy_axes.plot(rounds, [100 * record["test_accuracy"] for record in records], marker="o", label=label)
-        loss_axes.plot(rounds, [record["test_loss"] for record in records], marker="o", label=f"{label} test")
+        evaluated = [record for record in records if record["test_accuracy"] is not None]  # --eval-every skips rounds
+        accuracy_axes.plot([record["round"] for record in evaluated], [100 * record["test_accuracy"] for record in evaluated],
+                           marker="o", label=label)
+        loss_axes.plot([record["round"] for record in evaluated], [record["test_loss"] for record in evaluated],
+                       marker="o", label=f"{label} test")
         loss_axes.plot(rounds, [record["train_loss"] for record in records], linestyle="--", label=f"{label} train")
         bytes_axes.plot(rounds, [(record["bytes_in"] + record["bytes_out"]) / 1e6 for record in records], marker="o", label=label)
     accuracy_axes.set(title="Test accuracy", xlabel="round", ylabel="%")

@@ -29,6 +29,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
     "int64": torch.int64,
     "int32": torch.int32,
+    "int8": torch.int8,
     "uint8": torch.uint8,
     "bool": torch.bool,
 }

@@ -148,3 +148,19 @@ def test_fedprox_and_fedopt_rounds_run_and_adam_state_is_checkpointed(tmp_path):
 def test_impossible_algorithm_settings_get_one_line_errors(flags, message):
     result = subprocess.run([sys.executable, "leader.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("mode, ratio", [("fp16", 1.95), ("int8", 3.8), ("topk", 10.0)])  # BatchNorm buffers stay as they are
+def test_compressed_rounds_run_and_move_fewer_bytes(tmp_path, mode, ratio):
+    plain = leader_config(tmp_path / "plain", model="resnet20", learners=2, rounds=2, aggregation="fedavg", local_steps=1)
+    squeezed = leader_config(tmp_path / mode, model="resnet20", learners=2, rounds=2, aggregation="fedavg", local_steps=1,
+                             compress=mode, topk_ratio=0.01)
+    bytes_in = {}
+    for config in (plain, squeezed):
+        with running_leader(config) as running:
+            learners = start_learners(running.address, 2)
+            history = running.leader.run()
+            assert join_all(learners) == [0, 0]
+        assert [entry["learners_reported"] for entry in history] == [2, 2]
+        bytes_in[config.compress] = history[-1]["bytes_in"]
+    assert bytes_in["none"] / bytes_in[mode] > ratio

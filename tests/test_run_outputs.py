@@ -51,6 +51,18 @@ def test_each_round_appends_one_metrics_line_with_exact_byte_counts(tmp_path):
     assert (Path(config.run_dir) / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_every_skips_evaluation_but_always_evaluates_the_last_round_and_plots_what_it_has(tmp_path):
+    config = leader_config(tmp_path, aggregation="fedavg", local_steps=2, rounds=4, eval_every=3)
+    recorder = Recorder(Path(config.run_dir), {"rounds": 4})
+    with running_leader(config) as running:
+        learners = start_learners(running.address, 2)
+        history = running.leader.run(recorder)
+    assert join_all(learners) == [0, 0]
+    assert [entry["test_accuracy"] is None for entry in history] == [True, True, False, False]
+    assert [entry["test_loss"] is None for entry in history] == [True, True, False, False]
+    assert recorder.close().read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def write_metrics(run_dir: Path, accuracies: list[float]) -> None:
     run_dir.mkdir(parents=True)
     lines = [json.dumps({"round": r + 1, "test_accuracy": a, "test_loss": 1 - a, "train_loss": 1.5 - a, "bytes_in": 10, "bytes_out": 20})
