@@ -27,6 +27,7 @@ import aggregation
 import checkpoint
 import compression
 import privacy
+import schedule
 import server_opt
 from cli import StatusLine, flag_value, parse_with_config, setup_logging
 from recorder import CONFIG_FILE, Recorder, TensorBoardMissing
@@ -69,6 +70,8 @@ class LeaderConfig:
     data_mode: str = "split"
     batch_size: int = 32
     lr: float = 0.01
+    lr_schedule: str = "constant"
+    warmup_rounds: int = 0
     momentum: float = 0.9
     weight_decay: float = 0.001
     server_opt: str = "sgd"
@@ -310,6 +313,8 @@ class Leader:
             prox_mu=config.prox_mu,
             compression=config.compress,
             topk_ratio=config.topk_ratio,
+            lr_schedule=config.lr_schedule,
+            warmup_rounds=config.warmup_rounds,
         )
 
     # ---- requests from learners -------------------------------------------------
@@ -533,6 +538,9 @@ class Leader:
         for number in range(self.start_round, config.rounds + 1):
             finished = self._collect(number, start)
             mean = self._aggregate(finished)
+            if config.aggregation == "fedsgd" and config.server_opt in ("sgd", "sgdm"):  # the blog's SGD: --lr is the leader's
+                for group in self.optimizer.param_groups:
+                    group["lr"] = schedule.round_lr(config.lr, config.lr_schedule, config.warmup_rounds, config.rounds, number)
             aggregation.apply_update(self.model, self.optimizer, mean)
             round_seconds = time.monotonic() - finished.opened_at
             reported = finished.running.count  # read now: the next round reuses the running sum
@@ -919,6 +927,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="split: the leader sends each learner its split (GetData); local: learners train on their own --data-dir")
     add("--batch-size", type=_positive_int, default=defaults.batch_size, help="examples per local batch")
     add("--lr", type=float, default=defaults.lr, help="SGD learning rate (the leader's in fedsgd, the learners' in fedavg)")
+    add("--lr-schedule", choices=schedule.SCHEDULES, default=defaults.lr_schedule,
+        help="--lr across rounds, after --warmup-rounds of linear warm-up: constant, or cosine decay over the rest")
+    add("--warmup-rounds", type=_non_negative_int, default=defaults.warmup_rounds, help="rounds over which --lr ramps up linearly")
     add("--momentum", type=float, default=defaults.momentum, help="SGD momentum (same side as --lr)")
     add("--weight-decay", type=float, default=defaults.weight_decay, help="SGD weight decay (same side as --lr)")
     add("--server-opt", choices=server_opt.SERVER_OPTIMIZERS, default=defaults.server_opt,

@@ -25,6 +25,7 @@ from tqdm import tqdm
 import aggregation
 import compression
 import rpc
+import schedule
 from cli import parse_with_config, setup_logging
 import wire
 from model import build_model
@@ -328,7 +329,8 @@ class Learner:
         augment_generator = torch.Generator().manual_seed(derive_seed(plan.seed, self.learner_id, "augment", number))
         batches = self.round_batches(number)
         global_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-        optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
+        lr = schedule.round_lr(plan.lr, plan.lr_schedule or "constant", plan.warmup_rounds, plan.rounds, number)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
         total_loss = 0.0
         examples = 0
         progress = tqdm(batches, desc=f"round {number}", unit="batch", leave=False,

@@ -164,3 +164,15 @@ def test_compressed_rounds_run_and_move_fewer_bytes(tmp_path, mode, ratio):
         assert [entry["learners_reported"] for entry in history] == [2, 2]
         bytes_in[config.compress] = history[-1]["bytes_in"]
     assert bytes_in["none"] / bytes_in[mode] > ratio
+
+
+def test_learning_rate_schedule_by_hand():
+    from schedule import round_lr
+
+    # warm-up over 2 rounds: 1/2 then 2/2 of the base; cosine over the remaining 4: t = 0, 1, 2, 3 of 4
+    lrs = [round_lr(0.1, "cosine", 2, 6, number) for number in range(1, 7)]
+    expected = [0.05, 0.1, 0.1, 0.1 * 0.5 * (1 + math.cos(math.pi / 4)), 0.05, 0.1 * 0.5 * (1 + math.cos(3 * math.pi / 4))]
+    assert lrs == pytest.approx(expected)
+    assert [round_lr(0.1, "constant", 0, 3, number) for number in (1, 2, 3)] == [0.1, 0.1, 0.1]
+    with pytest.raises(ValueError, match="unknown schedule"):
+        round_lr(0.1, "linear", 0, 3, 1)

@@ -39,12 +39,14 @@ def run_federation(tmp_path, **overrides):
     return config, initial, final, history
 
 
-def test_fedsgd_round_equals_one_sgd_step_on_the_union_of_batches(tmp_path):
-    config, initial, final, history = run_federation(tmp_path, aggregation="fedsgd", rounds=1)
+@pytest.mark.parametrize("warmup_rounds, lr", [(0, LR), (2, LR / 2)])  # round 1 of a 2-round warm-up: half the lr
+def test_fedsgd_round_equals_one_sgd_step_on_the_union_of_batches(tmp_path, warmup_rounds, lr):
+    config, initial, final, history = run_federation(tmp_path, aggregation="fedsgd", rounds=1, warmup_rounds=warmup_rounds,
+                                                     lr_schedule="cosine")
 
     central = build_model("tiny-cnn")
     central.load_state_dict(initial)
-    optimizer = torch.optim.SGD(central.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.SGD(central.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     inputs = torch.cat([x for x, _ in shards(SEED)])
     labels = torch.cat([y for _, y in shards(SEED)])
     F.cross_entropy(central(inputs), labels).backward()
