@@ -23,6 +23,8 @@ CROP_PADDING = 4  # pixels of zero padding before the random 32x32 crop
 SYNTHETIC_TRAIN_SIZE = 2000
 SYNTHETIC_TEST_SIZE = 500
 SYNTHETIC_CLASSES = 10
+# Decoded image folders are kept here, beside the split directories, so that the next start skips decoding.
+DECODED_CACHE_DIR = ".decoded"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
 
 
@@ -89,6 +91,12 @@ def load_image_folder(directory: Path) -> ImageData:
         files.extend((str(class_dir / file), label) for file in names if Path(file).suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"no images under {directory}: expected {directory}/<class>/<image> files")
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    cache = _cache_path(directory, files)
+    cached = _read_cache(cache, len(files))
+    if cached is not None:
+        logger.info("loaded %d images in %d classes from %s (decoded earlier: %s)", len(files), len(classes), directory, cache)
+        return ImageData(cached, labels, len(classes))
     images = torch.empty((len(files), *IMAGE_SHAPE), dtype=torch.uint8)
     target = images.permute(0, 2, 3, 1)  # HWC view, so each decoded image lands in place
 
@@ -103,9 +111,42 @@ def load_image_folder(directory: Path) -> ImageData:
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(decode, range(len(files)), chunksize=256))
-    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     logger.info("loaded %d images in %d classes from %s", len(files), len(classes), directory)
+    _write_cache(cache, images)
     return ImageData(images, labels, len(classes))
+
+
+def _cache_path(directory: Path, files: list[tuple[str, int]]) -> Path:
+    """Where the decoded images of these exact files are kept: named by a hash of their paths, sizes and times."""
+    digest = hashlib.sha256()
+    for path, label in files:
+        status = os.stat(path)
+        digest.update(f"{os.path.relpath(path, directory)}\0{label}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+    digest.update(repr(IMAGE_SHAPE).encode())
+    return directory.parent / DECODED_CACHE_DIR / f"{directory.name}-{digest.hexdigest()[:24]}.npy"
+
+
+def _read_cache(path: Path, count: int) -> torch.Tensor | None:
+    """The cached uint8 images, or None when there is no usable cache (any doubt means decoding again)."""
+    try:
+        array = np.load(path, allow_pickle=False)  # a plain array file we wrote; never pickles
+    except (OSError, ValueError):
+        return None
+    if array.dtype != np.uint8 or array.shape != (count, *IMAGE_SHAPE):
+        return None
+    return torch.from_numpy(array)
+
+
+def _write_cache(path: Path, images: torch.Tensor) -> None:
+    """Keep decoded images for the next start (written whole, then renamed); a read-only data set just goes without."""
+    try:
+        path.parent.mkdir(exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(temporary, "wb") as file:
+            np.save(file, images.numpy(), allow_pickle=False)
+        os.replace(temporary, path)
+    except OSError as error:
+        logger.info("not caching decoded images in %s: %s", path.parent, error.strerror)
 
 
 def synthetic_dataset(size: int, seed: int, train: bool = True) -> ImageData:

@@ -72,6 +72,26 @@ def test_image_folder_loads_classes_in_sorted_order(tmp_path):
     assert data.images[4, :, 5, 5].tolist() == [0, 0, 255]  # resized to 32x32
 
 
+def test_decoded_images_are_cached_beside_the_folder_and_redecoded_when_a_file_changes(tmp_path, monkeypatch):
+    (tmp_path / "test" / "dog").mkdir(parents=True)
+    for index in range(3):
+        Image.new("RGB", (32, 32), (index, 10, 20)).save(tmp_path / "test" / "dog" / f"{index}.png")
+    first = utils.load_dataset("imagefolder", tmp_path, train=False)
+    assert len(list((tmp_path / utils.DECODED_CACHE_DIR).glob("test-*.npy"))) == 1
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the cache was fresh")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image, "open", no_decoding)
+        again = utils.load_dataset("imagefolder", tmp_path, train=False)
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+
+    Image.new("RGB", (32, 32), (200, 10, 20)).save(tmp_path / "test" / "dog" / "1.png")  # same name, new content
+    changed = utils.load_dataset("imagefolder", tmp_path, train=False)
+    assert changed.images[1, :, 0, 0].tolist() == [200, 10, 20]
+
+
 def test_missing_data_sets_say_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(utils.DataError, match="no image folder at"):
         utils.load_dataset("imagefolder", tmp_path, train=True)
