@@ -63,6 +63,16 @@ def test_eval_every_skips_evaluation_but_always_evaluates_the_last_round_and_plo
     assert recorder.close().read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_checkpoint_every_writes_every_nth_round_and_the_last(tmp_path):
+    config = leader_config(tmp_path, aggregation="fedavg", local_steps=1, rounds=5, checkpoint_every=2, keep_checkpoints=5)
+    with running_leader(config) as running:
+        learners = start_learners(running.address, 2)
+        running.leader.run()
+    assert join_all(learners) == [0, 0]
+    written = sorted(path.name for path in Path(config.checkpoint_dir).glob("round-*.json"))
+    assert written == ["round-00002.json", "round-00004.json", "round-00005.json"]
+
+
 def write_metrics(run_dir: Path, accuracies: list[float]) -> None:
     run_dir.mkdir(parents=True)
     lines = [json.dumps({"round": r + 1, "test_accuracy": a, "test_loss": 1 - a, "train_loss": 1.5 - a, "bytes_in": 10, "bytes_out": 20})

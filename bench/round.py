@@ -1,0 +1,140 @@
+"""Round overhead of the blog's set-up: ResNet-18, two learners on loopback, fedsgd, one batch of 32 each per round.
+
+Compares the median seconds per round (the leader's round_seconds: from opening a round to applying its
+update) with what a round cannot avoid, measured in the same run on the same machine: one forward and
+backward pass of a batch of 32 in a plain PyTorch loop (the learners run theirs side by side, one core
+each), plus four model-sized transfers (two updates in, two models out) at the rate of a bare gRPC
+stream. Also reports the bytes moved per round against the model's size.
+
+    python -m bench.round --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import torch
+import torch.nn.functional as F
+
+import rpc
+import wire
+from bench.wire import BARE_SERVICE, CALL_TIMEOUT_S, bare_server
+from model import build_model
+from utils import normalize
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "resnet18"
+BATCH = 32
+LEARNERS = 2
+TRANSFERS_PER_ROUND = 4  # two updates in, two models out
+COMPUTE_REPEATS = 10
+STREAM_REPEATS = 5
+GOAL = 1.25
+
+
+def compute_seconds(repeats: int) -> list[float]:
+    """One learner's fedsgd step (forward and backward of a batch of 32) on one thread, as each learner runs it."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // LEARNERS))  # the launcher splits the cores the same way
+    model = build_model(MODEL, 10)
+    images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (BATCH,))
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(normalize(images)), labels).backward()
+
+    step()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def bare_stream_seconds(size: int, repeats: int) -> list[float]:
+    """Seconds to pull `size` bytes through a bare gRPC stream of raw 1 MiB chunks on loopback."""
+    server, port = bare_server(size)
+    channel = rpc.channel(f"127.0.0.1:{port}")
+    pull = channel.unary_stream(f"/{BARE_SERVICE}/Pull")
+    seconds = []
+    try:
+        for index in range(repeats + 1):
+            start = time.perf_counter()
+            received = bytearray(size)
+            filled = 0
+            for chunk in pull(b"", timeout=CALL_TIMEOUT_S):
+                received[filled : filled + len(chunk)] = chunk
+                filled += len(chunk)
+            if index:  # the first pull warms the connection up
+                seconds.append(time.perf_counter() - start)
+    finally:
+        channel.close()
+        server.stop(grace=None)
+    return seconds
+
+
+def federation_rounds(rounds: int, checkpoint_every: int) -> list[dict]:
+    """Run the real federation (leader and learner processes) for one warm-up round plus `rounds`; returns metrics."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        command = [sys.executable, "local_federation.py", "--dataset", "synthetic", "--model", MODEL, "--device", "cpu",
+                   "--aggregation", "fedsgd", "--batch-size", str(BATCH), "--learners", str(LEARNERS),
+                   "--rounds", str(rounds + 1), "--eval-every", str(rounds + 1), "--checkpoint-every", str(checkpoint_every),
+                   "--no-augment", "--quiet", "--run-dir", run_dir]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        if result.returncode != 0:
+            raise SystemExit(f"the federation failed (exit {result.returncode}): {result.stderr[-2000:]}")
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+
+def main() -> None:
+    """Measure and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds, after one warm-up round")
+    parser.add_argument("--checkpoint-every", type=int, default=1, help="the leader's --checkpoint-every")
+    args = parser.parse_args()
+
+    size = wire.payload_bytes(wire.specs_of(build_model(MODEL, 10).state_dict()))
+    records = federation_rounds(args.rounds, args.checkpoint_every)  # first, alone: nothing else in this process competes for the cores
+    compute = compute_seconds(COMPUTE_REPEATS)
+    stream = bare_stream_seconds(size, STREAM_REPEATS)
+
+    timed = records[1:]
+    round_seconds = [record["round_seconds"] for record in timed]
+    bytes_moved = [record["bytes_in"] + record["bytes_out"] for record in timed]
+    step = statistics.median(compute)
+    transfer = statistics.median(stream)
+    floor = step + TRANSFERS_PER_ROUND * transfer
+    median_round = statistics.median(round_seconds)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    print(f"# Round overhead: {MODEL} ({size / 1e6:.1f} MB), {LEARNERS} learners on loopback, fedsgd, batch {BATCH} each")
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs; python {platform.python_version()}, torch {torch.__version__}, "
+          f"grpcio {grpc.__version__}; commit {commit}; --checkpoint-every {args.checkpoint_every}; {len(timed)} timed rounds after 1 warm-up, "
+          f"{COMPUTE_REPEATS} compute steps, {STREAM_REPEATS} bare-stream pulls")
+    print()
+    print("| measure | median | min | max |")
+    print("|---|---|---|---|")
+    print(f"| seconds per round (leader's round_seconds) | {median_round:.3f} | {min(round_seconds):.3f} | {max(round_seconds):.3f} |")
+    print(f"| one learner's forward + backward, batch {BATCH}, plain PyTorch (s) | {step:.3f} | {min(compute):.3f} | {max(compute):.3f} |")
+    print(f"| one {size / 1e6:.1f} MB bare gRPC stream (s) | {transfer:.3f} | {min(stream):.3f} | {max(stream):.3f} |")
+    print(f"| bytes moved per round / model size | {statistics.median(bytes_moved) / size:.2f} | "
+          f"{min(bytes_moved) / size:.2f} | {max(bytes_moved) / size:.2f} |")
+    print()
+    print(f"round / (compute + {TRANSFERS_PER_ROUND} transfers at the bare rate) = {median_round:.3f} / {floor:.3f} = "
+          f"{median_round / floor:.2f}x (goal: at most {GOAL}x)")
+
+
+if __name__ == "__main__":
+    main()
