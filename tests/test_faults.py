@@ -62,7 +62,10 @@ def test_learner_killed_mid_round_leaves_a_quorum_that_finishes_the_run(tmp_path
             assert [entry["learners_reported"] for entry in history] == [2, 2, 2]
             assert [entry["learners_selected"] for entry in history] == [3, 2, 2]  # absent after round 1
             assert [entry["learners_dropped"] for entry in history] == [1, 0, 0]
-            assert any("failed health checks in round 1" in record.getMessage() for record in caplog.records)
+            # the run ended within 120 s of a 600 s round deadline: the leader noticed the death itself, by a failed
+            # health check, or by a failed StartTraining when the kill came first
+            assert any(" failed health checks in round 1" in record.getMessage() or " failed the round's start" in record.getMessage()
+                       for record in caplog.records)
             for process in processes[:2]:
                 _, err = process.communicate(timeout=60)
                 assert process.returncode == 0, err
