@@ -328,6 +328,7 @@ class Learner:
         model.train()
         augment_generator = torch.Generator().manual_seed(derive_seed(plan.seed, self.learner_id, "augment", number))
         batches = self.round_batches(number)
+        logger.debug("round %d: training on %d local batches", number, len(batches))
         global_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         lr = schedule.round_lr(plan.lr, plan.lr_schedule or "constant", plan.warmup_rounds, plan.rounds, number)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=plan.momentum, weight_decay=plan.weight_decay)

@@ -168,18 +168,29 @@ def test_a_learner_that_dies_before_training_is_replaced_by_the_next_to_register
         assert {record.address for record in leader._learners.values()}.isdisjoint({"127.0.0.1:1"})
 
 
-def test_a_frozen_learner_misses_the_round_has_its_late_update_refused_and_rejoins(tmp_path, monkeypatch):
-    monkeypatch.setattr(rpc, "CONTROL_TIMEOUT_S", 5.0)  # the leader's StartTraining deadline, should it reach the frozen learner
+def test_a_frozen_learner_misses_the_round_has_its_late_update_refused_and_rejoins(tmp_path):
     config = leader_config(tmp_path, learners=3, min_learners=2, round_timeout=8.0, rounds=8,
                            aggregation="fedavg", local_steps=200, batch_size=16)
     with running_leader(config) as running:
         leader = running.leader
-        processes = [learner_process(running.address, "--leader-lost-after", "3") for _ in range(3)]
+        processes = [learner_process(running.address, "--leader-lost-after", "3", *(["-v"] if index == 2 else []))
+                     for index in range(3)]
+        frozen = processes[2]
+        lines: list[str] = []
+        training = threading.Event()
+
+        def read() -> None:
+            for line in frozen.stderr:
+                lines.append(line)
+                if "round 1: training on" in line:
+                    training.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
         try:
             runner, result = run_in_thread(leader)
-            wait_until(lambda: leader._round.number == 1)
-            frozen = processes[2]
-            frozen.send_signal(signal.SIGSTOP)  # in the middle of its 200 local steps, or before it was even started
+            assert training.wait(120), "".join(lines)
+            frozen.send_signal(signal.SIGSTOP)  # in the middle of its 200 local steps of round 1
             wait_until(lambda: len(leader.history) == 1)
             assert leader.history[0]["learners_reported"] == 2
             frozen.send_signal(signal.SIGCONT)
@@ -187,8 +198,9 @@ def test_a_frozen_learner_misses_the_round_has_its_late_update_refused_and_rejoi
             assert not runner.is_alive()
             reported = [entry["learners_reported"] for entry in result["history"]]
             assert len(reported) == 8 and 3 in reported[1:], reported  # it came back and took part again
-            _, err = frozen.communicate(timeout=60)
-            assert frozen.returncode == 0, err
+            assert frozen.wait(timeout=60) == 0
+            reader.join(30)
+            err = "".join(lines)
             assert "update not taken" in err and "registering again" in err and "training complete" in err, err
             assert err.count("registered as learner") == 2
         finally:
