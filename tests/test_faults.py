@@ -304,3 +304,11 @@ def test_a_shutdown_signal_turns_health_not_serving_and_ends_the_run_after_a_com
             signal.signal(number, handler_before)
         server.stop(grace=None)
         leader.close()
+
+
+def test_rejoin_pauses_double_up_to_a_cap_with_jitter():
+    from learner import rejoin_pause
+
+    assert [rejoin_pause(attempt, 0.0) for attempt in range(4)] == [0.5, 1.0, 2.0, 4.0]  # the lower half of 1, 2, 4, 8 s
+    assert rejoin_pause(0, 0.999) == pytest.approx(1.0, abs=1e-3)
+    assert rejoin_pause(20, 0.0) == 15.0 and rejoin_pause(20, 0.5) == 22.5  # capped at 30 s, jittered over 15-30 s
