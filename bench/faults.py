@@ -608,7 +608,8 @@ def row_learner_frozen(harness: Harness, context: Context, index: int) -> RunRes
     """SIGSTOP one of three learners while it trains, past the round timeout; SIGCONT; its late update must be refused."""
     expect = Expect()
     port, run_dir = free_port(), harness.tmp / "run"
-    leader = harness.leader(port, run_dir, quorum_flags(FROZEN_ROUNDS))
+    # 100 local steps: long enough that the freeze reliably lands while it trains, now that rounds overlap
+    leader = harness.leader(port, run_dir, [*quorum_flags(FROZEN_ROUNDS), "--local-steps", "100"])
     learners = [harness.learner(port) for _ in range(3)]
     victim = learners[-1]
     victim_id = learner_id_of(victim, harness)
@@ -1192,7 +1193,7 @@ class Row:
 ROWS = [
     Row("learner-killed", "learner killed mid-round", "SIGKILL 1 of 3 learners while it trains round 1 (quorum 2, round timeout 60 s, --learner-lost-after 2)",
         row_learner_killed),
-    Row("learner-frozen", "learner frozen", "SIGSTOP 1 of 3 learners while it trains (round 2-4 of 6); SIGCONT once its round closed at the timeout",
+    Row("learner-frozen", "learner frozen", "SIGSTOP 1 of 3 learners while it trains (100 local steps, round 2-4 of 6); SIGCONT once its round closed at the timeout",
         row_learner_frozen),
     Row("leader-killed", "leader killed", "SIGKILL the leader after round 2 of 6; restart with --resume, learners rejoin",
         row_leader_killed),
