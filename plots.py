@@ -12,10 +12,15 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-round records of a run directory; a torn last line (a run killed mid-write) is skipped."""
+def read_metrics(run_dir: Path, missing_ok: bool = False) -> list[dict[str, Any]]:
+    """The per-round records of a run directory; a torn last line (a run killed mid-write) is skipped.
+
+    A directory without metrics gives [] with `missing_ok` (a run that has not finished a round yet), else an error.
+    """
     path = run_dir / METRICS_FILE
     if not path.is_file():
+        if missing_ok:
+            return []
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it a run directory written by leader.py?")
     records = []
     for line in path.read_text().splitlines():

@@ -46,7 +46,7 @@ class Recorder:
 
     def ensure_recorded(self, metrics: dict[str, Any]) -> None:
         """Record a round's metrics unless a line for that round is already there."""
-        existing = plots.read_metrics(self.run_dir) if self.metrics_path.is_file() else []
+        existing = plots.read_metrics(self.run_dir, missing_ok=True)
         if all(record["round"] != metrics["round"] for record in existing):
             self.record(metrics)
 

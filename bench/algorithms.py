@@ -16,7 +16,6 @@ the epsilon spent). Three groups, each selectable with --groups:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import plots
 from local_federation import free_port, learner_threads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,8 +104,7 @@ def federate(run: Run, common: list[str], work: Path) -> tuple[list[dict], float
             except subprocess.TimeoutExpired:
                 process.kill()
     seconds = time.monotonic() - start
-    metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    records = plots.read_metrics(run_dir, missing_ok=True)
     if status != 0:
         print(f"{run.label}: leader exit {status}", file=sys.stderr)
     return records, seconds

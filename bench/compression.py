@@ -7,7 +7,6 @@ Accuracy costs need the time-to-accuracy benchmark on CIFAR-10; this measures th
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 import compression
+import plots
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "resnet20"
@@ -32,7 +32,7 @@ def bytes_in_per_round(mode: str) -> int:
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             raise SystemExit(f"--compress {mode} failed (exit {result.returncode}): {result.stderr[-1500:]}")
-        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        records = plots.read_metrics(Path(run_dir))
         return records[-1]["bytes_in"]
 
 

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import io
 import ipaddress
-import json
 import os
 import platform
 import random
@@ -44,6 +43,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import checkpoint
+import plots
 import rpc
 import wire
 from local_federation import free_port
@@ -330,23 +330,9 @@ def learner_id_of(learner: LoggedProcess, harness: Harness) -> int:
     return int(hit[1].group(1))
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's metrics.jsonl records (a torn last line is skipped)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def rounds_missing(run_dir: Path, rounds: int) -> int:
     """Rounds 1..rounds with no line in metrics.jsonl."""
-    present = {record.get("round") for record in read_metrics(run_dir)}
+    present = {record.get("round") for record in plots.read_metrics(run_dir, missing_ok=True)}
     return sum(1 for number in range(1, rounds + 1) if number not in present)
 
 
@@ -645,7 +631,7 @@ def row_learner_frozen(harness: Harness, context: Context, index: int) -> RunRes
             break
     status = leader.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
     late_accepted = victim.find(rf"round {frozen_round}: sent update", after=resumed_at) is not None
-    metrics = {record["round"]: record for record in read_metrics(run_dir)}
+    metrics = {record["round"]: record for record in plots.read_metrics(run_dir, missing_ok=True)}
     frozen_metrics = metrics.get(frozen_round, {})
     expect(closed is not None and int(closed[1].group(1)) == 2,
            f"round {frozen_round} closed with {closed[1].group(1) if closed else 'no'} learners, not 2 without the frozen one")
@@ -909,7 +895,7 @@ def row_stale_duplicate(harness: Harness, context: Context, index: int) -> RunRe
     for outcome in (taken, closing, *finals):
         expect(outcome.code == "OK", f"{outcome.what}: {outcome.code} {outcome.detail[:80]}")
     expect(retry.code == "OK" and "counted once" in retry.detail, f"identical retry: {retry.code} {retry.detail[:80]}")
-    metrics = {record["round"]: record for record in read_metrics(run_dir)}
+    metrics = {record["round"]: record for record in plots.read_metrics(run_dir, missing_ok=True)}
     counted_twice = 0
     for number in (1, 2):
         record = metrics.get(number, {})
@@ -1104,7 +1090,7 @@ def row_stalled_streams(harness: Harness, context: Context, index: int) -> RunRe
         code = learner.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
         expect(code == 0, f"{learner.name} exit {code}: {learner.tail(2)}")
     expect(status == 0, f"leader exit {status}: {leader.tail()}")
-    reported = [record.get("learners_reported", 0) for record in read_metrics(run_dir)]
+    reported = [record.get("learners_reported", 0) for record in plots.read_metrics(run_dir, missing_ok=True)]
     expect(len(reported) == STALL_ROUNDS and all(count >= 2 for count in reported), f"learners reported per round: {reported}")
     return expect.result(harness, detect_s=max(in_time) - opened if in_time else None, rounds_lost=rounds_missing(run_dir, STALL_ROUNDS),
                          bad_accepted=codes.get("OK", 0) + (slow.code == "OK"),
@@ -1170,7 +1156,7 @@ def row_tls(harness: Harness, context: Context, index: int) -> RunResult:
     for outcome in outcomes:
         expect(outcome.code != "OK", f"{outcome.what} was let in")
     expect(status == 0, f"leader exit {status}: {leader.tail()}")
-    reported = [record.get("learners_reported") for record in read_metrics(run_dir)]
+    reported = [record.get("learners_reported") for record in plots.read_metrics(run_dir, missing_ok=True)]
     expect(reported == [2, 2], f"learners reported per round: {reported}")
     for learner in learners:
         code = learner.wait_exit(harness.remaining(EXIT_TIMEOUT_S))

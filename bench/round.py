@@ -12,7 +12,6 @@ stream. Also reports the bytes moved per round against the model's size.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,7 +27,8 @@ import torch.nn.functional as F
 
 import rpc
 import wire
-from bench.wire import BARE_SERVICE, CALL_TIMEOUT_S, bare_server
+import plots
+from bench.wire import BARE_SERVICE, CALL_TIMEOUT_S, bare_server, receive_bytes, timed
 from model import build_model
 from utils import normalize
 
@@ -53,13 +53,7 @@ def compute_seconds(repeats: int) -> list[float]:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(normalize(images)), labels).backward()
 
-    step()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    return timed(step, repeats)
 
 
 def bare_stream_seconds(size: int, repeats: int) -> list[float]:
@@ -71,11 +65,7 @@ def bare_stream_seconds(size: int, repeats: int) -> list[float]:
     try:
         for index in range(repeats + 1):
             start = time.perf_counter()
-            received = bytearray(size)
-            filled = 0
-            for chunk in pull(b"", timeout=CALL_TIMEOUT_S):
-                received[filled : filled + len(chunk)] = chunk
-                filled += len(chunk)
+            receive_bytes(pull(b"", timeout=CALL_TIMEOUT_S), size)
             if index:  # the first pull warms the connection up
                 seconds.append(time.perf_counter() - start)
     finally:
@@ -94,8 +84,7 @@ def federation_rounds(rounds: int, checkpoint_every: int) -> list[dict]:
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
         if result.returncode != 0:
             raise SystemExit(f"the federation failed (exit {result.returncode}): {result.stderr[-2000:]}")
-        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line) for line in lines]
+        return plots.read_metrics(Path(run_dir))
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ from typing import Any
 import grpc
 import torch
 
+import plots
 import rpc
 import wire
 from local_federation import free_port
@@ -342,20 +343,6 @@ def proc_status(pid: int) -> dict[str, int]:
     return values
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's metrics.jsonl records (a torn last line is skipped)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def log_tail(path: Path, count: int = LOG_TAIL_LINES) -> str:
     """The last lines of a log, joined for a note."""
     try:
@@ -436,7 +423,7 @@ def measure(learners: int, args: argparse.Namespace, env: dict[str, str]) -> Mea
                     simulator.stop(KILL_GRACE_S)
                     result.sim_cpu_s = simulator.cpu_s
         result.wall_s = time.monotonic() - started
-        records = read_metrics(run_dir)
+        records = plots.read_metrics(run_dir, missing_ok=True)
         result.round_seconds = [record["round_seconds"] for record in records]
         result.wall_times = [record["wall_time"] for record in records]
         result.reported = [record["learners_reported"] for record in records]
@@ -458,7 +445,7 @@ def watch(result: Measurement, leader: Child, simulator: Child, run_dir: Path, d
         if result.serving_rss_kib is None and "VmRSS" in status and log.is_file() and "serving on " in log.read_text(errors="replace"):
             result.serving_rss_kib = status["VmRSS"]
         if result.rounds_rss_kib is None and "VmHWM" in status:
-            done = len(read_metrics(run_dir))
+            done = len(plots.read_metrics(run_dir, missing_ok=True))
             if done and result.threads_round1 is None and "Threads" in status:
                 result.threads_round1 = status["Threads"]
             if done >= result.rounds_planned:

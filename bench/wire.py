@@ -43,11 +43,7 @@ def bare_server(payload_size: int) -> tuple[grpc.Server, int]:
         yield from wire.iter_chunks(outgoing)
 
     def push(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        received = bytearray(payload_size)
-        filled = 0
-        for chunk in requests:
-            received[filled : filled + len(chunk)] = chunk
-            filled += len(chunk)
+        receive_bytes(requests, payload_size)
         return b""
 
     handler = grpc.method_handlers_generic_handler(BARE_SERVICE, {
@@ -56,6 +52,16 @@ def bare_server(payload_size: int) -> tuple[grpc.Server, int]:
     })
     server, port, _ = rpc.create_server(lambda server: server.add_generic_rpc_handlers((handler,)), "127.0.0.1", 0, max_workers=4)
     return server, port
+
+
+def receive_bytes(chunks: Iterator[bytes], size: int) -> bytearray:
+    """Copy a stream of raw chunks into one buffer, the least a receiver of the payload must do."""
+    received = bytearray(size)
+    filled = 0
+    for chunk in chunks:
+        received[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
+    return received
 
 
 def timed(call: Callable[[], object], runs: int) -> list[float]:
@@ -130,11 +136,7 @@ def main() -> None:
             outgoing = bytes(size)
 
             def bare_pull() -> None:
-                received = bytearray(size)
-                filled = 0
-                for chunk in pull(b"", timeout=CALL_TIMEOUT_S):
-                    received[filled : filled + len(chunk)] = chunk
-                    filled += len(chunk)
+                receive_bytes(pull(b"", timeout=CALL_TIMEOUT_S), size)
 
             def bare_push() -> None:
                 push(wire.iter_chunks(outgoing), timeout=CALL_TIMEOUT_S)
