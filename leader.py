@@ -46,6 +46,7 @@ PARTITIONS = ("iid", "dirichlet", "shards")
 AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
 DATA_MODES = ("split", "local")
 EVAL_BATCH_SIZE = 1000
+UPDATE_BUFFERS_KEPT = 2  # update buffers kept for reuse between uploads: about as many as arrive at once on 2 cores
 MAX_LOCAL_EXAMPLES = 10**9
 SGDM_DEFAULT_MOMENTUM = 0.9  # FedAvgM's server momentum when --server-momentum is left at 0 (Hsu et al. 2019)
 WAIT_SLICE_S = 0.5  # how often waits wake up to check for shutdown
@@ -211,6 +212,10 @@ class Leader:
         # what an update looks like on the wire under --compress, checked before any of its bytes are read
         self.update_specs = compression.wire_specs(self.specs, config.compress, config.topk_ratio, sparse_names=self.parameter_names)
         self.update_bytes = wire.payload_bytes(self.update_specs)
+        # updates are summed as they arrive unless a rule needs them all at once (median, Krum, --deterministic);
+        # a summed or refused update's buffer is free again, and a kept one saves the page faults of a fresh one
+        self.keeps_updates = config.aggregator != "mean" or config.deterministic
+        self.update_buffers = wire.BufferPool(self.update_bytes, keep=UPDATE_BUFFERS_KEPT)
         self.train_data = train_data
         self.shards = self._partition(train_data) if train_data is not None else None
         # the share of learners in each round, --min-learners included (Poisson sampling at this rate is the accountant's model)
@@ -638,7 +643,7 @@ class Leader:
             else:
                 members = frozenset(available)
             # robust rules need every update; --deterministic sums them in learner order; else a running sum is enough
-            running = aggregation.UpdateList() if config.aggregator != "mean" or config.deterministic else self._running.reset()
+            running = aggregation.UpdateList() if self.keeps_updates else self._running.reset()
             quorum = min(config.min_learners, count) if config.min_learners else count
             self._round = RoundState(number, members=members, quorum=max(1, quorum), running=running)
             return self._round
@@ -866,21 +871,27 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 
     def AccumulateGradients(self, request_iterator: Iterator[leader_pb2.GradientData], context: grpc.ServicerContext) -> leader_pb2.Ack:
         learner_id = self._caller(context)
+        leader = self.leader
+        received = None
         try:
             received = wire.receive(
                 request_iterator,
-                max_bytes=self.leader.update_bytes,
-                expected=self.leader.update_specs,
-                check_header=lambda header: self.leader.check_update_header(learner_id, header),
+                max_bytes=leader.update_bytes,
+                expected=leader.update_specs,
+                check_header=lambda header: leader.check_update_header(learner_id, header),
+                allocate=leader.update_buffers.take,
             )
-            tensors, norms = self.leader.unpack(received)
-            message = self.leader.accept_update(learner_id, received.header, tensors, norms)
+            tensors, norms = leader.unpack(received)
+            message = leader.accept_update(learner_id, received.header, tensors, norms)
         except wire.WireError as error:
-            self.leader.note_rejection(learner_id, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            leader.note_rejection(learner_id, grpc.StatusCode.INVALID_ARGUMENT, str(error))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {error}")
         except LeaderError as error:
-            self.leader.note_rejection(learner_id, error.code, str(error))
+            leader.note_rejection(learner_id, error.code, str(error))
             context.abort(error.code, str(error))
+        finally:
+            if received is not None and not leader.keeps_updates:
+                leader.update_buffers.give(received.payload)  # added to the sum or refused: nothing views it now
         return leader_pb2.Ack(success=True, message=message)
 
     def Heartbeat(self, request: leader_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> leader_pb2.Ack:
@@ -1131,6 +1142,7 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
         gate=leader_gate(leader, enrolment_token),
         tls=tls,
         limits=leader.limits,
+        request_deserializers={f"/{service}/AccumulateGradients": wire.chunk_deserializer(leader_pb2.GradientData)},
     )
     return leader, server, port, health
 

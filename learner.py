@@ -43,6 +43,8 @@ HEARTBEAT_INTERVAL_S = 5.0  # how often a waiting learner checks that the leader
 # learners whose leader restarted do not all register in the same instant.
 REJOIN_BACKOFF_S = 1.0
 REJOIN_BACKOFF_MAX_S = 30.0
+LEADER_SERVICE = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name
+LEARNER_SERVICE = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class Learner:
         self.device = resolve_device(config.device)
         self.callback_token = secrets.token_urlsafe(32)
         self.channel = rpc.channel(config.leader, tls)
-        self.stub = leader_pb2_grpc.LeaderServiceStub(self.channel)
+        self.stub = leader_stub(self.channel)
         self.model: torch.nn.Module | None = None
         self.specs: list[wire.TensorSpec] | None = None
         self.learner_id = -1
@@ -427,6 +429,16 @@ def batches_per_epoch(size: int, batch_size: int) -> int:
     return full + (1 if rest > 1 or size == 1 else 0)
 
 
+def leader_stub(channel: grpc.Channel) -> leader_pb2_grpc.LeaderServiceStub:
+    """The generated stub, with the chunked streams it receives read through wire.chunk_deserializer (no protobuf copy)."""
+    stub = leader_pb2_grpc.LeaderServiceStub(channel)
+    stub.GetModel = channel.unary_stream(f"/{LEADER_SERVICE}/GetModel", request_serializer=leader_pb2.Empty.SerializeToString,
+                                         response_deserializer=wire.chunk_deserializer(leader_pb2.ModelChunk))
+    stub.GetData = channel.unary_stream(f"/{LEADER_SERVICE}/GetData", request_serializer=leader_pb2.LearnerDataRequest.SerializeToString,
+                                        response_deserializer=wire.chunk_deserializer(leader_pb2.DataChunk))
+    return stub
+
+
 def learner_gate(learner: Learner) -> rpc.Gate:
     """Only the leader holding this learner's callback secret may start it or push a model, checked before any handler runs."""
 
@@ -438,7 +450,7 @@ def learner_gate(learner: Learner) -> rpc.Gate:
             return grpc.StatusCode.PERMISSION_DENIED, "token does not belong to this learner's leader"
         return None
 
-    return rpc.Gate(learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name, check)
+    return rpc.Gate(LEARNER_SERVICE, check)
 
 
 def advertise_address_for(config: LearnerConfig, port: int) -> str:
@@ -541,14 +553,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def create_server(learner: Learner, host: str, port: int, tls: rpc.Tls | None = None) -> tuple[grpc.Server, int, Any]:
+    """Start the learner's server for `learner` on host:port; returns (server, port, health)."""
+    return rpc.create_server(
+        lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server),
+        host, port, max_workers=4, gate=learner_gate(learner), tls=tls,
+        request_deserializers={f"/{LEARNER_SERVICE}/SyncModelState": wire.chunk_deserializer(learner_pb2.ModelState)},
+    )
+
+
 def run_session(config: LearnerConfig, enrolment_token: str | None, tls: rpc.Tls | None, local_data: ImageData | None) -> int:
     """One membership of a federation: serve, register, train until told to stop. Raises LeaderLost if the leader goes."""
     learner = Learner(config, enrolment_token, tls)
     learner.data = local_data
-    server, port, _ = rpc.create_server(
-        lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server),
-        config.host, config.port, max_workers=4, gate=learner_gate(learner), tls=tls,
-    )
+    server, port, _ = create_server(learner, config.host, config.port, tls)
     try:
         learner.register(advertise_address_for(config, port))
         learner.prepare()

@@ -285,6 +285,23 @@ def _touching(requests: Iterator[Any], entry: _Watched) -> Iterator[Any]:
         yield request
 
 
+class RequestDeserializers(grpc.ServerInterceptor):
+    """Replaces the request deserializer of the named methods (full method paths), leaving everything else as it is."""
+
+    def __init__(self, deserializers: dict[str, Callable[[bytes], Any]]) -> None:
+        self._deserializers = deserializers
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        deserializer = self._deserializers.get(details.method)
+        if handler is None or deserializer is None:
+            return handler
+        behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        return _HANDLER_FACTORIES[handler.request_streaming, handler.response_streaming](
+            behaviour, request_deserializer=deserializer, response_serializer=handler.response_serializer
+        )
+
+
 _HANDLER_FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
@@ -302,14 +319,22 @@ def create_server(
     gate: Gate | None = None,
     tls: Tls | None = None,
     limits: CallLimits | None = None,
+    request_deserializers: dict[str, Callable[[bytes], Any]] | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Start a server with our options, call limits, health checking and optional reflection on host:port (0 picks a free port)."""
+    """Start a server with our options, call limits, health checking and optional reflection on host:port (0 picks a free port).
+
+    `request_deserializers` replaces the generated deserializers of the named methods (full paths).
+    """
     limits = limits or CallLimits()
+    interceptors: list[grpc.ServerInterceptor] = [gate] if gate is not None else []  # the gate first: refused calls count against nothing
+    interceptors.append(limits)
+    if request_deserializers:
+        interceptors.append(RequestDeserializers(request_deserializers))  # innermost: the handler the others wrap
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_workers * 4,
-        interceptors=[gate, limits] if gate is not None else [limits],  # the gate first: refused calls count against nothing
+        interceptors=interceptors,
     )
     add_servicers(server)
     health_servicer = health.HealthServicer()

@@ -26,7 +26,7 @@ import leader as leader_module
 import learner as learner_module
 import rpc
 import wire
-from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from protos import leader_pb2, learner_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "resnet18"  # the blog's model: 44.8 MB of float32 weights and buffers
@@ -87,7 +87,7 @@ def main() -> None:
                                             learners=2, device="cpu", run_dir=tmp, checkpoint_dir=f"{tmp}/checkpoints")
         leader, leader_server, leader_port, _ = leader_module.serve(config)
         channel = rpc.channel(f"127.0.0.1:{leader_port}")
-        stub = leader_pb2_grpc.LeaderServiceStub(channel)
+        stub = learner_module.leader_stub(channel)  # as a learner reads GetModel
         learner_server, learner_port = None, None
         try:
             specs = leader.specs
@@ -116,10 +116,7 @@ def main() -> None:
             # a real learner server taking pushed models, as the leader pushes them
             learner = learner_module.Learner(learner_module.LearnerConfig(leader="127.0.0.1:1", device="cpu"))
             learner.specs = specs
-            learner_server, learner_port, _ = rpc.create_server(
-                lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(learner_module.LearnerServicer(learner), server),
-                "127.0.0.1", 0, max_workers=4, gate=learner_module.learner_gate(learner),
-            )
+            learner_server, learner_port, _ = learner_module.create_server(learner, "127.0.0.1", 0)
             learner_stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(f"127.0.0.1:{learner_port}"))
 
             published = leader.published()  # the leader frames each round's model once for every push

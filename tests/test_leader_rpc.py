@@ -295,3 +295,20 @@ def test_a_learner_that_misses_the_deadline_is_told_so_and_its_slot_goes_to_a_ne
         assert_refused(lambda: send(newcomer, valid_update(leader), round=2), grpc.StatusCode.FAILED_PRECONDITION, "from round 3")
         assert send(punctual, valid_update(leader), round=2).success
         assert leader._open_round(3).members == {0, 1}
+
+
+@pytest.mark.parametrize("aggregator, kept", [("mean", 1), ("median", 0)])
+def test_a_summed_update_leaves_its_buffer_to_the_next_and_a_kept_one_does_not(tmp_path, channel_to, aggregator, kept):
+    with running_leader(leader_config(tmp_path, learners=2, aggregator=aggregator)) as running:
+        leader = running.leader
+        first, second = (register_client(channel_to(running.address)) for _ in range(2))
+        leader._open_round(1)
+        send(first, valid_update(leader, 0.01))
+        send(second, valid_update(leader, 0.03))  # under mean, into the buffer the first update arrived in
+        assert leader.update_buffers.kept == kept
+        if aggregator == "mean":
+            expected = 0.02  # (10 * 0.01 + 10 * 0.03) / 20, so the first update was summed before its buffer was reused
+            assert all(torch.allclose(tensor, torch.full_like(tensor, expected)) for tensor in leader._round.running.mean().values())
+        else:
+            updates = leader._round.running.aggregate(lambda updates, weights: {"kept": [u for u in updates]})["kept"]
+            assert [float(next(iter(update.values())).flatten()[0]) for update in updates] == pytest.approx([0.01, 0.03])

@@ -8,7 +8,7 @@ import torch
 
 import rpc
 import wire
-from learner import Learner, LearnerConfig, LearnerServicer, Stopped, learner_gate
+from learner import Learner, LearnerConfig, Stopped, create_server
 from model import build_model
 from protos import learner_pb2, learner_pb2_grpc
 
@@ -18,10 +18,7 @@ def learner_server(channel_to):
     learner = Learner(LearnerConfig(leader="127.0.0.1:1", device="cpu"))
     learner.model = build_model("tiny-cnn")
     learner.specs = wire.specs_of(learner.model.state_dict())
-    server, port, _ = rpc.create_server(
-        lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server), "127.0.0.1", 0, 4,
-        gate=learner_gate(learner),
-    )
+    server, port, _ = create_server(learner, "127.0.0.1", 0)  # the server learner.py runs, chunk deserializer included
     try:
         yield learner, learner_pb2_grpc.LearnerServiceStub(channel_to(f"127.0.0.1:{port}"))
     finally:

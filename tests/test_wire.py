@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 
 import wire
 from protos import leader_pb2
@@ -135,3 +136,64 @@ def test_finite_check_catches_nan_and_inf_and_keeps_huge_finite_values():
         wire.decode(wire.specs_of(opposite), wire.encode(opposite)[1])
     huge = {"w": torch.tensor([1e308, 1e308], dtype=torch.float64)}  # finite, though their sum overflows float64
     assert torch.equal(wire.decode(wire.specs_of(huge), wire.encode(huge)[1])["w"], huge["w"])
+
+
+def test_chunk_deserializer_views_bare_chunks_and_leaves_every_other_message_to_protobuf():
+    deserialize = wire.chunk_deserializer(leader_pb2.GradientData)
+    body = bytes(range(256)) * 1000  # long enough for a three-byte varint length
+    data = leader_pb2.GradientData(chunk=body).SerializeToString()
+    bare = deserialize(data)
+    assert isinstance(bare, wire.ChunkOnly) and bytes(bare.chunk) == body
+    assert bare.chunk.obj is data  # a view of the received buffer, not a copy
+    assert not bare.HasField("manifest")
+    manifest, _ = wire.encode(sample())
+    for message in (
+        leader_pb2.GradientData(chunk=b"abc", manifest=manifest, round=3, num_examples=7),  # a stream's first message
+        leader_pb2.GradientData(chunk=b"abc", round=3),  # a chunk followed by another field
+        leader_pb2.GradientData(),  # an empty chunk: nothing on the wire
+    ):
+        parsed = deserialize(message.SerializeToString())
+        assert isinstance(parsed, leader_pb2.GradientData) and parsed == message
+    with pytest.raises(DecodeError):
+        deserialize(b"\x0a\x05abc")  # a length past the end is protobuf's to refuse, as before
+
+
+def test_a_stream_read_through_the_chunk_deserializer_reassembles_the_same_payload():
+    deserialize = wire.chunk_deserializer(leader_pb2.GradientData)
+    manifest, payload = wire.encode(sample())
+    sent = wire.stream(leader_pb2.GradientData, manifest, payload, chunk_bytes=7, round=1)
+    arrived = [deserialize(message.SerializeToString()) for message in sent]
+    assert len(arrived) > 2 and all(isinstance(message, wire.ChunkOnly) for message in arrived[1:])
+    received = wire.receive(arrived, len(payload), wire.specs_of(sample()))
+    assert received.payload == payload and received.header.round == 1
+    assert torch.equal(received.tensors["w"], sample()["w"])
+
+
+def test_buffer_pool_hands_back_kept_buffers_of_its_size_up_to_its_cap():
+    pool = wire.BufferPool(8, keep=1)
+    first, second = pool.take(8), pool.take(8)
+    assert first is not second and len(first) == 8
+    pool.give(first)
+    pool.give(second)  # over the cap: dropped
+    assert pool.kept == 1
+    assert pool.take(8) is first
+    assert pool.take(8) is not second
+    other = pool.take(4)
+    assert len(other) == 4
+    pool.give(other)  # another size is never kept
+    assert pool.kept == 0
+
+
+def test_a_non_finite_tensor_is_refused_as_soon_as_its_bytes_are_in():
+    tensors = {"bad": torch.tensor([1.0, float("nan")]), "rest": torch.zeros(1000)}
+    sent = messages(tensors, chunk_bytes=8)  # the first message completes "bad"; 500 more carry "rest"
+    read = []
+
+    def arriving():
+        for message in sent:
+            read.append(message)
+            yield message
+
+    with pytest.raises(wire.WireError, match="'bad' holds NaN"):
+        wire.receive(arriving(), max_bytes=10_000)
+    assert len(read) == 1 < len(sent)
