@@ -7,7 +7,9 @@ the epsilon spent). Three groups, each selectable with --groups:
 - skew: --partition iid, dirichlet 0.5 and dirichlet 0.1, each with FedAvg, FedAvgM, FedAdam and FedProx;
 - attack: 1 of the 4 learners sends its update sign-flipped and scaled 10x; mean against median,
   trimmed-mean and krum;
-- dp: DP-FedAvg at two noise multipliers, against no noise, all with the same clipping.
+- dp: DP-FedAvg at two noise multipliers, against no noise, all with the same clipping;
+- server-lr: FedAvgM and FedAdam at Dirichlet 0.1 with a server learning rate 10x that of the skew group's
+  (FedAvgM's 0.1 with momentum 0.9 takes the steps of plain FedAvg's 1 once the momentum has built up).
 
     python -m bench.algorithms --data-dir DIR --rounds 20 --local-steps 100 --out docs/algorithms.md
     python -m bench.algorithms --dataset synthetic --model tiny-cnn --rounds 2 --local-steps 5   # a quick check
@@ -53,6 +55,10 @@ AGGREGATORS = {
     # Krum needs n > 2f + 2: with 4 learners only f = 0 is allowed, which still drops an update far from the rest
     "krum f=0": ["--aggregator", "krum", "--byzantine", "0"],
 }
+SERVER_LR_RUNS = {
+    "FedAvgM, server lr 0.1": ["--server-opt", "sgdm", "--server-lr", "0.1", "--server-momentum", "0.9"],
+    "FedAdam, server lr 0.1": ["--server-opt", "adam", "--server-lr", "0.1", "--server-tau", "0.001"],
+}
 DP_CLIP = 1.0
 DP_NOISE = (0.0, 0.5, 1.0)
 
@@ -77,6 +83,9 @@ def plan(groups: list[str]) -> list[Run]:
     if "attack" in groups:
         for aggregator, flags in AGGREGATORS.items():
             runs.append(Run("attack", f"1 of {LEARNERS} sign-flipped x10, {aggregator}", flags, hostile=True))
+    if "server-lr" in groups:
+        for algorithm, flags in SERVER_LR_RUNS.items():
+            runs.append(Run("server-lr", f"dirichlet 0.1, {algorithm}", [*PARTITIONS["dirichlet 0.1"], *flags]))
     if "dp" in groups:
         for noise in DP_NOISE:
             flags = ["--clip-norm", str(DP_CLIP), "--dp-noise-multiplier", str(noise)]
@@ -137,7 +146,7 @@ def main() -> int:
     parser.add_argument("--local-steps", type=int, default=100, help="local batches per learner per round")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--groups", default="skew,attack,dp", help="comma-separated: skew, attack, dp")
+    parser.add_argument("--groups", default="skew,attack,dp", help="comma-separated: skew, attack, dp, server-lr")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
     common = ["--dataset", args.dataset, "--model", args.model, "--device", "cpu", "--aggregation", "fedavg",

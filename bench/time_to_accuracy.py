@@ -1,0 +1,161 @@
+"""Time to accuracy: a two-learner IID fedavg federation against centralized training of the same model.
+
+Both sides train ResNet-20 from seed 0 with one recipe: SGD with --lr, momentum 0.9 and weight decay
+5e-4, batches of --batch-size with random crop and flip, --warmup epochs of linear warm-up then cosine
+decay, --epochs passes over the training set. The federation does one local epoch per round (each
+learner one pass over its half), so federated round r and centralized epoch r have seen the same
+number of examples. Both evaluate the whole test set after every epoch. The centralized side runs in
+this process on every core; the federation is `local_federation.py`, which splits the cores between
+its two learners. Reports each epoch's accuracy and elapsed seconds, the wall time to --target, the
+final accuracies, and the ratios the goals are stated in. With --compress, one federation per mode.
+
+    python -m bench.time_to_accuracy --data-dir DIR --epochs 50 --out docs/time-to-accuracy.md
+    python -m bench.time_to_accuracy --dataset synthetic --model tiny-cnn --epochs 2   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import plots
+import schedule
+from model import build_model
+from utils import augment, derive_seed, load_dataset, normalize
+
+ROOT = Path(__file__).resolve().parent.parent
+LEARNERS = 2
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+SEED = 0
+EVAL_BATCH = 1000
+FEDERATION_TIMEOUT_S = 24 * 3600
+
+
+def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
+    """Train on the whole training set in this process; (accuracy, elapsed seconds) after each epoch."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    train = load_dataset(args.dataset, args.data_dir, train=True, seed=SEED)
+    test = load_dataset(args.dataset, args.data_dir, train=False, seed=SEED)
+    torch.manual_seed(SEED)  # the leader seeds the same way before it builds the model
+    model = build_model(args.model, train.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    history = []
+    start = time.monotonic()
+    for epoch in range(1, args.epochs + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.round_lr(args.lr, "cosine", args.warmup, args.epochs, epoch)
+        model.train()
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(derive_seed(SEED, "epoch", epoch)))
+        generator = torch.Generator().manual_seed(derive_seed(SEED, "augment", epoch))
+        for first in range(0, len(train), args.batch_size):
+            indices = order[first : first + args.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(normalize(augment(train.images[indices], generator))), train.labels[indices]).backward()
+            optimizer.step()
+        history.append((accuracy(model, test.images, test.labels), time.monotonic() - start))
+        print(f"centralized epoch {epoch}: {100 * history[-1][0]:.2f}% at {history[-1][1]:.0f} s", flush=True)
+    return history
+
+
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Test accuracy, evaluated as the leader does (inference mode, batches of 1000)."""
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for first in range(0, len(labels), EVAL_BATCH):
+            logits = model(normalize(images[first : first + EVAL_BATCH]))
+            correct += int((logits.argmax(1) == labels[first : first + EVAL_BATCH]).sum())
+    return correct / max(1, len(labels))
+
+
+def federated(args: argparse.Namespace, compress: str) -> tuple[list[tuple[float, float]], int]:
+    """Run the federation; (accuracy, elapsed seconds) after each round, and the median update bytes per round."""
+    with tempfile.TemporaryDirectory(prefix="fl-tta-") as run_dir:
+        command = [sys.executable, "local_federation.py", "--dataset", args.dataset, "--model", args.model,
+                   "--device", "cpu", "--learners", str(LEARNERS), "--partition", "iid", "--aggregation", "fedavg",
+                   "--local-epochs", "1", "--rounds", str(args.epochs), "--batch-size", str(args.batch_size),
+                   "--lr", str(args.lr), "--momentum", str(MOMENTUM), "--weight-decay", str(WEIGHT_DECAY),
+                   "--lr-schedule", "cosine", "--warmup-rounds", str(args.warmup), "--eval-every", "1",
+                   "--checkpoint-every", str(args.epochs), "--compress", compress, "--seed", str(SEED),
+                   "--quiet", "--run-dir", run_dir, "--checkpoint-dir", str(Path(run_dir) / "checkpoints")]
+        if args.data_dir:
+            command += ["--data-dir", args.data_dir]
+        subprocess.run(command, cwd=ROOT, check=True, timeout=FEDERATION_TIMEOUT_S)
+        records = plots.read_metrics(Path(run_dir))
+    for record in records:
+        print(f"federated ({compress}) round {record['round']}: {100 * record['test_accuracy']:.2f}% "
+              f"at {record['elapsed_seconds']:.0f} s", flush=True)
+    bytes_in = sorted(record["bytes_in"] for record in records)[len(records) // 2]
+    return [(record["test_accuracy"], record["elapsed_seconds"]) for record in records], bytes_in
+
+
+def time_to(history: list[tuple[float, float]], target: float) -> float | None:
+    """Elapsed seconds at the first epoch whose accuracy reaches `target`, or None."""
+    return next((seconds for value, seconds in history if value >= target), None)
+
+
+def main() -> int:
+    """Run the centralized side, then one federation per --compress mode, and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="imagefolder", help="imagefolder (the CIFAR-10 JPEG copy), cifar10 or synthetic")
+    parser.add_argument("--data-dir", default=None, help="the extracted data set (with train/ and test/ for imagefolder)")
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--epochs", type=int, default=50, help="epochs on each side (federated rounds of one local epoch)")
+    parser.add_argument("--warmup", type=int, default=2, help="epochs of linear learning-rate warm-up")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--target", type=float, default=0.85, help="the accuracy whose wall time is compared")
+    parser.add_argument("--compress", default="none", help="comma-separated --compress modes, one federation each")
+    parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
+    args = parser.parse_args()
+    if args.dataset != "synthetic" and not args.data_dir:
+        parser.error(f"--dataset {args.dataset} needs --data-dir (the CIFAR-10 JPEG copy, extracted)")
+    central = centralized(args)
+    runs = {mode: federated(args, mode) for mode in args.compress.split(",")}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    lines = [
+        f"# Time to accuracy: {args.model}, {args.dataset}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
+        f"{args.warmup} warm-up epochs then cosine",
+        "",
+        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs; python {platform.python_version()}, "
+        f"torch {torch.__version__}; commit {commit}; one run of each",
+        f"- federated: {LEARNERS} learners, IID, fedavg, one local epoch per round",
+        "",
+        "| epoch | centralized | " + " | ".join(f"federated ({mode})" for mode in runs) + " |",
+        "|---|---|" + "---|" * len(runs),
+    ]
+    for epoch, (value, seconds) in enumerate(central, start=1):
+        cells = [f"{100 * history[epoch - 1][0]:.2f}% ({history[epoch - 1][1]:.0f} s)" if epoch <= len(history) else "-"
+                 for history, _ in runs.values()]
+        lines.append(f"| {epoch} | {100 * value:.2f}% ({seconds:.0f} s) | " + " | ".join(cells) + " |")
+    central_time = time_to(central, args.target)
+    lines += ["", f"| run | final accuracy | minus centralized, points | time to {100 * args.target:.0f}%, s | "
+              "against centralized | update bytes per round |", "|---|---|---|---|---|---|",
+              f"| centralized | {100 * central[-1][0]:.2f}% | - | {_seconds(central_time)} | 1.00x | - |"]
+    for mode, (history, bytes_in) in runs.items():
+        reached = time_to(history, args.target)
+        ratio = f"{reached / central_time:.2f}x" if reached is not None and central_time else "-"
+        lines.append(f"| federated ({mode}) | {100 * history[-1][0]:.2f}% | {100 * (history[-1][0] - central[-1][0]):+.2f} | "
+                     f"{_seconds(reached)} | {ratio} | {bytes_in:,} |")
+    print("\n".join(lines), flush=True)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+def _seconds(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.0f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
