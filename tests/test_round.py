@@ -28,11 +28,11 @@ def shards(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(normalize(data.images[part]), data.labels[part]) for part in split_iid(len(data), 2, seed)]
 
 
-def run_federation(tmp_path, **overrides):
+def run_federation(tmp_path, learner_flags=None, **overrides):
     config = leader_config(tmp_path, seed=SEED, batch_size=SHARD, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **overrides)
     with running_leader(config) as running:
         initial = copy.deepcopy(running.leader.model.state_dict())
-        learners = start_learners(running.address, 2)
+        learners = start_learners(running.address, 2, learner_flags)
         history = running.leader.run()
         final = {name: tensor.clone() for name, tensor in running.leader.model.state_dict().items()}
     assert join_all(learners) == [0, 0]
@@ -58,9 +58,10 @@ def test_fedsgd_round_equals_one_sgd_step_on_the_union_of_batches(tmp_path, warm
         torch.testing.assert_close(final[name], tensor, atol=1e-5, rtol=0)
 
 
-def test_fedavg_round_equals_average_of_independently_trained_models(tmp_path):
-    steps = 3
-    config, initial, final, history = run_federation(tmp_path, aggregation="fedavg", local_steps=steps, rounds=1)
+@pytest.mark.parametrize("memory_format", ["--channels-last", "--no-channels-last"])
+def test_fedavg_round_equals_average_of_independently_trained_models(tmp_path, memory_format):
+    steps = 3  # the reference trains in the default memory format: the learners' layout must not change the result
+    config, initial, final, history = run_federation(tmp_path, [memory_format], aggregation="fedavg", local_steps=steps, rounds=1)
 
     trained = []
     for inputs, labels in shards(SEED):
