@@ -38,6 +38,7 @@ def main() -> None:
     state = build_model("resnet18", 10).state_dict()
     specs = wire.specs_of(state)
     manifest, payload = wire.encode(state)
+    deserialize = wire.chunk_deserializer(leader_pb2.ModelChunk)
     print(f"# Steps of moving resnet18 ({len(payload) / 1e6:.1f} MB), one thread, median of {REPEATS} after a warm-up")
     print()
     print("| step | ms |")
@@ -46,8 +47,16 @@ def main() -> None:
     messages = timed("frame it as 1 MiB protobuf messages", lambda: list(wire.stream(leader_pb2.ModelChunk, manifest, payload, round=1)))
     serialized = timed("serialize the messages (gRPC does this per call)", lambda: [message.SerializeToString() for message in messages])
     parsed = timed("parse them (the receiving side)", lambda: [leader_pb2.ModelChunk.FromString(data) for data in serialized])
+    viewed = timed("parse them with wire.chunk_deserializer (bare chunks viewed, not copied)",
+                   lambda: [deserialize(data) for data in serialized])
     timed("receive: reassemble and check, without the finite check", lambda: wire.receive(iter(parsed), len(payload), specs, require_finite=False))
     timed("receive with the finite check (which yields the norms)", lambda: wire.receive(iter(parsed), len(payload), specs))
+    pool = wire.BufferPool(len(payload), keep=1)
+
+    def receive_viewed_into_reused_buffer() -> None:
+        pool.give(wire.receive(iter(viewed), len(payload), specs, allocate=pool.take).payload)
+
+    timed("receive viewed chunks into a reused buffer, with the finite check", receive_viewed_into_reused_buffer)
     tensors = wire.decode(specs, payload, require_finite=False)
     floats = [tensor for tensor in tensors.values() if tensor.is_floating_point()]
     timed("old finite check: torch.isfinite(t).all() per tensor", lambda: all(bool(torch.isfinite(t).all()) for t in floats))
