@@ -1,8 +1,8 @@
 """Time to accuracy: a two-learner IID fedavg federation against centralized training of the same model.
 
 Both sides train ResNet-20 from seed 0 with one recipe: SGD with --lr, momentum 0.9 and weight decay
-5e-4, batches of --batch-size with random crop and flip, --warmup epochs of linear warm-up then cosine
-decay, --epochs passes over the training set. The federation does one local epoch per round (each
+5e-4, in the channels-last memory format, batches of --batch-size with random crop and flip, --warmup
+epochs of linear warm-up then cosine decay, --epochs passes over the training set. The federation does one local epoch per round (each
 learner one pass over its half), so federated round r and centralized epoch r have seen the same
 number of examples. Both evaluate the whole test set after every epoch. The centralized side runs in
 this process on every core; the federation is `local_federation.py`, which splits the cores between
@@ -47,7 +47,7 @@ def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
     train = load_dataset(args.dataset, args.data_dir, train=True, seed=SEED)
     test = load_dataset(args.dataset, args.data_dir, train=False, seed=SEED)
     torch.manual_seed(SEED)  # the leader seeds the same way before it builds the model
-    model = build_model(args.model, train.num_classes)
+    model = build_model(args.model, train.num_classes).to(memory_format=torch.channels_last)  # as learners train by default
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     history = []
     start = time.monotonic()
@@ -60,7 +60,8 @@ def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
         for first in range(0, len(train), args.batch_size):
             indices = order[first : first + args.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(normalize(augment(train.images[indices], generator))), train.labels[indices]).backward()
+            inputs = normalize(augment(train.images[indices], generator)).contiguous(memory_format=torch.channels_last)
+            F.cross_entropy(model(inputs), train.labels[indices]).backward()
             optimizer.step()
         history.append((accuracy(model, test.images, test.labels), time.monotonic() - start))
         print(f"centralized epoch {epoch}: {100 * history[-1][0]:.2f}% at {history[-1][1]:.0f} s", flush=True)
