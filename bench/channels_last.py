@@ -24,7 +24,7 @@ from utils import normalize
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 128
-MODELS = ("resnet20", "resnet18-cifar")
+MODELS = ("resnet20", "resnet18-cifar", "resnet18")
 
 
 def step_seconds(model_name: str, channels_last: bool, steps: int) -> list[float]:

@@ -29,7 +29,7 @@ import rpc
 import wire
 import plots
 from bench.wire import BARE_SERVICE, CALL_TIMEOUT_S, bare_server, receive_bytes, timed
-from model import build_model
+from model import build_model, memory_format_for
 from utils import normalize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,13 +45,14 @@ GOAL = 1.25
 def compute_seconds(repeats: int) -> list[float]:
     """One learner's fedsgd step (forward and backward of a batch of 32) on one thread, as each learner runs it."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // LEARNERS))  # the launcher splits the cores the same way
-    model = build_model(MODEL, 10).to(memory_format=torch.channels_last)  # the learners' default format
+    memory_format = memory_format_for("auto", MODEL, torch.device("cpu"))  # the learners' default choice
+    model = build_model(MODEL, 10).to(memory_format=memory_format)
     images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (BATCH,))
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(normalize(images).contiguous(memory_format=torch.channels_last)), labels).backward()
+        F.cross_entropy(model(normalize(images).contiguous(memory_format=memory_format)), labels).backward()
 
     return timed(step, repeats)
 

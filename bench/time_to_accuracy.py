@@ -1,7 +1,7 @@
 """Time to accuracy: a two-learner IID fedavg federation against centralized training of the same model.
 
 Both sides train ResNet-20 from seed 0 with one recipe: SGD with --lr, momentum 0.9 and weight decay
-5e-4, in the channels-last memory format, batches of --batch-size with random crop and flip, --warmup
+5e-4, in the memory format learners choose by default, batches of --batch-size with random crop and flip, --warmup
 epochs of linear warm-up then cosine decay, --epochs passes over the training set. The federation does one local epoch per round (each
 learner one pass over its half), so federated round r and centralized epoch r have seen the same
 number of examples. Both evaluate the whole test set after every epoch. The centralized side runs in
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import plots
 import schedule
-from model import build_model
+from model import build_model, memory_format_for
 from utils import augment, derive_seed, load_dataset, normalize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +47,8 @@ def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
     train = load_dataset(args.dataset, args.data_dir, train=True, seed=SEED)
     test = load_dataset(args.dataset, args.data_dir, train=False, seed=SEED)
     torch.manual_seed(SEED)  # the leader seeds the same way before it builds the model
-    model = build_model(args.model, train.num_classes).to(memory_format=torch.channels_last)  # as learners train by default
+    memory_format = memory_format_for("auto", args.model, torch.device("cpu"))  # the learners' default choice
+    model = build_model(args.model, train.num_classes).to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     history = []
     start = time.monotonic()
@@ -60,7 +61,7 @@ def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
         for first in range(0, len(train), args.batch_size):
             indices = order[first : first + args.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            inputs = normalize(augment(train.images[indices], generator)).contiguous(memory_format=torch.channels_last)
+            inputs = normalize(augment(train.images[indices], generator)).contiguous(memory_format=memory_format)
             F.cross_entropy(model(inputs), train.labels[indices]).backward()
             optimizer.step()
         history.append((accuracy(model, test.images, test.labels), time.monotonic() - start))

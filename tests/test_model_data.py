@@ -11,7 +11,7 @@ from PIL import Image
 
 import checkpoint
 import utils
-from model import MODELS, build_model
+from model import MODELS, build_model, memory_format_for
 
 
 @pytest.mark.parametrize("name, parameters", [("resnet18", 11_181_642), ("resnet18-cifar", 11_173_962), ("resnet20", 272_474), ("tiny-cnn", 11_642)])
@@ -157,3 +157,15 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device auto or cpu"):
             utils.resolve_device("cuda")
+
+
+def test_channels_last_is_chosen_where_it_was_measured_faster_unless_set():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert memory_format_for("auto", "resnet20", cpu) == torch.channels_last
+    assert memory_format_for("auto", "resnet18-cifar", cpu) == torch.channels_last
+    assert memory_format_for("auto", "resnet18", cpu) == torch.contiguous_format  # measured slower at 32x32
+    assert memory_format_for("auto", "resnet20", cuda) == torch.contiguous_format  # not measured there
+    assert memory_format_for("on", "resnet18", cpu) == torch.channels_last
+    assert memory_format_for("off", "resnet20", cpu) == torch.contiguous_format
+    with pytest.raises(ValueError, match="choose one of auto, on, off"):
+        memory_format_for("yes", "resnet20", cpu)
