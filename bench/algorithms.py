@@ -18,8 +18,6 @@ the epsilon spent). Three groups, each selectable with --groups:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,7 @@ from pathlib import Path
 import torch
 
 import plots
+from bench import provenance
 from local_federation import free_port, learner_threads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,13 +153,12 @@ def main() -> int:
               "--lr", str(args.lr), "--eval-every", str(args.rounds), "--checkpoint-every", str(args.rounds), "--seed", "0"]
     if args.data_dir:
         common += ["--data-dir", args.data_dir]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = provenance.commit()
     lines = [
         f"# Algorithms: {args.model}, {LEARNERS} learners, fedavg, {args.rounds} rounds of {args.local_steps} local batches of "
         f"{args.batch_size}, lr {args.lr}, dataset {args.dataset}",
         "",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs; python {platform.python_version()}, torch {torch.__version__}; "
-        f"commit {commit}; one run per row, seed 0",
+        f"- machine: {provenance.machine()}; commit {commit}; one run per row, seed 0",
         "",
         "| group | run | final test accuracy | dp epsilon | wall s |",
         "|---|---|---|---|---|",

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench import provenance
 from model import build_model
 from utils import normalize
 
-ROOT = Path(__file__).resolve().parent.parent
 BATCH = 128
 MODELS = ("resnet20", "resnet18-cifar", "resnet18")
 
@@ -54,10 +51,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model and format")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = provenance.commit()
     print(f"# Training throughput by memory format: batch {BATCH}, 32x32, {torch.get_num_threads()} threads")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs; python {platform.python_version()}, torch {torch.__version__}; "
-          f"commit {commit}; {args.steps} timed steps per row after two warm-up steps")
+    print(f"machine: {provenance.machine()}; commit {commit}; {args.steps} timed steps per row after two warm-up steps")
     print()
     print("| model | default, images/s median (min-max) | channels-last, images/s median (min-max) | channels-last / default |")
     print("|---|---|---|---|")

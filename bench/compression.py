@@ -17,6 +17,7 @@ import torch
 
 import compression
 import plots
+from bench import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "resnet20"
@@ -39,7 +40,7 @@ def bytes_in_per_round(mode: str) -> int:
 def main() -> None:
     """Run every mode and print the table."""
     measured = {mode: bytes_in_per_round(mode) for mode in compression.MODES}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = provenance.commit()
     print(f"# Update bytes per round: {MODEL}, 2 learners, fedavg, --topk-ratio {TOPK_RATIO}")
     print(f"machine: {platform.platform()}; python {platform.python_version()}, torch {torch.__version__}; commit {commit}; one run per mode")
     print()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import rpc
 import wire
 import plots
+from bench import provenance
 from bench.wire import BARE_SERVICE, CALL_TIMEOUT_S, bare_server, receive_bytes, timed
 from model import build_model, memory_format_for
 from utils import normalize
@@ -107,7 +108,7 @@ def main() -> None:
     transfer = statistics.median(stream)
     floor = step + TRANSFERS_PER_ROUND * transfer
     median_round = statistics.median(round_seconds)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = provenance.commit()
 
     print(f"# Round overhead: {MODEL} ({size / 1e6:.1f} MB), {LEARNERS} learners on loopback, fedsgd, batch {BATCH} each")
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs; python {platform.python_version()}, torch {torch.__version__}, "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import plots
+from bench import provenance
 import schedule
 from model import build_model, memory_format_for
 from utils import augment, derive_seed, load_dataset, normalize
@@ -124,13 +124,12 @@ def main() -> int:
         parser.error(f"--dataset {args.dataset} needs --data-dir (the CIFAR-10 JPEG copy, extracted)")
     central = centralized(args)
     runs = {mode: federated(args, mode) for mode in args.compress.split(",")}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = provenance.commit()
     lines = [
         f"# Time to accuracy: {args.model}, {args.dataset}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
         f"{args.warmup} warm-up epochs then cosine",
         "",
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs; python {platform.python_version()}, "
-        f"torch {torch.__version__}; commit {commit}; one run of each",
+        f"- machine: {provenance.machine()}; commit {commit}; one run of each",
         f"- federated: {LEARNERS} learners, IID, fedavg, one local epoch per round",
         "",
         "| epoch | centralized | " + " | ".join(f"federated ({mode})" for mode in runs) + " |",

@@ -13,11 +13,9 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grpc
 import torch
@@ -26,9 +24,9 @@ import leader as leader_module
 import learner as learner_module
 import rpc
 import wire
+from bench import provenance
 from protos import leader_pb2, learner_pb2_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "resnet18"  # the blog's model: 44.8 MB of float32 weights and buffers
 DEFAULT_RUNS = 5
 CALL_TIMEOUT_S = 120.0
@@ -158,7 +156,7 @@ def main() -> None:
     baselines = {"GetModel (leader to learner)": "bare stream, server to client",
                  "SyncModelState (leader to learner)": "bare stream, client to server",
                  "AccumulateGradients (learner to leader)": "bare stream, client to server"}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = provenance.commit()
     print(f"# Wire throughput: {MODEL}, {size / 1e6:.1f} MB in {wire.CHUNK_BYTES >> 20} MiB chunks, loopback, one process")
     print(f"machine: {platform.platform()}, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} CPUs; "
           f"python {platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}; commit {commit}; "
