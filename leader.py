@@ -162,8 +162,7 @@ class Published:
     """The global model learners train on in round `number`, encoded once and framed once for every call that sends it."""
 
     number: int
-    manifest: Any
-    payload: bytearray
+    nbytes: int  # the model's payload size; the payload itself is not kept, only its two framings
     model_chunks: list[leader_pb2.ModelChunk]  # GetModel's replies
     model_states: list[learner_pb2.ModelState]  # the round-start push
 
@@ -171,7 +170,7 @@ class Published:
     def of(cls, number: int, model: torch.nn.Module) -> Published:
         """Encode a model's state for round `number`."""
         manifest, payload = wire.encode(model.state_dict())
-        return cls(number, manifest, payload, list(wire.stream(leader_pb2.ModelChunk, manifest, payload, round=number)),
+        return cls(number, len(payload), list(wire.stream(leader_pb2.ModelChunk, manifest, payload, round=number)),
                    list(wire.stream(learner_pb2.ModelState, manifest, payload, round=number)))
 
 
@@ -682,7 +681,7 @@ class Leader:
             metadata = rpc.token_metadata(record.callback_token)
             if record.learner_id in newcomers:
                 return record.stub.StartTraining(learner_pb2.Empty(), timeout=rpc.CONTROL_TIMEOUT_S, metadata=metadata)
-            size = len(published.payload)
+            size = published.nbytes
             reply = record.stub.SyncModelState(iter(published.model_states), timeout=rpc.transfer_timeout(size), metadata=metadata)
             self.count_bytes_out(size)
             return reply
@@ -856,7 +855,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         self._caller(context)
         published = self.leader.published()
         yield from published.model_chunks
-        self.leader.count_bytes_out(len(published.payload))
+        self.leader.count_bytes_out(published.nbytes)
 
     def GetData(self, request: leader_pb2.LearnerDataRequest, context: grpc.ServicerContext) -> Iterator[leader_pb2.DataChunk]:
         learner_id = self._caller(context)
