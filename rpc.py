@@ -233,7 +233,7 @@ class CallLimits(grpc.ServerInterceptor):
         if caller is None and not streaming:
             return handler
         method = details.method
-        behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        behaviour = _behaviour(handler)
 
         def admit(request: Any, context: grpc.ServicerContext) -> tuple[Any, _Watched | None]:
             if caller is not None:
@@ -254,9 +254,7 @@ class CallLimits(grpc.ServerInterceptor):
                 request, _ = admit(request, context)
                 return behaviour(request, context)
 
-        return _HANDLER_FACTORIES[handler.request_streaming, handler.response_streaming](
-            run, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
+        return _handler_like(handler, run)
 
     def _acquire(self, caller: str, context: grpc.ServicerContext) -> None:
         with self._lock:
@@ -296,10 +294,7 @@ class RequestDeserializers(grpc.ServerInterceptor):
         deserializer = self._deserializers.get(details.method)
         if handler is None or deserializer is None:
             return handler
-        behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-        return _HANDLER_FACTORIES[handler.request_streaming, handler.response_streaming](
-            behaviour, request_deserializer=deserializer, response_serializer=handler.response_serializer
-        )
+        return _handler_like(handler, _behaviour(handler), request_deserializer=deserializer)
 
 
 _HANDLER_FACTORIES = {
@@ -308,6 +303,20 @@ _HANDLER_FACTORIES = {
     (True, False): grpc.stream_unary_rpc_method_handler,
     (True, True): grpc.stream_stream_rpc_method_handler,
 }
+
+
+def _behaviour(handler: grpc.RpcMethodHandler) -> Callable:
+    """The function a method handler runs, whatever its kind."""
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+
+def _handler_like(handler: grpc.RpcMethodHandler, behaviour: Callable,
+                  request_deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind and serializers that runs `behaviour` (and reads requests with `request_deserializer` if given)."""
+    return _HANDLER_FACTORIES[handler.request_streaming, handler.response_streaming](
+        behaviour, request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def create_server(
