@@ -187,17 +187,27 @@ class _Decoder:
 def _finite_norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     """Each tensor's L2 norm, raising WireError when a value is NaN or infinite; one pass, no mask as large as a tensor.
 
-    The norms of all the tensors are computed by one call, accumulated in float64: a model has many
-    small tensors, and per-tensor calls cost more than the arithmetic. A NaN or infinity makes its
-    tensor's norm NaN or infinite, and finite float32 or float16 values cannot overflow it; only a
-    float64 tensor near its range could, so a non-finite norm is confirmed exactly.
+    The norms of all the tensors are computed by one call per dtype: a model has many small tensors, and
+    per-tensor calls cost more than the arithmetic. They accumulate in float32 (float64 tensors in
+    float64), which on a CPU is over ten times faster than accumulating float32 values in float64: the
+    mixed-dtype path is not vectorized. A NaN or infinity makes its tensor's norm NaN or infinite. So
+    can a finite tensor whose squares overflow float32 (values beyond about 1e19); a non-finite norm is
+    therefore confirmed against the values, and a finite tensor's norm recomputed in float64.
     """
-    values = torch.stack(torch._foreach_norm(list(tensors.values()), 2, dtype=torch.float64)).tolist()
-    norms = dict(zip(tensors, values))
+    norms: dict[str, float] = {}
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, tensor in tensors.items():
+        by_dtype.setdefault(tensor.dtype, []).append(name)
+    for dtype, names in by_dtype.items():
+        accumulate = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+        values = torch.stack(torch._foreach_norm([tensors[name] for name in names], 2, dtype=accumulate)).tolist()
+        norms.update(zip(names, values))
     for name, norm in norms.items():
-        if not math.isfinite(norm) and not bool(torch.isfinite(tensors[name]).all()):
-            raise WireError(f"tensor {name!r} holds NaN or infinite values")
-    return norms
+        if not math.isfinite(norm):
+            if not bool(torch.isfinite(tensors[name]).all()):
+                raise WireError(f"tensor {name!r} holds NaN or infinite values")
+            norms[name] = float(torch.linalg.vector_norm(tensors[name], dtype=torch.float64))
+    return {name: norms[name] for name in tensors}
 
 
 class ChunkOnly:

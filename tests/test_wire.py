@@ -197,3 +197,19 @@ def test_a_non_finite_tensor_is_refused_as_soon_as_its_bytes_are_in():
     with pytest.raises(wire.WireError, match="'bad' holds NaN"):
         wire.receive(arriving(), max_bytes=10_000)
     assert len(read) == 1 < len(sent)
+
+
+def test_norms_from_the_finite_check_match_float64_for_every_float_dtype_and_for_squares_beyond_float32():
+    tensors = {
+        "w": torch.tensor([[3.0, 4.0]]),  # 5 by hand
+        "huge": torch.tensor([3e30, 4e30]),  # finite, though its squares overflow float32: 5e30
+        "half": torch.tensor([300.0, 400.0], dtype=torch.float16),  # squares overflow float16: 500
+        "bf": torch.tensor([0.5], dtype=torch.bfloat16),
+        "double": torch.tensor([1e150, 1e150], dtype=torch.float64),
+        "count": torch.tensor(7),
+    }
+    received = wire.receive(messages(tensors, chunk_bytes=7), max_bytes=1000)
+    assert set(received.norms) == {"w", "huge", "half", "bf", "double"}  # floating-point tensors only
+    expected = {"w": 5.0, "huge": 5e30, "half": 500.0, "bf": 0.5, "double": 2**0.5 * 1e150}
+    for name, norm in expected.items():
+        assert received.norms[name] == pytest.approx(norm, rel=1e-6), name
