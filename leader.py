@@ -51,6 +51,7 @@ MAX_LOCAL_EXAMPLES = 10**9
 SGDM_DEFAULT_MOMENTUM = 0.9  # FedAvgM's server momentum when --server-momentum is left at 0 (Hsu et al. 2019)
 WAIT_SLICE_S = 0.5  # how often waits wake up to check for shutdown
 STOP_TIMEOUT_S = 5.0  # a stop message is tiny; a learner that cannot take it in 5 s is frozen or gone
+LEARNER_SERVICE = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name
 HEALTH_PROBE_INTERVAL_S = 5.0  # how often the leader checks the members that have not reported yet
 MAX_PARALLEL_CALLS = 32  # calls to learners in flight at once (round starts, pushes, health checks)
 
@@ -163,15 +164,15 @@ class Published:
 
     number: int
     nbytes: int  # the model's payload size; the payload itself is not kept, only its two framings
-    model_chunks: list[leader_pb2.ModelChunk]  # GetModel's replies
-    model_states: list[learner_pb2.ModelState]  # the round-start push
+    model_chunks: list[bytes]  # GetModel's replies, serialized once (wire.frames)
+    model_states: list[bytes]  # the round-start push, serialized once
 
     @classmethod
     def of(cls, number: int, model: torch.nn.Module) -> Published:
         """Encode a model's state for round `number`."""
         manifest, payload = wire.encode(model.state_dict())
-        return cls(number, len(payload), list(wire.stream(leader_pb2.ModelChunk, manifest, payload, round=number)),
-                   list(wire.stream(learner_pb2.ModelState, manifest, payload, round=number)))
+        return cls(number, len(payload), list(wire.frames(leader_pb2.ModelChunk, manifest, payload, round=number)),
+                   list(wire.frames(learner_pb2.ModelState, manifest, payload, round=number)))
 
 
 @dataclass
@@ -374,7 +375,7 @@ class Leader:
             num_examples = info.num_examples or len(self.shards[learner_id])
             self._learners[learner_id] = LearnerRecord(
                 learner_id, info.network_addr, info.callback_token, token, num_examples, channel,
-                learner_pb2_grpc.LearnerServiceStub(channel), joins_round,
+                learner_stub(channel), joins_round,
             )
             self._tokens[token] = learner_id
             self._cond.notify_all()
@@ -866,7 +867,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         except LeaderError as error:
             context.abort(error.code, str(error))
         manifest, payload = wire.encode({"images": data.images, "labels": data.labels})
-        yield from wire.stream(leader_pb2.DataChunk, manifest, payload)
+        yield from wire.frames(leader_pb2.DataChunk, manifest, payload)
 
     def AccumulateGradients(self, request_iterator: Iterator[leader_pb2.GradientData], context: grpc.ServicerContext) -> leader_pb2.Ack:
         learner_id = self._caller(context)
@@ -899,6 +900,14 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"session belongs to learner {learner_id}, not {request.learner_id}")
         member, message = self.leader.membership(learner_id)
         return leader_pb2.Ack(success=member, message=message)
+
+
+def learner_stub(channel: grpc.Channel) -> learner_pb2_grpc.LearnerServiceStub:
+    """The generated stub, with SyncModelState sending the published model's frames as they are (no serialization per push)."""
+    stub = learner_pb2_grpc.LearnerServiceStub(channel)
+    stub.SyncModelState = channel.stream_unary(f"/{LEARNER_SERVICE}/SyncModelState", request_serializer=wire.serialize,
+                                               response_deserializer=learner_pb2.Ack.FromString)
+    return stub
 
 
 def leader_gate(leader: Leader, enrolment_token: str | None) -> rpc.Gate:
@@ -1142,6 +1151,7 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
         tls=tls,
         limits=leader.limits,
         request_deserializers={f"/{service}/AccumulateGradients": wire.chunk_deserializer(leader_pb2.GradientData)},
+        response_serializers={f"/{service}/{method}": wire.serialize for method in ("GetModel", "GetData")},  # they yield frames
     )
     return leader, server, port, health
 

@@ -372,7 +372,7 @@ class Learner:
             update = compression.compress(update, self.plan.compression, self.plan.topk_ratio, sparse_names=parameters,
                                           residual=self._residual)
         manifest, payload = wire.encode(update)
-        messages = wire.stream(
+        messages = wire.frames(
             leader_pb2.GradientData, manifest, payload,
             learner_id=self.learner_id, round=number, num_examples=num_examples, train_loss=loss,
         )
@@ -434,8 +434,10 @@ def batches_per_epoch(size: int, batch_size: int) -> int:
 
 
 def leader_stub(channel: grpc.Channel) -> leader_pb2_grpc.LeaderServiceStub:
-    """The generated stub, with the chunked streams it receives read through wire.chunk_deserializer (no protobuf copy)."""
+    """The generated stub, reading received chunks as views (wire.chunk_deserializer) and sending updates as wire.frames."""
     stub = leader_pb2_grpc.LeaderServiceStub(channel)
+    stub.AccumulateGradients = channel.stream_unary(f"/{LEADER_SERVICE}/AccumulateGradients", request_serializer=wire.serialize,
+                                                    response_deserializer=leader_pb2.Ack.FromString)
     stub.GetModel = channel.unary_stream(f"/{LEADER_SERVICE}/GetModel", request_serializer=leader_pb2.Empty.SerializeToString,
                                          response_deserializer=wire.chunk_deserializer(leader_pb2.ModelChunk))
     stub.GetData = channel.unary_stream(f"/{LEADER_SERVICE}/GetData", request_serializer=leader_pb2.LearnerDataRequest.SerializeToString,

@@ -283,18 +283,20 @@ def _touching(requests: Iterator[Any], entry: _Watched) -> Iterator[Any]:
         yield request
 
 
-class RequestDeserializers(grpc.ServerInterceptor):
-    """Replaces the request deserializer of the named methods (full method paths), leaving everything else as it is."""
+class MethodCodecs(grpc.ServerInterceptor):
+    """Replaces the request deserializer or response serializer of the named methods (full method paths), leaving the rest as it is."""
 
-    def __init__(self, deserializers: dict[str, Callable[[bytes], Any]]) -> None:
+    def __init__(self, deserializers: dict[str, Callable[[bytes], Any]], serializers: dict[str, Callable[[Any], bytes]]) -> None:
         self._deserializers = deserializers
+        self._serializers = serializers
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         deserializer = self._deserializers.get(details.method)
-        if handler is None or deserializer is None:
+        serializer = self._serializers.get(details.method)
+        if handler is None or (deserializer is None and serializer is None):
             return handler
-        return _handler_like(handler, _behaviour(handler), request_deserializer=deserializer)
+        return _handler_like(handler, _behaviour(handler), request_deserializer=deserializer, response_serializer=serializer)
 
 
 _HANDLER_FACTORIES = {
@@ -311,11 +313,12 @@ def _behaviour(handler: grpc.RpcMethodHandler) -> Callable:
 
 
 def _handler_like(handler: grpc.RpcMethodHandler, behaviour: Callable,
-                  request_deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
-    """A handler of `handler`'s kind and serializers that runs `behaviour` (and reads requests with `request_deserializer` if given)."""
+                  request_deserializer: Callable[[bytes], Any] | None = None,
+                  response_serializer: Callable[[Any], bytes] | None = None) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind that runs `behaviour`, with `handler`'s (de)serializers where no other is given."""
     return _HANDLER_FACTORIES[handler.request_streaming, handler.response_streaming](
         behaviour, request_deserializer=request_deserializer or handler.request_deserializer,
-        response_serializer=handler.response_serializer,
+        response_serializer=response_serializer or handler.response_serializer,
     )
 
 
@@ -329,16 +332,17 @@ def create_server(
     tls: Tls | None = None,
     limits: CallLimits | None = None,
     request_deserializers: dict[str, Callable[[bytes], Any]] | None = None,
+    response_serializers: dict[str, Callable[[Any], bytes]] | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Start a server with our options, call limits, health checking and optional reflection on host:port (0 picks a free port).
 
-    `request_deserializers` replaces the generated deserializers of the named methods (full paths).
+    `request_deserializers` and `response_serializers` replace the generated ones of the named methods (full paths).
     """
     limits = limits or CallLimits()
     interceptors: list[grpc.ServerInterceptor] = [gate] if gate is not None else []  # the gate first: refused calls count against nothing
     interceptors.append(limits)
-    if request_deserializers:
-        interceptors.append(RequestDeserializers(request_deserializers))  # innermost: the handler the others wrap
+    if request_deserializers or response_serializers:  # innermost: the handler the others wrap
+        interceptors.append(MethodCodecs(request_deserializers or {}, response_serializers or {}))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         options=SERVER_OPTIONS,

@@ -39,6 +39,7 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.ite
 # `bytes chunk = 1` in every chunked message: field 1, length-delimited, so its tag is one byte
 CHUNK_TAG = 0x0A
 VARINT_MAX_BYTES = 10
+_CHUNK_KEY = bytes([CHUNK_TAG])
 
 if sys.byteorder != "little":  # the payload is little-endian and read as native memory
     raise ImportError("the tensor wire format needs a little-endian machine")
@@ -352,3 +353,40 @@ def stream(
             yield message_type(chunk=chunk, manifest=manifest, **header)
         else:
             yield message_type(chunk=chunk)
+
+
+def frames(
+    message_type: type,
+    manifest: tensors_pb2.TensorManifest,
+    payload: bytes | bytearray,
+    chunk_bytes: int = CHUNK_BYTES,
+    **header: Any,
+) -> Iterator[bytes]:
+    """`stream`'s messages, already serialized, for a gRPC call whose serializer is `serialize`.
+
+    The first goes through protobuf; every bare chunk after it is framed directly as the chunk field's
+    tag, the chunk's length and its bytes: one copy of the payload, where building a message and then
+    serializing it copies it twice. The bytes are those protobuf would produce.
+    """
+    view = memoryview(payload)
+    for start in range(0, max(view.nbytes, 1), chunk_bytes):
+        chunk = view[start : start + chunk_bytes]
+        if start == 0:
+            yield message_type(chunk=bytes(chunk), manifest=manifest, **header).SerializeToString()
+        else:
+            yield b"".join((_CHUNK_KEY, _varint(chunk.nbytes), chunk))
+
+
+def serialize(message: Any) -> bytes:
+    """gRPC serializer for chunked streams: frames from `frames` are sent as they are, messages are serialized."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 encoding of a non-negative integer, low bits first."""
+    encoded = bytearray()
+    while value >= 0x80:
+        encoded.append(value & 0x7F | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)

@@ -25,7 +25,7 @@ import learner as learner_module
 import rpc
 import wire
 from bench import provenance
-from protos import leader_pb2, learner_pb2_grpc
+from protos import leader_pb2
 
 MODEL = "resnet18"  # the blog's model: 44.8 MB of float32 weights and buffers
 DEFAULT_RUNS = 5
@@ -106,7 +106,7 @@ def main() -> None:
             def accumulate() -> None:
                 number = next(rounds)
                 leader._open_round(number)
-                messages = wire.stream(leader_pb2.GradientData, update_manifest, update_payload,
+                messages = wire.frames(leader_pb2.GradientData, update_manifest, update_payload,
                                        learner_id=reply.learner_id, round=number, num_examples=1, train_loss=1.0)
                 ack = stub.AccumulateGradients(messages, timeout=CALL_TIMEOUT_S, metadata=metadata)
                 assert ack.success, ack.message
@@ -115,7 +115,7 @@ def main() -> None:
             learner = learner_module.Learner(learner_module.LearnerConfig(leader="127.0.0.1:1", device="cpu"))
             learner.specs = specs
             learner_server, learner_port, _ = learner_module.create_server(learner, "127.0.0.1", 0)
-            learner_stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(f"127.0.0.1:{learner_port}"))
+            learner_stub = leader_module.learner_stub(rpc.channel(f"127.0.0.1:{learner_port}"))  # as the leader pushes
 
             published = leader.published()  # the leader frames each round's model once for every push
 

@@ -53,6 +53,8 @@ def main() -> None:
     timed(repeats, "encode the state dict into one flat buffer", lambda: wire.encode(state))
     messages = timed(repeats, "frame it as 1 MiB protobuf messages", lambda: list(wire.stream(leader_pb2.ModelChunk, manifest, payload, round=1)))
     serialized = timed(repeats, "serialize the messages (gRPC does this per call)", lambda: [message.SerializeToString() for message in messages])
+    timed(repeats, "frame and serialize in one step with wire.frames (what the senders do now)",
+          lambda: list(wire.frames(leader_pb2.ModelChunk, manifest, payload, round=1)))
     parsed = timed(repeats, "parse them (the receiving side)", lambda: [leader_pb2.ModelChunk.FromString(data) for data in serialized])
     viewed = timed(repeats, "parse them with wire.chunk_deserializer (bare chunks viewed, not copied)",
                    lambda: [deserialize(data) for data in serialized])
@@ -68,9 +70,13 @@ def main() -> None:
     floats = [tensor for tensor in tensors.values() if tensor.is_floating_point()]
     timed(repeats, "old finite check: torch.isfinite(t).all() per tensor", lambda: all(bool(torch.isfinite(t).all()) for t in floats))
     timed(repeats, "old norm: t.double().square().sum() per tensor", lambda: sum(float(t.double().square().sum()) for t in floats))
+    timed(repeats, "earlier norms: torch._foreach_norm accumulating in float64",
+          lambda: torch._foreach_norm(floats, 2, dtype=torch.float64))
     timed(repeats, "old duplicate check: BLAKE2b of the payload", lambda: hashlib.blake2b(payload, digest_size=16).digest())
     running = aggregation.RunningMean()
     timed(repeats, "add to the float64 running sum (buffers reused)", lambda: running.reset().add(tensors, 1.0))
+    sums = {name: torch.zeros(tensor.shape, dtype=torch.float64) for name, tensor in tensors.items()}
+    timed(repeats, "earlier sum: float32 added straight into float64", lambda: [sums[n].add_(t) for n, t in tensors.items()])
     timed(repeats, "fresh float64 sum buffers (the old per-round cost)", lambda: {n: torch.zeros(t.shape, dtype=torch.float64) for n, t in tensors.items()})
 
 

@@ -213,3 +213,24 @@ def test_norms_from_the_finite_check_match_float64_for_every_float_dtype_and_for
     expected = {"w": 5.0, "huge": 5e30, "half": 500.0, "bf": 0.5, "double": 2**0.5 * 1e150}
     for name, norm in expected.items():
         assert received.norms[name] == pytest.approx(norm, rel=1e-6), name
+
+
+def test_frames_are_the_bytes_protobuf_would_send_and_the_receiver_reads_them_back():
+    tensors = sample()
+    manifest, payload = wire.encode(tensors)
+    for chunk_bytes in (5, wire.CHUNK_BYTES):  # many chunks, and one
+        framed = list(wire.frames(leader_pb2.GradientData, manifest, payload, chunk_bytes, round=3, learner_id=1))
+        sent = [message.SerializeToString() for message in wire.stream(leader_pb2.GradientData, manifest, payload, chunk_bytes,
+                                                                         round=3, learner_id=1)]
+        assert framed == sent
+    big = {"w": torch.arange(100_000, dtype=torch.float32)}  # 400,000 bytes: 300-byte chunks need a two-byte length
+    manifest, payload = wire.encode(big)
+    framed = list(wire.frames(leader_pb2.GradientData, manifest, payload, 300, round=2))
+    assert framed == [m.SerializeToString() for m in wire.stream(leader_pb2.GradientData, manifest, payload, 300, round=2)]
+    deserialize = wire.chunk_deserializer(leader_pb2.GradientData)
+    received = wire.receive((deserialize(frame) for frame in framed), max_bytes=len(payload))
+    assert received.header.round == 2 and torch.equal(received.tensors["w"], big["w"])
+    assert wire.serialize(framed[1]) is framed[1]
+    assert wire.serialize(leader_pb2.Ack(success=True)) == leader_pb2.Ack(success=True).SerializeToString()
+    empty = list(wire.frames(leader_pb2.GradientData, *wire.encode({}), round=1))
+    assert empty == [leader_pb2.GradientData(round=1, manifest=wire.encode({})[0]).SerializeToString()]
