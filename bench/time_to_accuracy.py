@@ -118,13 +118,16 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--target", type=float, default=0.85, help="the accuracy whose wall time is compared")
     parser.add_argument("--compress", default="none", help="comma-separated --compress modes, one federation each")
+    parser.add_argument("--centralized", action=argparse.BooleanOptionalAction, default=True,
+                        help="train the centralized side too (--no-centralized: only the federations, e.g. to compare --compress modes)")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = parser.parse_args()
     if args.dataset != "synthetic" and not args.data_dir:
         parser.error(f"--dataset {args.dataset} needs --data-dir (the CIFAR-10 JPEG copy, extracted)")
-    central = centralized(args)
+    central = centralized(args) if args.centralized else []
     runs = {mode: federated(args, mode) for mode in args.compress.split(",")}
     commit = provenance.commit()
+    columns = (["centralized"] if central else []) + [f"federated ({mode})" for mode in runs]
     lines = [
         f"# Time to accuracy: {args.model}, {args.dataset}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
         f"{args.warmup} warm-up epochs then cosine",
@@ -132,22 +135,24 @@ def main() -> int:
         f"- machine: {provenance.machine()}; commit {commit}; one run of each",
         f"- federated: {LEARNERS} learners, IID, fedavg, one local epoch per round",
         "",
-        "| epoch | centralized | " + " | ".join(f"federated ({mode})" for mode in runs) + " |",
-        "|---|---|" + "---|" * len(runs),
+        "| epoch | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
-    for epoch, (value, seconds) in enumerate(central, start=1):
+    histories = ([central] if central else []) + [history for history, _ in runs.values()]
+    for epoch in range(1, args.epochs + 1):
         cells = [f"{100 * history[epoch - 1][0]:.2f}% ({history[epoch - 1][1]:.0f} s)" if epoch <= len(history) else "-"
-                 for history, _ in runs.values()]
-        lines.append(f"| {epoch} | {100 * value:.2f}% ({seconds:.0f} s) | " + " | ".join(cells) + " |")
+                 for history in histories]
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
     central_time = time_to(central, args.target)
     lines += ["", f"| run | final accuracy | minus centralized, points | time to {100 * args.target:.0f}%, s | "
-              "against centralized | update bytes per round |", "|---|---|---|---|---|---|",
-              f"| centralized | {100 * central[-1][0]:.2f}% | - | {_seconds(central_time)} | 1.00x | - |"]
+              "against centralized | update bytes per round |", "|---|---|---|---|---|---|"]
+    if central:
+        lines.append(f"| centralized | {100 * central[-1][0]:.2f}% | - | {_seconds(central_time)} | 1.00x | - |")
     for mode, (history, bytes_in) in runs.items():
         reached = time_to(history, args.target)
         ratio = f"{reached / central_time:.2f}x" if reached is not None and central_time else "-"
-        lines.append(f"| federated ({mode}) | {100 * history[-1][0]:.2f}% | {100 * (history[-1][0] - central[-1][0]):+.2f} | "
-                     f"{_seconds(reached)} | {ratio} | {bytes_in:,} |")
+        gap = f"{100 * (history[-1][0] - central[-1][0]):+.2f}" if central else "-"
+        lines.append(f"| federated ({mode}) | {100 * history[-1][0]:.2f}% | {gap} | {_seconds(reached)} | {ratio} | {bytes_in:,} |")
     print("\n".join(lines), flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
