@@ -168,11 +168,14 @@ class Published:
     model_states: list[bytes]  # the round-start push, serialized once
 
     @classmethod
-    def of(cls, number: int, model: torch.nn.Module) -> Published:
-        """Encode a model's state for round `number`."""
-        manifest, payload = wire.encode(model.state_dict())
-        return cls(number, len(payload), list(wire.frames(leader_pb2.ModelChunk, manifest, payload, round=number)),
-                   list(wire.frames(learner_pb2.ModelState, manifest, payload, round=number)))
+    def of(cls, number: int, model: torch.nn.Module, buffers: wire.BufferPool | None = None) -> Published:
+        """Encode a model's state for round `number` (in a buffer from `buffers`, given back once framed)."""
+        manifest, payload = wire.encode(model.state_dict(), allocate=buffers.take if buffers is not None else bytearray)
+        published = cls(number, len(payload), list(wire.frames(leader_pb2.ModelChunk, manifest, payload, round=number)),
+                        list(wire.frames(learner_pb2.ModelState, manifest, payload, round=number)))
+        if buffers is not None:
+            buffers.give(payload)  # the frames hold copies
+        return published
 
 
 @dataclass
@@ -216,6 +219,7 @@ class Leader:
         # a summed or refused update's buffer is free again, and a kept one saves the page faults of a fresh one
         self.keeps_updates = config.aggregator != "mean" or config.deterministic
         self.update_buffers = wire.BufferPool(self.update_bytes, keep=UPDATE_BUFFERS_KEPT)
+        self._publish_buffers = wire.BufferPool(self.model_bytes, keep=1)  # each round's model is encoded here, then framed
         self.train_data = train_data
         self.shards = self._partition(train_data) if train_data is not None else None
         # the share of learners in each round, --min-learners included (Poisson sampling at this rate is the accountant's model)
@@ -550,7 +554,7 @@ class Leader:
             aggregation.apply_update(self.model, self.optimizer, mean)
             round_seconds = time.monotonic() - finished.opened_at
             reported = finished.running.count  # read now: the next round reuses the running sum
-            self._published = Published.of(number + 1, self.model)
+            self._published = Published.of(number + 1, self.model, self._publish_buffers)
             if number < config.rounds:
                 # learners start the next round now; this one is evaluated and saved while they train
                 # (the model is not touched again before the next _collect, which this thread runs after)

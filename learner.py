@@ -106,6 +106,7 @@ class Learner:
         self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
         self._stop_reason: str | None = None
         self._residual: dict[str, torch.Tensor] = {}  # topk's error feedback: what earlier rounds left unsent
+        self._send_buffers: wire.BufferPool | None = None  # one update buffer, reused: a fresh one pays its page faults
 
     # ---- calls from the leader (through LearnerServicer) ----------------------
 
@@ -371,7 +372,9 @@ class Learner:
             parameters = [name for name, _ in self.model.named_parameters()]
             update = compression.compress(update, self.plan.compression, self.plan.topk_ratio, sparse_names=parameters,
                                           residual=self._residual)
-        manifest, payload = wire.encode(update)
+        if self._send_buffers is None:
+            self._send_buffers = wire.BufferPool(wire.payload_bytes(wire.specs_of(update)), keep=1)
+        manifest, payload = wire.encode(update, allocate=self._send_buffers.take)
         messages = wire.frames(
             leader_pb2.GradientData, manifest, payload,
             learner_id=self.learner_id, round=number, num_examples=num_examples, train_loss=loss,
@@ -384,6 +387,8 @@ class Learner:
                 logger.warning("round %d: update not taken: %s", number, error.details())
                 return
             raise self._call_failed(f"sending the round {number} update", error) from None
+        finally:
+            self._send_buffers.give(payload)  # the call is over: nothing reads the payload any more
         logger.info("round %d: sent update (%d examples, loss %.4f): %s", number, num_examples, loss, reply.message)
 
 

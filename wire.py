@@ -79,11 +79,16 @@ def fingerprint(specs: Sequence[TensorSpec]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def encode(tensors: Mapping[str, torch.Tensor]) -> tuple[tensors_pb2.TensorManifest, bytearray]:
-    """Pack tensors into one flat little-endian buffer with the manifest describing it."""
+def encode(
+    tensors: Mapping[str, torch.Tensor], allocate: Callable[[int], bytearray] = bytearray,
+) -> tuple[tensors_pb2.TensorManifest, bytearray]:
+    """Pack tensors into one flat little-endian buffer with the manifest describing it.
+
+    `allocate` gives the buffer (a BufferPool's take reuses one); every byte of it is written.
+    """
     specs = specs_of(tensors)
     total = payload_bytes(specs)
-    payload = bytearray(total)
+    payload = allocate(total)
     offset = 0
     for spec, tensor in zip(specs, tensors.values()):
         if spec.nbytes:

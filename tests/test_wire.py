@@ -234,3 +234,11 @@ def test_frames_are_the_bytes_protobuf_would_send_and_the_receiver_reads_them_ba
     assert wire.serialize(leader_pb2.Ack(success=True)) == leader_pb2.Ack(success=True).SerializeToString()
     empty = list(wire.frames(leader_pb2.GradientData, *wire.encode({}), round=1))
     assert empty == [leader_pb2.GradientData(round=1, manifest=wire.encode({})[0]).SerializeToString()]
+
+
+def test_encoding_into_a_reused_buffer_writes_every_byte():
+    tensors = sample()
+    _, fresh = wire.encode(tensors)
+    dirty = bytearray(b"\xff" * len(fresh))  # a kept buffer still holds the last payload
+    _, reused = wire.encode(tensors, allocate=lambda size: dirty)
+    assert reused is dirty and reused == fresh
