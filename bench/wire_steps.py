@@ -75,8 +75,6 @@ def main() -> None:
     timed(repeats, "old duplicate check: BLAKE2b of the payload", lambda: hashlib.blake2b(payload, digest_size=16).digest())
     running = aggregation.RunningMean()
     timed(repeats, "add to the float64 running sum (buffers reused)", lambda: running.reset().add(tensors, 1.0))
-    sums = {name: torch.zeros(tensor.shape, dtype=torch.float64) for name, tensor in tensors.items()}
-    timed(repeats, "earlier sum: float32 added straight into float64", lambda: [sums[n].add_(t) for n, t in tensors.items()])
     timed(repeats, "fresh float64 sum buffers (the old per-round cost)", lambda: {n: torch.zeros(t.shape, dtype=torch.float64) for n, t in tensors.items()})
 
 

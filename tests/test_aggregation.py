@@ -112,19 +112,3 @@ def test_update_list_mean_is_the_same_whatever_the_arrival_order():
     with pytest.raises(ValueError, match="already added"):
         ordered.add(one, 1.0, key=1)
 
-
-def test_large_updates_summed_a_slice_at_a_time_equal_the_direct_float64_sum_bit_for_bit():
-    generator = torch.Generator().manual_seed(0)
-    size = 2 * aggregation.SCRATCH_ELEMENTS + 123  # two full slices and a partial one
-    updates = [{"w": torch.randn(size, generator=generator).view(-1, 1), "small": torch.randn(3, generator=generator)}
-               for _ in range(3)]
-    weights = [37.0, 11.0, 0.5]
-    running = aggregation.RunningMean()
-    expected = {name: torch.zeros(tensor.shape, dtype=torch.float64) for name, tensor in updates[0].items()}
-    for update, weight in zip(updates, weights):
-        running.add(update, weight)
-        for name, tensor in update.items():
-            expected[name] += tensor.double() * weight
-    mean = running.mean()
-    for name, total in expected.items():
-        assert torch.equal(mean[name], (total / sum(weights)).float()), name
