@@ -41,6 +41,8 @@ from utils import (DATASETS, IMAGE_SHAPE, DataError, ImageData, derive_seed, lab
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10134  # the blog's port
+LEADER_SERVICE = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name
+LEARNER_SERVICE = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name
 AGGREGATIONS = ("fedsgd", "fedavg")
 PARTITIONS = ("iid", "dirichlet", "shards")
 AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
@@ -51,7 +53,6 @@ MAX_LOCAL_EXAMPLES = 10**9
 SGDM_DEFAULT_MOMENTUM = 0.9  # FedAvgM's server momentum when --server-momentum is left at 0 (Hsu et al. 2019)
 WAIT_SLICE_S = 0.5  # how often waits wake up to check for shutdown
 STOP_TIMEOUT_S = 5.0  # a stop message is tiny; a learner that cannot take it in 5 s is frozen or gone
-LEARNER_SERVICE = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name
 HEALTH_PROBE_INTERVAL_S = 5.0  # how often the leader checks the members that have not reported yet
 MAX_PARALLEL_CALLS = 32  # calls to learners in flight at once (round starts, pushes, health checks)
 
@@ -926,7 +927,7 @@ def leader_gate(leader: Leader, enrolment_token: str | None) -> rpc.Gate:
             return grpc.StatusCode.UNAUTHENTICATED, f"missing or unknown {rpc.TOKEN_METADATA_KEY}: call RegisterLearner first"
         return None
 
-    return rpc.Gate(leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name, check)
+    return rpc.Gate(LEADER_SERVICE, check)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1138,7 +1139,7 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
         finished = leader.restore(latest)
         if finished >= config.rounds:
             raise ValueError(f"--resume {config.resume}: the run already finished all {finished} rounds; pass --rounds N (N > {finished}) to go on")
-    service = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name
+    service = LEADER_SERVICE
     leader.limits = rpc.CallLimits(config.stream_idle_timeout, stream_deadlines={
         # a stream may take as long as the peer's own deadline for it, and no longer
         f"/{service}/GetModel": rpc.transfer_timeout(leader.model_bytes),

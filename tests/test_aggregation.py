@@ -111,4 +111,3 @@ def test_update_list_mean_is_the_same_whatever_the_arrival_order():
     assert ordered_means == [0.0, 0.0]  # always summed as keys 0, 1, 2
     with pytest.raises(ValueError, match="already added"):
         ordered.add(one, 1.0, key=1)
-
