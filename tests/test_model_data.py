@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load as safetensors_load
 
 import checkpoint
 import utils
@@ -132,9 +136,42 @@ def test_checkpoints_are_atomic_hashed_and_pruned(tmp_path):
     record, weights = checkpoint.load(checkpoint.latest(tmp_path))
     assert record["round"] == 5 and record["metrics"]["acc"] == 0.5
     assert torch.equal(weights["w"], state["w"]) and torch.equal(weights["n"], state["n"])
+    assert record["weights_crc32"] == f"{zlib.crc32((tmp_path / 'round-00005.safetensors').read_bytes()):08x}"
     (tmp_path / "round-00005.safetensors").write_bytes(b"corrupt")
     with pytest.raises(ValueError, match="does not match the hash"):
         checkpoint.load(tmp_path / "round-00005.json")
+
+
+def test_checkpoint_files_are_safetensors_that_the_library_reads_back_for_every_dtype(tmp_path):
+    state = {
+        "f32": torch.randn(3, 4), "f64": torch.randn(2, dtype=torch.float64), "f16": torch.randn(5).half(),
+        "bf16": torch.randn(5).bfloat16(), "i64": torch.tensor(7), "i32": torch.arange(3, dtype=torch.int32),
+        "i8": torch.tensor([-3, 4], dtype=torch.int8), "u8": torch.tensor([250], dtype=torch.uint8),
+        "mask": torch.tensor([True, False, True]), "empty": torch.zeros(0, 2), "strided": torch.arange(12.0).view(3, 4).t(),
+    }
+    json_path = checkpoint.save(tmp_path, 1, state, {}, optimizer_state={"f32.momentum_buffer": torch.full((3, 4), 0.5)})
+    written = safetensors_load((tmp_path / "round-00001.safetensors").read_bytes())  # the library's own reader
+    assert written.keys() == state.keys()
+    for name, tensor in state.items():
+        assert written[name].dtype == tensor.dtype and torch.equal(written[name], tensor), name
+    record = json.loads(json_path.read_text())
+    assert torch.equal(checkpoint.load_optimizer(json_path, record)["f32.momentum_buffer"], torch.full((3, 4), 0.5))
+    with pytest.raises(ValueError, match="cannot checkpoint a torch.complex64 tensor"):
+        checkpoint.save(tmp_path, 2, {"z": torch.zeros(2, dtype=torch.complex64)}, {})
+
+
+def test_checkpoints_recorded_with_sha256_still_load_and_are_checked(tmp_path):
+    json_path = checkpoint.save(tmp_path, 1, {"w": torch.arange(4.0)}, {})
+    record = json.loads(json_path.read_text())
+    data = (tmp_path / record["weights"]).read_bytes()
+    del record["weights_crc32"]
+    record["weights_sha256"] = hashlib.sha256(data).hexdigest()  # as checkpoints were recorded before CRC-32
+    json_path.write_text(json.dumps(record))
+    assert torch.equal(checkpoint.load(json_path)[1]["w"], torch.arange(4.0))
+    record["weights_sha256"] = hashlib.sha256(b"other").hexdigest()
+    json_path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="does not match the hash"):
+        checkpoint.load(json_path)
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
