@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -13,7 +14,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,10 @@ AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
 DATA_MODES = ("split", "local")
 EVAL_BATCH_SIZE = 1000
 UPDATE_BUFFERS_KEPT = 2  # update buffers kept for reuse between uploads: about as many as arrive at once on 2 cores
+# accepted updates waiting for the summing thread; each holds its buffer, so the queue is bounded (a full one holds
+# up the next acknowledgement) and leader memory stays flat however many learners report at once
+MAX_PENDING_SUMS = 2
+SUM_SLOT_TIMEOUT_S = 60.0  # one sum takes tens of ms for ResNet-18; a minute without a free slot means a stuck leader
 MAX_LOCAL_EXAMPLES = 10**9
 SGDM_DEFAULT_MOMENTUM = 0.9  # FedAvgM's server momentum when --server-momentum is left at 0 (Hsu et al. 2019)
 WAIT_SLICE_S = 0.5  # how often waits wake up to check for shutdown
@@ -189,12 +195,24 @@ class RoundState:
     members: frozenset[int] = frozenset()  # learners taking part; a learner that joins mid-round waits for the next
     quorum: int = 1  # updates the round needs
     running: aggregation.RunningMean | aggregation.UpdateList = field(default_factory=aggregation.RunningMean)
-    digests: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    sums: list[Future] = field(default_factory=list)  # accepted updates' additions to `running`, done or pending
+    digests: dict[int, tuple[float, ...]] = field(default_factory=dict)  # learner id -> its accepted update's digest
     losses: list[float] = field(default_factory=list)
     update_norms: list[float] = field(default_factory=list)
     rejected: dict[int, int] = field(default_factory=dict)  # learner id -> refused updates this round
     bytes_in: int = 0
     bytes_out: int = 0
+
+    @property
+    def reported(self) -> int:
+        """Updates accepted so far (answered, though perhaps not yet summed)."""
+        return len(self.digests)
+
+    def summed(self) -> aggregation.RunningMean | aggregation.UpdateList:
+        """The running sum (or kept updates) once every accepted update is in it; raises what adding one raised."""
+        for pending in list(self.sums):
+            pending.result()
+        return self.running
 
 
 class Leader:
@@ -238,6 +256,9 @@ class Leader:
         self._round = RoundState(0, accepting=False)
         self._running = aggregation.RunningMean()  # one float64 sum for every round, reset rather than reallocated
         self._calls = ThreadPoolExecutor(max_workers=MAX_PARALLEL_CALLS, thread_name_prefix="learner-call")
+        # a learner is answered once its update is checked; the float64 sum (tens of ms for ResNet-18) runs behind
+        self._summing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-sum")
+        self._sum_slots = threading.BoundedSemaphore(MAX_PENDING_SUMS)
         self.start_round = 1
         self.resumed_metrics: dict[str, Any] | None = None
         self.limits: rpc.CallLimits | None = None  # set by serve()
@@ -502,9 +523,24 @@ class Leader:
             raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {error}") from None
 
     def accept_update(self, learner_id: int, header: leader_pb2.GradientData, tensors: dict[str, torch.Tensor],
-                      known_norms: dict[str, float] | None = None) -> str:
-        """Add a checked update to the round's running sum, once per learner per round."""
-        known_norms = known_norms or {}
+                      known_norms: dict[str, float] | None = None, release: Callable[[], None] | None = None) -> str:
+        """Check an update and queue it for the round's running sum, once per learner per round.
+
+        The answer comes once the update is checked; the sum runs behind it, and the round waits for it
+        (`RoundState.summed`). `release` is called once nothing reads `tensors` any more: after the sum, or
+        at once when the update is refused or a duplicate.
+        """
+        queued = False
+        try:
+            message, queued = self._check_and_queue(learner_id, header, tensors, known_norms or {}, release)
+        finally:
+            if not queued and release is not None:
+                release()
+        return message
+
+    def _check_and_queue(self, learner_id: int, header: leader_pb2.GradientData, tensors: dict[str, torch.Tensor],
+                         known_norms: dict[str, float], release: Callable[[], None] | None) -> tuple[str, bool]:
+        """accept_update's checks and hand-off; returns its answer and whether the update went to the summing thread."""
         # per-tensor norms stand in for a hash of the bytes: they tell an identical retry from a different update
         # (a different one that matched them would only be answered "duplicate"; neither is ever counted twice)
         norms = {spec.name: known_norms[spec.name] if spec.name in known_norms else _norm(tensors[spec.name]) for spec in self.specs}
@@ -516,27 +552,47 @@ class Leader:
         bound = self.config.max_update_norm
         if bound and norm > bound:
             raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"update norm {norm:.4g} exceeds --max-update-norm {bound:g}")
-        with self._cond:
-            current = self._round
-            if header.round != current.number or not current.accepting:
-                raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION, f"stale update for round {header.round}; round {current.number} is closed")
-            previous = current.digests.get(learner_id)
-            if previous == digest:
-                return f"duplicate of the accepted update for round {header.round}; counted once"
-            if previous is not None:
-                raise LeaderError(grpc.StatusCode.ALREADY_EXISTS, f"learner {learner_id} already sent a different update for round {header.round}")
-            update = tensors
+        # outside the lock: a wait for the summing thread must not hold up other calls
+        if not self._sum_slots.acquire(timeout=SUM_SLOT_TIMEOUT_S):
+            raise LeaderError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{MAX_PENDING_SUMS} accepted updates have waited {SUM_SLOT_TIMEOUT_S:.0f}s to be summed; the leader is stuck")
+        queued = False
+        try:
+            with self._cond:
+                current = self._round
+                if header.round != current.number or not current.accepting:
+                    raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION, f"stale update for round {header.round}; round {current.number} is closed")
+                previous = current.digests.get(learner_id)
+                if previous == digest:
+                    return f"duplicate of the accepted update for round {header.round}; counted once", False
+                if previous is not None:
+                    raise LeaderError(grpc.StatusCode.ALREADY_EXISTS, f"learner {learner_id} already sent a different update for round {header.round}")
+                # DP-FedAvg averages clipped updates unweighted, so that one learner's influence is bounded by the clip alone
+                weight = 1.0 if self.accountant is not None else float(header.num_examples)
+                # queued under the lock, while the round accepts: closing it (accepting = False) fixes the list of sums
+                current.sums.append(self._summing.submit(self._add_to_sum, current.running, tensors, weight, learner_id, release))
+                queued = True
+                current.digests[learner_id] = digest
+                current.losses.append(header.train_loss)
+                current.update_norms.append(norm)
+                current.bytes_in += self.update_bytes
+                self._cond.notify_all()
+        finally:
+            if not queued:
+                self._sum_slots.release()
+        return f"update for round {header.round} accepted", True
+
+    def _add_to_sum(self, running: aggregation.RunningMean | aggregation.UpdateList, update: dict[str, torch.Tensor],
+                    weight: float, learner_id: int, release: Callable[[], None] | None) -> None:
+        """On the summing thread: clip an accepted update if asked, add it to the round's sum, free its slot and buffer."""
+        try:
             if self.config.clip_norm:
                 update, _ = aggregation.clip_to_norm(update, self.config.clip_norm, self.parameter_names)
-            # DP-FedAvg averages clipped updates unweighted, so that one learner's influence is bounded by the clip alone
-            weight = 1.0 if self.accountant is not None else float(header.num_examples)
-            current.running.add(update, weight, key=learner_id)
-            current.digests[learner_id] = digest
-            current.losses.append(header.train_loss)
-            current.update_norms.append(norm)
-            current.bytes_in += self.update_bytes
-            self._cond.notify_all()
-        return f"update for round {header.round} accepted"
+            running.add(update, weight, key=learner_id)
+        finally:
+            self._sum_slots.release()
+            if release is not None:
+                release()
 
     # ---- the round loop ---------------------------------------------------------
 
@@ -554,7 +610,7 @@ class Leader:
                     group["lr"] = schedule.round_lr(config.lr, config.lr_schedule, config.warmup_rounds, config.rounds, number)
             aggregation.apply_update(self.model, self.optimizer, mean)
             round_seconds = time.monotonic() - finished.opened_at
-            reported = finished.running.count  # read now: the next round reuses the running sum
+            reported = finished.reported
             self._published = Published.of(number + 1, self.model, self._publish_buffers)
             if number < config.rounds:
                 # learners start the next round now; this one is evaluated and saved while they train
@@ -648,6 +704,7 @@ class Leader:
             else:
                 members = frozenset(available)
             # robust rules need every update; --deterministic sums them in learner order; else a running sum is enough
+            futures.wait(self._round.sums)  # the sum is reset below: the last round's additions must be over
             running = aggregation.UpdateList() if self.keeps_updates else self._running.reset()
             quorum = min(config.min_learners, count) if config.min_learners else count
             self._round = RoundState(number, members=members, quorum=max(1, quorum), running=running)
@@ -663,11 +720,12 @@ class Leader:
             "multi-krum": lambda updates, weights: aggregation.krum(updates, weights, config.byzantine, len(updates) - config.byzantine),
         }
         try:
-            result = finished.running.mean() if config.aggregator == "mean" else finished.running.aggregate(rules[config.aggregator])
+            running = finished.summed()
+            result = running.mean() if config.aggregator == "mean" else running.aggregate(rules[config.aggregator])
         except ValueError as error:
             raise RunError(f"round {finished.number}: {error}; the model is unchanged") from None
         if self.accountant is not None:
-            std = privacy.gaussian_noise_std(config.clip_norm, config.dp_noise_multiplier, finished.running.count)
+            std = privacy.gaussian_noise_std(config.clip_norm, config.dp_noise_multiplier, running.count)
             for name in self.parameter_names:  # fresh OS randomness: noise anyone could regenerate from --seed protects nothing
                 noise = torch.randn(result[name].shape, generator=self._noise, dtype=torch.float64)
                 result[name] = (result[name].double() + std * noise).to(result[name].dtype)
@@ -717,10 +775,10 @@ class Leader:
                 self._check_stop()
                 alive = sum(self._learners[learner_id].alive for learner_id in current.members)
                 self.status.show(
-                    f"round {number}/{self.config.rounds}: {current.running.count}/{alive} learners reported, "
+                    f"round {number}/{self.config.rounds}: {current.reported}/{alive} learners reported, "
                     f"{time.monotonic() - run_start:.0f}s elapsed{last}"
                 )
-                if current.running.count >= alive:
+                if current.reported >= alive:
                     break
                 if alive < current.quorum:
                     break
@@ -736,9 +794,9 @@ class Leader:
         for record in late:
             logger.warning("learner %d at %s sent no update for round %d by the deadline (--round-timeout); marked absent",
                            record.learner_id, record.address, number)
-        if current.running.count < current.quorum:
+        if current.reported < current.quorum:
             raise RunError(
-                f"round {number}: {current.running.count} of {len(current.members)} learners reported "
+                f"round {number}: {current.reported} of {len(current.members)} learners reported "
                 f"and {current.quorum} are needed (--min-learners); see the learners' logs"
             )
         return current
@@ -806,6 +864,7 @@ class Leader:
     def close(self) -> None:
         """Close the channels to learners and let calls in flight finish."""
         self._calls.shutdown(wait=False, cancel_futures=True)
+        self._summing.shutdown(wait=False, cancel_futures=True)
         with self._cond:
             for record in self._learners.values():
                 record.channel.close()
@@ -887,7 +946,10 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
                 allocate=leader.update_buffers.take,
             )
             tensors, norms = leader.unpack(received)
-            message = leader.accept_update(learner_id, received.header, tensors, norms)
+            header, payload = received.header, received.payload
+            received = None  # accept_update gives the buffer back once the update is summed or refused
+            release = None if leader.keeps_updates else functools.partial(leader.update_buffers.give, payload)
+            message = leader.accept_update(learner_id, header, tensors, norms, release=release)
         except wire.WireError as error:
             leader.note_rejection(learner_id, grpc.StatusCode.INVALID_ARGUMENT, str(error))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {error}")
@@ -896,7 +958,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             context.abort(error.code, str(error))
         finally:
             if received is not None and not leader.keeps_updates:
-                leader.update_buffers.give(received.payload)  # added to the sum or refused: nothing views it now
+                leader.update_buffers.give(received.payload)  # refused before accept_update: nothing views it now
         return leader_pb2.Ack(success=True, message=message)
 
     def Heartbeat(self, request: leader_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> leader_pb2.Ack:

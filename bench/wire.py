@@ -4,6 +4,10 @@ Each path moves the same payload in the same 1 MiB chunks as a bare gRPC stream 
 message around them, no checks) measured in the same run, so the ratio is what this system's framing,
 checks and bookkeeping cost. Client and server share this process, as the bare stream's do.
 
+The leader answers AccumulateGradients once an update is checked and adds it to the round's float64 sum
+behind the answer. The call is timed to the answer, as the learner waits; a second row adds the wait for
+that sum, which the round's close waits for, and which the next call here waits for before it starts.
+
     python -m bench.wire --runs 5
 """
 
@@ -62,15 +66,18 @@ def receive_bytes(chunks: Iterator[bytes], size: int) -> bytearray:
     return received
 
 
-def timed(call: Callable[[], object], runs: int) -> list[float]:
-    """Seconds of each of `runs` calls, after one warm-up call."""
+def timed(call: Callable[[], object], runs: int, settle: Callable[[], object] = lambda: None) -> tuple[list[float], list[float]]:
+    """Seconds of each of `runs` calls after one warm-up call, and the same with `settle()` after each (not timed apart)."""
     call()
-    seconds = []
+    settle()
+    seconds, settled = [], []
     for _ in range(runs):
         start = time.perf_counter()
         call()
         seconds.append(time.perf_counter() - start)
-    return seconds
+        settle()
+        settled.append(time.perf_counter() - start)
+    return seconds, settled
 
 
 def main() -> None:
@@ -136,13 +143,18 @@ def main() -> None:
             def bare_push() -> None:
                 push(wire.iter_chunks(outgoing), timeout=CALL_TIMEOUT_S)
 
+            def summed() -> None:
+                leader._round.summed()
+
             results = {
-                "bare stream, server to client": timed(bare_pull, args.runs),
-                "GetModel (leader to learner)": timed(get_model, args.runs),
-                "bare stream, client to server": timed(bare_push, args.runs),
-                "SyncModelState (leader to learner)": timed(sync_model_state, args.runs),
-                "AccumulateGradients (learner to leader)": timed(accumulate, args.runs),
+                "bare stream, server to client": timed(bare_pull, args.runs)[0],
+                "GetModel (leader to learner)": timed(get_model, args.runs)[0],
+                "bare stream, client to server": timed(bare_push, args.runs)[0],
+                "SyncModelState (leader to learner)": timed(sync_model_state, args.runs)[0],
             }
+            accumulated, accumulated_and_summed = timed(accumulate, args.runs, summed)
+            results["AccumulateGradients (learner to leader)"] = accumulated
+            results["AccumulateGradients and the leader's sum"] = accumulated_and_summed
             bare.stop(grace=None)
         finally:
             leader_server.stop(grace=None)
@@ -155,7 +167,8 @@ def main() -> None:
 
     baselines = {"GetModel (leader to learner)": "bare stream, server to client",
                  "SyncModelState (leader to learner)": "bare stream, client to server",
-                 "AccumulateGradients (learner to leader)": "bare stream, client to server"}
+                 "AccumulateGradients (learner to leader)": "bare stream, client to server",
+                 "AccumulateGradients and the leader's sum": "bare stream, client to server"}
     commit = provenance.commit()
     print(f"# Wire throughput: {MODEL}, {size / 1e6:.1f} MB in {wire.CHUNK_BYTES >> 20} MiB chunks, loopback, one process")
     print(f"machine: {platform.platform()}, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} CPUs; "

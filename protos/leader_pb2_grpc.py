@@ -95,7 +95,9 @@ class LeaderServiceServicer:
         update of any size fits; a single message holding manifest and bytes is a
         valid one-message stream. Bad updates fail INVALID_ARGUMENT (malformed),
         FAILED_PRECONDITION (wrong round) or ALREADY_EXISTS (a different second
-        update in the same round) and never reach the global model.
+        update in the same round) and never reach the global model. The answer
+        comes once the update is checked; the leader adds it to the round's sum
+        after answering, and closes the round only once every accepted update is in.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

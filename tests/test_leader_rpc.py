@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 
 import grpc
 import pytest
@@ -27,13 +28,13 @@ def valid_update(leader, scale: float = 0.01) -> dict[str, torch.Tensor]:
     return {name: torch.full_like(tensor, scale) for name, tensor in leader.model.state_dict().items()}
 
 
-def send(client, tensors=None, manifest=None, payload=None, **header):
+def send(client, tensors=None, manifest=None, payload=None, timeout=10.0, **header):
     if tensors is not None:
         manifest, payload = wire.encode(tensors)
     fields = dict(learner_id=client.learner_id, round=1, num_examples=10, train_loss=1.0)
     fields.update(header)
     messages = wire.stream(leader_pb2.GradientData, manifest, payload, **fields)
-    return client.stub.AccumulateGradients(messages, timeout=10, metadata=client.metadata())
+    return client.stub.AccumulateGradients(messages, timeout=timeout, metadata=client.metadata())
 
 
 def snapshot(leader):
@@ -93,10 +94,10 @@ def test_hostile_payloads_are_refused_and_the_model_is_unchanged(open_round):
 
     after = snapshot(leader)
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert leader._round.running.count == 0
+    assert leader._round.summed().count == 0
     # the same client's well-formed update is taken: the refusals above were about the payloads
     assert send(client, good).success
-    assert leader._round.running.count == 1
+    assert leader._round.summed().count == 1
 
 
 def test_stale_duplicate_and_conflicting_updates(open_round):
@@ -109,8 +110,8 @@ def test_stale_duplicate_and_conflicting_updates(open_round):
     assert send(client, good).message.endswith("accepted")
     assert "counted once" in send(client, good).message
     assert_refused(lambda: send(client, valid_update(leader, 0.02)), grpc.StatusCode.ALREADY_EXISTS, "different update")
-    assert leader._round.running.count == 1
-    assert leader._round.running.total_weight == 10
+    assert leader._round.summed().count == 1
+    assert leader._round.summed().total_weight == 10
 
 
 def test_calls_without_a_valid_session_token_are_refused(open_round, channel_to):
@@ -133,7 +134,7 @@ def test_calls_without_a_valid_session_token_are_refused(open_round, channel_to)
     assert_refused(lambda: update(other.metadata(), learner_id=0), grpc.StatusCode.PERMISSION_DENIED)
     assert_refused(lambda: list(other.stub.GetData(leader_pb2.LearnerDataRequest(learner_id=0), timeout=10, metadata=other.metadata())),
                    grpc.StatusCode.PERMISSION_DENIED)
-    assert running.leader._round.running.count == 0
+    assert running.leader._round.summed().count == 0
 
 
 def test_registration_limits_and_checks(tmp_path, channel_to):
@@ -226,7 +227,7 @@ def test_norm_bound_refuses_large_updates_and_rejections_are_counted_once_logged
             assert_refused(lambda: send(client, big), grpc.StatusCode.INVALID_ARGUMENT, "exceeds --max-update-norm 1")
         assert_refused(lambda: send(client, big, round=7), grpc.StatusCode.FAILED_PRECONDITION, "stale")
         assert leader._round.rejected == {0: 3}
-        assert leader._round.running.count == 0
+        assert leader._round.summed().count == 0
         small = valid_update(leader, scale=0.001)  # norm ~ 0.108
         assert send(client, small).success
     warnings = [record for record in caplog.records if "refused an update from learner 0" in record.getMessage()]
@@ -241,7 +242,7 @@ def test_negative_batchnorm_variances_are_refused(tmp_path, channel_to):
         update = {name: torch.zeros_like(tensor) for name, tensor in leader.model.state_dict().items()}
         update["stem.1.running_var"] = torch.full_like(update["stem.1.running_var"], -1.0)
         assert_refused(lambda: send(client, update), grpc.StatusCode.INVALID_ARGUMENT, "stem.1.running_var holds negative variances")
-        assert leader._round.running.count == 0
+        assert leader._round.summed().count == 0
 
 
 def test_a_retried_registration_gets_the_same_identity(tmp_path, channel_to):
@@ -282,7 +283,7 @@ def test_a_learner_that_misses_the_deadline_is_told_so_and_its_slot_goes_to_a_ne
         assert_refused(lambda: heartbeat(late, learner_id=1), grpc.StatusCode.PERMISSION_DENIED, "belongs to learner 0")
         assert send(punctual, valid_update(leader)).success
         finished = leader._collect(1, 0.0)  # learner 0 sends nothing before the deadline
-        assert finished.running.count == 1
+        assert finished.summed().count == 1
         reply = heartbeat(late)
         assert not reply.success and "marked absent" in reply.message
         assert_refused(lambda: send(late, valid_update(leader)), grpc.StatusCode.FAILED_PRECONDITION, "marked absent")
@@ -302,13 +303,36 @@ def test_a_summed_update_leaves_its_buffer_to_the_next_and_a_kept_one_does_not(t
     with running_leader(leader_config(tmp_path, learners=2, aggregator=aggregator)) as running:
         leader = running.leader
         first, second = (register_client(channel_to(running.address)) for _ in range(2))
-        leader._open_round(1)
+        current = leader._open_round(1)
         send(first, valid_update(leader, 0.01))
+        current.summed()  # the first update's buffer is given back after its sum, which runs behind the answer
         send(second, valid_update(leader, 0.03))  # under mean, into the buffer the first update arrived in
+        current.summed()
         assert leader.update_buffers.kept == kept
         if aggregator == "mean":
             expected = 0.02  # (10 * 0.01 + 10 * 0.03) / 20, so the first update was summed before its buffer was reused
-            assert all(torch.allclose(tensor, torch.full_like(tensor, expected)) for tensor in leader._round.running.mean().values())
+            assert all(torch.allclose(tensor, torch.full_like(tensor, expected)) for tensor in leader._round.summed().mean().values())
         else:
-            updates = leader._round.running.aggregate(lambda updates, weights: {"kept": [u for u in updates]})["kept"]
+            updates = leader._round.summed().aggregate(lambda updates, weights: {"kept": [u for u in updates]})["kept"]
             assert [float(next(iter(update.values())).flatten()[0]) for update in updates] == pytest.approx([0.01, 0.03])
+
+
+def test_an_update_is_answered_once_checked_and_the_round_waits_for_its_sum(tmp_path, channel_to, monkeypatch):
+    with running_leader(leader_config(tmp_path, learners=3)) as running:
+        leader = running.leader
+        clients = [register_client(channel_to(running.address)) for _ in range(3)]
+        leader._started = True
+        current = leader._open_round(1)
+        gate = threading.Event()
+        add_to_sum = leader._add_to_sum
+        monkeypatch.setattr(leader, "_add_to_sum", lambda *args: (gate.wait(30), add_to_sum(*args)))
+        for client, value in zip(clients[:2], [0.01, 0.04]):
+            assert send(client, valid_update(leader, value)).success  # answered while its sum is held back
+        assert current.reported == 2 and current.running.count == 0
+        # both slots for pending sums are taken: the third update waits for one before it is answered
+        assert_refused(lambda: send(clients[2], valid_update(leader, 0.07), timeout=1.0), grpc.StatusCode.DEADLINE_EXCEEDED)
+        gate.set()
+        finished = leader._collect(1, 0.0)  # returns once the third is accepted too
+        result = leader._aggregate(finished)
+        assert finished.running.count == 3
+        assert all(torch.allclose(tensor, torch.full_like(tensor, 0.04)) for tensor in result.values())  # (0.01 + 0.04 + 0.07) / 3
