@@ -66,8 +66,13 @@ def receive_bytes(chunks: Iterator[bytes], size: int) -> bytearray:
     return received
 
 
-def timed(call: Callable[[], object], runs: int, settle: Callable[[], object] = lambda: None) -> tuple[list[float], list[float]]:
-    """Seconds of each of `runs` calls after one warm-up call, and the same with `settle()` after each (not timed apart)."""
+def timed(call: Callable[[], object], runs: int) -> list[float]:
+    """Seconds of each of `runs` calls, after one warm-up call."""
+    return timed_and_settled(call, runs, lambda: None)[0]
+
+
+def timed_and_settled(call: Callable[[], object], runs: int, settle: Callable[[], object]) -> tuple[list[float], list[float]]:
+    """Seconds of each of `runs` calls after one warm-up call, and of each call plus the `settle()` after it."""
     call()
     settle()
     seconds, settled = [], []
@@ -147,12 +152,12 @@ def main() -> None:
                 leader._round.summed()
 
             results = {
-                "bare stream, server to client": timed(bare_pull, args.runs)[0],
-                "GetModel (leader to learner)": timed(get_model, args.runs)[0],
-                "bare stream, client to server": timed(bare_push, args.runs)[0],
-                "SyncModelState (leader to learner)": timed(sync_model_state, args.runs)[0],
+                "bare stream, server to client": timed(bare_pull, args.runs),
+                "GetModel (leader to learner)": timed(get_model, args.runs),
+                "bare stream, client to server": timed(bare_push, args.runs),
+                "SyncModelState (leader to learner)": timed(sync_model_state, args.runs),
             }
-            accumulated, accumulated_and_summed = timed(accumulate, args.runs, summed)
+            accumulated, accumulated_and_summed = timed_and_settled(accumulate, args.runs, summed)
             results["AccumulateGradients (learner to leader)"] = accumulated
             results["AccumulateGradients and the leader's sum"] = accumulated_and_summed
             bare.stop(grace=None)
