@@ -1,0 +1,71 @@
+"""Whether a checkpoint's test accuracy is held back by its BatchNorm statistics: evaluated as saved, then recomputed.
+
+The leader sets every BatchNorm running mean and variance to the learners' average, while the weights
+move by the server's step on the averaged update, or, under --compress topk, by the entries sent. When
+the two disagree, the saved statistics no longer describe what the saved weights compute. This
+evaluates a checkpoint's weights as saved, then again after recomputing every BatchNorm layer's
+statistics from the training set (no augmentation, weights untouched): a large gain says the saved
+statistics, not the weights, were what failed.
+
+    python -m bench.batchnorm_stats --checkpoint RUN/checkpoints/latest.json --data-dir DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import checkpoint
+from bench import provenance
+from bench.time_to_accuracy import accuracy
+from model import build_model
+from utils import load_dataset, normalize
+
+BATCH = 1000
+
+
+def recompute_statistics(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """Replace every BatchNorm layer's running statistics with their exact average over `images`."""
+    layers = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over the batches, not an exponential one
+    model.train()
+    with torch.no_grad():
+        for first in range(0, len(images), BATCH):
+            model(normalize(images[first : first + BATCH]))
+
+
+def main() -> int:
+    """Evaluate the checkpoint both ways and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint's JSON (round-NNNNN.json or latest.json)")
+    parser.add_argument("--dataset", default="imagefolder", help="imagefolder (the CIFAR-10 JPEG copy), cifar10 or synthetic")
+    parser.add_argument("--data-dir", default=None, help="the extracted data set (with train/ and test/ for imagefolder)")
+    args = parser.parse_args()
+    record, weights = checkpoint.load(args.checkpoint)
+    model = build_model(record["config"]["model"], record["num_classes"])
+    model.load_state_dict(weights)
+    train = load_dataset(args.dataset, args.data_dir, train=True)
+    test = load_dataset(args.dataset, args.data_dir, train=False)
+    saved = accuracy(model, test.images, test.labels)
+    recompute_statistics(model, train.images)
+    recomputed = accuracy(model, test.images, test.labels)
+    config = record["config"]
+    print(f"# BatchNorm statistics: {config['model']} after round {record['round']}, {args.dataset}")
+    print(f"machine: {provenance.machine()}; commit {provenance.commit()}; checkpoint {args.checkpoint}")
+    print(f"run: --aggregation {config['aggregation']} --compress {config['compress']} --server-opt {config['server_opt']} "
+          f"--server-lr {config['server_lr']:g}")
+    print()
+    print("| statistics | test accuracy |")
+    print("|---|---|")
+    print(f"| as saved (the learners' average) | {100 * saved:.2f}% |")
+    print(f"| recomputed on the {len(train):,} training images | {100 * recomputed:.2f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
