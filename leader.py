@@ -35,7 +35,7 @@ from cli import StatusLine, flag_value, parse_with_config, setup_logging
 from recorder import CONFIG_FILE, Recorder, TensorBoardMissing
 import rpc
 import wire
-from model import MODELS, build_model
+from model import MODELS, build_model, recompute_batchnorm
 from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 from utils import (DATASETS, IMAGE_SHAPE, DataError, ImageData, derive_seed, label_histogram, load_dataset, normalize,
                    resolve_device, split_dirichlet, split_iid, split_shards)
@@ -115,6 +115,7 @@ class LeaderConfig:
     join_timeout: float = 600.0
     round_timeout: float = 3600.0
     eval_every: int = 1
+    recompute_bn: int = 0  # training images the leader recomputes BatchNorm statistics from after averaging; 0: none
     learner_lost_after: float = 30.0
     max_update_norm: float = 0.0  # 0: no bound
     compress: str = "none"
@@ -616,6 +617,8 @@ class Leader:
                 # learners start the next round now; this one is evaluated and saved while they train
                 # (the model is not touched again before the next _collect, which this thread runs after)
                 self._begin_round(self._open_round(number + 1))
+            if config.recompute_bn:  # after publishing: learners train BatchNorm on batch statistics, not these
+                self.recompute_batchnorm(number)
             evaluated = number % config.eval_every == 0 or number == config.rounds
             test_loss, test_accuracy = self.evaluate() if evaluated else (None, None)
             metrics = {
@@ -845,6 +848,15 @@ class Leader:
             records = list(self._learners.values())
         self._call_all("stop", stop, records)
 
+    def recompute_batchnorm(self, number: int) -> None:
+        """Recompute the global model's BatchNorm statistics from --recompute-bn training images, drawn anew each round."""
+        data = self.train_data
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "batchnorm", number))
+        chosen = torch.randperm(len(data), generator=generator)[: self.config.recompute_bn]
+        batches = (normalize(data.images[chosen[first : first + EVAL_BATCH_SIZE]].to(self.device))
+                   for first in range(0, len(chosen), EVAL_BATCH_SIZE))
+        recompute_batchnorm(self.model, batches)
+
     def evaluate(self) -> tuple[float, float]:
         """Test loss and accuracy of the global model."""
         self.model.eval()
@@ -1054,12 +1066,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpoint-dir", default=defaults.checkpoint_dir, help="where each round's checkpoint is written; None means <run-dir>/checkpoints")
     add("--keep-checkpoints", type=_positive_int, default=defaults.keep_checkpoints, help="rounds of checkpoints to keep")
     add("--checkpoint-every", type=_positive_int, default=defaults.checkpoint_every,
-        help="write a checkpoint every this many rounds and after the last (hashing and fsyncing a 45 MB model costs "
-        "about a second of leader CPU); a crash redoes at most this many rounds")
+        help="write a checkpoint every this many rounds and after the last (a 45 MB model and its momentum cost about "
+        "0.1 s of leader CPU and the disk's fsync time); a crash redoes at most this many rounds")
     add("--join-timeout", type=float, default=defaults.join_timeout, help="seconds to wait for --learners to register")
     add("--round-timeout", type=float, default=defaults.round_timeout, help="seconds a round waits for updates")
     add("--eval-every", type=_positive_int, default=defaults.eval_every,
         help="evaluate the global model on the test set every this many rounds (and after the last)")
+    add("--recompute-bn", type=_non_negative_int, default=defaults.recompute_bn, metavar="IMAGES",
+        help="after each round's averaging, recompute the global model's BatchNorm statistics from this many of the "
+        "training images the leader holds (--data-mode split): the learners' averaged statistics do not describe "
+        "averaged weights (0: keep the average)")
     add("--learner-lost-after", type=_positive_float, default=defaults.learner_lost_after,
         help="seconds a learner due to report may fail health checks before it is marked absent and the round goes on without it")
     add("--deterministic", action=argparse.BooleanOptionalAction, default=defaults.deterministic,
@@ -1161,6 +1177,8 @@ def config_problems(config: LeaderConfig) -> list[str]:
         problems.append(f"--server-opt {config.server_opt} needs --server-lr > 0")
     if config.partition != "iid" and config.data_mode == "local":
         problems.append("--partition applies to the leader's split; with --data-mode local each learner brings its own data")
+    if config.recompute_bn and config.data_mode == "local":
+        problems.append("--recompute-bn needs training images on the leader; with --data-mode local it has none (use 0)")
     return problems
 
 

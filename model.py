@@ -1,8 +1,8 @@
-"""Model architectures both roles build by name: the blog's ResNet-18, CIFAR variants and a tiny CNN."""
+"""Model architectures both roles build by name (the blog's ResNet-18, CIFAR variants, a tiny CNN), and their BatchNorm upkeep."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -135,6 +135,31 @@ def memory_format_for(setting: str, name: str, device: torch.device) -> torch.me
     if setting == "on" or (setting == "auto" and device.type == "cpu" and name in CHANNELS_LAST_FASTER_ON_CPU):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def recompute_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Set every BatchNorm layer's running statistics to their average over `batches`, the weights untouched.
+
+    Averaged weights do not compute what any of the models they came from computed, so the average of those
+    models' statistics does not describe them (torch.optim.swa_utils.update_bn recomputes them after weight
+    averaging for the same reason). Returns how many BatchNorm layers there were; the model's mode is kept.
+    """
+    layers = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    momenta = [layer.momentum for layer in layers]
+    training = model.training
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over the batches rather than an exponential one
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+    model.train(training)
+    return len(layers)
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:

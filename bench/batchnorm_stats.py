@@ -4,8 +4,9 @@ The leader sets every BatchNorm running mean and variance to the learners' avera
 move by the server's step on the averaged update, or, under --compress topk, by the entries sent. When
 the two disagree, the saved statistics no longer describe what the saved weights compute. This
 evaluates a checkpoint's weights as saved, then again after recomputing every BatchNorm layer's
-statistics from the training set (no augmentation, weights untouched): a large gain says the saved
-statistics, not the weights, were what failed.
+statistics from the whole training set (no augmentation, weights untouched; `model.recompute_batchnorm`,
+what the leader's --recompute-bn does on a sample): a large gain says the saved statistics, not the
+weights, were what failed.
 
     python -m bench.batchnorm_stats --checkpoint RUN/checkpoints/latest.json --data-dir DIR
 """
@@ -16,27 +17,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 import checkpoint
 from bench import provenance
 from bench.time_to_accuracy import accuracy
-from model import build_model
+from model import build_model, recompute_batchnorm
 from utils import load_dataset, normalize
 
 BATCH = 1000
-
-
-def recompute_statistics(model: torch.nn.Module, images: torch.Tensor) -> None:
-    """Replace every BatchNorm layer's running statistics with their exact average over `images`."""
-    layers = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None  # a cumulative average over the batches, not an exponential one
-    model.train()
-    with torch.no_grad():
-        for first in range(0, len(images), BATCH):
-            model(normalize(images[first : first + BATCH]))
 
 
 def main() -> int:
@@ -52,7 +40,7 @@ def main() -> int:
     train = load_dataset(args.dataset, args.data_dir, train=True)
     test = load_dataset(args.dataset, args.data_dir, train=False)
     saved = accuracy(model, test.images, test.labels)
-    recompute_statistics(model, train.images)
+    recompute_batchnorm(model, (normalize(train.images[first : first + BATCH]) for first in range(0, len(train), BATCH)))
     recomputed = accuracy(model, test.images, test.labels)
     config = record["config"]
     print(f"# BatchNorm statistics: {config['model']} after round {record['round']}, {args.dataset}")

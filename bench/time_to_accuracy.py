@@ -88,7 +88,8 @@ def federated(args: argparse.Namespace, compress: str) -> tuple[list[tuple[float
                    "--local-epochs", "1", "--rounds", str(args.epochs), "--batch-size", str(args.batch_size),
                    "--lr", str(args.lr), "--momentum", str(MOMENTUM), "--weight-decay", str(WEIGHT_DECAY),
                    "--lr-schedule", "cosine", "--warmup-rounds", str(args.warmup), "--eval-every", "1",
-                   "--checkpoint-every", str(args.epochs), "--compress", compress, "--server-lr", str(args.server_lr), "--seed", str(SEED),
+                   "--checkpoint-every", str(args.epochs), "--compress", compress, "--server-lr", str(args.server_lr),
+                   "--recompute-bn", str(args.recompute_bn), "--seed", str(SEED),
                    "--quiet", "--run-dir", run_dir, "--checkpoint-dir", str(Path(run_dir) / "checkpoints")]
         if args.data_dir:
             command += ["--data-dir", args.data_dir]
@@ -120,6 +121,8 @@ def main() -> int:
     parser.add_argument("--compress", default="none", help="comma-separated --compress modes, one federation each")
     parser.add_argument("--server-lr", type=float, default=1.0,
                         help="the leader's step on the averaged update (1: plain FedAvg; 2 moves the global model twice as far)")
+    parser.add_argument("--recompute-bn", type=int, default=0,
+                        help="the leader's --recompute-bn: training images its BatchNorm statistics are recomputed from each round")
     parser.add_argument("--centralized", action=argparse.BooleanOptionalAction, default=True,
                         help="train the centralized side too (--no-centralized: only the federations, e.g. to compare --compress modes)")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
@@ -135,7 +138,9 @@ def main() -> int:
         f"{args.warmup} warm-up epochs then cosine",
         "",
         f"- machine: {provenance.machine()}; commit {commit}; one run of each",
-        f"- federated: {LEARNERS} learners, IID, fedavg with server step {args.server_lr:g}, one local epoch per round",
+        f"- federated: {LEARNERS} learners, IID, fedavg with server step {args.server_lr:g}, one local epoch per round, "
+        + (f"BatchNorm statistics recomputed from {args.recompute_bn} training images each round" if args.recompute_bn
+           else "BatchNorm statistics averaged"),
         "",
         "| epoch | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),

@@ -15,7 +15,7 @@ from safetensors.torch import load as safetensors_load
 
 import checkpoint
 import utils
-from model import MODELS, build_model, memory_format_for
+from model import MODELS, build_model, memory_format_for, recompute_batchnorm
 
 
 @pytest.mark.parametrize("name, parameters", [("resnet18", 11_181_642), ("resnet18-cifar", 11_173_962), ("resnet20", 272_474), ("tiny-cnn", 11_642)])
@@ -206,3 +206,29 @@ def test_channels_last_is_chosen_where_it_was_measured_faster_unless_set():
     assert memory_format_for("off", "resnet20", cpu) == torch.contiguous_format
     with pytest.raises(ValueError, match="choose one of auto, on, off"):
         memory_format_for("yes", "resnet20", cpu)
+
+
+def test_recompute_batchnorm_averages_each_batch_statistics_and_touches_nothing_else():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+    model.eval()
+    batches = [torch.tensor([[1.0, 10.0], [3.0, 14.0]]), torch.tensor([[5.0, 0.0], [7.0, 0.0]])]
+    assert recompute_batchnorm(model, batches) == 1
+    # batch means (2, 12) and (6, 0), unbiased batch variances (2, 8) and (2, 0): averaged over the two batches
+    assert torch.equal(model[1].running_mean, torch.tensor([4.0, 6.0]))
+    assert torch.equal(model[1].running_var, torch.tensor([2.0, 4.0]))
+    assert torch.equal(model[0].weight, torch.eye(2)) and not model.training and model[1].momentum == 0.1
+    assert recompute_batchnorm(build_model("tiny-cnn"), batches) == 0  # no BatchNorm: nothing to do
+
+
+def test_recompute_batchnorm_agrees_with_torch_swa_update_bn():
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    reference = build_model("resnet20")
+    reference.load_state_dict(model.state_dict())
+    batches = [torch.randn(16, 3, 32, 32) for _ in range(3)]
+    recompute_batchnorm(model, batches)
+    torch.optim.swa_utils.update_bn(batches, reference)
+    for name, tensor in reference.state_dict().items():
+        assert torch.allclose(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6), name

@@ -144,3 +144,22 @@ def test_local_data_mode_trains_on_the_learners_files_and_never_sends_data(tmp_p
             list(stub.GetData(leader_pb2.LearnerDataRequest(learner_id=reply.learner_id), timeout=10,
                               metadata=rpc.token_metadata(reply.session_token)))
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_recompute_bn_gives_the_global_model_the_statistics_of_its_own_weights(tmp_path):
+    config = leader_config(tmp_path, model="resnet20", aggregation="fedavg", local_steps=1, batch_size=64, seed=SEED,
+                           recompute_bn=2000)  # the whole synthetic training set, in two batches of 1000
+    with running_leader(config) as running:
+        learners = start_learners(running.address, 2)
+        running.leader.run()
+        model = running.leader.model
+    assert join_all(learners) == [0, 0]
+    _, weights = checkpoint.load(checkpoint.latest(tmp_path / "checkpoints"))
+    stem = model.stem
+    assert torch.equal(weights["stem.1.running_mean"], stem[1].running_mean)  # the checkpoint holds the recomputed ones
+    images = normalize(load_dataset("synthetic", None, train=True, seed=SEED).images)
+    with torch.no_grad():
+        activations = stem[0](images)  # what the first BatchNorm sees: the stem convolution of every training image
+    # two batches of equal size: the average of their means is the mean over all the images
+    assert torch.allclose(stem[1].running_mean, activations.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(stem[1].running_var, activations.var(dim=(0, 2, 3)), rtol=0.05)
