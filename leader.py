@@ -531,48 +531,39 @@ class Leader:
         (`RoundState.summed`). `release` is called once nothing reads `tensors` any more: after the sum, or
         at once when the update is refused or a duplicate.
         """
-        queued = False
+        known_norms = known_norms or {}
+        holds_slot = queued = False
         try:
-            message, queued = self._check_and_queue(learner_id, header, tensors, known_norms or {}, release)
-        finally:
-            if not queued and release is not None:
-                release()
-        return message
-
-    def _check_and_queue(self, learner_id: int, header: leader_pb2.GradientData, tensors: dict[str, torch.Tensor],
-                         known_norms: dict[str, float], release: Callable[[], None] | None) -> tuple[str, bool]:
-        """accept_update's checks and hand-off; returns its answer and whether the update went to the summing thread."""
-        # per-tensor norms stand in for a hash of the bytes: they tell an identical retry from a different update
-        # (a different one that matched them would only be answered "duplicate"; neither is ever counted twice)
-        norms = {spec.name: known_norms[spec.name] if spec.name in known_norms else _norm(tensors[spec.name]) for spec in self.specs}
-        digest = (*norms.values(), float(header.num_examples), header.train_loss)  # by name: a sender picks the order
-        for name in self.variance_names:
-            if bool((tensors[name] < 0).any()):
-                raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} holds negative variances")
-        norm = math.sqrt(sum(norms[name] ** 2 for name in self.parameter_names))
-        bound = self.config.max_update_norm
-        if bound and norm > bound:
-            raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"update norm {norm:.4g} exceeds --max-update-norm {bound:g}")
-        # outside the lock: a wait for the summing thread must not hold up other calls
-        if not self._sum_slots.acquire(timeout=SUM_SLOT_TIMEOUT_S):
-            raise LeaderError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"{MAX_PENDING_SUMS} accepted updates have waited {SUM_SLOT_TIMEOUT_S:.0f}s to be summed; the leader is stuck")
-        queued = False
-        try:
+            # per-tensor norms stand in for a hash of the bytes: they tell an identical retry from a different update
+            # (a different one that matched them would only be answered "duplicate"; neither is ever counted twice)
+            norms = {spec.name: known_norms[spec.name] if spec.name in known_norms else _norm(tensors[spec.name]) for spec in self.specs}
+            digest = (*norms.values(), float(header.num_examples), header.train_loss)  # by name: a sender picks the order
+            for name in self.variance_names:
+                if bool((tensors[name] < 0).any()):
+                    raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} holds negative variances")
+            norm = math.sqrt(sum(norms[name] ** 2 for name in self.parameter_names))
+            bound = self.config.max_update_norm
+            if bound and norm > bound:
+                raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"update norm {norm:.4g} exceeds --max-update-norm {bound:g}")
+            # outside the lock: a wait for the summing thread must not hold up other calls
+            holds_slot = self._sum_slots.acquire(timeout=SUM_SLOT_TIMEOUT_S)
+            if not holds_slot:
+                raise LeaderError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"{MAX_PENDING_SUMS} accepted updates have waited {SUM_SLOT_TIMEOUT_S:.0f}s to be summed; the leader is stuck")
             with self._cond:
                 current = self._round
                 if header.round != current.number or not current.accepting:
                     raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION, f"stale update for round {header.round}; round {current.number} is closed")
                 previous = current.digests.get(learner_id)
                 if previous == digest:
-                    return f"duplicate of the accepted update for round {header.round}; counted once", False
+                    return f"duplicate of the accepted update for round {header.round}; counted once"
                 if previous is not None:
                     raise LeaderError(grpc.StatusCode.ALREADY_EXISTS, f"learner {learner_id} already sent a different update for round {header.round}")
                 # DP-FedAvg averages clipped updates unweighted, so that one learner's influence is bounded by the clip alone
                 weight = 1.0 if self.accountant is not None else float(header.num_examples)
                 # queued under the lock, while the round accepts: closing it (accepting = False) fixes the list of sums
                 current.sums.append(self._summing.submit(self._add_to_sum, current.running, tensors, weight, learner_id, release))
-                queued = True
+                queued = True  # from here the summing thread frees the slot and the buffer
                 current.digests[learner_id] = digest
                 current.losses.append(header.train_loss)
                 current.update_norms.append(norm)
@@ -580,8 +571,11 @@ class Leader:
                 self._cond.notify_all()
         finally:
             if not queued:
-                self._sum_slots.release()
-        return f"update for round {header.round} accepted", True
+                if holds_slot:
+                    self._sum_slots.release()
+                if release is not None:
+                    release()
+        return f"update for round {header.round} accepted"
 
     def _add_to_sum(self, running: aggregation.RunningMean | aggregation.UpdateList, update: dict[str, torch.Tensor],
                     weight: float, learner_id: int, release: Callable[[], None] | None) -> None:
