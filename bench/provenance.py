@@ -13,10 +13,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def commit() -> str:
-    """The short hash of the checked-out commit (empty outside a git checkout)."""
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    """The short hash of the checked-out commit; $BENCH_COMMIT where the tree is a copy without git."""
+    try:
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git on this machine
+        found = ""
+    return found or os.environ.get("BENCH_COMMIT", "")
 
 
 def machine() -> str:
-    """The platform, its CPU count, and the Python and PyTorch versions."""
-    return f"{platform.platform()}, {os.cpu_count()} CPUs; python {platform.python_version()}, torch {torch.__version__}"
+    """The platform, its CPU count, the GPU if there is one, and the Python and PyTorch versions."""
+    return (f"{platform.platform()}, {os.cpu_count()} CPUs{gpu()}; python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
+def gpu() -> str:
+    """', ' and the CUDA card's name, memory and CUDA version, or '' where there is none."""
+    if not torch.cuda.is_available():
+        return ""
+    card = torch.cuda.get_device_properties(0)
+    return f", {card.name} ({card.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda})"

@@ -7,13 +7,13 @@ each), plus four model-sized transfers (two updates in, two models out) at the r
 stream. Also reports the bytes moved per round against the model's size.
 
     python -m bench.round --rounds 10
+    python -m bench.round --rounds 10 --device cuda   # learners and the plain step on the GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,7 +31,7 @@ import plots
 from bench import provenance
 from bench.wire import BARE_SERVICE, CALL_TIMEOUT_S, bare_server, receive_bytes, timed
 from model import build_model, memory_format_for
-from utils import normalize
+from utils import normalize, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "resnet18"
@@ -43,17 +43,20 @@ STREAM_REPEATS = 5
 GOAL = 1.25
 
 
-def compute_seconds(repeats: int) -> list[float]:
-    """One learner's fedsgd step (forward and backward of a batch of 32) on one thread, as each learner runs it."""
+def compute_seconds(repeats: int, device: torch.device) -> list[float]:
+    """One learner's fedsgd step (forward and backward of a batch of 32) with its share of the cores, as each learner runs it."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // LEARNERS))  # the launcher splits the cores the same way
-    memory_format = memory_format_for("auto", MODEL, torch.device("cpu"))  # the learners' default choice
-    model = build_model(MODEL, 10).to(memory_format=memory_format)
+    memory_format = memory_format_for("auto", MODEL, device)  # the learners' default choice
+    model = build_model(MODEL, 10).to(device, memory_format=memory_format)
     images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (BATCH,))
 
-    def step() -> None:
+    def step() -> None:  # as a learner's: the batch starts in host memory
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(normalize(images).contiguous(memory_format=memory_format)), labels).backward()
+        inputs = normalize(images.to(device)).contiguous(memory_format=memory_format)
+        F.cross_entropy(model(inputs), labels.to(device)).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step is done when the GPU is, not when its kernels are queued
 
     return timed(step, repeats)
 
@@ -76,10 +79,10 @@ def bare_stream_seconds(size: int, repeats: int) -> list[float]:
     return seconds
 
 
-def federation_rounds(rounds: int, checkpoint_every: int) -> list[dict]:
+def federation_rounds(rounds: int, checkpoint_every: int, device: torch.device) -> list[dict]:
     """Run the real federation (leader and learner processes) for one warm-up round plus `rounds`; returns metrics."""
     with tempfile.TemporaryDirectory() as run_dir:
-        command = [sys.executable, "local_federation.py", "--dataset", "synthetic", "--model", MODEL, "--device", "cpu",
+        command = [sys.executable, "local_federation.py", "--dataset", "synthetic", "--model", MODEL, "--device", str(device),
                    "--aggregation", "fedsgd", "--batch-size", str(BATCH), "--learners", str(LEARNERS),
                    "--rounds", str(rounds + 1), "--eval-every", str(rounds + 1), "--checkpoint-every", str(checkpoint_every),
                    "--no-augment", "--quiet", "--run-dir", run_dir]
@@ -94,11 +97,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds, after one warm-up round")
     parser.add_argument("--checkpoint-every", type=int, default=1, help="the leader's --checkpoint-every")
+    parser.add_argument("--device", default="cpu", help="where the leader, the learners and the plain step compute: cpu or cuda")
     args = parser.parse_args()
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
 
     size = wire.payload_bytes(wire.specs_of(build_model(MODEL, 10).state_dict()))
-    records = federation_rounds(args.rounds, args.checkpoint_every)  # first, alone: nothing else in this process competes for the cores
-    compute = compute_seconds(COMPUTE_REPEATS)
+    records = federation_rounds(args.rounds, args.checkpoint_every, device)  # first, alone: nothing else in this process competes for the cores
+    compute = compute_seconds(COMPUTE_REPEATS, device)
     stream = bare_stream_seconds(size, STREAM_REPEATS)
 
     timed = records[1:]
@@ -111,8 +119,8 @@ def main() -> None:
     commit = provenance.commit()
 
     print(f"# Round overhead: {MODEL} ({size / 1e6:.1f} MB), {LEARNERS} learners on loopback, fedsgd, batch {BATCH} each")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs; python {platform.python_version()}, torch {torch.__version__}, "
-          f"grpcio {grpc.__version__}; commit {commit}; --checkpoint-every {args.checkpoint_every}; {len(timed)} timed rounds after 1 warm-up, "
+    print(f"machine: {provenance.machine()}, grpcio {grpc.__version__}; commit {commit}; --device {device}; "
+          f"--checkpoint-every {args.checkpoint_every}; {len(timed)} timed rounds after 1 warm-up, "
           f"{COMPUTE_REPEATS} compute steps, {STREAM_REPEATS} bare-stream pulls")
     print()
     print("| measure | median | min | max |")

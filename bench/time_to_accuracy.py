@@ -11,6 +11,7 @@ final accuracies, and the ratios the goals are stated in. With --compress, one f
 
     python -m bench.time_to_accuracy --data-dir DIR --epochs 50 --out docs/time-to-accuracy.md
     python -m bench.time_to_accuracy --dataset synthetic --model tiny-cnn --epochs 2   # a quick check
+    python -m bench.time_to_accuracy --data-dir DIR --device cuda   # both sides on the GPU
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import plots
 from bench import provenance
 import schedule
 from model import build_model, memory_format_for
-from utils import augment, derive_seed, load_dataset, normalize
+from utils import augment, derive_seed, load_dataset, normalize, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 LEARNERS = 2
@@ -46,9 +47,10 @@ def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
     torch.set_num_threads(os.cpu_count() or 1)
     train = load_dataset(args.dataset, args.data_dir, train=True, seed=SEED)
     test = load_dataset(args.dataset, args.data_dir, train=False, seed=SEED)
+    device = torch.device(args.device)
     torch.manual_seed(SEED)  # the leader seeds the same way before it builds the model
-    memory_format = memory_format_for("auto", args.model, torch.device("cpu"))  # the learners' default choice
-    model = build_model(args.model, train.num_classes).to(memory_format=memory_format)
+    memory_format = memory_format_for("auto", args.model, device)  # the learners' default choice
+    model = build_model(args.model, train.num_classes).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     history = []
     start = time.monotonic()
@@ -61,22 +63,23 @@ def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
         for first in range(0, len(train), args.batch_size):
             indices = order[first : first + args.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            inputs = normalize(augment(train.images[indices], generator)).contiguous(memory_format=memory_format)
-            F.cross_entropy(model(inputs), train.labels[indices]).backward()
+            inputs = normalize(augment(train.images[indices], generator).to(device)).contiguous(memory_format=memory_format)
+            F.cross_entropy(model(inputs), train.labels[indices].to(device)).backward()
             optimizer.step()
-        history.append((accuracy(model, test.images, test.labels), time.monotonic() - start))
+        history.append((accuracy(model, test.images, test.labels, device), time.monotonic() - start))
         print(f"centralized epoch {epoch}: {100 * history[-1][0]:.2f}% at {history[-1][1]:.0f} s", flush=True)
     return history
 
 
-def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             device: torch.device = torch.device("cpu")) -> float:
     """Test accuracy, evaluated as the leader does (inference mode, batches of 1000)."""
     model.eval()
     correct = 0
     with torch.inference_mode():
         for first in range(0, len(labels), EVAL_BATCH):
-            logits = model(normalize(images[first : first + EVAL_BATCH]))
-            correct += int((logits.argmax(1) == labels[first : first + EVAL_BATCH]).sum())
+            logits = model(normalize(images[first : first + EVAL_BATCH].to(device)))
+            correct += int((logits.argmax(1).cpu() == labels[first : first + EVAL_BATCH]).sum())
     return correct / max(1, len(labels))
 
 
@@ -84,7 +87,7 @@ def federated(args: argparse.Namespace, compress: str) -> tuple[list[tuple[float
     """Run the federation; (accuracy, elapsed seconds) after each round, and the median update bytes per round."""
     with tempfile.TemporaryDirectory(prefix="fl-tta-") as run_dir:
         command = [sys.executable, "local_federation.py", "--dataset", args.dataset, "--model", args.model,
-                   "--device", "cpu", "--learners", str(LEARNERS), "--partition", "iid", "--aggregation", "fedavg",
+                   "--device", args.device, "--learners", str(LEARNERS), "--partition", "iid", "--aggregation", "fedavg",
                    "--local-epochs", "1", "--rounds", str(args.epochs), "--batch-size", str(args.batch_size),
                    "--lr", str(args.lr), "--momentum", str(MOMENTUM), "--weight-decay", str(WEIGHT_DECAY),
                    "--lr-schedule", "cosine", "--warmup-rounds", str(args.warmup), "--eval-every", "1",
@@ -125,8 +128,13 @@ def main() -> int:
                         help="the leader's --recompute-bn: training images its BatchNorm statistics are recomputed from each round")
     parser.add_argument("--centralized", action=argparse.BooleanOptionalAction, default=True,
                         help="train the centralized side too (--no-centralized: only the federations, e.g. to compare --compress modes)")
+    parser.add_argument("--device", default="cpu", help="where both sides train and test: cpu or cuda (the leader and learners too)")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = parser.parse_args()
+    try:
+        args.device = str(resolve_device(args.device))
+    except ValueError as error:
+        parser.error(str(error))
     if args.dataset != "synthetic" and not args.data_dir:
         parser.error(f"--dataset {args.dataset} needs --data-dir (the CIFAR-10 JPEG copy, extracted)")
     central = centralized(args) if args.centralized else []
@@ -137,7 +145,7 @@ def main() -> int:
         f"# Time to accuracy: {args.model}, {args.dataset}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
         f"{args.warmup} warm-up epochs then cosine",
         "",
-        f"- machine: {provenance.machine()}; commit {commit}; one run of each",
+        f"- machine: {provenance.machine()}; --device {args.device}; commit {commit}; one run of each",
         f"- federated: {LEARNERS} learners, IID, fedavg with server step {args.server_lr:g}, one local epoch per round, "
         + (f"BatchNorm statistics recomputed from {args.recompute_bn} training images each round" if args.recompute_bn
            else "BatchNorm statistics averaged"),

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The round-overhead and time-to-accuracy benchmarks on a CUDA GPU, as one command.
+#
+#     bash bench/gpu.sh DATA_DIR OUT_DIR [EPOCHS] [SECONDS]
+#
+# DATA_DIR is the extracted CIFAR-10 JPEG copy (train/ and test/), OUT_DIR gets the card's name, the
+# logs and the tables. EPOCHS (default 50) is each side's schedule in the time-to-accuracy run. SECONDS
+# (default 480) bounds that run: if it is stopped there, the centralized epochs in its log and the
+# federation's metrics.jsonl copied to OUT_DIR are what it reached. A one-epoch synthetic run goes
+# first, so that a broken set-up fails within a minute rather than after the centralized side.
+# BENCH_DEVICE=cpu runs the same steps without a GPU, to try the script out.
+set -uo pipefail
+data=${1:?usage: bash bench/gpu.sh DATA_DIR OUT_DIR [EPOCHS] [SECONDS]}
+out=${2:?usage: bash bench/gpu.sh DATA_DIR OUT_DIR [EPOCHS] [SECONDS]}
+epochs=${3:-50}
+seconds=${4:-480}
+device=${BENCH_DEVICE:-cuda}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+export TMPDIR=$(mktemp -d)  # the federation's run directory lands here, found again if it is stopped
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$out/gpu.txt" 2>&1
+python3 -c 'import grpc, torch, google.protobuf as pb
+card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, grpcio {grpc.__version__}, "
+      f"protobuf {pb.__version__}, {card}")' >> "$out/gpu.txt" || exit 1
+cat "$out/gpu.txt"
+
+python3 -m bench.time_to_accuracy --dataset synthetic --model tiny-cnn --epochs 1 --warmup 0 --device "$device" \
+    > "$out/smoke.log" 2>&1 || { tail -30 "$out/smoke.log"; exit 1; }
+echo "smoke run passed"
+
+python3 -m bench.round --rounds 10 --device "$device" 2>&1 | tee "$out/round.md" || exit 1
+
+timeout "$seconds" python3 -m bench.time_to_accuracy --data-dir "$data" --device "$device" --epochs "$epochs" --warmup 2 \
+    --target 0.85 --out "$out/time-to-accuracy.md" > "$out/time-to-accuracy.log" 2>&1
+status=$?
+cp "$TMPDIR"/fl-tta-*/metrics.jsonl "$out/" 2>/dev/null
+grep -v "^federated (none) round" "$out/time-to-accuracy.log" | tail -80
+echo "time_to_accuracy exit status: $status (124: stopped after $seconds s)"
+exit "$status"
