@@ -9,6 +9,7 @@
 # federation's metrics.jsonl copied to OUT_DIR are what it reached. A one-epoch synthetic run goes
 # first, so that a broken set-up fails within a minute rather than after the centralized side.
 # BENCH_DEVICE=cpu runs the same steps without a GPU, to try the script out.
+# BENCH_COMMIT=HASH names the commit in the reports where the tree was copied without its git history.
 set -uo pipefail
 data=${1:?usage: bash bench/gpu.sh DATA_DIR OUT_DIR [EPOCHS] [SECONDS]}
 out=${2:?usage: bash bench/gpu.sh DATA_DIR OUT_DIR [EPOCHS] [SECONDS]}

@@ -13,12 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def commit() -> str:
-    """The short hash of the checked-out commit; $BENCH_COMMIT where the tree is a copy without git."""
+    """$BENCH_COMMIT if set (for a copy of a tree whose git metadata is absent or stale), else the checked-out commit."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
-        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:  # no git on this machine
-        found = ""
-    return found or os.environ.get("BENCH_COMMIT", "")
+        return ""
 
 
 def machine() -> str:
