@@ -26,6 +26,7 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
+PRIVACY_RECORD = "privacy.json"  # noised rounds so far under DP-FedAvg, written every round (record_privacy_spent)
 HEADER_ALIGN = 8  # safetensors pads its JSON header with spaces so that the data starts 8-byte aligned
 
 if sys.byteorder != "little":  # tensors are written from native memory; safetensors is little-endian
@@ -141,6 +142,32 @@ def load_optimizer(json_path: Path, record: Mapping[str, Any]) -> dict[str, torc
     if "optimizer" not in record:
         return {}
     return _read_tensors(json_path.parent, record, "optimizer")
+
+
+def record_privacy_spent(directory: Path, noised_rounds: int) -> None:
+    """Durably record that `noised_rounds` noised models have been made, before the newest is published.
+
+    Checkpoints may be written only every --checkpoint-every rounds, but every noised model a learner
+    received spent privacy. A resume counts from this record, so a crash between checkpoints never
+    makes the reported epsilon understate what was spent.
+    """
+    atomic_write(directory / PRIVACY_RECORD, json.dumps({"noised_rounds": noised_rounds}).encode())
+
+
+def privacy_spent(directory: Path) -> int:
+    """The noised rounds recorded in `directory`, 0 where there is no record; a damaged record is refused."""
+    path = directory / PRIVACY_RECORD
+    if not path.exists():
+        return 0
+    try:
+        rounds = json.loads(path.read_text())["noised_rounds"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is damaged ({error.__class__.__name__}), so the privacy already spent is unknown: "
+                         "restore it from a backup, or start a new run in a fresh --checkpoint-dir") from None
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
+        raise ValueError(f"{path} records {rounds!r} noised rounds, not a count: restore it from a backup, "
+                         "or start a new run in a fresh --checkpoint-dir")
+    return rounds
 
 
 def remove_partial_writes(directory: Path) -> int:

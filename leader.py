@@ -288,7 +288,12 @@ class Leader:
         self.start_round = record["round"] + 1
         self.resumed_metrics = record["metrics"]
         if self.accountant is not None:
-            self.accountant.step(record["round"])  # privacy already spent by the committed rounds
+            # every noised model made before the stop spent privacy, the rounds after this checkpoint included
+            spent = max(record["round"], checkpoint.privacy_spent(json_path.parent))
+            self.accountant.step(spent)
+            if spent > record["round"]:
+                logger.info("counting %d noised rounds as spent, %d of them after the checkpoint resumed from",
+                            spent, spent - record["round"])
         self._published = Published.of(self.start_round, self.model)
         logger.info("resuming after round %d from %s", record["round"], json_path)
         return record["round"]
@@ -727,6 +732,8 @@ class Leader:
                 noise = torch.randn(result[name].shape, generator=self._noise, dtype=torch.float64)
                 result[name] = (result[name].double() + std * noise).to(result[name].dtype)
             self.accountant.step()
+            if config.checkpoint_dir:  # on disk before the noised model can reach anyone
+                checkpoint.record_privacy_spent(Path(config.checkpoint_dir), self.accountant.rounds)
         return result
 
     def _begin_round(self, current: RoundState) -> None:

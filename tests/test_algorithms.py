@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 import aggregation
+import checkpoint
 import leader as leader_module
 import privacy
 import utils
@@ -115,6 +118,37 @@ def test_dp_noise_has_the_calibrated_spread_and_epsilon_is_reported(tmp_path, ch
         accountant = privacy.PrivacyAccountant(1.5, 1.0, 1e-5)
         accountant.step()
         assert leader.accountant.epsilon() == accountant.epsilon() > 0
+
+
+def test_a_resume_counts_the_noised_rounds_after_its_checkpoint(tmp_path, channel_to):
+    # --checkpoint-every 3: rounds 1 and 2 release noised models but only round 1's checkpoint exists (written
+    # here as the leader writes it); the leader stops after round 2 and resumes from round 1
+    config = leader_config(tmp_path, learners=2, rounds=3, checkpoint_every=3, clip_norm=2.0, dp_noise_multiplier=1.5)
+    ledger = Path(config.checkpoint_dir) / checkpoint.PRIVACY_RECORD
+    with running_leader(config) as running:
+        leader = running.leader
+        clients = [register_client(channel_to(running.address)) for _ in range(2)]
+        leader._started = True
+        for number in (1, 2):
+            current = leader._open_round(number)
+            for client in clients:
+                assert send(client, filled(leader, 0.0), round=number).success
+            leader._aggregate(current)
+            assert json.loads(ledger.read_text()) == {"noised_rounds": number}
+            if number == 1:
+                record = {"config": dataclasses.asdict(config), "metrics": {}, "num_classes": leader.num_classes}
+                saved = checkpoint.save(Path(config.checkpoint_dir), 1, leader.model.state_dict(), record,
+                                        keep=0, optimizer_state=leader.optimizer_tensors())
+    with running_leader(config) as running:
+        running.leader.restore(saved)
+        assert running.leader.start_round == 2  # the model goes on from round 1's checkpoint ...
+        two = privacy.PrivacyAccountant(1.5, 1.0, config.dp_delta)
+        two.step(2)
+        assert running.leader.accountant.rounds == 2  # ... but round 2's release is counted as spent
+        assert running.leader.accountant.epsilon() == two.epsilon()
+    ledger.write_text('{"noised_rounds": "two"}')
+    with running_leader(config) as running, pytest.raises(ValueError, match="privacy already spent is unknown|not a count"):
+        running.leader.restore(saved)
 
 
 def test_proximal_gradient_by_hand():
