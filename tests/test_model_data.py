@@ -56,6 +56,22 @@ def test_augment_crops_within_padding_and_flips():
         assert found, "each output is a (possibly flipped) 32x32 window of the padded image"
 
 
+@pytest.mark.parametrize("shape", [(16, 3, 32, 32), (7, 1, 5, 9)])
+def test_augment_is_a_per_image_crop_and_flip_from_the_same_draws(shape):
+    # the draws' order is part of the contract: a run repeats only if each batch draws the same shifts and flips
+    batch = shape[0]
+    images = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    draws = torch.Generator().manual_seed(7)
+    shifts = torch.randint(0, 9, (2, batch), generator=draws)
+    flips = torch.rand(batch, generator=draws) < 0.5
+    assert flips.any() and not flips.all()  # both branches are checked
+    out = utils.augment(images, torch.Generator().manual_seed(7))
+    for index in range(batch):
+        dy, dx = shifts[:, index].tolist()
+        crop = torch.nn.functional.pad(images[index], (4,) * 4)[:, dy : dy + shape[2], dx : dx + shape[3]]
+        assert torch.equal(out[index], crop.flip(2) if flips[index] else crop), index
+
+
 def test_normalize_uses_cifar_statistics():
     white = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
     expected = torch.tensor([(1 - m) / s for m, s in zip(utils.CIFAR10_MEAN, utils.CIFAR10_STD)])
