@@ -39,6 +39,6 @@ timeout "$seconds" python3 -m bench.time_to_accuracy --data-dir "$data" --device
     --target 0.85 --out "$out/time-to-accuracy.md" > "$out/time-to-accuracy.log" 2>&1
 status=$?
 cp "$TMPDIR"/fl-tta-*/metrics.jsonl "$out/" 2>/dev/null
-grep -v "^federated (none) round" "$out/time-to-accuracy.log" | tail -80
+grep -v "^federated (none) epoch" "$out/time-to-accuracy.log" | tail -80
 echo "time_to_accuracy exit status: $status (124: stopped after $seconds s)"
 exit "$status"

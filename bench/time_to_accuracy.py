@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import plots
 from bench import provenance
 import schedule
+from learner import batches_per_epoch
 from model import build_model, memory_format_for
 from utils import augment, derive_seed, load_dataset, normalize, resolve_device
 
@@ -84,25 +85,39 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def federated(args: argparse.Namespace, compress: str) -> tuple[list[tuple[float, float]], int]:
-    """Run the federation; (accuracy, elapsed seconds) after each round, and the median update bytes per round."""
+    """Run the federation; (accuracy, elapsed seconds) after each epoch, and the median update bytes per round."""
+    per_epoch = args.rounds_per_epoch
+    rounds = args.epochs * per_epoch
+    work = ["--local-epochs", "1"] if per_epoch == 1 else ["--local-steps", str(local_steps(args))]
     with tempfile.TemporaryDirectory(prefix="fl-tta-") as run_dir:
         command = [sys.executable, "local_federation.py", "--dataset", args.dataset, "--model", args.model,
                    "--device", args.device, "--learners", str(LEARNERS), "--partition", "iid", "--aggregation", "fedavg",
-                   "--local-epochs", "1", "--rounds", str(args.epochs), "--batch-size", str(args.batch_size),
+                   *work, "--rounds", str(rounds), "--batch-size", str(args.batch_size),
                    "--lr", str(args.lr), "--momentum", str(MOMENTUM), "--weight-decay", str(WEIGHT_DECAY),
-                   "--lr-schedule", "cosine", "--warmup-rounds", str(args.warmup), "--eval-every", "1",
-                   "--checkpoint-every", str(args.epochs), "--compress", compress, "--server-lr", str(args.server_lr),
+                   "--lr-schedule", "cosine", "--warmup-rounds", str(args.warmup * per_epoch), "--eval-every", str(per_epoch),
+                   "--checkpoint-every", str(rounds), "--compress", compress, "--server-lr", str(args.server_lr),
                    "--recompute-bn", str(args.recompute_bn), "--seed", str(SEED),
                    "--quiet", "--run-dir", run_dir, "--checkpoint-dir", str(Path(run_dir) / "checkpoints")]
         if args.data_dir:
             command += ["--data-dir", args.data_dir]
         subprocess.run(command, cwd=ROOT, check=True, timeout=FEDERATION_TIMEOUT_S)
         records = plots.read_metrics(Path(run_dir))
-    for record in records:
-        print(f"federated ({compress}) round {record['round']}: {100 * record['test_accuracy']:.2f}% "
-              f"at {record['elapsed_seconds']:.0f} s", flush=True)
     bytes_in = sorted(record["bytes_in"] for record in records)[len(records) // 2]
+    records = [record for record in records if record["round"] % per_epoch == 0]  # the rounds that end an epoch
+    for record in records:
+        print(f"federated ({compress}) epoch {record['round'] // per_epoch}: {100 * record['test_accuracy']:.2f}% "
+              f"at {record['elapsed_seconds']:.0f} s", flush=True)
     return [(record["test_accuracy"], record["elapsed_seconds"]) for record in records], bytes_in
+
+
+def local_steps(args: argparse.Namespace) -> int:
+    """Each learner's batches per round when --rounds-per-epoch splits its epoch; refuses a split that is not even."""
+    size = -(-len(load_dataset(args.dataset, args.data_dir, train=True, seed=SEED)) // LEARNERS)  # the larger IID part
+    steps, rest = divmod(batches_per_epoch(size, args.batch_size), args.rounds_per_epoch)
+    if rest:
+        raise SystemExit(f"--rounds-per-epoch {args.rounds_per_epoch} does not divide a learner's "
+                         f"{steps * args.rounds_per_epoch + rest} batches an epoch; pick a divisor")
+    return steps
 
 
 def time_to(history: list[tuple[float, float]], target: float) -> float | None:
@@ -128,9 +143,13 @@ def main() -> int:
                         help="the leader's --recompute-bn: training images its BatchNorm statistics are recomputed from each round")
     parser.add_argument("--centralized", action=argparse.BooleanOptionalAction, default=True,
                         help="train the centralized side too (--no-centralized: only the federations, e.g. to compare --compress modes)")
+    parser.add_argument("--rounds-per-epoch", type=int, default=1,
+                        help="federated rounds per epoch (2: rounds of half an epoch, averaged twice as often); 1 is the goals' set-up")
     parser.add_argument("--device", default="cpu", help="where both sides train and test: cpu or cuda (the leader and learners too)")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = parser.parse_args()
+    if args.rounds_per_epoch < 1:
+        parser.error(f"--rounds-per-epoch must be at least 1, got {args.rounds_per_epoch}")
     try:
         args.device = str(resolve_device(args.device))
     except ValueError as error:
@@ -146,7 +165,8 @@ def main() -> int:
         f"{args.warmup} warm-up epochs then cosine",
         "",
         f"- machine: {provenance.machine()}; --device {args.device}; commit {commit}; one run of each",
-        f"- federated: {LEARNERS} learners, IID, fedavg with server step {args.server_lr:g}, one local epoch per round, "
+        f"- federated: {LEARNERS} learners, IID, fedavg with server step {args.server_lr:g}, "
+        + ("one local epoch per round, " if args.rounds_per_epoch == 1 else f"{args.rounds_per_epoch} rounds per local epoch, ")
         + (f"BatchNorm statistics recomputed from {args.recompute_bn} training images each round" if args.recompute_bn
            else "BatchNorm statistics averaged"),
         "",
