@@ -30,7 +30,7 @@ from cli import parse_with_config, setup_logging
 import wire
 from model import CHANNELS_LAST_SETTINGS, build_model, memory_format_for
 from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
-from utils import DataError, ImageData, augment, derive_seed, load_dataset, normalize, resolve_device
+from utils import DataError, ImageData, derive_seed, load_dataset, resolve_device, training_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 MAX_DATA_BYTES = 8 << 30
 REGISTER_ATTEMPT_S = 5.0  # one registration attempt; the learner says it is waiting after the first
 HEARTBEAT_INTERVAL_S = 5.0  # how often a waiting learner checks that the leader still counts it as a member
+PROGRESS_EVERY = 10  # steps between progress-bar loss updates: each reads the loss off the device
 # Pause before registering again after losing the leader: doubling from the first
 # value up to the cap, each drawn at random from its upper half, so that a hundred
 # learners whose leader restarted do not all register in the same instant.
@@ -99,6 +100,8 @@ class Learner:
         self.learner_id = -1
         self.plan: leader_pb2.TrainingPlan | None = None
         self.data: ImageData | None = None
+        self._train_images: torch.Tensor | None = None  # self.data's images and labels on self.device, once prepared
+        self._train_labels: torch.Tensor | None = None
         self.rounds_trained = 0
         self._session_token = ""
         self._cond = threading.Condition()
@@ -195,6 +198,10 @@ class Learner:
             raise LearnerError(f"labels fall outside the leader's {plan.num_classes} classes")
         if tuple(self.data.images.shape[1:]) != tuple(plan.image_shape):
             raise LearnerError(f"images are {list(self.data.images.shape[1:])}, the leader's model takes {list(plan.image_shape)}")
+        # The split is kept where the model trains (on the CPU, the same tensors): a GPU step then reads,
+        # crops and flips its batch on the GPU rather than on the host and copying it over every step.
+        self._train_images = self.data.images.to(self.device)
+        self._train_labels = self.data.labels.to(self.device)
 
     def _fetch_data(self) -> ImageData:
         """GetData: this learner's split, as uint8 images and int64 labels."""
@@ -339,16 +346,16 @@ class Learner:
         global_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         lr = schedule.round_lr(plan.lr, plan.lr_schedule or "constant", plan.warmup_rounds, plan.rounds, number)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
-        total_loss = 0.0
+        # Summed where the model runs: reading each step's loss would make a GPU step wait for the one before.
+        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         examples = 0
         progress = tqdm(batches, desc=f"round {number}", unit="batch", leave=False,
                         disable=None if self.config.progress and not self.config.quiet else True)  # None: only on a terminal
-        for indices in progress:
-            images = self.data.images[indices]
-            if plan.augment:
-                images = augment(images, augment_generator)
-            inputs = normalize(images.to(self.device)).contiguous(memory_format=self.memory_format)
-            labels = self.data.labels[indices].to(self.device)
+        for step, indices in enumerate(progress):
+            indices = indices.to(self.device)
+            inputs = training_inputs(self._train_images, indices, augment_generator if plan.augment else None,
+                                     self.memory_format)
+            labels = self._train_labels[indices]
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(inputs), labels)
             loss.backward()
@@ -356,15 +363,16 @@ class Learner:
                 if plan.prox_mu:
                     add_proximal_gradient(model, global_state, plan.prox_mu)
                 optimizer.step()
-            total_loss += loss.item() * len(indices)
+            total_loss += loss.detach().double() * len(indices)
             examples += len(indices)
-            progress.set_postfix(loss=f"{total_loss / examples:.3f}", refresh=False)
+            if not progress.disable and step % PROGRESS_EVERY == 0:
+                progress.set_postfix(loss=f"{total_loss.item() / examples:.3f}", refresh=False)
         progress.close()
         if plan.aggregation == "fedsgd":
             update = aggregation.gradient_update(model)
         else:
             update = aggregation.model_delta(global_state, model)
-        return update, examples, total_loss / examples
+        return update, examples, total_loss.item() / examples
 
     def _send(self, number: int, update: dict[str, torch.Tensor], num_examples: int, loss: float) -> None:
         """AccumulateGradients: stream the update; a stale round is logged, not fatal."""

@@ -201,6 +201,18 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded.reshape(batch, channels, -1).gather(2, index).view(batch, channels, height, width)
 
 
+def training_inputs(images: torch.Tensor, indices: torch.Tensor, generator: torch.Generator | None,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """One training batch: images[indices], cropped and flipped when a generator is given, normalized, in memory_format.
+
+    Everything happens where `images` lives, so a split kept on the GPU never goes through the host.
+    """
+    batch = images[indices.to(images.device)]
+    if generator is not None:
+        batch = augment(batch, generator)
+    return normalize(batch).contiguous(memory_format=memory_format)
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks cuda, then mps, then cpu; other names are checked for availability."""
     if name == "auto":

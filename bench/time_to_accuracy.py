@@ -32,7 +32,7 @@ from bench import provenance
 import schedule
 from learner import batches_per_epoch
 from model import build_model, memory_format_for
-from utils import augment, derive_seed, load_dataset, normalize, resolve_device
+from utils import derive_seed, load_dataset, normalize, resolve_device, training_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 LEARNERS = 2
@@ -52,6 +52,7 @@ def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
     torch.manual_seed(SEED)  # the leader seeds the same way before it builds the model
     memory_format = memory_format_for("auto", args.model, device)  # the learners' default choice
     model = build_model(args.model, train.num_classes).to(device, memory_format=memory_format)
+    images, labels = train.images.to(device), train.labels.to(device)  # kept where the model trains, as a learner does
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     history = []
     start = time.monotonic()
@@ -62,10 +63,10 @@ def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(derive_seed(SEED, "epoch", epoch)))
         generator = torch.Generator().manual_seed(derive_seed(SEED, "augment", epoch))
         for first in range(0, len(train), args.batch_size):
-            indices = order[first : first + args.batch_size]
+            indices = order[first : first + args.batch_size].to(device)
             optimizer.zero_grad(set_to_none=True)
-            inputs = normalize(augment(train.images[indices], generator).to(device)).contiguous(memory_format=memory_format)
-            F.cross_entropy(model(inputs), train.labels[indices].to(device)).backward()
+            inputs = training_inputs(images, indices, generator, memory_format)
+            F.cross_entropy(model(inputs), labels[indices]).backward()
             optimizer.step()
         history.append((accuracy(model, test.images, test.labels, device), time.monotonic() - start))
         print(f"centralized epoch {epoch}: {100 * history[-1][0]:.2f}% at {history[-1][1]:.0f} s", flush=True)

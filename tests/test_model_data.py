@@ -78,6 +78,21 @@ def test_normalize_uses_cifar_statistics():
     torch.testing.assert_close(utils.normalize(white).view(3), expected)
 
 
+def test_training_inputs_pick_the_batch_crop_it_and_lay_it_out():
+    # each image is one shade, so a picked image is known by its value wherever the crop lands
+    images = torch.arange(1, 6, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 3, 8, 8).contiguous()
+    indices = torch.tensor([4, 1])
+    plain = utils.training_inputs(images, indices, None, torch.channels_last)
+    assert plain.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(plain, utils.normalize(images[[4, 1]]))
+    cropped = utils.training_inputs(images, indices, torch.Generator().manual_seed(3))
+    shades = utils.normalize(torch.tensor([0, 5, 2], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 3, 1, 1))
+    for row, shade in zip(cropped, (shades[1], shades[2])):
+        values = row.reshape(3, -1)
+        assert bool(((values == shade.view(3, 1)) | (values == shades[0].view(3, 1))).all())  # the image or the padding
+        assert bool((values == shade.view(3, 1)).all(0).sum() >= 16)  # a crop keeps at least a 4x4 corner of it
+
+
 def test_image_folder_loads_classes_in_sorted_order(tmp_path):
     colours = {"cat": (255, 0, 0), "ant": (0, 255, 0)}
     for name, colour in colours.items():
