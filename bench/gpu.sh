@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The round-overhead and time-to-accuracy benchmarks on a CUDA GPU, as one command.
+# The step-time, round-overhead and time-to-accuracy benchmarks on a CUDA GPU, as one command.
 #
 #     bash bench/gpu.sh DATA_DIR OUT_DIR [EPOCHS] [SECONDS]
 #
@@ -8,8 +8,10 @@
 # (default 600) bounds that run: if it is stopped there, the centralized epochs in its log and the
 # federation's metrics.jsonl copied to OUT_DIR are what it reached. A one-epoch synthetic run goes
 # first, so that a broken set-up fails within a minute rather than after the centralized side.
-# On an NVIDIA H200 the 50-epoch run trained for 343 s centralized and 163 s federated, inside the default.
+# On an NVIDIA H200 the 50-epoch run trained for 343 s centralized and 163 s federated, inside the default,
+# when each step still read its batch from host memory.
 # BENCH_DEVICE=cpu runs the same steps without a GPU, to try the script out.
+# BENCH_ROUND=0 leaves out the round-overhead benchmark (about half a minute).
 # BENCH_COMMIT=HASH names the commit in the reports where the tree was copied without its git history.
 set -uo pipefail
 data=${1:?usage: bash bench/gpu.sh DATA_DIR OUT_DIR [EPOCHS] [SECONDS]}
@@ -33,7 +35,12 @@ python3 -m bench.time_to_accuracy --dataset synthetic --model tiny-cnn --epochs 
     > "$out/smoke.log" 2>&1 || { tail -30 "$out/smoke.log"; exit 1; }
 echo "smoke run passed"
 
-python3 -m bench.round --rounds 10 --device "$device" 2>&1 | tee "$out/round.md" || exit 1
+python3 -m bench.step_time --device "$device" > "$out/step-time.md" 2>&1 || { tail -30 "$out/step-time.md"; exit 1; }
+grep "^|\|^host split" "$out/step-time.md"
+
+if [ "${BENCH_ROUND:-1}" != 0 ]; then
+    python3 -m bench.round --rounds 10 --device "$device" 2>&1 | tee "$out/round.md" || exit 1
+fi
 
 timeout "$seconds" python3 -m bench.time_to_accuracy --data-dir "$data" --device "$device" --epochs "$epochs" --warmup 2 \
     --target 0.85 --out "$out/time-to-accuracy.md" > "$out/time-to-accuracy.log" 2>&1
