@@ -87,22 +87,41 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def federated(args: argparse.Namespace, compress: str) -> tuple[list[tuple[float, float]], int]:
     """Run the federation; (accuracy, elapsed seconds) after each epoch, and the median update bytes per round."""
+    return finish_federation(args, compress, start_federation(args, compress))
+
+
+def start_federation(args: argparse.Namespace, compress: str) -> tuple[subprocess.Popen, tempfile.TemporaryDirectory]:
+    """Launch the federation in the background; finish_federation waits for it and reads its metrics."""
     per_epoch = args.rounds_per_epoch
     rounds = args.epochs * per_epoch
     work = ["--local-epochs", "1"] if per_epoch == 1 else ["--local-steps", str(local_steps(args))]
-    with tempfile.TemporaryDirectory(prefix="fl-tta-") as run_dir:
-        command = [sys.executable, "local_federation.py", "--dataset", args.dataset, "--model", args.model,
-                   "--device", args.device, "--learners", str(LEARNERS), "--partition", "iid", "--aggregation", "fedavg",
-                   *work, "--rounds", str(rounds), "--batch-size", str(args.batch_size),
-                   "--lr", str(args.lr), "--momentum", str(MOMENTUM), "--weight-decay", str(WEIGHT_DECAY),
-                   "--lr-schedule", "cosine", "--warmup-rounds", str(args.warmup * per_epoch), "--eval-every", str(per_epoch),
-                   "--checkpoint-every", str(rounds), "--compress", compress, "--server-lr", str(args.server_lr),
-                   "--recompute-bn", str(args.recompute_bn), "--seed", str(SEED),
-                   "--quiet", "--run-dir", run_dir, "--checkpoint-dir", str(Path(run_dir) / "checkpoints")]
-        if args.data_dir:
-            command += ["--data-dir", args.data_dir]
-        subprocess.run(command, cwd=ROOT, check=True, timeout=FEDERATION_TIMEOUT_S)
-        records = plots.read_metrics(Path(run_dir))
+    run_dir = tempfile.TemporaryDirectory(prefix="fl-tta-")
+    command = [sys.executable, "local_federation.py", "--dataset", args.dataset, "--model", args.model,
+               "--device", args.device, "--learners", str(LEARNERS), "--partition", "iid", "--aggregation", "fedavg",
+               *work, "--rounds", str(rounds), "--batch-size", str(args.batch_size),
+               "--lr", str(args.lr), "--momentum", str(MOMENTUM), "--weight-decay", str(WEIGHT_DECAY),
+               "--lr-schedule", "cosine", "--warmup-rounds", str(args.warmup * per_epoch), "--eval-every", str(per_epoch),
+               "--checkpoint-every", str(rounds), "--compress", compress, "--server-lr", str(args.server_lr),
+               "--recompute-bn", str(args.recompute_bn), "--seed", str(SEED),
+               "--quiet", "--run-dir", run_dir.name, "--checkpoint-dir", str(Path(run_dir.name) / "checkpoints")]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    return subprocess.Popen(command, cwd=ROOT), run_dir
+
+
+def finish_federation(args: argparse.Namespace, compress: str,
+                      started: tuple[subprocess.Popen, tempfile.TemporaryDirectory]) -> tuple[list[tuple[float, float]], int]:
+    """Wait for a started federation; (accuracy, elapsed seconds) after each epoch, and the median update bytes per round."""
+    process, run_dir = started
+    per_epoch = args.rounds_per_epoch
+    with run_dir:
+        try:
+            status = process.wait(timeout=FEDERATION_TIMEOUT_S)
+        finally:
+            process.kill()  # a no-op once it has exited; a federation past its bound is not left running
+        if status != 0:
+            raise subprocess.CalledProcessError(status, process.args)
+        records = plots.read_metrics(Path(run_dir.name))
     bytes_in = sorted(record["bytes_in"] for record in records)[len(records) // 2]
     records = [record for record in records if record["round"] % per_epoch == 0]  # the rounds that end an epoch
     for record in records:
@@ -127,7 +146,7 @@ def time_to(history: list[tuple[float, float]], target: float) -> float | None:
 
 
 def main() -> int:
-    """Run the centralized side, then one federation per --compress mode, and print the tables."""
+    """Run the centralized side, then one federation per --compress mode (or one beside it), and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="imagefolder", help="imagefolder (the CIFAR-10 JPEG copy), cifar10 or synthetic")
     parser.add_argument("--data-dir", default=None, help="the extracted data set (with train/ and test/ for imagefolder)")
@@ -144,6 +163,9 @@ def main() -> int:
                         help="the leader's --recompute-bn: training images its BatchNorm statistics are recomputed from each round")
     parser.add_argument("--centralized", action=argparse.BooleanOptionalAction, default=True,
                         help="train the centralized side too (--no-centralized: only the federations, e.g. to compare --compress modes)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="start the federation before the centralized side, so that both share the machine at once "
+                             "(on a GPU whose steps are bound by the host, each side keeps its own cores); off by default")
     parser.add_argument("--rounds-per-epoch", type=int, default=1,
                         help="federated rounds per epoch (2: rounds of half an epoch, averaged twice as often); 1 is the goals' set-up")
     parser.add_argument("--device", default="cpu", help="where both sides train and test: cpu or cuda (the leader and learners too)")
@@ -157,15 +179,25 @@ def main() -> int:
         parser.error(str(error))
     if args.dataset != "synthetic" and not args.data_dir:
         parser.error(f"--dataset {args.dataset} needs --data-dir (the CIFAR-10 JPEG copy, extracted)")
-    central = centralized(args) if args.centralized else []
-    runs = {mode: federated(args, mode) for mode in args.compress.split(",")}
+    modes = args.compress.split(",")
+    if args.side_by_side and (len(modes) > 1 or not args.centralized):
+        parser.error("--side-by-side runs one federation beside the centralized side: give one --compress mode, with --centralized")
+    started = start_federation(args, modes[0]) if args.side_by_side else None
+    try:
+        central = centralized(args) if args.centralized else []
+    except BaseException:
+        if started is not None:
+            started[0].kill()  # not left training on its own
+        raise
+    runs = {mode: finish_federation(args, mode, started) if started is not None else federated(args, mode) for mode in modes}
     commit = provenance.commit()
     columns = (["centralized"] if central else []) + [f"federated ({mode})" for mode in runs]
     lines = [
         f"# Time to accuracy: {args.model}, {args.dataset}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
         f"{args.warmup} warm-up epochs then cosine",
         "",
-        f"- machine: {provenance.machine()}; --device {args.device}; commit {commit}; one run of each",
+        f"- machine: {provenance.machine()}; --device {args.device}; commit {commit}; one run of each"
+        + ("; the two sides ran side by side, sharing the machine" if args.side_by_side else ""),
         f"- federated: {LEARNERS} learners, IID, fedavg with server step {args.server_lr:g}, "
         + ("one local epoch per round, " if args.rounds_per_epoch == 1 else f"{args.rounds_per_epoch} rounds per local epoch, ")
         + (f"BatchNorm statistics recomputed from {args.recompute_bn} training images each round" if args.recompute_bn
