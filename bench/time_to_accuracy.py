@@ -102,6 +102,7 @@ def start_federation(args: argparse.Namespace, compress: str) -> tuple[subproces
                "--lr", str(args.lr), "--momentum", str(MOMENTUM), "--weight-decay", str(WEIGHT_DECAY),
                "--lr-schedule", "cosine", "--warmup-rounds", str(args.warmup * per_epoch), "--eval-every", str(per_epoch),
                "--checkpoint-every", str(rounds), "--compress", compress, "--server-lr", str(args.server_lr),
+               "--server-opt", args.server_opt, "--server-momentum", str(args.server_momentum),
                "--recompute-bn", str(args.recompute_bn), "--seed", str(SEED),
                "--quiet", "--run-dir", run_dir.name, "--checkpoint-dir", str(Path(run_dir.name) / "checkpoints")]
     if args.data_dir:
@@ -159,6 +160,9 @@ def main() -> int:
     parser.add_argument("--compress", default="none", help="comma-separated --compress modes, one federation each")
     parser.add_argument("--server-lr", type=float, default=1.0,
                         help="the leader's step on the averaged update (1: plain FedAvg; 2 moves the global model twice as far)")
+    parser.add_argument("--server-opt", default="sgd", help="the leader's --server-opt: sgd (plain FedAvg) or sgdm (FedAvgM)")
+    parser.add_argument("--server-momentum", type=float, default=0.0,
+                        help="the leader's --server-momentum, with --server-opt sgdm (0.5 doubles a steady step); default 0")
     parser.add_argument("--recompute-bn", type=int, default=0,
                         help="the leader's --recompute-bn: training images its BatchNorm statistics are recomputed from each round")
     parser.add_argument("--centralized", action=argparse.BooleanOptionalAction, default=True,
@@ -198,7 +202,8 @@ def main() -> int:
         "",
         f"- machine: {provenance.machine()}; --device {args.device}; commit {commit}; one run of each"
         + ("; the two sides ran side by side, sharing the machine" if args.side_by_side else ""),
-        f"- federated: {LEARNERS} learners, IID, fedavg with server step {args.server_lr:g}, "
+        f"- federated: {LEARNERS} learners, IID, fedavg with server step {args.server_lr:g}"
+        + (f" and server momentum {args.server_momentum:g}, " if args.server_opt == "sgdm" else ", ")
         + ("one local epoch per round, " if args.rounds_per_epoch == 1 else f"{args.rounds_per_epoch} rounds per local epoch, ")
         + (f"BatchNorm statistics recomputed from {args.recompute_bn} training images each round" if args.recompute_bn
            else "BatchNorm statistics averaged"),
