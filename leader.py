@@ -55,6 +55,9 @@ UPDATE_BUFFERS_KEPT = 2  # update buffers kept for reuse between uploads: about 
 # up the next acknowledgement) and leader memory stays flat however many learners report at once
 MAX_PENDING_SUMS = 2
 SUM_SLOT_TIMEOUT_S = 60.0  # one sum takes tens of ms for ResNet-18; a minute without a free slot means a stuck leader
+# Left of a call's deadline when its wait for a summing slot gives up: enough to send the refusal, so that a learner
+# never times out on an update the leader then takes.
+REPLY_MARGIN_S = 0.25
 MAX_LOCAL_EXAMPLES = 10**9
 SGDM_DEFAULT_MOMENTUM = 0.9  # FedAvgM's server momentum when --server-momentum is left at 0 (Hsu et al. 2019)
 WAIT_SLICE_S = 0.5  # how often waits wake up to check for shutdown
@@ -529,12 +532,14 @@ class Leader:
             raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {error}") from None
 
     def accept_update(self, learner_id: int, header: leader_pb2.GradientData, tensors: dict[str, torch.Tensor],
-                      known_norms: dict[str, float] | None = None, release: Callable[[], None] | None = None) -> str:
+                      known_norms: dict[str, float] | None = None, release: Callable[[], None] | None = None,
+                      time_left: float | None = None) -> str:
         """Check an update and queue it for the round's running sum, once per learner per round.
 
         The answer comes once the update is checked; the sum runs behind it, and the round waits for it
         (`RoundState.summed`). `release` is called once nothing reads `tensors` any more: after the sum, or
-        at once when the update is refused or a duplicate.
+        at once when the update is refused or a duplicate. `time_left` is the call's remaining time: a
+        wait for a summing slot that would outlast it is refused instead (RESOURCE_EXHAUSTED, not taken).
         """
         known_norms = known_norms or {}
         holds_slot = queued = False
@@ -551,10 +556,12 @@ class Leader:
             if bound and norm > bound:
                 raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"update norm {norm:.4g} exceeds --max-update-norm {bound:g}")
             # outside the lock: a wait for the summing thread must not hold up other calls
-            holds_slot = self._sum_slots.acquire(timeout=SUM_SLOT_TIMEOUT_S)
+            wait = SUM_SLOT_TIMEOUT_S if time_left is None else max(0.0, min(SUM_SLOT_TIMEOUT_S, time_left - REPLY_MARGIN_S))
+            holds_slot = self._sum_slots.acquire(timeout=wait)
             if not holds_slot:
                 raise LeaderError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  f"{MAX_PENDING_SUMS} accepted updates have waited {SUM_SLOT_TIMEOUT_S:.0f}s to be summed; the leader is stuck")
+                                  f"update not taken: {MAX_PENDING_SUMS} accepted updates were still waiting to be summed after "
+                                  f"{wait:.1f}s, this call's time; send it again")
             with self._cond:
                 current = self._round
                 if header.round != current.number or not current.accepting:
@@ -962,7 +969,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             header, payload = received.header, received.payload
             received = None  # accept_update gives the buffer back once the update is summed or refused
             release = None if leader.keeps_updates else functools.partial(leader.update_buffers.give, payload)
-            message = leader.accept_update(learner_id, header, tensors, norms, release=release)
+            message = leader.accept_update(learner_id, header, tensors, norms, release=release, time_left=context.time_remaining())
         except wire.WireError as error:
             leader.note_rejection(learner_id, grpc.StatusCode.INVALID_ARGUMENT, str(error))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {error}")

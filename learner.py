@@ -39,6 +39,11 @@ MAX_DATA_BYTES = 8 << 30
 REGISTER_ATTEMPT_S = 5.0  # one registration attempt; the learner says it is waiting after the first
 HEARTBEAT_INTERVAL_S = 5.0  # how often a waiting learner checks that the leader still counts it as a member
 PROGRESS_EVERY = 10  # steps between progress-bar loss updates: each reads the loss off the device
+# An update refused as busy (RESOURCE_EXHAUSTED) or answered too late (DEADLINE_EXCEEDED) is sent again, up to this
+# many times in all, after a pause of SEND_RETRY_PAUSE_S times the attempt number.
+SEND_ATTEMPTS = 3
+SEND_RETRY_PAUSE_S = 1.0
+RETRIED_SEND_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Pause before registering again after losing the leader: doubling from the first
 # value up to the cap, each drawn at random from its upper half, so that a hundred
 # learners whose leader restarted do not all register in the same instant.
@@ -257,6 +262,12 @@ class Learner:
             if self._stop_reason is not None:
                 raise Stopped(self._stop_reason)
 
+    def _raise_if_stopped_within(self, seconds: float) -> None:
+        """Wait `seconds` unless a stop comes first, then raise Stopped if one came."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._stop_reason is not None, timeout=seconds)
+        self._raise_if_stopped()
+
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
         """Wait for `ready` or a stop, checking every few seconds that the leader is still alive."""
         interval = min(HEARTBEAT_INTERVAL_S, self.config.leader_lost_after / 3)
@@ -383,20 +394,28 @@ class Learner:
         if self._send_buffers is None:
             self._send_buffers = wire.BufferPool(wire.payload_bytes(wire.specs_of(update)), keep=1)
         manifest, payload = wire.encode(update, allocate=self._send_buffers.take)
-        messages = wire.frames(
-            leader_pb2.GradientData, manifest, payload,
-            learner_id=self.learner_id, round=number, num_examples=num_examples, train_loss=loss,
-        )
         try:
-            reply = self.stub.AccumulateGradients(messages, timeout=rpc.transfer_timeout(len(payload)), metadata=self._metadata())
-        except grpc.RpcError as error:
-            self._raise_if_stopped()  # the leader said stop while this update was under way
-            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                logger.warning("round %d: update not taken: %s", number, error.details())
-                return
-            raise self._call_failed(f"sending the round {number} update", error) from None
+            for attempt in range(1, SEND_ATTEMPTS + 1):
+                messages = wire.frames(
+                    leader_pb2.GradientData, manifest, payload,
+                    learner_id=self.learner_id, round=number, num_examples=num_examples, train_loss=loss,
+                )
+                try:
+                    reply = self.stub.AccumulateGradients(messages, timeout=rpc.transfer_timeout(len(payload)), metadata=self._metadata())
+                    break
+                except grpc.RpcError as error:
+                    self._raise_if_stopped()  # the leader said stop while this update was under way
+                    if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                        logger.warning("round %d: update not taken: %s", number, error.details())
+                        return
+                    # A busy leader, or an answer that came too late: sending the same update again is safe, since
+                    # the leader counts an identical update once per round.
+                    if error.code() not in RETRIED_SEND_CODES or attempt == SEND_ATTEMPTS:
+                        raise self._call_failed(f"sending the round {number} update", error) from None
+                    logger.warning("round %d: update not taken (%s: %s); sending it again", number, error.code().name, error.details())
+                    self._raise_if_stopped_within(SEND_RETRY_PAUSE_S * attempt)
         finally:
-            self._send_buffers.give(payload)  # the call is over: nothing reads the payload any more
+            self._send_buffers.give(payload)  # the calls are over: nothing reads the payload any more
         logger.info("round %d: sent update (%d examples, loss %.4f): %s", number, num_examples, loss, reply.message)
 
 

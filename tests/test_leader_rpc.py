@@ -329,9 +329,13 @@ def test_an_update_is_answered_once_checked_and_the_round_waits_for_its_sum(tmp_
         for client, value in zip(clients[:2], [0.01, 0.04]):
             assert send(client, valid_update(leader, value)).success  # answered while its sum is held back
         assert current.reported == 2 and current.running.count == 0
-        # both slots for pending sums are taken: the third update waits for one before it is answered
-        assert_refused(lambda: send(clients[2], valid_update(leader, 0.07), timeout=1.0), grpc.StatusCode.DEADLINE_EXCEEDED)
+        # both slots for pending sums are taken: the third update waits for one, but not past its call's deadline,
+        # and is refused rather than taken after its sender has given up on it
+        assert_refused(lambda: send(clients[2], valid_update(leader, 0.07), timeout=1.0), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       "send it again")
+        assert current.reported == 2 and 2 not in current.digests
         gate.set()
+        assert send(clients[2], valid_update(leader, 0.07)).success  # the same update again, now there is room
         finished = leader._collect(1, 0.0)  # returns once the third is accepted too
         result = leader._aggregate(finished)
         assert finished.running.count == 3

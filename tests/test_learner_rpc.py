@@ -8,9 +8,10 @@ import torch
 
 import rpc
 import wire
-from learner import Learner, LearnerConfig, Stopped, create_server
+import learner as learner_module
+from learner import Learner, LearnerConfig, LearnerError, Stopped, create_server
 from model import build_model
-from protos import learner_pb2, learner_pb2_grpc
+from protos import leader_pb2, learner_pb2, learner_pb2_grpc
 
 
 @pytest.fixture
@@ -70,3 +71,57 @@ def test_stop_message_ends_the_wait(learner_server):
     assert stub.SyncModelState(iter([stop]), timeout=10, metadata=rpc.token_metadata(learner.callback_token)).success
     with pytest.raises(Stopped, match="training complete"):
         learner._wait(lambda: False, "anything")
+
+
+class Refusal(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return f"refused with {self._code.name}"
+
+
+class ScriptedLeader:
+    """A stub whose AccumulateGradients answers with the scripted refusals, then accepts; keeps the bytes of every call."""
+
+    def __init__(self, refusals):
+        self.refusals = list(refusals)
+        self.calls = []
+
+    def AccumulateGradients(self, messages, timeout, metadata):
+        self.calls.append(b"".join(messages))  # the serialized frames, as sent
+        if self.refusals:
+            raise Refusal(self.refusals.pop(0))
+        return leader_pb2.Ack(success=True, message="update for round 1 accepted")
+
+
+def sending_learner(refusals, monkeypatch):
+    monkeypatch.setattr(learner_module, "SEND_RETRY_PAUSE_S", 0.01)
+    learner = Learner(LearnerConfig(leader="127.0.0.1:1", device="cpu"))
+    learner.plan = leader_pb2.TrainingPlan(compression="none")
+    learner.learner_id = 0
+    learner.stub = ScriptedLeader(refusals)
+    return learner
+
+
+def test_a_busy_or_late_answer_sends_the_same_update_again(monkeypatch):
+    busy, late = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED
+    learner = sending_learner([busy, late], monkeypatch)
+    learner._send(1, {"w": torch.arange(6.0)}, 10, 0.5)
+    calls = learner.stub.calls
+    assert len(calls) == 3 and calls[0] == calls[1] == calls[2]  # the leader counts identical updates once
+
+    learner = sending_learner([busy] * learner_module.SEND_ATTEMPTS, monkeypatch)
+    with pytest.raises(LearnerError, match="RESOURCE_EXHAUSTED"):
+        learner._send(1, {"w": torch.arange(6.0)}, 10, 0.5)
+    assert len(learner.stub.calls) == learner_module.SEND_ATTEMPTS
+
+
+def test_a_refused_update_is_not_sent_again(monkeypatch):
+    learner = sending_learner([grpc.StatusCode.INVALID_ARGUMENT], monkeypatch)
+    with pytest.raises(LearnerError, match="INVALID_ARGUMENT"):
+        learner._send(1, {"w": torch.arange(6.0)}, 10, 0.5)
+    assert len(learner.stub.calls) == 1
