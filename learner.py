@@ -42,6 +42,7 @@ PROGRESS_EVERY = 10  # steps between progress-bar loss updates: each reads the l
 # An update refused as busy (RESOURCE_EXHAUSTED) or answered too late (DEADLINE_EXCEEDED) is sent again, up to this
 # many times in all, after a pause of SEND_RETRY_PAUSE_S times the attempt number.
 SEND_ATTEMPTS = 3
+RECEIVE_BUFFERS_KEPT = 2  # one being read into the model, one for a model pushed meanwhile
 SEND_RETRY_PAUSE_S = 1.0
 RETRIED_SEND_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Pause before registering again after losing the leader: doubling from the first
@@ -112,6 +113,9 @@ class Learner:
         self._cond = threading.Condition()
         self._started = False
         self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._pending_payload: bytearray | None = None  # the buffer _pending's tensors view
+        # received models land in kept buffers: the first write to a fresh 45 MB one costs 20-25 ms of page faults
+        self._receive_buffers: wire.BufferPool | None = None
         self._stop_reason: str | None = None
         self._residual: dict[str, torch.Tensor] = {}  # topk's error feedback: what earlier rounds left unsent
         self._send_buffers: wire.BufferPool | None = None  # one update buffer, reused: a fresh one pays its page faults
@@ -126,12 +130,22 @@ class Learner:
             self._cond.notify_all()
         return "already training" if already else "training started"
 
-    def offer_state(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Keep a pushed global model until the round loop takes it."""
+    def offer_state(self, number: int, tensors: dict[str, torch.Tensor], payload: bytearray | None = None) -> None:
+        """Keep a pushed global model (whose tensors view `payload`) until the round loop takes it."""
         with self._cond:
             if self._pending is None or number > self._pending[0]:
-                self._pending = (number, tensors)
+                self._pending, payload, self._pending_payload = (number, tensors), self._pending_payload, payload
             self._cond.notify_all()
+        self._give_back(payload)  # the one replaced or not kept: nothing will read it
+
+    def receive_buffer(self, size: int) -> bytearray:
+        """A buffer for a received model: a kept one when there is one."""
+        return self._receive_buffers.take(size) if self._receive_buffers is not None else bytearray(size)
+
+    def _give_back(self, payload: bytearray | None) -> None:
+        """Return a received model's buffer for reuse once nothing reads its tensors."""
+        if payload is not None and self._receive_buffers is not None:
+            self._receive_buffers.give(payload)
 
     def stop(self, reason: str) -> None:
         """End the round loop at its next wait."""
@@ -189,6 +203,7 @@ class Learner:
         self.memory_format = memory_format_for(self.config.channels_last, plan.model, self.device)
         self.model = build_model(plan.model, plan.num_classes).to(self.device, memory_format=self.memory_format)
         self.specs = wire.specs_of(self.model.state_dict())
+        self._receive_buffers = wire.BufferPool(wire.payload_bytes(self.specs), keep=RECEIVE_BUFFERS_KEPT)
         if plan.model_fingerprint and wire.fingerprint(self.specs) != plan.model_fingerprint:
             raise LearnerError(
                 f"this learner's model.py builds a different {plan.model} than the leader's: install the same release on both"
@@ -242,10 +257,11 @@ class Learner:
     def run(self) -> str:
         """Wait for StartTraining, then train round after round until told to stop; returns the reason."""
         self._wait(lambda: self._started, "StartTraining")
-        number, state = self._get_model()
+        number, state, payload = self._get_model()
         try:
             while True:
                 self.model.load_state_dict(state)
+                self._give_back(payload)  # the model holds its own copy now
                 update, num_examples, loss = self._train(number)
                 self._raise_if_stopped()
                 self._send(number, update, num_examples, loss)
@@ -253,7 +269,7 @@ class Learner:
                 self._wait(lambda: self._pending is not None and self._pending[0] > number, "the next global model")
                 with self._cond:
                     number, state = self._pending
-                    self._pending = None
+                    payload, self._pending, self._pending_payload = self._pending_payload, None, None
         except Stopped as stop:
             return str(stop)
 
@@ -305,17 +321,17 @@ class Learner:
             raise LeaderLost(f"the leader dropped this learner: {reply.message}")
         return True
 
-    def _get_model(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """GetModel: the current global model, checked against the local architecture."""
+    def _get_model(self) -> tuple[int, dict[str, torch.Tensor], bytearray]:
+        """GetModel: the current global model, checked against the local architecture; with the buffer its tensors view."""
         model_bytes = wire.payload_bytes(self.specs)
         responses = self.stub.GetModel(leader_pb2.Empty(), timeout=rpc.transfer_timeout(model_bytes), metadata=self._metadata())
         try:
-            received = wire.receive(responses, max_bytes=model_bytes, expected=self.specs)
+            received = wire.receive(responses, max_bytes=model_bytes, expected=self.specs, allocate=self.receive_buffer)
         except grpc.RpcError as error:
             raise self._call_failed("GetModel", error) from None
         except wire.WireError as error:
             raise LearnerError(f"the leader's model does not fit this learner's {self.plan.model}: {error}") from None
-        return received.header.round, received.tensors
+        return received.header.round, received.tensors, received.payload
 
     def steps_per_round(self) -> int:
         """Local batches per round: one in fedsgd, --local-steps or --local-epochs worth in fedavg."""
@@ -438,10 +454,11 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "learner has no model yet")
         messages = [] if first is None else itertools.chain([first], request_iterator)
         try:
-            received = wire.receive(messages, max_bytes=wire.payload_bytes(specs), expected=specs)
+            received = wire.receive(messages, max_bytes=wire.payload_bytes(specs), expected=specs,
+                                    allocate=self.learner.receive_buffer)
         except wire.WireError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model state refused: {error}")
-        self.learner.offer_state(received.header.round, received.tensors)
+        self.learner.offer_state(received.header.round, received.tensors, received.payload)
         return learner_pb2.Ack(success=True, message=f"model for round {received.header.round} received")
 
 

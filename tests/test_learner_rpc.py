@@ -125,3 +125,18 @@ def test_a_refused_update_is_not_sent_again(monkeypatch):
     with pytest.raises(LearnerError, match="INVALID_ARGUMENT"):
         learner._send(1, {"w": torch.arange(6.0)}, 10, 0.5)
     assert len(learner.stub.calls) == 1
+
+
+def test_pushed_models_land_in_reused_buffers(learner_server):
+    learner, stub = learner_server
+    learner._receive_buffers = wire.BufferPool(wire.payload_bytes(learner.specs), keep=2)
+    state = {k: torch.ones_like(v) for k, v in learner.model.state_dict().items()}
+    assert push(stub, state, learner.callback_token, round_number=2).success
+    first = learner._pending_payload
+    assert push(stub, state, learner.callback_token, round_number=3).success  # replaces round 2, whose buffer is free again
+    assert learner._pending[0] == 3 and learner._receive_buffers.kept == 1
+    assert push(stub, state, learner.callback_token, round_number=3).success  # not newer: not kept, its buffer freed
+    assert learner._pending[0] == 3 and learner._receive_buffers.kept == 1
+    assert push(stub, state, learner.callback_token, round_number=4).success
+    assert learner._pending[0] == 4 and learner._pending_payload is first  # round 2's buffer, written again
+    assert all(torch.equal(learner._pending[1][k], state[k]) for k in state)
