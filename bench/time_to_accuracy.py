@@ -167,6 +167,8 @@ def main() -> int:
                         help="the leader's --recompute-bn: training images its BatchNorm statistics are recomputed from each round")
     parser.add_argument("--centralized", action=argparse.BooleanOptionalAction, default=True,
                         help="train the centralized side too (--no-centralized: only the federations, e.g. to compare --compress modes)")
+    parser.add_argument("--federated", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the federation too (--no-federated: only the centralized side, e.g. at another batch size)")
     parser.add_argument("--side-by-side", action="store_true",
                         help="start the federation before the centralized side, so that both share the machine at once "
                              "(on a GPU whose steps are bound by the host, each side keeps its own cores); off by default")
@@ -183,8 +185,10 @@ def main() -> int:
         parser.error(str(error))
     if args.dataset != "synthetic" and not args.data_dir:
         parser.error(f"--dataset {args.dataset} needs --data-dir (the CIFAR-10 JPEG copy, extracted)")
-    modes = args.compress.split(",")
-    if args.side_by_side and (len(modes) > 1 or not args.centralized):
+    modes = args.compress.split(",") if args.federated else []
+    if not (modes or args.centralized):
+        parser.error("--no-federated with --no-centralized leaves nothing to run")
+    if args.side_by_side and (len(modes) != 1 or not args.centralized):
         parser.error("--side-by-side runs one federation beside the centralized side: give one --compress mode, with --centralized")
     started = start_federation(args, modes[0]) if args.side_by_side else None
     try:
