@@ -42,9 +42,9 @@ PROGRESS_EVERY = 10  # steps between progress-bar loss updates: each reads the l
 # An update refused as busy (RESOURCE_EXHAUSTED) or answered too late (DEADLINE_EXCEEDED) is sent again, up to this
 # many times in all, after a pause of SEND_RETRY_PAUSE_S times the attempt number.
 SEND_ATTEMPTS = 3
-RECEIVE_BUFFERS_KEPT = 2  # one being read into the model, one for a model pushed meanwhile
 SEND_RETRY_PAUSE_S = 1.0
 RETRIED_SEND_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+RECEIVE_BUFFERS_KEPT = 2  # one being read into the model, one for a model pushed meanwhile
 # Pause before registering again after losing the leader: doubling from the first
 # value up to the cap, each drawn at random from its upper half, so that a hundred
 # learners whose leader restarted do not all register in the same instant.
@@ -402,7 +402,7 @@ class Learner:
         return update, examples, total_loss.item() / examples
 
     def _send(self, number: int, update: dict[str, torch.Tensor], num_examples: int, loss: float) -> None:
-        """AccumulateGradients: stream the update; a stale round is logged, not fatal."""
+        """AccumulateGradients: stream the update; a stale round is logged, not fatal; a busy or late answer is retried."""
         if self.plan.compression and self.plan.compression != "none":
             parameters = [name for name, _ in self.model.named_parameters()]
             update = compression.compress(update, self.plan.compression, self.plan.topk_ratio, sparse_names=parameters,
