@@ -210,7 +210,7 @@ def main() -> int:
         + (f" and server momentum {args.server_momentum:g}, " if args.server_opt == "sgdm" else ", ")
         + ("one local epoch per round, " if args.rounds_per_epoch == 1 else f"{args.rounds_per_epoch} rounds per local epoch, ")
         + (f"BatchNorm statistics recomputed from {args.recompute_bn} training images each round" if args.recompute_bn
-           else "BatchNorm statistics averaged"),
+           else "BatchNorm statistics averaged") if runs else "- federated: not run (--no-federated)",
         "",
         "| epoch | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
