@@ -112,8 +112,8 @@ class Learner:
         self._session_token = ""
         self._cond = threading.Condition()
         self._started = False
-        self._pending: tuple[int, dict[str, torch.Tensor]] | None = None
-        self._pending_payload: bytearray | None = None  # the buffer _pending's tensors view
+        # a pushed model waiting for the round loop: (round, tensors, the buffer the tensors view)
+        self._pending: tuple[int, dict[str, torch.Tensor], bytearray | None] | None = None
         # received models land in kept buffers: the first write to a fresh 45 MB one costs 20-25 ms of page faults
         self._receive_buffers: wire.BufferPool | None = None
         self._stop_reason: str | None = None
@@ -134,7 +134,8 @@ class Learner:
         """Keep a pushed global model (whose tensors view `payload`) until the round loop takes it."""
         with self._cond:
             if self._pending is None or number > self._pending[0]:
-                self._pending, payload, self._pending_payload = (number, tensors), self._pending_payload, payload
+                replaced, self._pending = self._pending, (number, tensors, payload)
+                payload = replaced[2] if replaced is not None else None
             self._cond.notify_all()
         self._give_back(payload)  # the one replaced or not kept: nothing will read it
 
@@ -268,8 +269,7 @@ class Learner:
                 self.rounds_trained += 1
                 self._wait(lambda: self._pending is not None and self._pending[0] > number, "the next global model")
                 with self._cond:
-                    number, state = self._pending
-                    payload, self._pending, self._pending_payload = self._pending_payload, None, None
+                    (number, state, payload), self._pending = self._pending, None
         except Stopped as stop:
             return str(stop)
 

@@ -47,7 +47,7 @@ def test_only_the_leader_holding_the_callback_token_is_obeyed(learner_server):
     assert stub.StartTraining(learner_pb2.Empty(), timeout=10, metadata=rpc.token_metadata(learner.callback_token)).success
     assert learner._started
     assert push(stub, state, learner.callback_token).success
-    number, tensors = learner._pending
+    number, tensors, _ = learner._pending
     assert number == 2 and all(torch.equal(tensors[k], state[k]) for k in state)
 
 
@@ -132,11 +132,11 @@ def test_pushed_models_land_in_reused_buffers(learner_server):
     learner._receive_buffers = wire.BufferPool(wire.payload_bytes(learner.specs), keep=2)
     state = {k: torch.ones_like(v) for k, v in learner.model.state_dict().items()}
     assert push(stub, state, learner.callback_token, round_number=2).success
-    first = learner._pending_payload
+    first = learner._pending[2]
     assert push(stub, state, learner.callback_token, round_number=3).success  # replaces round 2, whose buffer is free again
     assert learner._pending[0] == 3 and learner._receive_buffers.kept == 1
     assert push(stub, state, learner.callback_token, round_number=3).success  # not newer: not kept, its buffer freed
     assert learner._pending[0] == 3 and learner._receive_buffers.kept == 1
     assert push(stub, state, learner.callback_token, round_number=4).success
-    assert learner._pending[0] == 4 and learner._pending_payload is first  # round 2's buffer, written again
+    assert learner._pending[0] == 4 and learner._pending[2] is first  # round 2's buffer, written again
     assert all(torch.equal(learner._pending[1][k], state[k]) for k in state)
