@@ -93,6 +93,7 @@ class LeaderConfig:
     server_beta2: float = 0.99
     server_tau: float = 1e-3
     prox_mu: float = 0.0
+    keep_momentum: bool = False
     partition: str = "iid"
     alpha: float = 0.5
     classes_per_learner: int = 2
@@ -352,6 +353,7 @@ class Leader:
             torch_version=torch.__version__,
             deterministic=config.deterministic,
             prox_mu=config.prox_mu,
+            keep_momentum=config.keep_momentum,
             compression=config.compress,
             topk_ratio=config.topk_ratio,
             lr_schedule=config.lr_schedule,
@@ -1050,6 +1052,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--server-tau", type=_positive_float, default=defaults.server_tau, help="adam, yogi, adagrad: adaptivity (the epsilon added to the root of v)")
     add("--prox-mu", type=_non_negative_float, default=defaults.prox_mu,
         help="FedProx: learners add (mu/2)*||w - w_global||^2 to their loss (0: plain local SGD)")
+    add("--keep-momentum", action=argparse.BooleanOptionalAction, default=defaults.keep_momentum,
+        help="fedavg: learners keep their SGD momentum from round to round instead of starting each round from none")
     add("--partition", choices=PARTITIONS, default=defaults.partition,
         help="how the leader splits the training set: iid, dirichlet (label skew by --alpha) or shards (--classes-per-learner classes each)")
     add("--alpha", type=_positive_float, default=defaults.alpha, help="dirichlet: concentration (small: each learner sees few classes)")
@@ -1183,6 +1187,8 @@ def config_problems(config: LeaderConfig) -> list[str]:
         problems.append(f"--server-opt {config.server_opt} takes its momentum from --server-beta1; leave --server-momentum at 0")
     if config.server_opt != "sgd" and config.server_lr <= 0:
         problems.append(f"--server-opt {config.server_opt} needs --server-lr > 0")
+    if config.keep_momentum and config.aggregation != "fedavg":
+        problems.append("--keep-momentum applies to fedavg's local SGD; in fedsgd the leader's optimizer keeps the momentum")
     if config.partition != "iid" and config.data_mode == "local":
         problems.append("--partition applies to the leader's split; with --data-mode local each learner brings its own data")
     if config.recompute_bn and config.data_mode == "local":

@@ -118,6 +118,7 @@ class Learner:
         self._receive_buffers: wire.BufferPool | None = None
         self._stop_reason: str | None = None
         self._residual: dict[str, torch.Tensor] = {}  # topk's error feedback: what earlier rounds left unsent
+        self._optimizer: torch.optim.SGD | None = None  # kept across rounds with the plan's keep_momentum
         self._send_buffers: wire.BufferPool | None = None  # one update buffer, reused: a fresh one pays its page faults
 
     # ---- calls from the leader (through LearnerServicer) ----------------------
@@ -203,6 +204,7 @@ class Learner:
             torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: an op without such a kernel still runs
         self.memory_format = memory_format_for(self.config.channels_last, plan.model, self.device)
         self.model = build_model(plan.model, plan.num_classes).to(self.device, memory_format=self.memory_format)
+        self._optimizer = None  # kept momentum belongs to the model it stepped
         self.specs = wire.specs_of(self.model.state_dict())
         self._receive_buffers = wire.BufferPool(wire.payload_bytes(self.specs), keep=RECEIVE_BUFFERS_KEPT)
         if plan.model_fingerprint and wire.fingerprint(self.specs) != plan.model_fingerprint:
@@ -372,7 +374,7 @@ class Learner:
         logger.debug("round %d: training on %d local batches", number, len(batches))
         global_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         lr = schedule.round_lr(plan.lr, plan.lr_schedule or "constant", plan.warmup_rounds, plan.rounds, number)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
+        optimizer = self._round_optimizer(lr)
         # Summed where the model runs: reading each step's loss would make a GPU step wait for the one before.
         total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         examples = 0
@@ -400,6 +402,19 @@ class Learner:
         else:
             update = aggregation.model_delta(global_state, model)
         return update, examples, total_loss.item() / examples
+
+    def _round_optimizer(self, lr: float) -> torch.optim.SGD:
+        """A round's SGD at `lr`: a fresh one, or with keep_momentum the one kept from earlier rounds.
+
+        A kept optimizer still steps the same parameter tensors: loading a global model copies into them.
+        """
+        plan = self.plan
+        if not plan.keep_momentum or self._optimizer is None:
+            self._optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=plan.momentum,
+                                              weight_decay=plan.weight_decay)
+        for group in self._optimizer.param_groups:
+            group["lr"] = lr
+        return self._optimizer
 
     def _send(self, number: int, update: dict[str, torch.Tensor], num_examples: int, loss: float) -> None:
         """AccumulateGradients: stream the update; a stale round is logged, not fatal; a busy or late answer is retried."""

@@ -80,6 +80,34 @@ def test_fedavg_round_equals_average_of_independently_trained_models(tmp_path, m
         torch.testing.assert_close(final[name], expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("keep_momentum", [False, True])
+def test_fedavg_learners_keep_momentum_across_rounds_only_when_asked(tmp_path, keep_momentum):
+    rounds = 2  # one full-shard step a round: round 2's step starts from round 1's momentum, or from none
+    config, initial, final, history = run_federation(tmp_path, aggregation="fedavg", local_steps=1, rounds=rounds,
+                                                     keep_momentum=keep_momentum)
+
+    def federate(keep: bool) -> dict[str, torch.Tensor]:
+        models = [build_model("tiny-cnn") for _ in range(2)]
+        optimizers = [torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY) for model in models]
+        global_state = initial
+        for _ in range(rounds):
+            for index, (local, (inputs, labels)) in enumerate(zip(models, shards(SEED))):
+                local.load_state_dict(global_state)
+                if not keep:
+                    optimizers[index] = torch.optim.SGD(local.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+                optimizers[index].zero_grad()
+                F.cross_entropy(local(inputs), labels).backward()
+                optimizers[index].step()
+            global_state = {name: (models[0].state_dict()[name] + models[1].state_dict()[name]) / 2 for name in initial}
+        return global_state
+
+    expected, other = federate(keep_momentum), federate(not keep_momentum)
+    assert [entry["learners_reported"] for entry in history] == [2, 2]
+    for name in initial:
+        assert not torch.allclose(expected[name], other[name], atol=1e-4), f"{name}: kept momentum should change round 2"
+        torch.testing.assert_close(final[name], expected[name], atol=1e-5, rtol=0)
+
+
 def test_rounds_write_loadable_checkpoints_with_metrics(tmp_path):
     config, _, final, history = run_federation(tmp_path, aggregation="fedavg", local_steps=2, rounds=3)
 
