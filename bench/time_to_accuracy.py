@@ -104,7 +104,7 @@ def start_federation(args: argparse.Namespace, compress: str) -> tuple[subproces
                "--checkpoint-every", str(rounds), "--compress", compress, "--server-lr", str(args.server_lr),
                "--server-opt", args.server_opt, "--server-momentum", str(args.server_momentum),
                "--recompute-bn", str(args.recompute_bn), "--seed", str(SEED),
-               "--keep-momentum" if args.keep_momentum else "--no-keep-momentum",
+               "--keep-momentum" if args.keep_momentum else "--no-keep-momentum", "--prox-mu", str(args.prox_mu),
                "--quiet", "--run-dir", run_dir.name, "--checkpoint-dir", str(Path(run_dir.name) / "checkpoints")]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
@@ -166,6 +166,8 @@ def main() -> int:
                         help="the leader's --server-momentum, with --server-opt sgdm (0.5 doubles a steady step); default 0")
     parser.add_argument("--recompute-bn", type=int, default=0,
                         help="the leader's --recompute-bn: training images its BatchNorm statistics are recomputed from each round")
+    parser.add_argument("--prox-mu", type=float, default=0.0,
+                        help="the leader's --prox-mu: FedProx's pull of each learner toward the round's global model (0: off)")
     parser.add_argument("--keep-momentum", action="store_true",
                         help="the leader's --keep-momentum: learners keep their SGD momentum from round to round, as the "
                              "centralized side keeps it from epoch to epoch (default: each round starts from none)")
@@ -213,6 +215,7 @@ def main() -> int:
         f"- federated: {LEARNERS} learners, IID, fedavg with server step {args.server_lr:g}"
         + (f" and server momentum {args.server_momentum:g}, " if args.server_opt == "sgdm" else ", ")
         + ("learners keep their momentum across rounds, " if args.keep_momentum else "")
+        + (f"FedProx mu {args.prox_mu:g}, " if args.prox_mu else "")
         + ("one local epoch per round, " if args.rounds_per_epoch == 1 else f"{args.rounds_per_epoch} rounds per local epoch, ")
         + (f"BatchNorm statistics recomputed from {args.recompute_bn} training images each round" if args.recompute_bn
            else "BatchNorm statistics averaged") if runs else "- federated: not run (--no-federated)",
