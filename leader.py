@@ -43,8 +43,6 @@ from utils import (DATASETS, IMAGE_SHAPE, DataError, ImageData, derive_seed, lab
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10134  # the blog's port
-LEADER_SERVICE = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name
-LEARNER_SERVICE = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name
 AGGREGATIONS = ("fedsgd", "fedavg")
 PARTITIONS = ("iid", "dirichlet", "shards")
 AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
@@ -994,7 +992,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 def learner_stub(channel: grpc.Channel) -> learner_pb2_grpc.LearnerServiceStub:
     """The generated stub, with SyncModelState sending the published model's frames as they are (no serialization per push)."""
     stub = learner_pb2_grpc.LearnerServiceStub(channel)
-    stub.SyncModelState = channel.stream_unary(f"/{LEARNER_SERVICE}/SyncModelState", request_serializer=wire.serialize,
+    stub.SyncModelState = channel.stream_unary(f"/{rpc.LEARNER_SERVICE}/SyncModelState", request_serializer=wire.serialize,
                                                response_deserializer=learner_pb2.Ack.FromString)
     return stub
 
@@ -1011,7 +1009,7 @@ def leader_gate(leader: Leader, enrolment_token: str | None) -> rpc.Gate:
             return grpc.StatusCode.UNAUTHENTICATED, f"missing or unknown {rpc.TOKEN_METADATA_KEY}: call RegisterLearner first"
         return None
 
-    return rpc.Gate(LEADER_SERVICE, check)
+    return rpc.Gate(rpc.LEADER_SERVICE, check)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1233,7 +1231,7 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
         finished = leader.restore(latest)
         if finished >= config.rounds:
             raise ValueError(f"--resume {config.resume}: the run already finished all {finished} rounds; pass --rounds N (N > {finished}) to go on")
-    service = LEADER_SERVICE
+    service = rpc.LEADER_SERVICE
     leader.limits = rpc.CallLimits(config.stream_idle_timeout, stream_deadlines={
         # a stream may take as long as the peer's own deadline for it, and no longer
         f"/{service}/GetModel": rpc.transfer_timeout(leader.model_bytes),

@@ -50,8 +50,6 @@ RECEIVE_BUFFERS_KEPT = 2  # one being read into the model, one for a model pushe
 # learners whose leader restarted do not all register in the same instant.
 REJOIN_BACKOFF_S = 1.0
 REJOIN_BACKOFF_MAX_S = 30.0
-LEADER_SERVICE = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name
-LEARNER_SERVICE = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name
 
 
 @dataclass(frozen=True)
@@ -500,11 +498,11 @@ def batches_per_epoch(size: int, batch_size: int) -> int:
 def leader_stub(channel: grpc.Channel) -> leader_pb2_grpc.LeaderServiceStub:
     """The generated stub, reading received chunks as views (wire.chunk_deserializer) and sending updates as wire.frames."""
     stub = leader_pb2_grpc.LeaderServiceStub(channel)
-    stub.AccumulateGradients = channel.stream_unary(f"/{LEADER_SERVICE}/AccumulateGradients", request_serializer=wire.serialize,
+    stub.AccumulateGradients = channel.stream_unary(f"/{rpc.LEADER_SERVICE}/AccumulateGradients", request_serializer=wire.serialize,
                                                     response_deserializer=leader_pb2.Ack.FromString)
-    stub.GetModel = channel.unary_stream(f"/{LEADER_SERVICE}/GetModel", request_serializer=leader_pb2.Empty.SerializeToString,
+    stub.GetModel = channel.unary_stream(f"/{rpc.LEADER_SERVICE}/GetModel", request_serializer=leader_pb2.Empty.SerializeToString,
                                          response_deserializer=wire.chunk_deserializer(leader_pb2.ModelChunk))
-    stub.GetData = channel.unary_stream(f"/{LEADER_SERVICE}/GetData", request_serializer=leader_pb2.LearnerDataRequest.SerializeToString,
+    stub.GetData = channel.unary_stream(f"/{rpc.LEADER_SERVICE}/GetData", request_serializer=leader_pb2.LearnerDataRequest.SerializeToString,
                                         response_deserializer=wire.chunk_deserializer(leader_pb2.DataChunk))
     return stub
 
@@ -520,7 +518,7 @@ def learner_gate(learner: Learner) -> rpc.Gate:
             return grpc.StatusCode.PERMISSION_DENIED, "token does not belong to this learner's leader"
         return None
 
-    return rpc.Gate(LEARNER_SERVICE, check)
+    return rpc.Gate(rpc.LEARNER_SERVICE, check)
 
 
 def advertise_address_for(config: LearnerConfig, port: int) -> str:
@@ -630,7 +628,7 @@ def create_server(learner: Learner, host: str, port: int, tls: rpc.Tls | None = 
     return rpc.create_server(
         lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server),
         host, port, max_workers=4, gate=learner_gate(learner), tls=tls,
-        request_deserializers={f"/{LEARNER_SERVICE}/SyncModelState": wire.chunk_deserializer(learner_pb2.ModelState)},
+        request_deserializers={f"/{rpc.LEARNER_SERVICE}/SyncModelState": wire.chunk_deserializer(learner_pb2.ModelState)},
     )
 
 

@@ -20,8 +20,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import wire
+from protos import leader_pb2, learner_pb2
 
 logger = logging.getLogger(__name__)
+
+# Full gRPC names of the two services, as the generated descriptors spell them.
+LEADER_SERVICE = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name
+LEARNER_SERVICE = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name
 
 # Bumped whenever the protos or the payload layout change incompatibly; a learner
 # with another version is refused at registration.
