@@ -29,6 +29,7 @@ import torch
 
 import plots
 from bench import provenance
+from bench import report as report_file
 from local_federation import free_port, learner_threads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,8 +174,7 @@ def main() -> int:
             line = f"| {run.group} | {run.label} | {accuracy} | {epsilon} | {seconds:.0f} |"
             lines.append(line)
             print(line, flush=True)
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
+    report_file.save(lines, args.out)
     return 0
 
 

@@ -46,6 +46,7 @@ import checkpoint
 import plots
 import rpc
 import wire
+from bench import report as report_file
 from local_federation import free_port
 from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 
@@ -1363,10 +1364,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.monotonic() - started
     report = [*header, f"- wall time of the benchmark: {total:.0f}s", "", *table_lines(summaries), *DEFINITIONS, *note_lines(summaries)]
     print("\n" + "\n".join(report[len(header):]), flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(report) + "\n")
+    report_file.save(report, args.out)
     return 0
 
 

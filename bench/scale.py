@@ -47,6 +47,7 @@ import torch
 import plots
 import rpc
 import wire
+from bench import report as report_file
 from local_federation import free_port
 from model import MODELS, build_model
 from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
@@ -653,10 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     report = [*header, f"- wall time of the benchmark: {time.monotonic() - started:.0f}s", "",
               *table_lines(results), *ratio_lines(results), *DEFINITIONS]
     print("\n" + "\n".join(report[len(header):]), flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(report) + "\n")
+    report_file.save(report, args.out)
     return 0
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import plots
 from bench import provenance
+from bench import report as report_file
 import schedule
 from learner import batches_per_epoch
 from model import build_model, memory_format_for
@@ -239,8 +240,7 @@ def main() -> int:
         gap = f"{100 * (history[-1][0] - central[-1][0]):+.2f}" if central else "-"
         lines.append(f"| federated ({mode}) | {100 * history[-1][0]:.2f}% | {gap} | {_seconds(reached)} | {ratio} | {bytes_in:,} |")
     print("\n".join(lines), flush=True)
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
+    report_file.save(lines, args.out)
     return 0
 
 
