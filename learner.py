@@ -28,7 +28,7 @@ import rpc
 import schedule
 from cli import parse_with_config, setup_logging
 import wire
-from model import CHANNELS_LAST_SETTINGS, build_model, memory_format_for
+from model import CHANNELS_LAST_SETTINGS, build_model, compiled_for_training, memory_format_for
 from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 from utils import DataError, ImageData, derive_seed, load_dataset, resolve_device, training_inputs
 
@@ -72,6 +72,7 @@ class LearnerConfig:
     progress: bool = True
     quiet: bool = False
     channels_last: str = "auto"
+    compile: bool = False
 
 
 class LearnerError(Exception):
@@ -100,6 +101,7 @@ class Learner:
         self.channel = rpc.channel(config.leader, tls)
         self.stub = leader_stub(self.channel)
         self.model: torch.nn.Module | None = None
+        self._forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # the model, or with --compile its compiled form
         self.specs: list[wire.TensorSpec] | None = None
         self.learner_id = -1
         self.plan: leader_pb2.TrainingPlan | None = None
@@ -202,6 +204,7 @@ class Learner:
             torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: an op without such a kernel still runs
         self.memory_format = memory_format_for(self.config.channels_last, plan.model, self.device)
         self.model = build_model(plan.model, plan.num_classes).to(self.device, memory_format=self.memory_format)
+        self._forward = compiled_for_training(self.model, self.device) if self.config.compile else self.model
         self._optimizer = None  # kept momentum belongs to the model it stepped
         self.specs = wire.specs_of(self.model.state_dict())
         self._receive_buffers = wire.BufferPool(wire.payload_bytes(self.specs), keep=RECEIVE_BUFFERS_KEPT)
@@ -384,7 +387,7 @@ class Learner:
                                      self.memory_format)
             labels = self._train_labels[indices]
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(inputs), labels)
+            loss = F.cross_entropy(self._forward(inputs), labels)
             loss.backward()
             if plan.aggregation == "fedavg":
                 if plan.prox_mu:
@@ -573,6 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--token-file", default=None, help=f"file holding the federation's enrolment secret (or set ${rpc.ENROLMENT_ENV}); None means none")
     add("--channels-last", choices=CHANNELS_LAST_SETTINGS, default=defaults.channels_last,
         help="train in the channels-last memory format: auto uses it on a CPU for the models measured faster in it (resnet20, resnet18-cifar)")
+    add("--compile", action="store_true",
+        help="compile the training step with torch.compile (on CUDA also as a CUDA graph), for GPUs where launching "
+        "kernels bounds the step; the first round pays the compile time")
     add("--progress", action=argparse.BooleanOptionalAction, default=defaults.progress, help="a progress bar over local batches, when output is a terminal")
     add("-q", "--quiet", action="store_true", help="no progress bar; log warnings and errors only")
     add("-v", "--verbose", action="store_true", help="log debug detail")

@@ -39,13 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.description = "Run a leader and its learners on this machine. Takes every leader.py flag."
     parser.add_argument("--learner-data-dir", action="append", default=None,
                         help="give learners their own data (repeat once per learner; needs --data-mode local)")
+    parser.add_argument("--learner-compile", action="store_true",
+                        help="start the learners with --compile (torch.compile their training steps)")
     args = parse_with_config(parser, leader.expand_resume(parser, argv))
     learner_dirs = args.learner_data_dir or []
     if learner_dirs and len(learner_dirs) != args.learners:
         parser.error(f"--learner-data-dir was given {len(learner_dirs)} times for {args.learners} learners")
     if learner_dirs and args.data_mode != "local":
         parser.error("--learner-data-dir needs --data-mode local")
-    leader_argv = [arg for arg in _drop_values(argv, "--learner-data-dir") if not arg.startswith("--learner-data-dir=")]
+    leader_argv = [arg for arg in _drop_values(argv, "--learner-data-dir")
+                   if not arg.startswith("--learner-data-dir=") and arg != "--learner-compile"]
     port_given = any(arg == "--port" or arg.startswith("--port=") for arg in argv)
     port = args.port if port_given and args.port else free_port()
     leader_cmd = [sys.executable, str(HERE / "leader.py"), *leader_argv, "--host", "127.0.0.1", "--port", str(port)]
@@ -59,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                "--no-progress"]  # several bars on one terminal overwrite each other; the leader's status line stands in
         if learner_dirs:
             cmd += ["--data-dir", learner_dirs[index]]
+        if args.learner_compile:
+            cmd.append("--compile")
         if args.token_file:
             cmd += ["--token-file", args.token_file]
         for flag, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca)):

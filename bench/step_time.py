@@ -9,6 +9,8 @@ the threads one of two learners on this machine gets:
   cropped and flipped there, and the loss is summed there and read once per loop.
 - bare step: one batch already on the device, stepped again and again: forward, backward, update.
   No loop that trains on fresh batches can beat it.
+- with --compile, the device-split loop again with the model through torch.compile, as learners started
+  with --compile train (on CUDA also replayed as CUDA graphs). Its warm-up loop pays the compile.
 
 Prints milliseconds per step (median, min and max over --runs loops of --steps steps) and the ratios,
 then a torch.profiler table of the device-split loop. On a CPU the three loops do nearly the same work.
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from bench import provenance
-from model import build_model, memory_format_for
+from model import build_model, compiled_for_training, memory_format_for
 from utils import augment, normalize, resolve_device, training_inputs
 
 MODEL = "resnet20"
@@ -46,6 +48,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="where the model trains: cuda or cpu")
     parser.add_argument("--steps", type=int, default=100, help="steps per timed loop, after a warm-up loop")
     parser.add_argument("--runs", type=int, default=5, help="timed loops of each kind")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the device-split loop with the step compiled, as learners started with --compile run it "
+                             "(the profile then covers the compiled loop)")
     args = parser.parse_args()
     try:
         device = resolve_device(args.device)
@@ -62,9 +67,11 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     fixed = training_inputs(device_images, torch.arange(BATCH), None, memory_format)
 
+    forward: Callable[[torch.Tensor], torch.Tensor] = model
+
     def step(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(inputs), labels)
+        loss = F.cross_entropy(forward(inputs), labels)
         loss.backward()
         optimizer.step()
         return loss
@@ -92,6 +99,9 @@ def main() -> None:
 
     loops: dict[str, Callable[[], None]] = {"host split": host_split, "device split": device_split, "bare step": bare_step}
     times = {name: per_step_ms(loop, device, args) for name, loop in loops.items()}
+    if args.compile:  # last, so that the loops above run the model as it is; its warm-up loop pays the compile
+        forward = compiled_for_training(model, device)
+        times["device split, compiled"] = per_step_ms(device_split, device, args)
     print(f"# {MODEL} training step, batch {BATCH}, --device {device.type}")
     print()
     print(f"machine: {provenance.machine()}; commit {provenance.commit()}; {torch.get_num_threads()} threads; "
@@ -103,7 +113,8 @@ def main() -> None:
         print(f"| {name} | {statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f}) |")
     host, now, bare = (statistics.median(times[name]) for name in loops)
     print()
-    print(f"host split / device split = {host / now:.2f}x; device split / bare step = {now / bare:.2f}x")
+    print(f"host split / device split = {host / now:.2f}x; device split / bare step = {now / bare:.2f}x"
+          + (f"; device split / compiled = {now / statistics.median(times['device split, compiled']):.2f}x" if args.compile else ""))
     print()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:

@@ -32,7 +32,7 @@ from bench import provenance
 from bench import report as report_file
 import schedule
 from learner import batches_per_epoch
-from model import build_model, memory_format_for
+from model import build_model, compiled_for_training, memory_format_for
 from utils import derive_seed, load_dataset, normalize, resolve_device, training_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +55,7 @@ def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
     model = build_model(args.model, train.num_classes).to(device, memory_format=memory_format)
     images, labels = train.images.to(device), train.labels.to(device)  # kept where the model trains, as a learner does
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    forward = compiled_for_training(model, device) if args.compile else model  # as learners started with --compile do
     history = []
     start = time.monotonic()
     for epoch in range(1, args.epochs + 1):
@@ -67,7 +68,7 @@ def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
             indices = order[first : first + args.batch_size].to(device)
             optimizer.zero_grad(set_to_none=True)
             inputs = training_inputs(images, indices, generator, memory_format)
-            F.cross_entropy(model(inputs), labels[indices]).backward()
+            F.cross_entropy(forward(inputs), labels[indices]).backward()
             optimizer.step()
         history.append((accuracy(model, test.images, test.labels, device), time.monotonic() - start))
         print(f"centralized epoch {epoch}: {100 * history[-1][0]:.2f}% at {history[-1][1]:.0f} s", flush=True)
@@ -109,6 +110,8 @@ def start_federation(args: argparse.Namespace, compress: str) -> tuple[subproces
                "--quiet", "--run-dir", run_dir.name, "--checkpoint-dir", str(Path(run_dir.name) / "checkpoints")]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
+    if args.compile:
+        command.append("--learner-compile")
     return subprocess.Popen(command, cwd=ROOT), run_dir
 
 
@@ -182,6 +185,8 @@ def main() -> int:
     parser.add_argument("--rounds-per-epoch", type=int, default=1,
                         help="federated rounds per epoch (2: rounds of half an epoch, averaged twice as often); 1 is the goals' set-up")
     parser.add_argument("--device", default="cpu", help="where both sides train and test: cpu or cuda (the leader and learners too)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both sides' training steps (learners get --compile); on CUDA as CUDA graphs too")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = parser.parse_args()
     if args.rounds_per_epoch < 1:
@@ -211,7 +216,8 @@ def main() -> int:
         f"# Time to accuracy: {args.model}, {args.dataset}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
         f"{args.warmup} warm-up epochs then cosine",
         "",
-        f"- machine: {provenance.machine()}; --device {args.device}; commit {commit}; one run of each"
+        f"- machine: {provenance.machine()}; --device {args.device}"
+        + ("; training steps compiled (--compile)" if args.compile else "") + f"; commit {commit}; one run of each"
         + ("; the two sides ran side by side, sharing the machine" if args.side_by_side else ""),
         f"- federated: {LEARNERS} learners, IID, fedavg with server step {args.server_lr:g}"
         + (f" and server momentum {args.server_momentum:g}, " if args.server_opt == "sgdm" else ", ")

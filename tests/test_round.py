@@ -58,10 +58,11 @@ def test_fedsgd_round_equals_one_sgd_step_on_the_union_of_batches(tmp_path, warm
         torch.testing.assert_close(final[name], tensor, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("memory_format", ["on", "off"])
-def test_fedavg_round_equals_average_of_independently_trained_models(tmp_path, memory_format):
-    steps = 3  # the reference trains in the default memory format: the learners' layout must not change the result
-    config, initial, final, history = run_federation(tmp_path, ["--channels-last", memory_format], aggregation="fedavg", local_steps=steps, rounds=1)
+@pytest.mark.parametrize("learner_flags", [["--channels-last", "on"], ["--channels-last", "off"], ["--compile"]],
+                         ids=["channels-last", "contiguous", "compiled"])
+def test_fedavg_round_equals_average_of_independently_trained_models(tmp_path, learner_flags):
+    steps = 3  # the reference trains in the default memory format, uncompiled: neither may change the result
+    config, initial, final, history = run_federation(tmp_path, learner_flags, aggregation="fedavg", local_steps=steps, rounds=1)
 
     trained = []
     for inputs, labels in shards(SEED):
