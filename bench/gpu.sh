@@ -15,6 +15,8 @@
 # BENCH_SIDE_BY_SIDE=1 trains the federation beside the centralized side rather than after it: on a GPU
 # both are bound by their host's work per step, so the pair takes about as long as the centralized side alone.
 # EPOCHS "auto" takes the most epochs, up to 100 in steps of 5, that fit SECONDS at the step time measured here.
+# BENCH_COMPILE=1 also times the compiled step, then trains both sides compiled (--compile), sizing "auto" by the
+# compiled step time with two minutes set aside for compiling.
 # BENCH_COMMIT=HASH names the commit in the reports where the tree was copied without its git history.
 set -uo pipefail
 data=${1:?usage: bash bench/gpu.sh DATA_DIR OUT_DIR [EPOCHS] [SECONDS]}
@@ -38,7 +40,9 @@ python3 -m bench.time_to_accuracy --dataset synthetic --model tiny-cnn --epochs 
     > "$out/smoke.log" 2>&1 || { tail -30 "$out/smoke.log"; exit 1; }
 echo "smoke run passed"
 
-python3 -m bench.step_time --device "$device" --steps "${BENCH_STEPS:-100}" > "$out/step-time.md" 2>&1 || { tail -30 "$out/step-time.md"; exit 1; }
+compile=()
+[ "${BENCH_COMPILE:-0}" = 1 ] && compile=(--compile)
+python3 -m bench.step_time --device "$device" --steps "${BENCH_STEPS:-100}" "${compile[@]}" > "$out/step-time.md" 2>&1 || { tail -30 "$out/step-time.md"; exit 1; }
 grep "^|\|^host split" "$out/step-time.md"
 
 if [ "${BENCH_ROUND:-1}" != 0 ]; then
@@ -49,16 +53,19 @@ side=()
 [ "${BENCH_SIDE_BY_SIDE:-0}" = 1 ] && side=(--side-by-side)
 if [ "$epochs" = auto ]; then
     # per epoch: the centralized side's 391 steps (and the federation's 196 after it, unless side by side) at the
-    # measured step time, with 30% to spare for sharing the GPU, plus a second for testing; a minute for loading the data
+    # measured step time, with 30% to spare for sharing the GPU, plus a second for testing; a minute for loading
+    # the data, and two more for compiling with BENCH_COMPILE=1
     epochs=$(python3 -c 'import re, sys
-ms = float(re.search(r"^\| device split \| ([0-9.]+)", open(sys.argv[1]).read(), re.M).group(1))
+row = "device split, compiled" if sys.argv[4] == "1" else "device split"
+ms = float(re.search(rf"^\| {row} \| ([0-9.]+)", open(sys.argv[1]).read(), re.M).group(1))
 per_epoch = 1.3 * (391 if sys.argv[3] == "1" else 391 + 196) * ms / 1000 + 1
-print(max(5, min(100, int((float(sys.argv[2]) - 60) / per_epoch) // 5 * 5)))' "$out/step-time.md" "$seconds" "${BENCH_SIDE_BY_SIDE:-0}") || exit 1
+setup = 60 + (120 if sys.argv[4] == "1" else 0)
+print(max(5, min(100, int((float(sys.argv[2]) - setup) / per_epoch) // 5 * 5)))' "$out/step-time.md" "$seconds" "${BENCH_SIDE_BY_SIDE:-0}" "${BENCH_COMPILE:-0}") || exit 1
     echo "epochs: $epochs"
 fi
 
 timeout "$seconds" python3 -m bench.time_to_accuracy --data-dir "$data" --device "$device" --epochs "$epochs" --warmup 2 \
-    --target 0.85 "${side[@]}" --out "$out/time-to-accuracy.md" > "$out/time-to-accuracy.log" 2>&1
+    --target 0.85 "${side[@]}" "${compile[@]}" --out "$out/time-to-accuracy.md" > "$out/time-to-accuracy.log" 2>&1
 status=$?
 cp "$TMPDIR"/fl-tta-*/metrics.jsonl "$out/" 2>/dev/null
 grep -v "^federated (none) epoch" "$out/time-to-accuracy.log" | tail -80
