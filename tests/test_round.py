@@ -87,19 +87,22 @@ def test_fedavg_learners_keep_momentum_across_rounds_only_when_asked(tmp_path, k
     config, initial, final, history = run_federation(tmp_path, aggregation="fedavg", local_steps=1, rounds=rounds,
                                                      keep_momentum=keep_momentum)
 
+    data = shards(SEED)
+
     def federate(keep: bool) -> dict[str, torch.Tensor]:
         models = [build_model("tiny-cnn") for _ in range(2)]
         optimizers = [torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY) for model in models]
         global_state = initial
         for _ in range(rounds):
-            for index, (local, (inputs, labels)) in enumerate(zip(models, shards(SEED))):
+            for index, (local, (inputs, labels)) in enumerate(zip(models, data)):
                 local.load_state_dict(global_state)
                 if not keep:
                     optimizers[index] = torch.optim.SGD(local.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
                 optimizers[index].zero_grad()
                 F.cross_entropy(local(inputs), labels).backward()
                 optimizers[index].step()
-            global_state = {name: (models[0].state_dict()[name] + models[1].state_dict()[name]) / 2 for name in initial}
+            first, second = (model.state_dict() for model in models)
+            global_state = {name: (first[name] + second[name]) / 2 for name in initial}
         return global_state
 
     expected, other = federate(keep_momentum), federate(not keep_momentum)
