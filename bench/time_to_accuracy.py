@@ -39,7 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 LEARNERS = 2
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
-SEED = 0
 EVAL_BATCH = 1000
 FEDERATION_TIMEOUT_S = 24 * 3600
 
@@ -47,10 +46,10 @@ FEDERATION_TIMEOUT_S = 24 * 3600
 def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
     """Train on the whole training set in this process; (accuracy, elapsed seconds) after each epoch."""
     torch.set_num_threads(os.cpu_count() or 1)
-    train = load_dataset(args.dataset, args.data_dir, train=True, seed=SEED)
-    test = load_dataset(args.dataset, args.data_dir, train=False, seed=SEED)
+    train = load_dataset(args.dataset, args.data_dir, train=True, seed=args.seed)
+    test = load_dataset(args.dataset, args.data_dir, train=False, seed=args.seed)
     device = torch.device(args.device)
-    torch.manual_seed(SEED)  # the leader seeds the same way before it builds the model
+    torch.manual_seed(args.seed)  # the leader seeds the same way before it builds the model
     memory_format = memory_format_for("auto", args.model, device)  # the learners' default choice
     model = build_model(args.model, train.num_classes).to(device, memory_format=memory_format)
     images, labels = train.images.to(device), train.labels.to(device)  # kept where the model trains, as a learner does
@@ -62,8 +61,8 @@ def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
         for group in optimizer.param_groups:
             group["lr"] = schedule.round_lr(args.lr, "cosine", args.warmup, args.epochs, epoch)
         model.train()
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(derive_seed(SEED, "epoch", epoch)))
-        generator = torch.Generator().manual_seed(derive_seed(SEED, "augment", epoch))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(derive_seed(args.seed, "epoch", epoch)))
+        generator = torch.Generator().manual_seed(derive_seed(args.seed, "augment", epoch))
         for first in range(0, len(train), args.batch_size):
             indices = order[first : first + args.batch_size].to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -105,7 +104,7 @@ def start_federation(args: argparse.Namespace, compress: str) -> tuple[subproces
                "--lr-schedule", "cosine", "--warmup-rounds", str(args.warmup * per_epoch), "--eval-every", str(per_epoch),
                "--checkpoint-every", str(rounds), "--compress", compress, "--server-lr", str(args.server_lr),
                "--server-opt", args.server_opt, "--server-momentum", str(args.server_momentum),
-               "--recompute-bn", str(args.recompute_bn), "--seed", str(SEED),
+               "--recompute-bn", str(args.recompute_bn), "--seed", str(args.seed),
                "--keep-momentum" if args.keep_momentum else "--no-keep-momentum", "--prox-mu", str(args.prox_mu),
                "--quiet", "--run-dir", run_dir.name, "--checkpoint-dir", str(Path(run_dir.name) / "checkpoints")]
     if args.data_dir:
@@ -138,7 +137,7 @@ def finish_federation(args: argparse.Namespace, compress: str,
 
 def local_steps(args: argparse.Namespace) -> int:
     """Each learner's batches per round when --rounds-per-epoch splits its epoch; refuses a split that is not even."""
-    size = -(-len(load_dataset(args.dataset, args.data_dir, train=True, seed=SEED)) // LEARNERS)  # the larger IID part
+    size = -(-len(load_dataset(args.dataset, args.data_dir, train=True, seed=args.seed)) // LEARNERS)  # the larger IID part
     steps, rest = divmod(batches_per_epoch(size, args.batch_size), args.rounds_per_epoch)
     if rest:
         raise SystemExit(f"--rounds-per-epoch {args.rounds_per_epoch} does not divide a learner's "
@@ -157,6 +156,8 @@ def main() -> int:
     parser.add_argument("--dataset", default="imagefolder", help="imagefolder (the CIFAR-10 JPEG copy), cifar10 or synthetic")
     parser.add_argument("--data-dir", default=None, help="the extracted data set (with train/ and test/ for imagefolder)")
     parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the seed of both sides: the initial model, batch order, augmentation and the learners' split")
     parser.add_argument("--epochs", type=int, default=50, help="epochs on each side (federated rounds of one local epoch)")
     parser.add_argument("--warmup", type=int, default=2, help="epochs of linear learning-rate warm-up")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -217,7 +218,7 @@ def main() -> int:
         f"{args.warmup} warm-up epochs then cosine",
         "",
         f"- machine: {provenance.machine()}; --device {args.device}"
-        + ("; training steps compiled (--compile)" if args.compile else "") + f"; commit {commit}; one run of each"
+        + ("; training steps compiled (--compile)" if args.compile else "") + f"; commit {commit}; seed {args.seed}; one run of each"
         + ("; the two sides ran side by side, sharing the machine" if args.side_by_side else ""),
         f"- federated: {LEARNERS} learners, IID, fedavg with server step {args.server_lr:g}"
         + (f" and server momentum {args.server_momentum:g}, " if args.server_opt == "sgdm" else ", ")
