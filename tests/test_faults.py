@@ -169,7 +169,7 @@ def test_a_learner_that_dies_before_training_is_replaced_by_the_next_to_register
 
 
 def test_a_frozen_learner_misses_the_round_has_its_late_update_refused_and_rejoins(tmp_path):
-    config = leader_config(tmp_path, learners=3, min_learners=2, round_timeout=8.0, rounds=8,
+    config = leader_config(tmp_path, learners=3, min_learners=2, round_timeout=16.0, rounds=8,
                            aggregation="fedavg", local_steps=200, batch_size=16)
     with running_leader(config) as running:
         leader = running.leader
