@@ -13,13 +13,13 @@ repository root as a module:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import plots
 from bench import provenance
 from bench import report as report_file
 
@@ -39,7 +39,7 @@ def round_seconds(args: argparse.Namespace, extra: list[str]) -> list[float]:
         if args.data_dir:
             command += ["--data-dir", args.data_dir]
         subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        records = plots.read_metrics(Path(run_dir))
     return [record["round_seconds"] for record in records if record["round"] > 1]
 
 
