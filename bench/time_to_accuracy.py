@@ -1,4 +1,4 @@
-"""Time to accuracy: a two-learner IID fedavg federation against centralized training of the same model.
+"""Time to accuracy: an IID fedavg federation of two learners against centralized training of the same model.
 
 Both sides train ResNet-20 from seed 0 with one recipe: SGD with --lr, momentum 0.9 and weight decay
 5e-4, in the memory format learners choose by default, batches of --batch-size with random crop and flip, --warmup
@@ -6,7 +6,8 @@ epochs of linear warm-up then cosine decay, --epochs passes over the training se
 learner one pass over its half), so federated round r and centralized epoch r have seen the same
 number of examples. Both evaluate the whole test set after every epoch. The centralized side runs in
 this process on every core; the federation is `local_federation.py`, which splits the cores between
-its two learners. Reports each epoch's accuracy and elapsed seconds, the wall time to --target, the
+its two learners (--learners 1: one learner holding the whole set, which leaves only the federation's
+machinery between it and centralized training). Reports each epoch's accuracy and elapsed seconds, the wall time to --target, the
 final accuracies, and the ratios the goals are stated in. With --compress, one federation per mode.
 
     python -m bench.time_to_accuracy --data-dir DIR --epochs 50 --out docs/time-to-accuracy.md
@@ -36,7 +37,6 @@ from model import build_model, compiled_for_training, memory_format_for
 from utils import derive_seed, load_dataset, normalize, resolve_device, training_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
-LEARNERS = 2
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 EVAL_BATCH = 1000
@@ -98,7 +98,7 @@ def start_federation(args: argparse.Namespace, compress: str) -> tuple[subproces
     work = ["--local-epochs", "1"] if per_epoch == 1 else ["--local-steps", str(local_steps(args))]
     run_dir = tempfile.TemporaryDirectory(prefix="fl-tta-")
     command = [sys.executable, "local_federation.py", "--dataset", args.dataset, "--model", args.model,
-               "--device", args.device, "--learners", str(LEARNERS), "--partition", "iid", "--aggregation", "fedavg",
+               "--device", args.device, "--learners", str(args.learners), "--partition", "iid", "--aggregation", "fedavg",
                *work, "--rounds", str(rounds), "--batch-size", str(args.batch_size),
                "--lr", str(args.lr), "--momentum", str(MOMENTUM), "--weight-decay", str(WEIGHT_DECAY),
                "--lr-schedule", "cosine", "--warmup-rounds", str(args.warmup * per_epoch), "--eval-every", str(per_epoch),
@@ -137,7 +137,7 @@ def finish_federation(args: argparse.Namespace, compress: str,
 
 def local_steps(args: argparse.Namespace) -> int:
     """Each learner's batches per round when --rounds-per-epoch splits its epoch; refuses a split that is not even."""
-    size = -(-len(load_dataset(args.dataset, args.data_dir, train=True, seed=args.seed)) // LEARNERS)  # the larger IID part
+    size = -(-len(load_dataset(args.dataset, args.data_dir, train=True, seed=args.seed)) // args.learners)  # the larger IID part
     steps, rest = divmod(batches_per_epoch(size, args.batch_size), args.rounds_per_epoch)
     if rest:
         raise SystemExit(f"--rounds-per-epoch {args.rounds_per_epoch} does not divide a learner's "
@@ -183,6 +183,9 @@ def main() -> int:
     parser.add_argument("--side-by-side", action="store_true",
                         help="start the federation before the centralized side, so that both share the machine at once "
                              "(on a GPU whose steps are bound by the host, each side keeps its own cores); off by default")
+    parser.add_argument("--learners", type=int, default=2,
+                        help="learners in the federation, splitting the training set and the cores evenly (2: the goals' set-up; "
+                             "1 holds the whole set, a control for what the split and averaging cost)")
     parser.add_argument("--rounds-per-epoch", type=int, default=1,
                         help="federated rounds per epoch (2: rounds of half an epoch, averaged twice as often); 1 is the goals' set-up")
     parser.add_argument("--device", default="cpu", help="where both sides train and test: cpu or cuda (the leader and learners too)")
@@ -190,6 +193,8 @@ def main() -> int:
                         help="torch.compile both sides' training steps (learners get --compile); on CUDA as CUDA graphs too")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = parser.parse_args()
+    if args.learners < 1:
+        parser.error(f"--learners must be at least 1, got {args.learners}")
     if args.rounds_per_epoch < 1:
         parser.error(f"--rounds-per-epoch must be at least 1, got {args.rounds_per_epoch}")
     try:
@@ -220,7 +225,7 @@ def main() -> int:
         f"- machine: {provenance.machine()}; --device {args.device}"
         + ("; training steps compiled (--compile)" if args.compile else "") + f"; commit {commit}; seed {args.seed}; one run of each"
         + ("; the two sides ran side by side, sharing the machine" if args.side_by_side else ""),
-        f"- federated: {LEARNERS} learners, IID, fedavg with server step {args.server_lr:g}"
+        f"- federated: {args.learners} learner{'s' if args.learners != 1 else ''}, IID, fedavg with server step {args.server_lr:g}"
         + (f" and server momentum {args.server_momentum:g}, " if args.server_opt == "sgdm" else ", ")
         + ("learners keep their momentum across rounds, " if args.keep_momentum else "")
         + (f"FedProx mu {args.prox_mu:g}, " if args.prox_mu else "")
