@@ -7,8 +7,9 @@ learner one pass over its half), so federated round r and centralized epoch r ha
 number of examples. Both evaluate the whole test set after every epoch. The centralized side runs in
 this process on every core; the federation is `local_federation.py`, which splits the cores between
 its two learners (--learners 1: one learner holding the whole set, which leaves only the federation's
-machinery between it and centralized training). Reports each epoch's accuracy and elapsed seconds, the wall time to --target, the
-final accuracies, and the ratios the goals are stated in. With --compress, one federation per mode.
+machinery between it and centralized training). Reports each epoch's accuracy and elapsed seconds,
+the wall time to --target, the final accuracies, and the ratios the goals are stated in. With
+--compress, one federation per mode.
 
     python -m bench.time_to_accuracy --data-dir DIR --epochs 50 --out docs/time-to-accuracy.md
     python -m bench.time_to_accuracy --dataset synthetic --model tiny-cnn --epochs 2   # a quick check
