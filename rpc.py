@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import os
 import re
@@ -30,7 +31,7 @@ LEARNER_SERVICE = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full
 
 # Bumped whenever the protos or the payload layout change incompatibly; a learner
 # with another version is refused at registration.
-PROTOCOL_VERSION = "1"
+PROTOCOL_VERSION = "2"
 # Metadata entry that carries a caller's secret on every call after registration.
 TOKEN_METADATA_KEY = "x-session-token"
 # Metadata entry that carries the federation's shared enrolment secret on RegisterLearner.
@@ -59,6 +60,17 @@ MAX_CALLS_PER_CALLER = 4
 # A stream that moves no message for this long is cancelled, so that a peer that
 # stops reading or writing frees its server thread.
 STREAM_IDLE_TIMEOUT_S = 30.0
+# Calls from peers that hold no session (health checks, reflection, registration) are bounded so that they can never
+# take the threads members need: in-flight unary calls in all (a share of the server's threads; one host may run many
+# learners, so one peer may use all of it), and streams, which may stay open, per peer and in all.
+STRANGER_THREAD_SHARE = 0.5
+MAX_STRANGER_STREAMS = 4
+MAX_STRANGER_STREAMS_PER_PEER = 2
+# A stream opened without a session (a health Watch) ends after this long; its client may open another.
+STRANGER_STREAM_S = 60.0
+# DNS's limits on a host name and on each of its dot-separated labels.
+MAX_HOST_NAME_CHARS = 253
+MAX_HOST_LABEL_CHARS = 63
 # Cap gRPC's exponential reconnect backoff (default up to 120 s), so a learner that
 # started before its leader registers within seconds of the leader coming up.
 MAX_RECONNECT_BACKOFF_MS = 2_000
@@ -84,10 +96,59 @@ _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-_]+):(\d{1,5})$")
 
 def parse_address(address: str) -> tuple[str, int]:
     """Split 'host:port' (or '[v6]:port'), raising ValueError with a hint when it is malformed."""
+    if len(address) > MAX_HOST_NAME_CHARS + len("[]:65535"):
+        raise ValueError(f"address of {len(address)} characters is longer than a DNS name allows")
     match = _ADDRESS.match(address)
     if not match or not 0 < int(match.group(2)) < 65536:
         raise ValueError(f"{address!r} is not a host:port address, e.g. 127.0.0.1:10134")
-    return match.group(1), int(match.group(2))
+    host = match.group(1)
+    if not host.startswith("[") and (len(host) > MAX_HOST_NAME_CHARS or any(len(label) > MAX_HOST_LABEL_CHARS for label in host.split("."))):
+        raise ValueError(f"host name {host[:40]!r}... is longer than DNS allows ({MAX_HOST_NAME_CHARS} characters, {MAX_HOST_LABEL_CHARS} a label)")
+    return host, int(match.group(2))
+
+
+def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address a host part spells ('[v6]' too), IPv4-mapped IPv6 as IPv4; None for a host name."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
+
+
+def peer_host(peer: str) -> str:
+    """The host part of gRPC's peer string ('ipv4:1.2.3.4:5', 'ipv6:[::1]:5'); the whole string for other transports."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return peer
+    host = rest.rsplit(":", 1)[0]
+    ip = ip_of(host)
+    return str(ip) if ip is not None else host
+
+
+def callback_problem(address: str, peer: str, trusted: bool) -> str | None:
+    """Why the leader must not call a registrant back at `address`, or None.
+
+    Link-local (cloud metadata services live there), multicast and unspecified addresses are never called.
+    An untrusted registrant (no enrolment secret, no client certificate) may only name the address its
+    registration came from, so that nobody can make the leader dial a third party.
+    """
+    try:
+        host, _ = parse_address(address)
+    except ValueError as error:
+        return str(error)
+    ip = ip_of(host)
+    if ip is not None and (ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip == ipaddress.IPv4Address("255.255.255.255")):
+        return f"{host} is a link-local, multicast or unspecified address; advertise the address the leader can reach"
+    if trusted:
+        return None
+    source = ip_of(peer_host(peer))
+    if source is None:
+        return None  # not an IP transport (a Unix socket): nothing to compare
+    if ip == source or (host == "localhost" and source.is_loopback):
+        return None
+    return (f"the callback address {address} is not the address this registration came from ({source}); "
+            f"advertising another address needs the federation's enrolment secret (${ENROLMENT_ENV}) or a client certificate")
 
 
 def read_enrolment_token(token_file: str | None) -> str | None:
@@ -214,41 +275,67 @@ class Watchdog:
 
 
 class CallLimits(grpc.ServerInterceptor):
-    """Resource limits on every call: in-flight calls per session token, and the stream watchdog's idle timeout and deadlines."""
+    """Resource limits on every call: in-flight calls per session, bounds on callers with no session, and the stream watchdog.
+
+    A call counts as a member's when its session token passes `is_member`; any other call is a stranger's
+    (health checks, reflection, registration) and is admitted only within the stranger bounds, so strangers
+    can never take the threads members need. Non-blocking handlers (the health Watch) stay non-blocking.
+    """
 
     def __init__(self, idle_s: float = STREAM_IDLE_TIMEOUT_S, max_calls_per_caller: int = MAX_CALLS_PER_CALLER,
-                 stream_deadlines: dict[str, float] | None = None) -> None:
+                 stream_deadlines: dict[str, float] | None = None, is_member: Callable[[str], bool] | None = None,
+                 max_stranger_calls: int | None = None) -> None:
         self.watchdog = Watchdog(idle_s)
         self.max_calls_per_caller = max_calls_per_caller
+        self.max_stranger_calls = max_stranger_calls  # None: create_server sets a share of its threads
+        self.refused_strangers = 0
         self._deadlines = stream_deadlines or {}
+        self._is_member = is_member or (lambda token: True)
         self._lock = threading.Lock()
         self._in_flight: Counter[str] = Counter()
+        self._stranger_calls = 0
+        self._stranger_streams: Counter[str] = Counter()  # peer host -> open streams
 
     def in_flight(self) -> int:
         """Calls now counted against their callers' caps."""
         with self._lock:
             return sum(self._in_flight.values())
 
+    def strangers_in_flight(self) -> tuple[int, int]:
+        """Calls and streams from callers with no session now in flight."""
+        with self._lock:
+            return self._stranger_calls, sum(self._stranger_streams.values())
+
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None:
             return None
-        caller = metadata_value(details.invocation_metadata, TOKEN_METADATA_KEY)
+        token = metadata_value(details.invocation_metadata, TOKEN_METADATA_KEY)
+        caller = token if token is not None and self._is_member(token) else None
         streaming = handler.request_streaming or handler.response_streaming
-        if caller is None and not streaming:
-            return handler
         method = details.method
         behaviour = _behaviour(handler)
 
         def admit(request: Any, context: grpc.ServicerContext) -> tuple[Any, _Watched | None]:
             if caller is not None:
                 self._acquire(caller, context)
+            else:
+                self._admit_stranger(peer_host(context.peer()), streaming, context)
             if not streaming:
                 return request, None
-            entry = self.watchdog.watch(context, method, self._deadlines.get(method))
+            limit = self._deadlines.get(method) if caller is not None else STRANGER_STREAM_S
+            entry = self.watchdog.watch(context, method, limit)
             return (_touching(request, entry) if handler.request_streaming else request), entry
 
-        if handler.response_streaming:
+        if getattr(behaviour, "experimental_non_blocking", False):
+            # served by callbacks, holding no thread (the health Watch): admitted and watched, then handed on as it is
+            def run(request: Any, context: grpc.ServicerContext, send_response_callback: Callable | None = None) -> Any:
+                request, _ = admit(request, context)
+                return behaviour(request, context, send_response_callback=send_response_callback)
+
+            run.experimental_non_blocking = True
+            run.experimental_thread_pool = getattr(behaviour, "experimental_thread_pool", None)
+        elif handler.response_streaming:
             def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 request, entry = admit(request, context)
                 for response in behaviour(request, context):
@@ -260,6 +347,34 @@ class CallLimits(grpc.ServerInterceptor):
                 return behaviour(request, context)
 
         return _handler_like(handler, run)
+
+    def _admit_stranger(self, peer: str, streaming: bool, context: grpc.ServicerContext) -> None:
+        """Count a call from a caller with no session, or refuse it (RESOURCE_EXHAUSTED) past the stranger bounds."""
+        with self._lock:
+            if self._stranger_calls >= self.max_stranger_calls:
+                refusal = f"{self._stranger_calls} calls without a session are in flight; try again shortly"
+            elif streaming and (sum(self._stranger_streams.values()) >= MAX_STRANGER_STREAMS
+                                or self._stranger_streams[peer] >= MAX_STRANGER_STREAMS_PER_PEER):
+                refusal = "too many streams without a session are open; close one or try again shortly"
+            else:
+                refusal = None
+                self._stranger_calls += 1
+                if streaming:
+                    self._stranger_streams[peer] += 1
+            if refusal is not None:
+                self.refused_strangers += 1
+        if refusal is not None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        if not context.add_callback(lambda: self._release_stranger(peer, streaming)):
+            self._release_stranger(peer, streaming)
+
+    def _release_stranger(self, peer: str, streaming: bool) -> None:
+        with self._lock:
+            self._stranger_calls -= 1
+            if streaming:
+                self._stranger_streams[peer] -= 1
+                if self._stranger_streams[peer] <= 0:
+                    del self._stranger_streams[peer]
 
     def _acquire(self, caller: str, context: grpc.ServicerContext) -> None:
         with self._lock:
@@ -338,12 +453,17 @@ def create_server(
     limits: CallLimits | None = None,
     request_deserializers: dict[str, Callable[[bytes], Any]] | None = None,
     response_serializers: dict[str, Callable[[Any], bytes]] | None = None,
+    health_services: Sequence[str] = (),
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Start a server with our options, call limits, health checking and optional reflection on host:port (0 picks a free port).
 
     `request_deserializers` and `response_serializers` replace the generated ones of the named methods (full paths).
+    Health answers SERVING for the server as a whole and for each of `health_services`, so that a peer can tell
+    which role it reached.
     """
     limits = limits or CallLimits()
+    if limits.max_stranger_calls is None:
+        limits.max_stranger_calls = max(2, int(max_workers * STRANGER_THREAD_SHARE))
     interceptors: list[grpc.ServerInterceptor] = [gate] if gate is not None else []  # the gate first: refused calls count against nothing
     interceptors.append(limits)
     if request_deserializers or response_serializers:  # innermost: the handler the others wrap
@@ -369,7 +489,8 @@ def create_server(
     if not bound:
         raise OSError(f"cannot listen on {bind}: the port is in use or the address is not local; pick another with --port")
     server.start()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    for service in ("", *health_services):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return server, bound, health_servicer
 
 
@@ -420,10 +541,23 @@ def channel(address: str, tls: Tls | None = None) -> grpc.Channel:
     return grpc.secure_channel(address, tls.channel_credentials(), options=GRPC_OPTIONS)
 
 
-def is_serving(channel: grpc.Channel, timeout: float = 5.0) -> bool:
-    """Ask the standard health service whether the peer is serving."""
+def is_serving(channel: grpc.Channel, timeout: float = 5.0, service: str = "", token: str | None = None) -> bool:
+    """Ask the standard health service whether the peer serves `service` ("": the server as a whole)."""
+    return health_check(channel, timeout, service, token) is None
+
+
+def health_check(channel: grpc.Channel, timeout: float = 5.0, service: str = "", token: str | None = None) -> str | None:
+    """None when the peer's health service says it serves `service`, else what it answered instead.
+
+    `token` is sent as the caller's session token, so that the peer counts the check as a member's call.
+    """
+    metadata = token_metadata(token) if token is not None else None
     try:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-    except grpc.RpcError:
-        return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=metadata)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            return f"it does not serve {service or 'anything'} (NOT_FOUND)"
+        return f"{error.code().name}: {error.details()}"
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        return f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+    return None

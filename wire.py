@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import mmap
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -35,6 +36,9 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+# Room beyond its manifest and one chunk that a stream's first message may take (round, counts, loss, a stop reason).
+HEADER_SLACK_BYTES = 64 << 10
 
 # `bytes chunk = 1` in every chunked message: field 1, length-delimited, so its tag is one byte
 CHUNK_TAG = 0x0A
@@ -79,6 +83,28 @@ def fingerprint(specs: Sequence[TensorSpec]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def manifest_of(specs: Sequence[TensorSpec]) -> tensors_pb2.TensorManifest:
+    """The manifest that describes tensors of these specs."""
+    manifest = tensors_pb2.TensorManifest(total_bytes=payload_bytes(specs))
+    for spec in specs:
+        manifest.tensors.add(name=spec.name, dtype=spec.dtype, shape=spec.shape)
+    return manifest
+
+
+def first_message_limit(specs: Sequence[TensorSpec]) -> int:
+    """Most bytes the first message of a stream of these specs may take: their manifest, one chunk and a header."""
+    return manifest_of(specs).ByteSize() + MAX_CHUNK_BYTES + HEADER_SLACK_BYTES
+
+
+def lazy_buffer(size: int) -> mmap.mmap:
+    """A zeroed writable buffer whose memory is committed page by page as it is written, not when it is made.
+
+    For payloads whose size a peer declared: a stream that declares a large payload and sends little costs
+    the receiver what it sent, not what it declared.
+    """
+    return bytearray() if size == 0 else mmap.mmap(-1, size)
+
+
 def encode(
     tensors: Mapping[str, torch.Tensor], allocate: Callable[[int], bytearray] = bytearray,
 ) -> tuple[tensors_pb2.TensorManifest, bytearray]:
@@ -95,10 +121,7 @@ def encode(
             view = torch.frombuffer(payload, dtype=tensor.dtype, count=tensor.numel(), offset=offset)
             view.view(tensor.shape).copy_(tensor.detach())  # one copy, from any device
         offset += spec.nbytes
-    manifest = tensors_pb2.TensorManifest(total_bytes=total)
-    for spec in specs:
-        manifest.tensors.add(name=spec.name, dtype=spec.dtype, shape=spec.shape)
-    return manifest, payload
+    return manifest_of(specs), payload
 
 
 def iter_chunks(payload: bytes | bytearray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -229,12 +252,29 @@ class ChunkOnly:
         return False
 
 
-def chunk_deserializer(message_type: type) -> Callable[[bytes], Any]:
+class Oversized:
+    """A received message that was not parsed: larger than the receiver's limit for a message with a manifest."""
+
+    __slots__ = ("size", "limit")
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+
+    @staticmethod
+    def HasField(name: str) -> bool:  # noqa: N802 - the protobuf message method it stands in for
+        return False
+
+
+def chunk_deserializer(message_type: type, limit: int | Callable[[], int] | None = None) -> Callable[[bytes], Any]:
     """gRPC deserializer for a chunked message type that skips protobuf's copy of bare chunks.
 
     A message with only its `chunk` field set is the chunk tag, a varint length and the bytes: every
     message of a stream after the first. Such a message becomes a ChunkOnly viewing the received buffer;
-    any other (the first, with the manifest, or anything unexpected) goes through protobuf as usual.
+    any other (the first, with the manifest, or anything unexpected) goes through protobuf as usual,
+    unless it is larger than `limit` bytes (a number, or a function giving the receiver's current one,
+    e.g. first_message_limit of its model): then it becomes an Oversized, unparsed, so that a manifest
+    far larger than the receiver's own never costs it the memory of parsing it. `receive` refuses it.
     """
     parse = message_type.FromString
 
@@ -249,6 +289,9 @@ def chunk_deserializer(message_type: type) -> Callable[[bytes], Any]:
                     if position + 1 + length == len(data):
                         return ChunkOnly(memoryview(data)[position + 1 :])
                     break
+        most = limit() if callable(limit) else limit
+        if most is not None and len(data) > most:
+            return Oversized(len(data), most)
         return parse(data)
 
     return deserialize
@@ -301,7 +344,7 @@ def receive(
     expected: Sequence[TensorSpec] | None = None,
     check_header: Callable[[Any], None] | None = None,
     require_finite: bool = True,
-    allocate: Callable[[int], bytearray] = bytearray,
+    allocate: Callable[[int], bytearray] = lazy_buffer,
 ) -> Received:
     """Assemble a chunked stream whose first message carries the manifest.
 
@@ -310,12 +353,15 @@ def receive(
     all in holds a NaN or infinity; and after the stream ends when the bytes do not
     add up. `check_header` sees the first message before any bulk bytes are read
     and may raise to refuse it. `allocate` gives the payload buffer (a BufferPool's
-    take reuses one); every byte of it is written.
+    take reuses one); every byte of it is written. By default its memory is committed
+    as bytes arrive (lazy_buffer), so a declared size costs nothing until it is sent.
     """
     iterator = iter(messages)
     first = next(iterator, None)
     if first is None:
         raise WireError("empty stream: expected a manifest and tensor bytes")
+    if isinstance(first, Oversized):
+        raise WireError(f"first message of {first.size} bytes exceeds the {first.limit} bytes its manifest, a chunk and a header take")
     if not first.HasField("manifest"):
         raise WireError("the first message carries no tensor manifest; payloads are raw tensor bytes, never pickles")
     specs = read_manifest(first.manifest)
@@ -330,9 +376,9 @@ def receive(
     decoder = _Decoder(specs, payload, require_finite)
     filled = 0
     for index, message in enumerate(itertools.chain([first], iterator)):
-        chunk = message.chunk
-        if index and message.HasField("manifest"):
+        if isinstance(message, Oversized) or (index and message.HasField("manifest")):
             raise WireError("only the first message may carry a manifest")
+        chunk = message.chunk
         if len(chunk) > MAX_CHUNK_BYTES:
             raise WireError(f"chunk of {len(chunk)} bytes exceeds the {MAX_CHUNK_BYTES}-byte limit")
         if filled + len(chunk) > total:

@@ -76,7 +76,7 @@ class TrainingPlan(_message.Message):
     def __init__(self, model: _Optional[str] = ..., num_classes: _Optional[int] = ..., aggregation: _Optional[str] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ..., augment: _Optional[bool] = ..., image_shape: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., torch_version: _Optional[str] = ..., deterministic: _Optional[bool] = ..., prox_mu: _Optional[float] = ..., compression: _Optional[str] = ..., topk_ratio: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_rounds: _Optional[int] = ..., keep_momentum: _Optional[bool] = ...) -> None: ...
 
 class AckWithMetadata(_message.Message):
-    __slots__ = ("success", "message", "learner_id", "max_learners", "plan", "session_token", "joins_round")
+    __slots__ = ("success", "message", "learner_id", "max_learners", "plan", "session_token", "joins_round", "split_examples")
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LEARNER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class AckWithMetadata(_message.Message):
     PLAN_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     JOINS_ROUND_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     success: bool
     message: str
     learner_id: int
@@ -91,7 +92,8 @@ class AckWithMetadata(_message.Message):
     plan: TrainingPlan
     session_token: str
     joins_round: int
-    def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., learner_id: _Optional[int] = ..., max_learners: _Optional[int] = ..., plan: _Optional[_Union[TrainingPlan, _Mapping]] = ..., session_token: _Optional[str] = ..., joins_round: _Optional[int] = ...) -> None: ...
+    split_examples: int
+    def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., learner_id: _Optional[int] = ..., max_learners: _Optional[int] = ..., plan: _Optional[_Union[TrainingPlan, _Mapping]] = ..., session_token: _Optional[str] = ..., joins_round: _Optional[int] = ..., split_examples: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("learner_id",)

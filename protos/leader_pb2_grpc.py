@@ -68,7 +68,13 @@ class LeaderServiceServicer:
 
     def RegisterLearner(self, request, context):
         """Joins the federation. Returns the learner's id, the federation size and the
-        training plan. Fails RESOURCE_EXHAUSTED when max_learners have registered.
+        training plan. Before admitting it, the leader checks network_addr (see
+        LearnerInfo) and calls the learner back: a standard health Check for
+        "learner.LearnerService" carrying callback_token, which must answer SERVING
+        within a few seconds, else FAILED_PRECONDITION. Fails RESOURCE_EXHAUSTED when
+        max_learners live learners hold every slot (after the leader checked that
+        each is still there), or while too many calls without a session are in
+        flight; either may clear, so a learner waits and tries again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
