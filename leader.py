@@ -10,9 +10,11 @@ import logging
 import math
 import secrets
 import signal
+import statistics
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +34,7 @@ import privacy
 import schedule
 import server_opt
 from cli import StatusLine, flag_value, parse_with_config, setup_logging
+from plots import METRICS_FILE
 from recorder import CONFIG_FILE, Recorder, TensorBoardMissing
 import rpc
 import wire
@@ -61,7 +64,25 @@ SGDM_DEFAULT_MOMENTUM = 0.9  # FedAvgM's server momentum when --server-momentum 
 WAIT_SLICE_S = 0.5  # how often waits wake up to check for shutdown
 STOP_TIMEOUT_S = 5.0  # a stop message is tiny; a learner that cannot take it in 5 s is frozen or gone
 HEALTH_PROBE_INTERVAL_S = 5.0  # how often the leader checks the members that have not reported yet
+# Consecutive health checks a member may refuse (its port closed: the process is gone) before it is marked absent,
+# without waiting out --learner-lost-after, which is for members that go silent (frozen, or cut off).
+REFUSED_PROBES_TO_ABSENT = 2
+SERVER_STOP_GRACE_S = 2.0  # calls in flight at shutdown get this long; learners were told to stop first
 MAX_PARALLEL_CALLS = 32  # calls to learners in flight at once (round starts, pushes, health checks)
+# The leader calls a registrant back before it admits it; a learner's server is up before it registers.
+REGISTRATION_PROBE_S = 3.0
+# A full federation checks its members before refusing a newcomer: a short check, at most this often.
+MEMBER_SWEEP_PROBE_S = 2.0
+MEMBER_SWEEP_INTERVAL_S = 2.0
+REVOKED_SESSIONS_KEPT = 4096  # ended sessions remembered, so that a late call from one is told why
+# --round-timeout 0: once the quorum has reported, the rest get this factor of the time it took, and at least
+# the floor; before that, health checks find the members that are gone, and the cap bounds a round that never fills.
+STRAGGLER_GRACE_FACTOR = 2.0
+STRAGGLER_GRACE_MIN_S = 30.0
+AUTO_ROUND_LIMIT_S = 3600.0
+# A new global model is refused, and the last good one kept, when it is not finite or its parameter norm grew more
+# than this many times in one round: honest rounds change the norm by a few percent.
+MODEL_GROWTH_LIMIT = 4.0
 
 
 @dataclass(frozen=True)
@@ -71,7 +92,7 @@ class LeaderConfig:
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
     learners: int = 2
-    min_learners: int = 0  # 0 means all of --learners
+    min_learners: int = 0  # 0: half of each round's learners, rounded up, so that a federation survives losing the rest
     rounds: int = 10
     aggregation: str = "fedsgd"
     model: str = "resnet18"
@@ -111,15 +132,18 @@ class LeaderConfig:
     run_dir: str | None = None  # None: runs/<start time>
     checkpoint_dir: str | None = None  # None: <run_dir>/checkpoints
     keep_checkpoints: int = 3
-    checkpoint_every: int = 1
+    checkpoint_every: int = 0  # 0: by --checkpoint-seconds only
+    checkpoint_seconds: float = 60.0
     tensorboard: bool = False
     quiet: bool = False
     join_timeout: float = 600.0
-    round_timeout: float = 3600.0
+    round_timeout: float = 0.0  # 0: fitted to the round (STRAGGLER_GRACE_FACTOR)
     eval_every: int = 1
     recompute_bn: int = 0  # training images the leader recomputes BatchNorm statistics from after averaging; 0: none
     learner_lost_after: float = 30.0
     max_update_norm: float = 0.0  # 0: no bound
+    max_norm_ratio: float = 10.0  # 0: no adaptive bound
+    max_weight_ratio: float = 4.0  # 0: declared example counts are trusted
     compress: str = "none"
     topk_ratio: float = 0.01
     deterministic: bool = False
@@ -130,10 +154,11 @@ class LeaderConfig:
     tls_key: str | None = None
     tls_ca: str | None = None
 
-    @property
-    def quorum(self) -> int:
-        """Learners that must report for a round to count."""
-        return self.min_learners or self.learners
+    def round_quorum(self, members: int) -> int:
+        """Learners that must report for a round of `members` to count: --min-learners, or half of them rounded up."""
+        if self.min_learners:
+            return max(1, min(self.min_learners, members))
+        return max(1, math.ceil(members / 2))
 
     def sampled(self, available: int) -> int:
         """Learners asked to take part in a round when `available` could: --fraction of them, at least --min-learners."""
@@ -187,6 +212,11 @@ class Published:
             buffers.give(payload)  # the frames hold copies
         return published
 
+    def state(self, specs: list[wire.TensorSpec]) -> dict[str, torch.Tensor]:
+        """The published model's tensors, decoded from its frames (to go back to it after a refused round)."""
+        messages = [learner_pb2.ModelState.FromString(frame) for frame in self.model_states]
+        return wire.receive(messages, max_bytes=self.nbytes, expected=specs).tensors
+
 
 @dataclass
 class RoundState:
@@ -197,6 +227,10 @@ class RoundState:
     opened_at: float = field(default_factory=time.monotonic)
     members: frozenset[int] = frozenset()  # learners taking part; a learner that joins mid-round waits for the next
     quorum: int = 1  # updates the round needs
+    norm_bound: float = math.inf  # an update's parameter norm is scaled down to this (--max-norm-ratio)
+    max_weight: float = math.inf  # the most weight one update's examples give it (--max-weight-ratio)
+    clipped: int = 0  # updates scaled down to norm_bound
+    lost: dict[int, str] = field(default_factory=dict)  # member id -> why it was marked absent during the round
     running: aggregation.RunningMean | aggregation.UpdateList = field(default_factory=aggregation.RunningMean)
     sums: list[Future] = field(default_factory=list)  # accepted updates' additions to `running`, done or pending
     digests: dict[int, tuple[float, ...]] = field(default_factory=dict)  # learner id -> its accepted update's digest
@@ -255,6 +289,11 @@ class Leader:
         self._cond = threading.Condition()
         self._learners: dict[int, LearnerRecord] = {}
         self._tokens: dict[str, int] = {}
+        self._revoked: OrderedDict[str, str] = OrderedDict()  # ended session token -> why it ended
+        # registrants that proved they belong (enrolment secret, client certificate) may advertise any callback address
+        self.trusts_registrants = False
+        self._sweep_lock = threading.Lock()
+        self._last_sweep = -math.inf
         self._started = False
         self._round = RoundState(0, accepting=False)
         self._running = aggregation.RunningMean()  # one float64 sum for every round, reset rather than reallocated
@@ -266,6 +305,10 @@ class Leader:
         self.resumed_metrics: dict[str, Any] | None = None
         self.limits: rpc.CallLimits | None = None  # set by serve()
         self._published = Published.of(1, self.model)
+        self._model_norm = self._current_model_norm()
+        self._norm_reference: float | None = None  # median update norm of the last applied round
+        self._saved_round = 0  # the last round on disk
+        self._saved_at = time.monotonic()
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         """The server optimizer's per-parameter tensors (momentum buffers), named by parameter."""
@@ -297,6 +340,8 @@ class Leader:
                 logger.info("counting %d noised rounds as spent, %d of them after the checkpoint resumed from",
                             spent, spent - record["round"])
         self._published = Published.of(self.start_round, self.model)
+        self._model_norm = self._current_model_norm()
+        self._saved_round = record["round"]
         logger.info("resuming after round %d from %s", record["round"], json_path)
         return record["round"]
 
@@ -360,17 +405,47 @@ class Leader:
 
     # ---- requests from learners -------------------------------------------------
 
-    def register(self, info: leader_pb2.LearnerInfo) -> tuple[int, str, int]:
-        """Admit a learner; returns its id, its session token and the first round it takes part in."""
+    def register(self, info: leader_pb2.LearnerInfo, peer: str = "") -> tuple[int, str, int]:
+        """Admit a learner whose registration came from `peer` (gRPC's peer string); returns its id, its session token and its first round.
+
+        The learner's callback address is checked (rpc.callback_problem) and called back before it gets a slot,
+        so that a registration nobody answers never holds one. A full federation first checks its members.
+        """
+        self._check_learner_info(info, peer)
+        with self._cond:
+            known = self._alive_record_for(info.callback_token)
+            if known is not None:  # a retried registration gets the same identity
+                return known.learner_id, known.session_token, known.joins_round
+        channel = rpc.channel(info.network_addr, self.tls)
+        failure = rpc.health_check(channel, REGISTRATION_PROBE_S, rpc.LEARNER_SERVICE, info.callback_token)
+        if failure is not None:
+            channel.close()
+            raise LeaderError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"the leader cannot call this learner back at {info.network_addr} ({failure}): check "
+                              "--advertise-address, and that the leader can reach that port")
+        try:
+            learner_id, token, joins_round, replaced = self._admit(info, channel)
+        except BaseException:
+            channel.close()
+            raise
+        num_examples = self._learners[learner_id].num_examples
+        if replaced is None:
+            logger.info("learner %d registered from %s (%d examples)", learner_id, info.network_addr, num_examples)
+        else:
+            logger.info("learner %d's slot taken by %s (%d examples); it takes part from round %d",
+                        learner_id, info.network_addr, num_examples, joins_round)
+        return learner_id, token, joins_round
+
+    def _check_learner_info(self, info: leader_pb2.LearnerInfo, peer: str) -> None:
+        """Refuse a registration whose fields cannot work, before anything is done for it."""
         if info.version != rpc.PROTOCOL_VERSION:
             raise LeaderError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"learner speaks protocol {info.version or '?'}, leader {rpc.PROTOCOL_VERSION}: install the same release on both",
+                f"learner speaks protocol {info.version[:16] or '?'}, leader {rpc.PROTOCOL_VERSION}: install the same release on both",
             )
-        try:
-            rpc.parse_address(info.network_addr)
-        except ValueError as error:
-            raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"network_addr: {error}") from None
+        problem = rpc.callback_problem(info.network_addr, peer, self.trusts_registrants)
+        if problem is not None:
+            raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"network_addr: {problem}")
         if len(info.callback_token) < 16:
             raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, "callback_token must be a random secret of at least 16 characters")
         if info.tls != (self.tls is not None):
@@ -389,24 +464,39 @@ class Leader:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "this leader expects learners with their own data: start the learner with --data-dir",
             )
+
+    def _alive_record_for(self, callback_token: str) -> LearnerRecord | None:
+        """The live member registered with this callback secret, if any (under the lock)."""
+        for record in self._learners.values():
+            if record.alive and rpc.secrets_match(callback_token, record.callback_token):
+                return record
+        return None
+
+    def _admit(self, info: leader_pb2.LearnerInfo, channel: grpc.Channel) -> tuple[int, str, int, LearnerRecord | None]:
+        """Give a checked registrant a slot: (id, session token, first round, the absent member it replaced)."""
         with self._cond:
-            for record in self._learners.values():
-                if record.callback_token == info.callback_token and record.alive:  # a retried registration gets the same identity
-                    return record.learner_id, record.session_token, record.joins_round
+            learner_id = self._free_slot()
+        if learner_id is None:
+            self._sweep_members()  # a full federation may hold members that are gone
+        with self._cond:
+            known = self._alive_record_for(info.callback_token)
+            if known is not None:  # the same registration, retried while this one was checked
+                channel.close()
+                return known.learner_id, known.session_token, known.joins_round, None
             learner_id = self._free_slot()
             if learner_id is None:
                 raise LeaderError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the federation is full ({self.config.learners} of {self.config.learners} learners)",
+                    f"the federation is full ({self.config.learners} of {self.config.learners} learners) and every member "
+                    "answers its health check; a slot frees when one of them stops",
                 )
             replaced = self._learners.get(learner_id)
             if replaced is not None:  # the slot of an absent learner: its split and its session go to the newcomer
-                self._tokens.pop(replaced.session_token, None)
+                self._end_session(replaced, "its slot went to a newcomer")
                 replaced.channel.close()
             # before training, a learner starts with the first round; during it, with the round after the open one
             joins_round = max(self._round.number + 1, self.start_round) if self._started else self.start_round
             token = secrets.token_urlsafe(32)
-            channel = rpc.channel(info.network_addr, self.tls)
             num_examples = info.num_examples or len(self.shards[learner_id])
             self._learners[learner_id] = LearnerRecord(
                 learner_id, info.network_addr, info.callback_token, token, num_examples, channel,
@@ -414,12 +504,32 @@ class Leader:
             )
             self._tokens[token] = learner_id
             self._cond.notify_all()
-        if replaced is None:
-            logger.info("learner %d registered from %s (%d examples)", learner_id, info.network_addr, num_examples)
-        else:
-            logger.info("learner %d's slot taken by %s (%d examples); it takes part from round %d",
-                        learner_id, info.network_addr, num_examples, joins_round)
-        return learner_id, token, joins_round
+        return learner_id, token, joins_round, replaced
+
+    def _sweep_members(self) -> None:
+        """Check every live member's health (at most one sweep at a time, and not more often than every 2 s).
+
+        A member whose port refuses the check is gone and is marked absent, freeing its slot. One that does
+        not answer in time is left alone: it may be busy; the round's own checks time it out.
+        """
+        if not self._sweep_lock.acquire(timeout=MEMBER_SWEEP_PROBE_S + REGISTRATION_PROBE_S):
+            return
+        try:
+            if time.monotonic() - self._last_sweep < MEMBER_SWEEP_INTERVAL_S:
+                return
+            with self._cond:
+                records = [record for record in self._learners.values() if record.alive]
+            answers = list(self._calls.map(lambda record: self._health(record, MEMBER_SWEEP_PROBE_S), records))
+            for record, answer in zip(records, answers):
+                if answer is not None and not answer.startswith(grpc.StatusCode.DEADLINE_EXCEEDED.name):
+                    self._mark_absent(record, f"its health check failed when a newcomer asked for a slot ({answer})")
+            self._last_sweep = time.monotonic()
+        finally:
+            self._sweep_lock.release()
+
+    def _health(self, record: LearnerRecord, timeout: float) -> str | None:
+        """None when a member's LearnerService answers SERVING within `timeout`, else what it answered."""
+        return rpc.health_check(record.channel, timeout, rpc.LEARNER_SERVICE, record.callback_token)
 
     def _free_slot(self) -> int | None:
         """The id a newcomer gets: the next unused one, else the lowest one whose learner is absent; None when full."""
@@ -433,7 +543,7 @@ class Leader:
         with self._cond:
             record = self._learners[learner_id]
             number = self._round.number
-        if not record.alive:
+        if not record.alive:  # its session ends as it is marked absent; a call racing that is told the same
             return False, f"learner {learner_id} was marked absent; register again to take part"
         if not record.started:
             return True, f"waiting to start with round {record.joins_round}"
@@ -446,12 +556,30 @@ class Leader:
         with self._cond:
             return self._tokens.get(token)
 
+    def why_ended(self, token: str | None) -> str | None:
+        """Why a session that is no longer valid ended (marked absent, slot taken), if it is a recent one."""
+        if token is None:
+            return None
+        with self._cond:
+            return self._revoked.get(token)
+
+    def _end_session(self, record: LearnerRecord, reason: str) -> None:
+        """Revoke a member's session token (under the lock): its later calls are refused UNAUTHENTICATED with `reason`."""
+        if self._tokens.pop(record.session_token, None) is not None:
+            self._revoked[record.session_token] = f"learner {record.learner_id}'s session ended: {reason}; register again to take part"
+            while len(self._revoked) > REVOKED_SESSIONS_KEPT:
+                self._revoked.popitem(last=False)
+
     def largest_split_bytes(self) -> int:
         """Bytes of the largest data split GetData streams (0 when learners hold their own data)."""
         if self.train_data is None or self.shards is None:
             return 0
         per_example = self.train_data.images[0].numel() * self.train_data.images.element_size() + self.train_data.labels.element_size()
         return max(len(shard) for shard in self.shards) * per_example
+
+    def split_examples(self, learner_id: int) -> int:
+        """Examples in a learner's data split (0 when learners hold their own data)."""
+        return 0 if self.shards is None else len(self.shards[learner_id])
 
     def data_for(self, learner_id: int) -> ImageData:
         """A learner's split of the training set."""
@@ -555,6 +683,8 @@ class Leader:
             bound = self.config.max_update_norm
             if bound and norm > bound:
                 raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"update norm {norm:.4g} exceeds --max-update-norm {bound:g}")
+            if not math.isfinite(norm):  # finite values whose squares overflow even float64
+                raise LeaderError(grpc.StatusCode.INVALID_ARGUMENT, f"update norm {norm} is not finite")
             # outside the lock: a wait for the summing thread must not hold up other calls
             wait = SUM_SLOT_TIMEOUT_S if time_left is None else max(0.0, min(SUM_SLOT_TIMEOUT_S, time_left - REPLY_MARGIN_S))
             holds_slot = self._sum_slots.acquire(timeout=wait)
@@ -572,9 +702,14 @@ class Leader:
                 if previous is not None:
                     raise LeaderError(grpc.StatusCode.ALREADY_EXISTS, f"learner {learner_id} already sent a different update for round {header.round}")
                 # DP-FedAvg averages clipped updates unweighted, so that one learner's influence is bounded by the clip alone
-                weight = 1.0 if self.accountant is not None else float(header.num_examples)
+                weight = 1.0 if self.accountant is not None else min(float(header.num_examples), current.max_weight)
+                clip = min(self.config.clip_norm or math.inf, current.norm_bound)
+                clip = clip if norm > clip else math.inf  # an update within its bounds is summed as it came
+                if norm > current.norm_bound:
+                    current.clipped += 1
                 # queued under the lock, while the round accepts: closing it (accepting = False) fixes the list of sums
-                current.sums.append(self._summing.submit(self._add_to_sum, current.running, tensors, weight, learner_id, release))
+                current.sums.append(self._summing.submit(self._add_to_sum, current.running, tensors, weight, learner_id,
+                                                         release, clip))
                 queued = True  # from here the summing thread frees the slot and the buffer
                 current.digests[learner_id] = digest
                 current.losses.append(header.train_loss)
@@ -590,11 +725,11 @@ class Leader:
         return f"update for round {header.round} accepted"
 
     def _add_to_sum(self, running: aggregation.RunningMean | aggregation.UpdateList, update: dict[str, torch.Tensor],
-                    weight: float, learner_id: int, release: Callable[[], None] | None) -> None:
-        """On the summing thread: clip an accepted update if asked, add it to the round's sum, free its slot and buffer."""
+                    weight: float, learner_id: int, release: Callable[[], None] | None, clip: float = math.inf) -> None:
+        """On the summing thread: scale an accepted update down to `clip` (its parameters' L2 norm), add it to the round's sum, free its slot and buffer."""
         try:
-            if self.config.clip_norm:
-                update, _ = aggregation.clip_to_norm(update, self.config.clip_norm, self.parameter_names)
+            if math.isfinite(clip):
+                update, _ = aggregation.clip_to_norm(update, clip, self.parameter_names)
             running.add(update, weight, key=learner_id)
         finally:
             self._sum_slots.release()
@@ -604,68 +739,128 @@ class Leader:
     # ---- the round loop ---------------------------------------------------------
 
     def run(self, recorder: Recorder | None = None) -> list[dict[str, Any]]:
-        """Wait for the learners, run every round, tell learners to stop; returns per-round metrics."""
+        """Wait for the learners, run every round, tell learners to stop; returns per-round metrics.
+
+        On shutdown (stop_event) the last completed round is written to disk before RunError says so.
+        """
         config = self.config
-        self._wait_for_learners()
-        start = time.monotonic()
-        self._begin_round(self._open_round(self.start_round))
-        for number in range(self.start_round, config.rounds + 1):
-            finished = self._collect(number, start)
-            mean = self._aggregate(finished)
-            if config.aggregation == "fedsgd" and config.server_opt in ("sgd", "sgdm"):  # the blog's SGD: --lr is the leader's
-                for group in self.optimizer.param_groups:
-                    group["lr"] = schedule.round_lr(config.lr, config.lr_schedule, config.warmup_rounds, config.rounds, number)
-            aggregation.apply_update(self.model, self.optimizer, mean)
-            round_seconds = time.monotonic() - finished.opened_at
-            reported = finished.reported
-            self._published = Published.of(number + 1, self.model, self._publish_buffers)
-            if number < config.rounds:
-                # learners start the next round now; this one is evaluated and saved while they train
-                # (the model is not touched again before the next _collect, which this thread runs after)
-                self._begin_round(self._open_round(number + 1))
-            if config.recompute_bn:  # after publishing: learners train BatchNorm on batch statistics, not these
-                self.recompute_batchnorm(number)
-            evaluated = number % config.eval_every == 0 or number == config.rounds
-            test_loss, test_accuracy = self.evaluate() if evaluated else (None, None)
-            metrics = {
-                "round": number,
-                "wall_time": time.time(),
-                "learners_selected": len(finished.members),
-                "learners_reported": reported,
-                "learners_dropped": len(finished.members) - reported,
-                "train_loss": sum(finished.losses) / len(finished.losses),
-                "test_loss": test_loss,
-                "test_accuracy": test_accuracy,
-                "bytes_in": finished.bytes_in,
-                "bytes_out": finished.bytes_out,
-                "update_norm_mean": sum(finished.update_norms) / len(finished.update_norms),
-                "update_norm_max": max(finished.update_norms),
-                "updates_rejected": sum(finished.rejected.values()),
-                "aggregate_norm": self._parameter_norm(mean),
-                **({"dp_epsilon": self.accountant.epsilon()} if self.accountant is not None else {}),
-                "round_seconds": round_seconds,
-                "elapsed_seconds": time.monotonic() - start,
-            }
-            self.history.append(metrics)
-            if number % config.checkpoint_every == 0 or number == config.rounds:
-                checkpoint.save(
-                    Path(config.checkpoint_dir),
-                    number,
-                    self.model.state_dict(),
-                    {"config": dataclasses.asdict(config), "metrics": metrics, "num_classes": self.num_classes},
-                    keep=config.keep_checkpoints,
-                    optimizer_state=self.optimizer_tensors(),
-                )
-            if recorder is not None:
-                recorder.record(metrics)
-            self.status.clear()
-            evaluation = f"test loss {test_loss:.4f}, test accuracy {100 * test_accuracy:.2f}%" if evaluated else "not evaluated"
-            logger.info(
-                "round %d/%d: %d learners, train loss %.4f, %s, %.1fs",
-                number, config.rounds, metrics["learners_reported"], metrics["train_loss"], evaluation, round_seconds,
-            )
+        try:
+            self._wait_for_learners()
+            start = time.monotonic()
+            self._begin_round(self._open_round(self.start_round))
+            for number in range(self.start_round, config.rounds + 1):
+                finished = self._collect(number, start)
+                metrics = self._close_round(finished, start)
+                self.history.append(metrics)
+                if self._checkpoint_due(number):
+                    self._save(metrics)
+                if recorder is not None:
+                    recorder.record(metrics)
+                self.status.clear()
+                evaluation = ("not evaluated" if metrics["test_accuracy"] is None else
+                              f"test loss {metrics['test_loss']:.4f}, test accuracy {100 * metrics['test_accuracy']:.2f}%")
+                logger.info("round %d/%d: %d learners, train loss %.4f, %s, %.1fs", number, config.rounds,
+                            metrics["learners_reported"], metrics["train_loss"], evaluation, metrics["round_seconds"])
+                self._check_stop()
+        except RunError:
+            if self.stop_event.is_set() and self.history and self.history[-1]["round"] > self._saved_round:
+                self._save(self.history[-1])  # the model has not moved since: the next round was still collecting
+            raise
         self.stop_learners("training complete")
         return self.history
+
+    def _close_round(self, finished: RoundState, start: float) -> dict[str, Any]:
+        """Aggregate a collected round into the model (or keep the last good one), publish it, open the next round, evaluate."""
+        config = self.config
+        number = finished.number
+        mean = self._aggregate(finished)
+        if config.aggregation == "fedsgd" and config.server_opt in ("sgd", "sgdm"):  # the blog's SGD: --lr is the leader's
+            for group in self.optimizer.param_groups:
+                group["lr"] = schedule.round_lr(config.lr, config.lr_schedule, config.warmup_rounds, config.rounds, number)
+        aggregation.apply_update(self.model, self.optimizer, mean)
+        problem = self._model_problem()
+        if problem is None:
+            self._model_norm = self._current_model_norm()
+            self._norm_reference = statistics.median_low(finished.update_norms)
+        else:
+            self._keep_last_good(number, problem)
+        round_seconds = time.monotonic() - finished.opened_at
+        self._published = Published.of(number + 1, self.model, self._publish_buffers)
+        if number < config.rounds:
+            # learners start the next round now; this one is evaluated and saved while they train
+            # (the model is not touched again before the next _collect, which this thread runs after)
+            self._begin_round(self._open_round(number + 1))
+        if config.recompute_bn:  # after publishing: learners train BatchNorm on batch statistics, not these
+            self.recompute_batchnorm(number)
+        evaluated = number % config.eval_every == 0 or number == config.rounds
+        test_loss, test_accuracy = (self.evaluate() if evaluated else None) or (None, None)
+        aggregate_norm = self._parameter_norm(mean)
+        return {
+            "round": number,
+            "wall_time": time.time(),
+            "learners_selected": len(finished.members),
+            "learners_reported": finished.reported,
+            "learners_dropped": len(finished.members) - finished.reported,
+            "train_loss": sum(finished.losses) / len(finished.losses),
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+            "bytes_in": finished.bytes_in,
+            "bytes_out": finished.bytes_out,
+            "update_norm_mean": sum(finished.update_norms) / len(finished.update_norms),
+            "update_norm_max": max(finished.update_norms),
+            "updates_rejected": sum(finished.rejected.values()),
+            "updates_clipped": finished.clipped,
+            "model_rejected": problem is not None,
+            "aggregate_norm": aggregate_norm if math.isfinite(aggregate_norm) else None,
+            **({"dp_epsilon": self.accountant.epsilon()} if self.accountant is not None else {}),
+            "round_seconds": round_seconds,
+            "elapsed_seconds": time.monotonic() - start,
+        }
+
+    def _current_model_norm(self) -> float:
+        """L2 norm of the global model's parameters (float32 arithmetic: inf when it overflows)."""
+        parameters = [parameter.detach() for parameter in self.model.parameters()]
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(parameters))))
+
+    def _model_problem(self) -> str | None:
+        """Why the model just stepped must not be published (a NaN, an infinity, an exploding norm), or None."""
+        norm = self._current_model_norm()
+        buffers = [buffer for buffer in self.model.buffers() if buffer.dtype.is_floating_point]
+        buffer_norms = torch.stack(torch._foreach_norm(buffers)).tolist() if buffers else []
+        if not math.isfinite(norm) or not all(math.isfinite(value) for value in buffer_norms):
+            return "it holds NaN or infinite values"
+        if norm > MODEL_GROWTH_LIMIT * self._model_norm:
+            return f"its parameter norm grew from {self._model_norm:.4g} to {norm:.4g} in one round"
+        return None
+
+    def _keep_last_good(self, number: int, problem: str) -> None:
+        """Go back to the published model after refusing round `number`'s result, and forget the server optimizer's state."""
+        self.model.load_state_dict(self._published.state(self.specs))
+        self.optimizer.state.clear()  # momentum or moments that took in the refused step would replay it
+        logger.warning("round %d: refused the new global model (%s); kept the model of round %d and reset the server "
+                       "optimizer's state", number, problem, number - 1)
+
+    def _checkpoint_due(self, number: int) -> bool:
+        """Whether round `number` is written: the last round, on shutdown, every --checkpoint-every rounds, or --checkpoint-seconds after the last write."""
+        config = self.config
+        if number == config.rounds or self.stop_event.is_set():
+            return True
+        if config.checkpoint_every and number % config.checkpoint_every == 0:
+            return True
+        return time.monotonic() - self._saved_at >= config.checkpoint_seconds
+
+    def _save(self, metrics: dict[str, Any]) -> None:
+        """Write the global model and server optimizer state as the checkpoint of metrics' round."""
+        checkpoint.save(
+            Path(self.config.checkpoint_dir),
+            metrics["round"],
+            self.model.state_dict(),
+            {"config": dataclasses.asdict(self.config), "metrics": metrics, "num_classes": self.num_classes},
+            keep=self.config.keep_checkpoints,
+            optimizer_state=self.optimizer_tensors(),
+        )
+        self._saved_round = metrics["round"]
+        self._saved_at = time.monotonic()
 
     def _wait_for_learners(self) -> None:
         """Block until --learners live learners have registered, the join timeout passes, or shutdown.
@@ -685,16 +880,13 @@ class Leader:
                             f"{self.config.join_timeout:.0f}s (--join-timeout); start more with: python learner.py --leader HOST:{self.config.port}"
                         )
                     self._cond.wait(min(remaining, WAIT_SLICE_S))
-                records = list(self._learners.values())
-            with ThreadPoolExecutor(max_workers=min(32, len(records))) as pool:
-                serving = list(pool.map(lambda record: rpc.is_serving(record.channel, timeout=STOP_TIMEOUT_S), records))
+                records = [record for record in self._learners.values() if record.alive]
+            answers = list(self._calls.map(lambda record: self._health(record, STOP_TIMEOUT_S), records))
+            for record, answer in zip(records, answers):
+                if answer is not None:
+                    self._mark_absent(record, f"it stopped answering before training ({answer}); its slot goes to the next to register")
             with self._cond:
-                for record, alive in zip(records, serving):
-                    if not alive and self._learners.get(record.learner_id) is record:
-                        logger.warning("learner %d at %s stopped answering before training; its slot goes to the next to register",
-                                       record.learner_id, record.address)
-                        record.alive = False
-                if all(record.alive for record in self._learners.values()):
+                if sum(record.alive for record in self._learners.values()) >= self.config.learners:
                     self._started = True
                     break
         logger.info("all %d learners registered; starting training", self.config.learners)
@@ -715,9 +907,23 @@ class Leader:
             # robust rules need every update; --deterministic sums them in learner order; else a running sum is enough
             futures.wait(self._round.sums)  # the sum is reset below: the last round's additions must be over
             running = aggregation.UpdateList() if self.keeps_updates else self._running.reset()
-            quorum = min(config.min_learners, count) if config.min_learners else count
-            self._round = RoundState(number, members=members, quorum=max(1, quorum), running=running)
+            self._round = RoundState(number, members=members, quorum=config.round_quorum(count), running=running,
+                                     norm_bound=self._norm_bound(), max_weight=self._max_weight(members))
             return self._round
+
+    def _norm_bound(self) -> float:
+        """--max-norm-ratio times the median update norm of the last applied round (before any, of the model's norm)."""
+        reference = self._norm_reference if self._norm_reference is not None else self._model_norm
+        if not self.config.max_norm_ratio or not reference > 0:
+            return math.inf
+        return self.config.max_norm_ratio * reference
+
+    def _max_weight(self, members: frozenset[int]) -> float:
+        """With learners' own data, --max-weight-ratio times the median weight the round's members may claim (under the lock)."""
+        if not self.config.max_weight_ratio or self.config.data_mode != "local" or not members:
+            return math.inf  # in split mode the leader itself knows every learner's examples
+        claims = [self._max_examples(self._learners[learner_id].num_examples) for learner_id in members]
+        return self.config.max_weight_ratio * statistics.median_low(claims)
 
     def _aggregate(self, finished: RoundState) -> dict[str, torch.Tensor]:
         """The round's update by --aggregator, plus Gaussian noise on the parameters under DP-FedAvg."""
@@ -766,66 +972,78 @@ class Leader:
                 lambda outcome, record=record: self._mark_absent_on_error(record, "the round's start", outcome.result()))
 
     def _collect(self, number: int, run_start: float) -> RoundState:
-        """Wait for every live learner's update or the round deadline; the round needs the quorum."""
-        deadline = time.monotonic() + self.config.round_timeout
+        """Wait until every member has reported or is gone, or the round's deadline; the round needs its quorum.
+
+        With --round-timeout 0 the deadline is set once the quorum has reported: the rest get
+        STRAGGLER_GRACE_FACTOR times the time that took (at least STRAGGLER_GRACE_MIN_S).
+        """
+        config = self.config
+        deadline = time.monotonic() + (config.round_timeout or AUTO_ROUND_LIMIT_S)
         accuracies = [entry["test_accuracy"] for entry in self.history if entry["test_accuracy"] is not None]
         last = f", last accuracy {100 * accuracies[-1]:.2f}%" if accuracies else ""
-        probe_every = min(HEALTH_PROBE_INTERVAL_S, self.config.learner_lost_after / 3)
+        probe_every = min(HEALTH_PROBE_INTERVAL_S, config.learner_lost_after / 3)
         next_probe = time.monotonic() + probe_every
         silent_since: dict[int, float] = {}
+        refusals: dict[int, int] = {}
+        graced = bool(config.round_timeout)
         with self._cond:
             current = self._round
             while True:
                 if time.monotonic() >= next_probe:
                     self._cond.release()
                     try:
-                        self._probe_members(current, silent_since, probe_every)
+                        self._probe_members(current, silent_since, refusals, probe_every)
                     finally:
                         self._cond.acquire()
                     next_probe = time.monotonic() + probe_every
                 self._check_stop()
                 alive = sum(self._learners[learner_id].alive for learner_id in current.members)
                 self.status.show(
-                    f"round {number}/{self.config.rounds}: {current.reported}/{alive} learners reported, "
+                    f"round {number}/{config.rounds}: {current.reported}/{alive} learners reported, "
                     f"{time.monotonic() - run_start:.0f}s elapsed{last}"
                 )
-                if current.reported >= alive:
+                if current.reported >= alive or alive < current.quorum:
                     break
-                if alive < current.quorum:
+                now = time.monotonic()
+                if not graced and current.reported >= current.quorum:
+                    graced = True
+                    deadline = min(deadline, now + max(STRAGGLER_GRACE_MIN_S, STRAGGLER_GRACE_FACTOR * (now - current.opened_at)))
+                if now >= deadline:
                     break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(min(remaining, WAIT_SLICE_S, max(0.0, next_probe - time.monotonic())))
+                self._cond.wait(min(deadline - now, WAIT_SLICE_S, max(0.0, next_probe - now)))
             current.accepting = False
             late = [self._learners[learner_id] for learner_id in sorted(current.members)
                     if learner_id not in current.digests and self._learners[learner_id].alive]
-            for record in late:  # it missed the deadline: a later update of this round is stale, and it must register again
-                record.alive = False
-        for record in late:
-            logger.warning("learner %d at %s sent no update for round %d by the deadline (--round-timeout); marked absent",
-                           record.learner_id, record.address, number)
+        for record in late:  # it missed the deadline: a later update of this round is stale, and it must register again
+            limit = "--round-timeout" if config.round_timeout else "the stragglers' grace after the quorum reported"
+            self._mark_absent(record, f"it sent no update for round {number} by the deadline ({limit})")
         if current.reported < current.quorum:
+            causes = "; ".join(f"learner {learner_id}: {why}" for learner_id, why in sorted(current.lost.items()))
             raise RunError(
-                f"round {number}: {current.reported} of {len(current.members)} learners reported "
-                f"and {current.quorum} are needed (--min-learners); see the learners' logs"
+                f"round {number}: {current.reported} of {len(current.members)} learners reported and {current.quorum} "
+                f"are needed (--min-learners); " + (causes or "see the learners' logs")
             )
         return current
 
-    def _probe_members(self, current: RoundState, silent_since: dict[int, float], timeout: float) -> None:
-        """Health-check the members yet to report; mark absent those silent for --learner-lost-after seconds."""
+    def _probe_members(self, current: RoundState, silent_since: dict[int, float], refusals: dict[int, int], timeout: float) -> None:
+        """Health-check the members yet to report; mark absent those whose port refuses twice or that stay silent for --learner-lost-after."""
         with self._cond:
             records = [self._learners[learner_id] for learner_id in sorted(current.members)
                        if learner_id not in current.digests and self._learners[learner_id].alive]
-        serving = list(self._calls.map(lambda record: rpc.is_serving(record.channel, timeout=timeout), records))
+        answers = list(self._calls.map(lambda record: self._health(record, timeout), records))
         now = time.monotonic()
-        for record, alive in zip(records, serving):
-            if alive:
+        for record, answer in zip(records, answers):
+            if answer is None:
                 silent_since.pop(record.learner_id, None)
+                refusals.pop(record.learner_id, None)
                 continue
             since = silent_since.setdefault(record.learner_id, now)
-            if now - since >= self.config.learner_lost_after:
-                self._mark_absent_on_error(record, f"health checks in round {current.number}", f"no answer for {now - since:.0f}s")
+            if answer.startswith(grpc.StatusCode.DEADLINE_EXCEEDED.name):
+                refusals.pop(record.learner_id, None)  # silent, perhaps only busy: --learner-lost-after decides
+            else:
+                refusals[record.learner_id] = refusals.get(record.learner_id, 0) + 1
+            if now - since >= self.config.learner_lost_after or refusals.get(record.learner_id, 0) >= REFUSED_PROBES_TO_ABSENT:
+                self._mark_absent(record, f"it failed health checks in round {current.number}: {answer}, for {now - since:.0f}s")
 
     def _check_stop(self) -> None:
         if self.stop_event.is_set():
@@ -837,14 +1055,21 @@ class Leader:
             self._mark_absent_on_error(record, what, error)
 
     def _mark_absent_on_error(self, record: LearnerRecord, what: str, error: str | None) -> None:
-        if error is None:
-            return
+        if error is not None:
+            self._mark_absent(record, f"it failed {what}: {error}")
+
+    def _mark_absent(self, record: LearnerRecord, why: str) -> None:
+        """Take a member out: its slot goes to the next to register, its session ends, and the open round notes why."""
         with self._cond:
-            was_alive = record.alive
+            was_alive = record.alive and self._learners.get(record.learner_id) is record
             record.alive = False
+            if was_alive:
+                self._end_session(record, f"marked absent: {why}")
+                if record.learner_id in self._round.members and record.learner_id not in self._round.digests:
+                    self._round.lost[record.learner_id] = why
             self._cond.notify_all()
         if was_alive:
-            logger.warning("learner %d at %s failed %s: %s", record.learner_id, record.address, what, error)
+            logger.warning("learner %d at %s marked absent: %s", record.learner_id, record.address, why)
 
     def stop_learners(self, reason: str) -> None:
         """Tell every learner to stop, those marked absent too, in case they come back (best effort, short deadline)."""
@@ -865,13 +1090,16 @@ class Leader:
                    for first in range(0, len(chosen), EVAL_BATCH_SIZE))
         recompute_batchnorm(self.model, batches)
 
-    def evaluate(self) -> tuple[float, float]:
-        """Test loss and accuracy of the global model."""
+    def evaluate(self) -> tuple[float, float] | None:
+        """Test loss and accuracy of the global model; None when shutdown interrupts it."""
         self.model.eval()
         total_loss = 0.0
         correct = 0
         with torch.inference_mode():
             for start in range(0, len(self.test_data), EVAL_BATCH_SIZE):
+                if self.stop_event.is_set():  # a shutdown is not kept waiting for a full pass over the test set
+                    self.model.train()
+                    return None
                 images = self.test_data.images[start : start + EVAL_BATCH_SIZE].to(self.device)
                 labels = self.test_data.labels[start : start + EVAL_BATCH_SIZE].to(self.device)
                 logits = self.model(normalize(images))
@@ -923,7 +1151,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 
     def RegisterLearner(self, request: leader_pb2.LearnerInfo, context: grpc.ServicerContext) -> leader_pb2.AckWithMetadata:
         try:
-            learner_id, token, joins_round = self.leader.register(request)
+            learner_id, token, joins_round = self.leader.register(request, context.peer())
         except LeaderError as error:
             context.abort(error.code, str(error))
         return leader_pb2.AckWithMetadata(
@@ -934,6 +1162,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             plan=self.leader.plan(),
             session_token=token,
             joins_round=joins_round,
+            split_examples=self.leader.split_examples(learner_id),
         )
 
     def GetModel(self, request: leader_pb2.Empty, context: grpc.ServicerContext) -> Iterator[leader_pb2.ModelChunk]:
@@ -1005,8 +1234,9 @@ def leader_gate(leader: Leader, enrolment_token: str | None) -> rpc.Gate:
             if enrolment_token is not None and not rpc.secrets_match(rpc.metadata_value(metadata, rpc.ENROLMENT_METADATA_KEY), enrolment_token):
                 return grpc.StatusCode.UNAUTHENTICATED, "RegisterLearner needs this federation's enrolment secret (--token-file or $FL_ENROLMENT_TOKEN)"
             return None
-        if leader.learner_for_token(rpc.metadata_value(metadata, rpc.TOKEN_METADATA_KEY)) is None:
-            return grpc.StatusCode.UNAUTHENTICATED, f"missing or unknown {rpc.TOKEN_METADATA_KEY}: call RegisterLearner first"
+        token = rpc.metadata_value(metadata, rpc.TOKEN_METADATA_KEY)
+        if leader.learner_for_token(token) is None:
+            return grpc.StatusCode.UNAUTHENTICATED, leader.why_ended(token) or f"missing or unknown {rpc.TOKEN_METADATA_KEY}: call RegisterLearner first"
         return None
 
     return rpc.Gate(rpc.LEADER_SERVICE, check)
@@ -1023,7 +1253,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default=defaults.host, help="address to listen on")
     add("--port", type=int, default=defaults.port, help="port to listen on (0 picks a free one)")
     add("--learners", type=_positive_int, default=defaults.learners, help="learners to wait for before training starts")
-    add("--min-learners", type=_non_negative_int, default=defaults.min_learners, help="learners that must report for a round to count (0: all)")
+    add("--min-learners", type=_non_negative_int, default=defaults.min_learners,
+        help="learners that must report for a round to count (0: half of the round's learners, rounded up, so that a "
+        "federation of 2 survives losing one)")
     add("--rounds", type=_positive_int, default=defaults.rounds, help="federated rounds to run")
     add("--aggregation", choices=AGGREGATIONS, default=defaults.aggregation,
         help="fedsgd: one batch per learner, the leader averages gradients and takes an SGD step; "
@@ -1075,11 +1307,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--run-dir", default=defaults.run_dir, help="directory for this run's config, metrics, plot, log and checkpoints; None means runs/<start time>")
     add("--checkpoint-dir", default=defaults.checkpoint_dir, help="where each round's checkpoint is written; None means <run-dir>/checkpoints")
     add("--keep-checkpoints", type=_positive_int, default=defaults.keep_checkpoints, help="rounds of checkpoints to keep")
-    add("--checkpoint-every", type=_positive_int, default=defaults.checkpoint_every,
-        help="write a checkpoint every this many rounds and after the last (a 45 MB model and its momentum cost about "
-        "0.1 s of leader CPU and the disk's fsync time); a crash redoes at most this many rounds")
+    add("--checkpoint-every", type=_non_negative_int, default=defaults.checkpoint_every,
+        help="also write a checkpoint every this many rounds (0: by --checkpoint-seconds only)")
+    add("--checkpoint-seconds", type=_non_negative_float, default=defaults.checkpoint_seconds,
+        help="write a checkpoint once this many seconds have passed since the last, after the last round and on "
+        "shutdown: a crash loses at most about this much work (a 45 MB model and its momentum cost about 0.1 s of "
+        "leader CPU and the disk's fsync time; 0: every round)")
     add("--join-timeout", type=float, default=defaults.join_timeout, help="seconds to wait for --learners to register")
-    add("--round-timeout", type=float, default=defaults.round_timeout, help="seconds a round waits for updates")
+    add("--round-timeout", type=_non_negative_float, default=defaults.round_timeout,
+        help="seconds a round waits for updates (0: fitted to the round: once the quorum has reported, the rest get "
+        f"{STRAGGLER_GRACE_FACTOR:g} times the time that took, at least {STRAGGLER_GRACE_MIN_S:g} s; members that are "
+        "gone are found by health checks)")
     add("--eval-every", type=_positive_int, default=defaults.eval_every,
         help="evaluate the global model on the test set every this many rounds (and after the last)")
     add("--recompute-bn", type=_non_negative_int, default=defaults.recompute_bn, metavar="IMAGES",
@@ -1099,7 +1337,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how learners send updates: none (float32), fp16, int8 (per-tensor scale) or topk (--topk-ratio of each "
         "parameter tensor's entries, the rest carried to the next round: error feedback)")
     add("--topk-ratio", type=_fraction, default=defaults.topk_ratio, help="topk: share of each parameter tensor's entries sent")
-    add("--max-update-norm", type=float, default=defaults.max_update_norm, help="refuse updates whose parameter L2 norm exceeds this (0: no bound)")
+    add("--max-update-norm", type=_non_negative_float, default=defaults.max_update_norm,
+        help="refuse updates whose parameter L2 norm exceeds this (0: no fixed bound)")
+    add("--max-norm-ratio", type=_non_negative_float, default=defaults.max_norm_ratio,
+        help="scale down any update whose parameter L2 norm exceeds this many times the median of the last round's "
+        "updates (before the first round: of the model's own norm), so that no single update can swamp a round (0: off)")
+    add("--max-weight-ratio", type=_non_negative_float, default=defaults.max_weight_ratio,
+        help="--data-mode local: an update weighs at most this many times the median example count the round's "
+        "learners declared, so that no learner outweighs the rest by claiming more (0: trust the declared counts)")
     add("--resume", metavar="RUN_DIR", default=defaults.resume,
         help="continue the run in RUN_DIR from its last checkpoint, with its config (flags given here win, e.g. --rounds)")
     add("--token-file", default=None, help=f"file holding the enrolment secret learners must present to register (or set ${rpc.ENROLMENT_ENV}); None means anyone who reaches the port may join")
@@ -1158,7 +1403,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bool, str
         enrolment_token = rpc.read_enrolment_token(args.pop("token_file"))
     except ValueError as error:
         parser.error(str(error))
-    config = resolve_paths(LeaderConfig(**args))
+    try:
+        config = resolve_paths(LeaderConfig(**args))
+    except ValueError as error:
+        parser.error(str(error))
     if config.min_learners > config.learners:
         parser.error(f"--min-learners {config.min_learners} exceeds --learners {config.learners}")
     for problem in config_problems(config):
@@ -1208,10 +1456,31 @@ def expand_resume(parser: argparse.ArgumentParser, argv: list[str] | None) -> li
 
 
 def resolve_paths(config: LeaderConfig) -> LeaderConfig:
-    """Fill in the run directory (runs/<start time>) and the checkpoint directory inside it."""
+    """Fill in the run directory (runs/<start time>) and the checkpoint directory inside it.
+
+    A new run never writes into a directory that holds another run's results (a reused config.json names
+    its run's directory): it gets the next free one beside it, <dir>-2, <dir>-3, ...; --resume continues one.
+    """
     run_dir = config.run_dir or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    checkpoint_dir = config.checkpoint_dir or str(Path(run_dir) / "checkpoints")
+    inside = config.checkpoint_dir is None or Path(config.checkpoint_dir) == Path(run_dir) / "checkpoints"
+    if not config.resume:
+        base, suffix = run_dir, 1
+        while holds_results(Path(run_dir)):
+            suffix += 1
+            run_dir = f"{base}-{suffix}"
+        if run_dir != base:
+            logger.warning("%s holds another run's results; this run writes to %s (--resume %s continues that one)", base, run_dir, base)
+        if not inside and checkpoint.latest(Path(config.checkpoint_dir)) is not None:
+            raise ValueError(f"--checkpoint-dir {config.checkpoint_dir} holds another run's checkpoints: pass an empty "
+                             f"directory, or --resume the run they belong to")
+    checkpoint_dir = str(Path(run_dir) / "checkpoints") if inside else config.checkpoint_dir
     return dataclasses.replace(config, run_dir=run_dir, checkpoint_dir=checkpoint_dir)
+
+
+def holds_results(run_dir: Path) -> bool:
+    """Whether a directory holds a run's config, metrics or checkpoints."""
+    return ((run_dir / CONFIG_FILE).exists() or (run_dir / METRICS_FILE).exists()
+            or checkpoint.latest(run_dir / "checkpoints") is not None)
 
 
 def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Leader, grpc.Server, int, Any]:
@@ -1222,6 +1491,7 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
     if tls is not None and not tls.serving:
         raise ValueError("--tls-ca on the leader needs --tls-cert and --tls-key too")
     leader = Leader(config, test_data, train_data, tls)
+    leader.trusts_registrants = enrolment_token is not None or (tls is not None and tls.ca is not None)
     if checkpoint.remove_partial_writes(Path(config.checkpoint_dir)):
         logger.info("removed partly written checkpoint files left by an earlier run in %s", config.checkpoint_dir)
     if config.resume:
@@ -1232,7 +1502,7 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
         if finished >= config.rounds:
             raise ValueError(f"--resume {config.resume}: the run already finished all {finished} rounds; pass --rounds N (N > {finished}) to go on")
     service = rpc.LEADER_SERVICE
-    leader.limits = rpc.CallLimits(config.stream_idle_timeout, stream_deadlines={
+    leader.limits = rpc.CallLimits(config.stream_idle_timeout, is_member=lambda token: leader.learner_for_token(token) is not None, stream_deadlines={
         # a stream may take as long as the peer's own deadline for it, and no longer
         f"/{service}/GetModel": rpc.transfer_timeout(leader.model_bytes),
         f"/{service}/AccumulateGradients": rpc.transfer_timeout(leader.update_bytes),
@@ -1247,21 +1517,29 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
         gate=leader_gate(leader, enrolment_token),
         tls=tls,
         limits=leader.limits,
-        request_deserializers={f"/{service}/AccumulateGradients": wire.chunk_deserializer(leader_pb2.GradientData)},
+        request_deserializers={f"/{service}/AccumulateGradients": wire.chunk_deserializer(
+            leader_pb2.GradientData, wire.first_message_limit(leader.update_specs))},
         response_serializers={f"/{service}/{method}": wire.serialize for method in ("GetModel", "GetData")},  # they yield frames
+        health_services=[service],
     )
     return leader, server, port, health
 
 
 def handle_shutdown_signals(leader: Leader, health: Any) -> Callable[[int, Any], None]:
-    """On SIGTERM or SIGINT, turn health NOT_SERVING at once and have the round loop wind down; returns the handler.
+    """On SIGTERM or SIGINT, say so, turn health NOT_SERVING at once and have the round loop wind down; returns the handler.
 
-    The loop stops at its next check (within half a second); main() then tells the learners to stop and
-    gives calls in flight a grace period. The last committed round is already on disk.
+    The loop stops at its next check (within half a second; an evaluation stops at its next batch) and
+    writes the last completed round; main() then tells the learners to stop and gives calls in flight a
+    short grace period. A second Ctrl-C ends the process at once.
     """
     def on_signal(signum: int, frame: Any) -> None:
         health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # load balancers and probes see it at once
         leader.stop_event.set()
+        leader.status.clear()
+        logger.warning("%s: stopping after saving the last completed round; press Ctrl-C again to quit at once",
+                       signal.Signals(signum).name)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second one raises KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -1311,9 +1589,12 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("%s", error)
             status = 1
         leader.stop_learners(str(error))
+    except KeyboardInterrupt:  # a second Ctrl-C: no goodbyes
+        print("leader: interrupted", file=sys.stderr)
+        status = 130
     finally:
         health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        server.stop(grace=5).wait()
+        server.stop(grace=SERVER_STOP_GRACE_S).wait()
         leader.close()
         plot = recorder.close()
         if plot is not None:

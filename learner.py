@@ -36,7 +36,14 @@ logger = logging.getLogger(__name__)
 
 # Largest data split a learner accepts from GetData.
 MAX_DATA_BYTES = 8 << 30
-REGISTER_ATTEMPT_S = 5.0  # one registration attempt; the learner says it is waiting after the first
+# One registration attempt, after which the learner says it is waiting; the leader calls this learner back (up to
+# 3 s) before it answers, and a retried registration gets the same identity.
+REGISTER_ATTEMPT_S = 5.0
+# Pause between registrations refused for now (a full federation, a busy leader): drawn from 1-2x this, so that
+# learners refused together do not all come back in the same instant.
+REGISTER_RETRY_S = 2.0
+SERVER_THREADS = 8  # the leader needs at most four at once (start, push, health check, stop)
+MAX_STRANGER_CALLS = 2  # calls without this learner's callback secret in flight at once (health checks, reflection)
 HEARTBEAT_INTERVAL_S = 5.0  # how often a waiting learner checks that the leader still counts it as a member
 PROGRESS_EVERY = 10  # steps between progress-bar loss updates: each reads the loss off the device
 # An update refused as busy (RESOURCE_EXHAUSTED) or answered too late (DEADLINE_EXCEEDED) is sent again, up to this
@@ -80,7 +87,9 @@ class LearnerError(Exception):
 
 
 class LeaderLost(LearnerError):
-    """The leader stopped answering; the learner may register again once it is back."""
+    """The leader stopped answering or ended this learner's session; the learner may register again."""
+
+    rounds_trained = 0  # rounds the lost session trained: one that trained was dropped, not refused
 
 
 class Stopped(Exception):
@@ -99,11 +108,12 @@ class Learner:
         self.memory_format = torch.contiguous_format
         self.callback_token = secrets.token_urlsafe(32)
         self.channel = rpc.channel(config.leader, tls)
-        self.stub = leader_stub(self.channel)
+        self.stub = leader_stub(self.channel, self._first_message_limit)
         self.model: torch.nn.Module | None = None
         self._forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # the model, or with --compile its compiled form
         self.specs: list[wire.TensorSpec] | None = None
         self.learner_id = -1
+        self.split_examples = 0  # examples of the split the leader sends (GetData); 0 with local data
         self.plan: leader_pb2.TrainingPlan | None = None
         self.data: ImageData | None = None
         self._train_images: torch.Tensor | None = None  # self.data's images and labels on self.device, once prepared
@@ -168,14 +178,18 @@ class Learner:
         )
         deadline = time.monotonic() + self.config.connect_timeout
         attempts = 0
+        refusals = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if refusals:
+                    raise LearnerError(f"the leader at {self.config.leader} had no slot for this learner within "
+                                       f"{self.config.connect_timeout:.0f}s (--connect-timeout): {last_refusal}")
                 raise LearnerError(
                     f"no leader answered at {self.config.leader} within {self.config.connect_timeout:.0f}s: "
                     "check --leader and that leader.py is running"
                 )
-            if attempts == 1:
+            if attempts == 1 and not refusals:
                 logger.info("waiting for the leader at %s (up to %.0fs)", self.config.leader, self.config.connect_timeout)
             attempts += 1
             try:
@@ -186,9 +200,17 @@ class Learner:
                 )
                 break
             except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # full, or busy: a slot may free up
+                    last_refusal = error.details()
+                    if not refusals:
+                        logger.warning("%s; waiting for a slot (up to %.0fs, --connect-timeout)", last_refusal, remaining)
+                    refusals += 1
+                    time.sleep(min(remaining, REGISTER_RETRY_S * (1 + random.random())))  # nothing to wake for: not a peer's answer
+                    continue
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise LearnerError(f"the leader refused registration: {error.details()}") from None
         self.learner_id = reply.learner_id
+        self.split_examples = reply.split_examples
         self.plan = reply.plan
         self._session_token = reply.session_token
         joins = f", joining from round {reply.joins_round}" if reply.joins_round > 1 else ""
@@ -227,15 +249,29 @@ class Learner:
         self._train_images = self.data.images.to(self.device)
         self._train_labels = self.data.labels.to(self.device)
 
+    def _data_specs(self) -> list[wire.TensorSpec]:
+        """What GetData must stream: split_examples uint8 images of the plan's shape and as many int64 labels."""
+        count = self.split_examples
+        return [wire.TensorSpec("images", "uint8", (count, *self.plan.image_shape)), wire.TensorSpec("labels", "int64", (count,))]
+
+    def _first_message_limit(self) -> int:
+        """Most bytes the first message of a stream from the leader may take: a model's or a data split's manifest, a chunk, a header."""
+        return wire.first_message_limit(self.specs if self.specs is not None else self._data_specs() if self.plan is not None else [])
+
     def _fetch_data(self) -> ImageData:
-        """GetData: this learner's split, as uint8 images and int64 labels."""
+        """GetData: this learner's split, as uint8 images and int64 labels, exactly as many as registration said."""
+        specs = self._data_specs()
+        size = wire.payload_bytes(specs)
+        if size > MAX_DATA_BYTES:
+            raise LearnerError(f"the leader's data split of {size} bytes exceeds this learner's {MAX_DATA_BYTES}-byte limit")
         responses = self.stub.GetData(
             leader_pb2.LearnerDataRequest(learner_id=self.learner_id),
-            timeout=rpc.transfer_timeout(MAX_DATA_BYTES),
+            timeout=rpc.transfer_timeout(size),
             metadata=self._metadata(),
         )
         try:
-            received = wire.receive(responses, max_bytes=MAX_DATA_BYTES)
+            # checked against the split registration announced before anything is allocated; memory is committed as bytes arrive
+            received = wire.receive(responses, max_bytes=size, expected=specs)
         except grpc.RpcError as error:
             raise self._call_failed("GetData", error) from None
         except wire.WireError as error:
@@ -251,7 +287,9 @@ class Learner:
 
     def _call_failed(self, what: str, error: grpc.RpcError) -> LearnerError:
         """The error to raise for a failed call: LeaderLost when the leader is unreachable or no longer knows us."""
-        if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED):
+        if error.code() == grpc.StatusCode.UNAUTHENTICATED:  # marked absent, slot given away, or a restarted leader
+            return LeaderLost(f"{what} failed: the leader at {self.config.leader} ended this learner's session ({error.details()})")
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
             return LeaderLost(f"{what} failed ({error.code().name}): the leader at {self.config.leader} went away")
         return LearnerError(f"{what} failed: {error.code().name}: {error.details()}")
 
@@ -314,11 +352,8 @@ class Learner:
         try:
             reply = self.stub.Heartbeat(leader_pb2.HeartbeatRequest(learner_id=self.learner_id), timeout=timeout, metadata=self._metadata())
         except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.UNAUTHENTICATED:  # a restarted leader: our session died with the old one
-                raise LeaderLost(
-                    f"the leader at {self.config.leader} no longer knows this learner's session "
-                    "(it restarted, or gave this learner's slot to another)"
-                ) from None
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:  # marked absent, or a restarted leader
+                raise LeaderLost(f"the leader at {self.config.leader} ended this learner's session ({error.details()})") from None
             return False
         if not reply.success:
             raise LeaderLost(f"the leader dropped this learner: {reply.message}")
@@ -498,15 +533,18 @@ def batches_per_epoch(size: int, batch_size: int) -> int:
     return full + (1 if rest > 1 or size == 1 else 0)
 
 
-def leader_stub(channel: grpc.Channel) -> leader_pb2_grpc.LeaderServiceStub:
-    """The generated stub, reading received chunks as views (wire.chunk_deserializer) and sending updates as wire.frames."""
+def leader_stub(channel: grpc.Channel, limit: Callable[[], int] | None = None) -> leader_pb2_grpc.LeaderServiceStub:
+    """The generated stub, reading received chunks as views (wire.chunk_deserializer) and sending updates as wire.frames.
+
+    `limit` gives the most bytes a received stream's first message may take (wire.first_message_limit).
+    """
     stub = leader_pb2_grpc.LeaderServiceStub(channel)
     stub.AccumulateGradients = channel.stream_unary(f"/{rpc.LEADER_SERVICE}/AccumulateGradients", request_serializer=wire.serialize,
                                                     response_deserializer=leader_pb2.Ack.FromString)
     stub.GetModel = channel.unary_stream(f"/{rpc.LEADER_SERVICE}/GetModel", request_serializer=leader_pb2.Empty.SerializeToString,
-                                         response_deserializer=wire.chunk_deserializer(leader_pb2.ModelChunk))
+                                         response_deserializer=wire.chunk_deserializer(leader_pb2.ModelChunk, limit))
     stub.GetData = channel.unary_stream(f"/{rpc.LEADER_SERVICE}/GetData", request_serializer=leader_pb2.LearnerDataRequest.SerializeToString,
-                                        response_deserializer=wire.chunk_deserializer(leader_pb2.DataChunk))
+                                        response_deserializer=wire.chunk_deserializer(leader_pb2.DataChunk, limit))
     return stub
 
 
@@ -606,13 +644,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(config.threads)
     try:
         local_data = load_local_data(config.data_dir) if config.data_dir else None
-        for attempt in itertools.count():
+        attempt = 0
+        while True:
             try:
                 return run_session(config, enrolment_token, tls, local_data)
             except LeaderLost as error:
                 if not config.rejoin:
                     raise
+                if error.rounds_trained:  # it was dropped after taking part, not refused again and again: no long backoff
+                    attempt = 0
                 pause = rejoin_pause(attempt, random.random())
+                attempt += 1
                 logger.warning("%s; registering again in %.1fs (up to %.0fs)", error, pause, config.connect_timeout)
                 time.sleep(pause)  # spreads out the learners of a restarted leader; the leader itself is awaited by register()
     except Stopped as stop:
@@ -631,10 +673,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def create_server(learner: Learner, host: str, port: int, tls: rpc.Tls | None = None) -> tuple[grpc.Server, int, Any]:
     """Start the learner's server for `learner` on host:port; returns (server, port, health)."""
+    limits = rpc.CallLimits(is_member=lambda token: rpc.secrets_match(token, learner.callback_token),
+                            max_stranger_calls=MAX_STRANGER_CALLS)
     return rpc.create_server(
         lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server),
-        host, port, max_workers=4, gate=learner_gate(learner), tls=tls,
-        request_deserializers={f"/{rpc.LEARNER_SERVICE}/SyncModelState": wire.chunk_deserializer(learner_pb2.ModelState)},
+        host, port, max_workers=SERVER_THREADS, gate=learner_gate(learner), tls=tls, limits=limits,
+        request_deserializers={f"/{rpc.LEARNER_SERVICE}/SyncModelState":
+                               wire.chunk_deserializer(learner_pb2.ModelState, learner._first_message_limit)},
+        health_services=[rpc.LEARNER_SERVICE],
     )
 
 
@@ -649,6 +695,9 @@ def run_session(config: LearnerConfig, enrolment_token: str | None, tls: rpc.Tls
         reason = learner.run()
         logger.info("stopping after %d rounds: %s", learner.rounds_trained, reason)
         return 0
+    except LeaderLost as error:
+        error.rounds_trained = learner.rounds_trained
+        raise
     finally:
         server.stop(grace=2).wait()  # an interpreter that exits while gRPC's threads still run can abort
         learner.channel.close()

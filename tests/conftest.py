@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +20,32 @@ import learner as learner_module
 import rpc
 from leader import Leader, LeaderConfig
 from protos import leader_pb2, leader_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def learner_process(address: str, *extra: str) -> subprocess.Popen:
+    """learner.py as a process on loopback, one thread, its stderr piped."""
+    return subprocess.Popen(
+        [sys.executable, "learner.py", "--leader", address, "--host", "127.0.0.1", "--device", "cpu", "--threads", "1", *extra],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def run_in_thread(leader) -> tuple[threading.Thread, dict]:
+    """leader.run() in a daemon thread; its history lands in the returned dict."""
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.setdefault("history", leader.run()), daemon=True)
+    runner.start()
+    return runner, result
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    """Poll in-process state until `condition` holds; fail after `timeout` seconds (a generous outer bound)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)  # polling our own in-process state, not waiting on a peer
 
 
 def leader_config(tmp_path: Path, **overrides: object) -> LeaderConfig:
@@ -103,8 +132,36 @@ class Client:
         return rpc.token_metadata(self.token)
 
 
-def register_client(channel: grpc.Channel, callback_token: str | None = None, address: str = "127.0.0.1:1") -> Client:
-    """Register through the real RPC, as a learner whose server is at `address` (by default a closed port nobody answers)."""
+class CallbackServer:
+    """A server that answers the leader's registration check (health SERVING for the learner service) and serves nothing else.
+
+    The address hand-driven clients register with: the leader admits them, and any call it makes to
+    them (StartTraining, a pushed model) fails UNIMPLEMENTED, as to a learner that cannot take part.
+    """
+
+    def __init__(self) -> None:
+        self.server, port, self.health = rpc.create_server(lambda server: None, "127.0.0.1", 0, max_workers=8,
+                                                           health_services=[rpc.LEARNER_SERVICE])
+        self.address = f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
+
+
+_callback_server: CallbackServer | None = None
+
+
+def callback_address() -> str:
+    """The address of one CallbackServer shared by every hand-driven client of the test session."""
+    global _callback_server
+    if _callback_server is None:
+        _callback_server = CallbackServer()
+    return _callback_server.address
+
+
+def register_client(channel: grpc.Channel, callback_token: str | None = None, address: str | None = None) -> Client:
+    """Register through the real RPC, as a learner whose server is at `address` (by default the shared CallbackServer)."""
+    address = address or callback_address()
     stub = leader_pb2_grpc.LeaderServiceStub(channel)
     info = leader_pb2.LearnerInfo(
         network_addr=address, callback_token=callback_token or secrets.token_urlsafe(32), version=rpc.PROTOCOL_VERSION

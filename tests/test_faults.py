@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -16,35 +17,11 @@ import pytest
 import torch
 
 import checkpoint
+import leader as leader_module
 import rpc
 import wire
-from conftest import join_all, leader_config, register_client, running_leader, start_learners
+from conftest import ROOT, join_all, leader_config, learner_process, register_client, run_in_thread, running_leader, start_learners, wait_until
 from protos import leader_pb2, learner_pb2, learner_pb2_grpc
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def learner_process(address: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "learner.py", "--leader", address, "--host", "127.0.0.1", "--device", "cpu", "--threads", "1", *extra],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def run_in_thread(leader) -> tuple[threading.Thread, dict]:
-    """leader.run() in a daemon thread; its history lands in the returned dict."""
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.setdefault("history", leader.run()), daemon=True)
-    runner.start()
-    return runner, result
-
-
-def wait_until(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)  # polling our own in-process state, not waiting on a peer
-
 
 def test_learner_killed_mid_round_leaves_a_quorum_that_finishes_the_run(tmp_path, caplog):
     # the round deadline is far off: the leader must notice the dead learner by its failed health checks
@@ -114,7 +91,8 @@ def test_leader_killed_mid_run_resumes_and_learners_rejoin_with_the_uninterrupte
     from local_federation import free_port
 
     common = ["--dataset", "synthetic", "--model", "tiny-cnn", "--device", "cpu", "--aggregation", "fedavg", "--learners", "3",
-              "--local-steps", "20", "--server-momentum", "0.5", "--rounds", "6", "--seed", "5", "--deterministic"]
+              "--local-steps", "20", "--server-momentum", "0.5", "--rounds", "6", "--seed", "5", "--deterministic",
+              "--checkpoint-every", "1"]
     straight = subprocess.run([sys.executable, "local_federation.py", *common, "--run-dir", str(tmp_path / "straight")],
                               cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -154,27 +132,46 @@ def test_leader_killed_mid_run_resumes_and_learners_rejoin_with_the_uninterrupte
 
 
 def test_a_learner_that_dies_before_training_is_replaced_by_the_next_to_register(tmp_path, channel_to):
+    from conftest import CallbackServer
+
     config = leader_config(tmp_path, learners=2, rounds=1)
     with running_leader(config) as running:
         leader = running.leader
         runner, result = run_in_thread(leader)
-        register_client(channel_to(running.address))  # learner 0, whose server is gone
+        gone = CallbackServer()
+        register_client(channel_to(running.address), address=gone.address)  # learner 0, admitted while its server answered
+        gone.stop()
         first = start_learners(running.address, 1)
         wait_until(lambda: len(leader._learners) == 2 and not leader._learners[0].alive)
         second = start_learners(running.address, 1)
         assert join_all(first + second) == [0, 0]
         runner.join(60)
         assert result["history"][0]["learners_reported"] == 2
-        assert {record.address for record in leader._learners.values()}.isdisjoint({"127.0.0.1:1"})
+        assert {record.address for record in leader._learners.values()}.isdisjoint({gone.address})
+
+
+def run_until_stopped(leader) -> tuple[threading.Thread, dict]:
+    """leader.run() in a daemon thread for a run ended by stop_event; the RunError it then raises lands in the dict."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["history"] = leader.run()
+        except leader_module.RunError as error:
+            outcome["error"] = str(error)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    return runner, outcome
 
 
 def test_a_frozen_learner_misses_the_round_has_its_late_update_refused_and_rejoins(tmp_path):
-    config = leader_config(tmp_path, learners=3, min_learners=2, round_timeout=16.0, rounds=8,
+    # waits on events only: the run goes on until the frozen learner has taken part again, however long that takes
+    config = leader_config(tmp_path, learners=3, min_learners=2, round_timeout=0.0, learner_lost_after=6.0, rounds=10_000,
                            aggregation="fedavg", local_steps=200, batch_size=16)
     with running_leader(config) as running:
         leader = running.leader
-        processes = [learner_process(running.address, "--leader-lost-after", "3", *(["-v"] if index == 2 else []))
-                     for index in range(3)]
+        processes = [learner_process(running.address, *(["-v"] if index == 2 else [])) for index in range(3)]
         frozen = processes[2]
         lines: list[str] = []
         training = threading.Event()
@@ -188,26 +185,142 @@ def test_a_frozen_learner_misses_the_round_has_its_late_update_refused_and_rejoi
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         try:
-            runner, result = run_in_thread(leader)
+            runner, outcome = run_until_stopped(leader)
             assert training.wait(120), "".join(lines)
             frozen.send_signal(signal.SIGSTOP)  # in the middle of its 200 local steps of round 1
-            wait_until(lambda: len(leader.history) == 1)
+            wait_until(lambda: len(leader.history) >= 1, timeout=240)
             assert leader.history[0]["learners_reported"] == 2
             frozen.send_signal(signal.SIGCONT)
-            runner.join(240)
-            assert not runner.is_alive()
-            reported = [entry["learners_reported"] for entry in result["history"]]
-            assert len(reported) == 8 and 3 in reported[1:], reported  # it came back and took part again
-            assert frozen.wait(timeout=60) == 0
+            wait_until(lambda: any(entry["learners_reported"] == 3 for entry in leader.history[1:]), timeout=240)
+            leader.stop_event.set()
+            runner.join(60)
+            assert outcome["error"] == "leader shutting down"
+            leader.stop_learners("the test is over")
+            for process in processes:
+                assert process.wait(timeout=60) == 0
             reader.join(30)
             err = "".join(lines)
-            assert "update not taken" in err and "registering again" in err and "training complete" in err, err
-            assert err.count("registered as learner") == 2
+            assert "ended this learner's session" in err and "marked absent" in err, err  # its late update was refused
+            assert "registering again" in err and err.count("registered as learner") == 2, err
         finally:
             for process in processes:
                 if process.poll() is None:
                     process.send_signal(signal.SIGCONT)
                     process.kill()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+def test_a_learner_lost_with_default_flags_leaves_the_run_going_and_its_restart_takes_part_again(tmp_path, signum, caplog):
+    # the defaults that matter: two learners, a quorum of half, rounds fitted to their work, --learner-lost-after 30
+    config = leader_config(tmp_path, rounds=10_000, round_timeout=0.0, aggregation="fedavg", local_steps=20, batch_size=16)
+    with running_leader(config) as running:
+        leader = running.leader
+        processes = [learner_process(running.address) for _ in range(2)]
+        try:
+            runner, outcome = run_until_stopped(leader)
+            wait_until(lambda: len(leader.history) >= 2, timeout=240)
+            processes[1].send_signal(signum)
+            assert processes[1].wait(timeout=60) != 0 or signum == signal.SIGINT
+            killed_after = len(leader.history)
+            processes.append(learner_process(running.address))  # restarted at once, before the leader noticed
+            wait_until(lambda: len(leader.history) > killed_after
+                       and any(entry["learners_reported"] == 2 for entry in leader.history[killed_after + 1:]), timeout=240)
+            assert processes[0].poll() is None  # the healthy learner never stopped
+            leader.stop_event.set()
+            runner.join(60)
+            assert outcome["error"] == "leader shutting down"
+            leader.stop_learners("the test is over")
+            assert processes[0].wait(timeout=60) == 0 and processes[2].wait(timeout=60) == 0
+            assert any("marked absent" in record.getMessage() for record in caplog.records)
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+
+
+def test_ctrl_c_on_the_leader_says_so_stops_and_saves_the_last_round(tmp_path):
+    from local_federation import free_port
+
+    port = free_port()
+    run_dir = tmp_path / "run"
+    leader = subprocess.Popen([sys.executable, "leader.py", "--dataset", "synthetic", "--model", "tiny-cnn", "--device", "cpu",
+                               "--host", "127.0.0.1", "--port", str(port), "--rounds", "10000", "--run-dir", str(run_dir),
+                               "--aggregation", "fedavg", "--local-steps", "5"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    learners = [learner_process(f"127.0.0.1:{port}") for _ in range(2)]
+    try:
+        seen = []
+        for line in leader.stderr:
+            seen.append(line)
+            if "round 3/10000" in line:
+                leader.send_signal(signal.SIGINT)
+                break
+        rest = leader.stderr.read()
+        assert leader.wait(timeout=60) == 130, "".join(seen) + rest
+        assert "SIGINT: stopping after saving the last completed round" in rest
+        for process in learners:
+            _, err = process.communicate(timeout=60)
+            assert process.returncode == 0 and "leader shutting down" in err
+        # the default checkpoints by time (60 s); the stop wrote the last round the metrics hold
+        record, _ = checkpoint.load(checkpoint.latest(run_dir / "checkpoints"))
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert record["round"] == metrics[-1]["round"] >= 3
+    finally:
+        for process in [leader, *learners]:
+            if process.poll() is None:
+                process.kill()
+
+
+def test_shutdown_interrupts_an_evaluation(tmp_path):
+    leader, server, _, _ = leader_module.serve(leader_config(tmp_path))
+    try:
+        assert leader.evaluate() is not None
+        leader.stop_event.set()
+        assert leader.evaluate() is None
+    finally:
+        server.stop(None)
+        leader.close()
+
+
+def test_reusing_a_runs_config_starts_a_new_run_directory_and_never_touches_the_old_one(tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.chdir(tmp_path)
+    first = tmp_path / "runs" / "first"
+    saved = dataclasses.asdict(leader_module.LeaderConfig(dataset="synthetic", run_dir=str(first), checkpoint_dir=str(first / "checkpoints")))
+    (first / "checkpoints").mkdir(parents=True)
+    (first / "config.json").write_text(json.dumps(saved))
+    (first / "metrics.jsonl").write_text('{"round": 1}\n')
+    config, _, _ = leader_module.parse_config(["--config", str(first / "config.json")])
+    assert (config.run_dir, config.checkpoint_dir) == (f"{first}-2", f"{first}-2/checkpoints")
+    (tmp_path / "runs" / "first-2").mkdir()
+    (tmp_path / "runs" / "first-2" / "config.json").write_text("{}")
+    config, _, _ = leader_module.parse_config(["--config", str(first / "config.json")])
+    assert config.run_dir == f"{first}-3"
+    resumed, _, _ = leader_module.parse_config(["--resume", str(first)])
+    assert resumed.run_dir == str(first)  # --resume continues the run in its own directory
+    assert json.loads((first / "config.json").read_text()) == saved
+
+    elsewhere = tmp_path / "shared-checkpoints"
+    checkpoint.save(elsewhere, 1, {"w": torch.zeros(1)}, {"metrics": {}}, keep=1)
+    with pytest.raises(SystemExit):
+        leader_module.parse_config(["--dataset", "synthetic", "--checkpoint-dir", str(elsewhere)])
+
+
+def test_checkpoints_are_written_by_time_and_after_the_last_round(tmp_path):
+    config = leader_config(tmp_path, rounds=3, aggregation="fedavg", local_steps=1)  # --checkpoint-seconds 60
+    with running_leader(config) as running:
+        learners = start_learners(running.address, 2)
+        running.leader.run()
+    assert join_all(learners) == [0, 0]
+    assert sorted(path.name for path in Path(config.checkpoint_dir).glob("round-*.json")) == ["round-00003.json"]
+
+    config = leader_config(tmp_path / "every", rounds=3, aggregation="fedavg", local_steps=1, checkpoint_seconds=0.0)
+    with running_leader(config) as running:
+        learners = start_learners(running.address, 2)
+        running.leader.run()
+    assert join_all(learners) == [0, 0]
+    assert sorted(path.name for path in Path(config.checkpoint_dir).glob("round-*.json")) == [
+        "round-00001.json", "round-00002.json", "round-00003.json"]
 
 
 class Bystander(learner_pb2_grpc.LearnerServiceServicer):
@@ -226,7 +339,7 @@ def test_stalled_and_trickling_streams_are_cancelled_and_honest_learners_finish(
     monkeypatch.setattr(rpc, "CONTROL_TIMEOUT_S", 3.0)  # streams the leader allows last 3 s plus their bytes at 1 MB/s
     config = leader_config(tmp_path, learners=3, min_learners=2, round_timeout=10.0, rounds=2, stream_idle_timeout=1.0)
     bystander, port, _ = rpc.create_server(lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(Bystander(), server),
-                                           "127.0.0.1", 0, max_workers=4)
+                                           "127.0.0.1", 0, max_workers=4, health_services=[rpc.LEARNER_SERVICE])
     release = threading.Event()
     with running_leader(config) as running:
         leader = running.leader

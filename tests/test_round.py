@@ -13,7 +13,7 @@ from PIL import Image
 
 import checkpoint
 import rpc
-from conftest import join_all, leader_config, running_leader, start_learners
+from conftest import callback_address, join_all, leader_config, running_leader, start_learners
 from model import build_model
 from protos import leader_pb2, leader_pb2_grpc
 from utils import load_dataset, normalize, split_iid
@@ -170,7 +170,7 @@ def test_local_data_mode_trains_on_the_learners_files_and_never_sends_data(tmp_p
 
     with running_leader(config) as running:
         stub = leader_pb2_grpc.LeaderServiceStub(channel_to(running.address))
-        info = leader_pb2.LearnerInfo(network_addr="127.0.0.1:1", callback_token="c" * 32, num_examples=24, version=rpc.PROTOCOL_VERSION)
+        info = leader_pb2.LearnerInfo(network_addr=callback_address(), callback_token="c" * 32, num_examples=24, version=rpc.PROTOCOL_VERSION)
         reply = stub.RegisterLearner(info, timeout=10)
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.GetData(leader_pb2.LearnerDataRequest(learner_id=reply.learner_id), timeout=10,

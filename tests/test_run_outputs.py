@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_CNN_BYTES = 11_642 * 4  # float32 parameters of tiny-cnn, its whole state
 METRIC_FIELDS = {
     "round", "wall_time", "learners_selected", "learners_reported", "learners_dropped", "bytes_in", "bytes_out", "train_loss", "test_loss",
-    "test_accuracy", "update_norm_mean", "update_norm_max", "updates_rejected", "aggregate_norm", "round_seconds", "elapsed_seconds",
+    "test_accuracy", "update_norm_mean", "update_norm_max", "updates_rejected", "updates_clipped", "model_rejected", "aggregate_norm",
+    "round_seconds", "elapsed_seconds",
 }
 
 
@@ -153,11 +154,12 @@ def test_tensorboard_without_the_package_says_how_to_install_it(tmp_path, monkey
         Recorder(tmp_path, {}, tensorboard=True)
 
 
-def test_learner_refused_by_a_full_federation_exits_with_the_reason(tmp_path, channel_to, capsys):
+def test_learner_refused_by_a_full_federation_waits_for_a_slot_then_exits_with_the_reason(tmp_path, channel_to, capsys):
     with running_leader(leader_config(tmp_path, learners=1)) as running:
-        register_client(channel_to(running.address))
-        assert join_all(start_learners(running.address, 1)) == [1]
-    assert "learner: the leader refused registration: the federation is full (1 of 1 learners)" in capsys.readouterr().err
+        register_client(channel_to(running.address))  # a member that answers its health checks: the slot stays taken
+        assert join_all(start_learners(running.address, 1, ["--connect-timeout", "4"])) == [1]
+    err = capsys.readouterr().err
+    assert "no slot for this learner within 4s (--connect-timeout): the federation is full (1 of 1 learners)" in err
 
 
 def test_status_line_is_silent_off_a_terminal_and_rewrites_in_place_on_one():

@@ -77,7 +77,12 @@ def test_a_round_completes_over_mutual_tls(tmp_path, pki):
 def test_clients_without_a_certificate_are_refused_under_mutual_tls(tmp_path, pki):
     leader, server, port, _ = leader_module.serve(tls_leader_config(tmp_path, pki))
     address = f"127.0.0.1:{port}"
-    info = leader_pb2.LearnerInfo(network_addr="127.0.0.1:1", callback_token="c" * 32, version=rpc.PROTOCOL_VERSION, tls=True)
+    tls = rpc.Tls.from_files(pki["learner_cert"], pki["learner_key"], pki["ca"])
+    # the learner's side of the registration check: a TLS server that answers health for the learner service
+    callback, callback_port, _ = rpc.create_server(lambda server: None, "127.0.0.1", 0, max_workers=4, tls=tls,
+                                                   health_services=[rpc.LEARNER_SERVICE])
+    info = leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{callback_port}", callback_token="c" * 32,
+                                  version=rpc.PROTOCOL_VERSION, tls=True)
     ca = Path(pki["ca"]).read_bytes()
     channels = {
         "no client certificate": grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca)),
@@ -90,7 +95,6 @@ def test_clients_without_a_certificate_are_refused_under_mutual_tls(tmp_path, pk
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, what
         assert not leader._learners
         # with the learner certificate the same call goes through, so the refusals above were about the certificate
-        tls = rpc.Tls.from_files(pki["learner_cert"], pki["learner_key"], pki["ca"])
         reply = leader_pb2_grpc.LeaderServiceStub(rpc.channel(address, tls)).RegisterLearner(info, timeout=5)
         assert reply.success
         without_tls_server = leader_pb2.LearnerInfo(network_addr="127.0.0.1:2", callback_token="d" * 32, version=rpc.PROTOCOL_VERSION)
@@ -101,6 +105,7 @@ def test_clients_without_a_certificate_are_refused_under_mutual_tls(tmp_path, pk
         for channel in channels.values():
             channel.close()
         server.stop(None)
+        callback.stop(None)
         leader.close()
 
 
