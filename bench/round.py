@@ -96,7 +96,8 @@ def main() -> None:
     """Measure and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds, after one warm-up round")
-    parser.add_argument("--checkpoint-every", type=int, default=1, help="the leader's --checkpoint-every")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="the leader's --checkpoint-every (default 0: the leader's default, a checkpoint by time, every 60 s)")
     parser.add_argument("--device", default="cpu", help="where the leader, the learners and the plain step compute: cpu or cuda")
     args = parser.parse_args()
     try:

@@ -122,7 +122,7 @@ class Simulator(learner_pb2_grpc.LearnerServiceServicer):
         self._model_bytes = 0
         self.server, self.port, _ = rpc.create_server(
             lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(self, server),
-            "127.0.0.1", 0, max_workers=SERVER_WORKERS, gate=self._gate(),
+            "127.0.0.1", 0, max_workers=SERVER_WORKERS, gate=self._gate(), health_services=[rpc.LEARNER_SERVICE],
         )
 
     def _gate(self) -> rpc.Gate:

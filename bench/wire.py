@@ -105,8 +105,14 @@ def main() -> None:
             update = {name: torch.full_like(tensor, 1e-3) for name, tensor in leader.model.state_dict().items()}
             update_manifest, update_payload = wire.encode(update)
 
-            # a learner that took part in round 1: AccumulateGradients is timed on rounds the leader opens here
-            info = leader_pb2.LearnerInfo(network_addr="127.0.0.1:1", callback_token="b" * 32, version=rpc.PROTOCOL_VERSION)
+            # a real learner server taking pushed models, as the leader pushes them
+            learner = learner_module.Learner(learner_module.LearnerConfig(leader="127.0.0.1:1", device="cpu"))
+            learner.specs = specs
+            learner_server, learner_port, _ = learner_module.create_server(learner, "127.0.0.1", 0)
+
+            # that learner took part in round 1: AccumulateGradients is timed on rounds the leader opens here
+            info = leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{learner_port}", callback_token=learner.callback_token,
+                                          version=rpc.PROTOCOL_VERSION)
             reply = stub.RegisterLearner(info, timeout=CALL_TIMEOUT_S)
             metadata = rpc.token_metadata(reply.session_token)
             rounds = iter(range(1, 1_000_000))
@@ -123,10 +129,6 @@ def main() -> None:
                 ack = stub.AccumulateGradients(messages, timeout=CALL_TIMEOUT_S, metadata=metadata)
                 assert ack.success, ack.message
 
-            # a real learner server taking pushed models, as the leader pushes them
-            learner = learner_module.Learner(learner_module.LearnerConfig(leader="127.0.0.1:1", device="cpu"))
-            learner.specs = specs
-            learner_server, learner_port, _ = learner_module.create_server(learner, "127.0.0.1", 0)
             learner_stub = leader_module.learner_stub(rpc.channel(f"127.0.0.1:{learner_port}"))  # as the leader pushes
 
             published = leader.published()  # the leader frames each round's model once for every push
