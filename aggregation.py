@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -287,3 +288,24 @@ class UpdateList:
         the last bit, and that difference grows over later rounds. This sum is reproducible bit for bit.
         """
         return self.aggregate(weighted_mean)
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """The settings a rule may read: --trim and --byzantine."""
+
+    trim: float = 0.1
+    byzantine: int = 0
+
+
+# How a round's updates combine, by --rule: each takes the round's updates (in learner order), their weights and the
+# settings. A new rule is one function and one line here. "mean" is also summed as updates arrive (RunningMean),
+# so that it needs one model's memory however many report; the others need every update at once.
+Rule = Callable[[Sequence[Mapping[str, torch.Tensor]], Sequence[float], RuleSettings], dict[str, torch.Tensor]]
+RULES: dict[str, Rule] = {
+    "mean": lambda updates, weights, settings: weighted_mean(updates, weights),
+    "median": lambda updates, weights, settings: coordinate_median(updates, weights),
+    "trimmed-mean": lambda updates, weights, settings: trimmed_mean(updates, weights, settings.trim),
+    "krum": lambda updates, weights, settings: krum(updates, weights, settings.byzantine),
+    "multi-krum": lambda updates, weights, settings: krum(updates, weights, settings.byzantine, len(updates) - settings.byzantine),
+}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import os
@@ -13,24 +12,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-import aggregation
 import compression
 import rpc
-import schedule
-from cli import parse_with_config, setup_logging
 import wire
-from model import CHANNELS_LAST_SETTINGS, build_model, compiled_for_training, memory_format_for
+from cli import setup_logging
+from model import build_model, compiled_for_training, memory_format_for
+from options import LearnerConfig, parse_learner_config
 from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
-from utils import DataError, ImageData, derive_seed, load_dataset, resolve_device, training_inputs
+from training import LocalTrainer
+from utils import DataError, ImageData, load_dataset, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +41,6 @@ REGISTER_RETRY_S = 2.0
 SERVER_THREADS = 8  # the leader needs at most four at once (start, push, health check, stop)
 MAX_STRANGER_CALLS = 2  # calls without this learner's callback secret in flight at once (health checks, reflection)
 HEARTBEAT_INTERVAL_S = 5.0  # how often a waiting learner checks that the leader still counts it as a member
-PROGRESS_EVERY = 10  # steps between progress-bar loss updates: each reads the loss off the device
 # An update refused as busy (RESOURCE_EXHAUSTED) or answered too late (DEADLINE_EXCEEDED) is sent again, up to this
 # many times in all, after a pause of SEND_RETRY_PAUSE_S times the attempt number.
 SEND_ATTEMPTS = 3
@@ -57,29 +52,6 @@ RECEIVE_BUFFERS_KEPT = 2  # one being read into the model, one for a model pushe
 # learners whose leader restarted do not all register in the same instant.
 REJOIN_BACKOFF_S = 1.0
 REJOIN_BACKOFF_MAX_S = 30.0
-
-
-@dataclass(frozen=True)
-class LearnerConfig:
-    """A learner's command-line settings."""
-
-    leader: str = "127.0.0.1:10134"
-    host: str = "0.0.0.0"
-    port: int = 0
-    advertise_address: str | None = None
-    data_dir: str | None = None
-    device: str = "auto"
-    threads: int = 0
-    connect_timeout: float = 60.0
-    leader_lost_after: float = 30.0
-    rejoin: bool = True
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
-    progress: bool = True
-    quiet: bool = False
-    channels_last: str = "auto"
-    compile: bool = False
 
 
 class LearnerError(Exception):
@@ -116,8 +88,7 @@ class Learner:
         self.split_examples = 0  # examples of the split the leader sends (GetData); 0 with local data
         self.plan: leader_pb2.TrainingPlan | None = None
         self.data: ImageData | None = None
-        self._train_images: torch.Tensor | None = None  # self.data's images and labels on self.device, once prepared
-        self._train_labels: torch.Tensor | None = None
+        self.trainer: LocalTrainer | None = None  # the round's local work, once prepared
         self.rounds_trained = 0
         self._session_token = ""
         self._cond = threading.Condition()
@@ -128,7 +99,6 @@ class Learner:
         self._receive_buffers: wire.BufferPool | None = None
         self._stop_reason: str | None = None
         self._residual: dict[str, torch.Tensor] = {}  # topk's error feedback: what earlier rounds left unsent
-        self._optimizer: torch.optim.SGD | None = None  # kept across rounds with the plan's keep_momentum
         self._send_buffers: wire.BufferPool | None = None  # one update buffer, reused: a fresh one pays its page faults
 
     # ---- calls from the leader (through LearnerServicer) ----------------------
@@ -179,6 +149,7 @@ class Learner:
         deadline = time.monotonic() + self.config.connect_timeout
         attempts = 0
         refusals = 0
+        last_refusal = ""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -227,7 +198,6 @@ class Learner:
         self.memory_format = memory_format_for(self.config.channels_last, plan.model, self.device)
         self.model = build_model(plan.model, plan.num_classes).to(self.device, memory_format=self.memory_format)
         self._forward = compiled_for_training(self.model, self.device) if self.config.compile else self.model
-        self._optimizer = None  # kept momentum belongs to the model it stepped
         self.specs = wire.specs_of(self.model.state_dict())
         self._receive_buffers = wire.BufferPool(wire.payload_bytes(self.specs), keep=RECEIVE_BUFFERS_KEPT)
         if plan.model_fingerprint and wire.fingerprint(self.specs) != plan.model_fingerprint:
@@ -244,10 +214,9 @@ class Learner:
             raise LearnerError(f"labels fall outside the leader's {plan.num_classes} classes")
         if tuple(self.data.images.shape[1:]) != tuple(plan.image_shape):
             raise LearnerError(f"images are {list(self.data.images.shape[1:])}, the leader's model takes {list(plan.image_shape)}")
-        # The split is kept where the model trains (on the CPU, the same tensors): a GPU step then reads,
-        # crops and flips its batch on the GPU rather than on the host and copying it over every step.
-        self._train_images = self.data.images.to(self.device)
-        self._train_labels = self.data.labels.to(self.device)
+        self.trainer = LocalTrainer(plan, self.learner_id, self.model, self._forward, self.data.images.to(self.device),
+                                    self.data.labels.to(self.device), self.memory_format,
+                                    progress=self.config.progress and not self.config.quiet)
 
     def _data_specs(self) -> list[wire.TensorSpec]:
         """What GetData must stream: split_examples uint8 images of the plan's shape and as many int64 labels."""
@@ -371,86 +340,9 @@ class Learner:
             raise LearnerError(f"the leader's model does not fit this learner's {self.plan.model}: {error}") from None
         return received.header.round, received.tensors, received.payload
 
-    def steps_per_round(self) -> int:
-        """Local batches per round: one in fedsgd, --local-steps or --local-epochs worth in fedavg."""
-        plan = self.plan
-        if plan.aggregation == "fedsgd":
-            return 1
-        if plan.local_steps > 0:
-            return plan.local_steps
-        return batches_per_epoch(len(self.data), plan.batch_size) * plan.local_epochs
-
-    def round_batches(self, number: int) -> list[torch.Tensor]:
-        """Round `number`'s batches of example indices, a function of (seed, learner id, round) alone.
-
-        Batches run through seeded shuffles of the data epoch after epoch, continuing across rounds,
-        so a restarted learner or leader replays exactly the batches an uninterrupted run would use.
-        """
-        size = len(self.data)
-        batch_size = self.plan.batch_size
-        per_epoch = batches_per_epoch(size, batch_size)
-        steps = self.steps_per_round()
-        batches = []
-        order_epoch, order = -1, torch.empty(0, dtype=torch.int64)
-        for step in range((number - 1) * steps, number * steps):
-            epoch, index = divmod(step, per_epoch)
-            if epoch != order_epoch:
-                generator = torch.Generator().manual_seed(derive_seed(self.plan.seed, self.learner_id, "epoch", epoch))
-                order_epoch, order = epoch, torch.randperm(size, generator=generator)
-            batches.append(order[index * batch_size : (index + 1) * batch_size])
-        return batches
-
     def _train(self, number: int) -> tuple[dict[str, torch.Tensor], int, float]:
         """Do round `number`'s local work; returns (update, examples used, mean loss)."""
-        plan = self.plan
-        model = self.model
-        model.train()
-        augment_generator = torch.Generator().manual_seed(derive_seed(plan.seed, self.learner_id, "augment", number))
-        batches = self.round_batches(number)
-        logger.debug("round %d: training on %d local batches", number, len(batches))
-        global_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-        lr = schedule.round_lr(plan.lr, plan.lr_schedule or "constant", plan.warmup_rounds, plan.rounds, number)
-        optimizer = self._round_optimizer(lr)
-        # Summed where the model runs: reading each step's loss would make a GPU step wait for the one before.
-        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        examples = 0
-        progress = tqdm(batches, desc=f"round {number}", unit="batch", leave=False,
-                        disable=None if self.config.progress and not self.config.quiet else True)  # None: only on a terminal
-        for step, indices in enumerate(progress):
-            indices = indices.to(self.device)
-            inputs = training_inputs(self._train_images, indices, augment_generator if plan.augment else None,
-                                     self.memory_format)
-            labels = self._train_labels[indices]
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self._forward(inputs), labels)
-            loss.backward()
-            if plan.aggregation == "fedavg":
-                if plan.prox_mu:
-                    add_proximal_gradient(model, global_state, plan.prox_mu)
-                optimizer.step()
-            total_loss += loss.detach().double() * len(indices)
-            examples += len(indices)
-            if not progress.disable and step % PROGRESS_EVERY == 0:
-                progress.set_postfix(loss=f"{total_loss.item() / examples:.3f}", refresh=False)
-        progress.close()
-        if plan.aggregation == "fedsgd":
-            update = aggregation.gradient_update(model)
-        else:
-            update = aggregation.model_delta(global_state, model)
-        return update, examples, total_loss.item() / examples
-
-    def _round_optimizer(self, lr: float) -> torch.optim.SGD:
-        """A round's SGD at `lr`: a fresh one, or with keep_momentum the one kept from earlier rounds.
-
-        A kept optimizer still steps the same parameter tensors: loading a global model copies into them.
-        """
-        plan = self.plan
-        if not plan.keep_momentum or self._optimizer is None:
-            self._optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=plan.momentum,
-                                              weight_decay=plan.weight_decay)
-        for group in self._optimizer.param_groups:
-            group["lr"] = lr
-        return self._optimizer
+        return self.trainer.train(number)
 
     def _send(self, number: int, update: dict[str, torch.Tensor], num_examples: int, loss: float) -> None:
         """AccumulateGradients: stream the update; a stale round is logged, not fatal; a busy or late answer is retried."""
@@ -513,24 +405,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         return learner_pb2.Ack(success=True, message=f"model for round {received.header.round} received")
 
 
-def add_proximal_gradient(model: torch.nn.Module, global_state: dict[str, torch.Tensor], mu: float) -> None:
-    """FedProx: add the gradient of (mu/2) * ||w - w_global||^2, which is mu * (w - w_global), to each parameter's."""
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.grad is not None:
-                parameter.grad.add_(parameter - global_state[name], alpha=mu)
-
-
 def rejoin_pause(attempt: int, draw: float) -> float:
     """Seconds to pause before the `attempt`-th re-registration (0-based), for a uniform `draw` in [0, 1)."""
     ceiling = min(REJOIN_BACKOFF_MAX_S, REJOIN_BACKOFF_S * 2**attempt)
     return ceiling * (0.5 + draw / 2)
-
-
-def batches_per_epoch(size: int, batch_size: int) -> int:
-    """Batches per epoch: a last batch of one example is dropped (BatchNorm cannot train on it)."""
-    full, rest = divmod(size, batch_size)
-    return full + (1 if rest > 1 or size == 1 else 0)
 
 
 def leader_stub(channel: grpc.Channel, limit: Callable[[], int] | None = None) -> leader_pb2_grpc.LeaderServiceStub:
@@ -586,59 +464,9 @@ def load_local_data(data_dir: str) -> ImageData:
     return load_dataset(kind, root, train=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The learner's command line; every flag's help states its default."""
-    defaults = LearnerConfig()
-    parser = argparse.ArgumentParser(
-        description="Federated learning learner: trains on local or leader-sent data and reports updates.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add = parser.add_argument
-    add("--leader", default=defaults.leader, help="the leader's host:port")
-    add("--host", default=defaults.host, help="address this learner's server listens on")
-    add("--port", type=int, default=defaults.port, help="port this learner's server listens on (0 picks a free one)")
-    add("--advertise-address", default=defaults.advertise_address,
-        help="host:port the leader should call back; None means this machine's address on the route to the leader")
-    add("--data-dir", default=defaults.data_dir,
-        help="train on local data here (train/<class>/* or CIFAR-10); None means receive a split from the leader")
-    add("--device", default=defaults.device, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    add("--threads", type=int, default=defaults.threads, help="CPU threads for training (0: PyTorch's default)")
-    add("--connect-timeout", type=float, default=defaults.connect_timeout, help="seconds to keep trying to reach the leader")
-    add("--leader-lost-after", type=float, default=defaults.leader_lost_after,
-        help="seconds without an answer from the leader before this learner counts it as gone")
-    add("--rejoin", action=argparse.BooleanOptionalAction, default=defaults.rejoin,
-        help="when the leader goes away, register again (for up to --connect-timeout) and go on with it, e.g. after leader.py --resume")
-    add("--tls-cert", default=defaults.tls_cert, help="PEM certificate this learner serves TLS with and presents to the leader")
-    add("--tls-key", default=defaults.tls_key, help="PEM private key of --tls-cert")
-    add("--tls-ca", default=defaults.tls_ca, help="PEM CA certificate the leader's certificate must chain to (turns on TLS to the leader)")
-    add("--token-file", default=None, help=f"file holding the federation's enrolment secret (or set ${rpc.ENROLMENT_ENV}); None means none")
-    add("--channels-last", choices=CHANNELS_LAST_SETTINGS, default=defaults.channels_last,
-        help="train in the channels-last memory format: auto uses it on a CPU for the models measured faster in it (resnet20, resnet18-cifar)")
-    add("--compile", action="store_true",
-        help="compile the training step with torch.compile (on CUDA also as a CUDA graph), for GPUs where launching "
-        "kernels bounds the step; the first round pays the compile time")
-    add("--progress", action=argparse.BooleanOptionalAction, default=defaults.progress, help="a progress bar over local batches, when output is a terminal")
-    add("-q", "--quiet", action="store_true", help="no progress bar; log warnings and errors only")
-    add("-v", "--verbose", action="store_true", help="log debug detail")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run a learner from the command line."""
-    parser = build_parser()
-    args = vars(parse_with_config(parser, argv))
-    args.pop("config")
-    verbose = args.pop("verbose")
-    token_file = args.pop("token_file")
-    config = LearnerConfig(**args)
-    try:
-        enrolment_token = rpc.read_enrolment_token(token_file)
-        tls = rpc.Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
-        rpc.parse_address(config.leader)
-        if config.advertise_address:
-            rpc.parse_address(config.advertise_address)
-    except ValueError as error:
-        parser.error(str(error))
+    config, verbose, enrolment_token, tls = parse_learner_config(argv)
     setup_logging("learner", verbose, config.quiet)
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -10,8 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import leader
-from cli import parse_with_config
+from options import build_leader_parser, expand_resume, parse_with_config
 
 HERE = Path(__file__).resolve().parent
 LEARNER_EXIT_GRACE_S = 30.0  # how long learners get to exit after the leader has
@@ -34,14 +32,18 @@ def learner_threads(learners: int, cores: int | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Start the leader with the given leader flags, then --learners learners, and wait for the run to end."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = leader.build_parser()
-    parser.prog = "local_federation.py"
-    parser.description = "Run a leader and its learners on this machine. Takes every leader.py flag."
-    parser.add_argument("--learner-data-dir", action="append", default=None,
-                        help="give learners their own data (repeat once per learner; needs --data-mode local)")
-    parser.add_argument("--learner-compile", action="store_true",
-                        help="start the learners with --compile (torch.compile their training steps)")
-    args = parse_with_config(parser, leader.expand_resume(parser, argv))
+    parser = build_leader_parser(prog="local_federation.py",
+                                 description="Run a leader and its learners on this machine. Takes every leader.py flag.")
+    for action in parser._actions:
+        if action.dest == "port":  # the launcher picks a free port unless told one
+            action.default = 0
+            action.help = "port the leader listens on (0 picks a free one)"
+    group = parser.add_argument_group("learners this command starts")
+    group.add_argument("--learner-data-dir", action="append", default=None,
+                       help="give learners their own data (repeat once per learner; needs --data-mode local)")
+    group.add_argument("--learner-compile", action="store_true",
+                       help="start the learners with --compile (torch.compile their training steps)")
+    args = parse_with_config(parser, expand_resume(parser, argv))
     learner_dirs = args.learner_data_dir or []
     if learner_dirs and len(learner_dirs) != args.learners:
         parser.error(f"--learner-data-dir was given {len(learner_dirs)} times for {args.learners} learners")
@@ -49,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--learner-data-dir needs --data-mode local")
     leader_argv = [arg for arg in _drop_values(argv, "--learner-data-dir")
                    if not arg.startswith("--learner-data-dir=") and arg != "--learner-compile"]
-    port_given = any(arg == "--port" or arg.startswith("--port=") for arg in argv)
-    port = args.port if port_given and args.port else free_port()
+    port = args.port or free_port()
     leader_cmd = [sys.executable, str(HERE / "leader.py"), *leader_argv, "--host", "127.0.0.1", "--port", str(port)]
     threads = learner_threads(args.learners)
     processes: list[subprocess.Popen] = []

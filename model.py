@@ -1,12 +1,14 @@
-"""Model architectures both roles build by name (the blog's ResNet-18, CIFAR variants, a tiny CNN), and their BatchNorm upkeep."""
+"""Model architectures both roles build by name (the blog's ResNet-18, CIFAR variants, a tiny CNN), their BatchNorm upkeep and evaluation."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
+
+from utils import ImageData, normalize
 
 
 class BasicBlock(nn.Module):
@@ -62,7 +64,7 @@ class ResNet(nn.Module):
             )
         stages = []
         in_planes = first
-        for index, (blocks, width) in enumerate(zip(layers, widths)):
+        for index, (blocks, width) in enumerate(zip(layers, widths, strict=False)):
             stride = 1 if index == 0 else 2
             stage = []
             for block in range(blocks):
@@ -166,10 +168,32 @@ def recompute_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> in
     with torch.no_grad():
         for batch in batches:
             model(batch)
-    for layer, momentum in zip(layers, momenta):
+    for layer, momentum in zip(layers, momenta, strict=False):
         layer.momentum = momentum
     model.train(training)
     return len(layers)
+
+
+def evaluate(model: nn.Module, data: ImageData, device: torch.device, batch_size: int,
+             stop: Callable[[], bool] = lambda: False) -> tuple[float, float] | None:
+    """Mean cross-entropy and accuracy of `model` on `data`; None when `stop()` turns true between batches."""
+    model.eval()
+    total_loss = 0.0
+    correct = 0
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(data), batch_size):
+                if stop():  # a shutdown is not kept waiting for a full pass over the test set
+                    return None
+                images = data.images[start : start + batch_size].to(device)
+                labels = data.labels[start : start + batch_size].to(device)
+                logits = model(normalize(images))
+                total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+                correct += int((logits.argmax(1) == labels).sum())
+    finally:
+        model.train()
+    count = max(1, len(data))
+    return total_loss / count, correct / count
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:

@@ -46,7 +46,7 @@ def epsilon_from_rdp(rdp: Sequence[float], orders: Sequence[int], delta: float) 
     if not 0 < delta < 1:
         raise ValueError(f"delta must lie in (0, 1), got {delta}")
     _check_orders(orders)
-    epsilon, order = min((value + math.log(1 / delta) / (order - 1), order) for value, order in zip(rdp, orders))
+    epsilon, order = min((value + math.log(1 / delta) / (order - 1), order) for value, order in zip(rdp, orders, strict=False))
     return epsilon, int(order)
 
 

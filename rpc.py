@@ -11,10 +11,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -61,9 +61,11 @@ MAX_CALLS_PER_CALLER = 4
 # stops reading or writing frees its server thread.
 STREAM_IDLE_TIMEOUT_S = 30.0
 # Calls from peers that hold no session (health checks, reflection, registration) are bounded so that they can never
-# take the threads members need: in-flight unary calls in all (a share of the server's threads; one host may run many
-# learners, so one peer may use all of it), and streams, which may stay open, per peer and in all.
+# take the threads members need: in-flight calls in all (a share of the server's threads) and from one host (half of
+# that, so that one host cannot keep the rest out; a refused learner waits and tries again), and streams, which may
+# stay open, per host and in all.
 STRANGER_THREAD_SHARE = 0.5
+STRANGER_HOST_SHARE = 0.5
 MAX_STRANGER_STREAMS = 4
 MAX_STRANGER_STREAMS_PER_PEER = 2
 # A stream opened without a session (a health Watch) ends after this long; its client may open another.
@@ -192,6 +194,14 @@ def secrets_match(given: str | None, expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
+class RequestRefused(Exception):
+    """A peer's request refused, with the gRPC status to answer it with; the message is the reason."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 # What a gate returns to refuse a call: the status and the reason.
 Refusal = tuple[grpc.StatusCode, str]
 
@@ -294,6 +304,7 @@ class CallLimits(grpc.ServerInterceptor):
         self._lock = threading.Lock()
         self._in_flight: Counter[str] = Counter()
         self._stranger_calls = 0
+        self._stranger_calls_by_peer: Counter[str] = Counter()  # peer host -> calls in flight
         self._stranger_streams: Counter[str] = Counter()  # peer host -> open streams
 
     def in_flight(self) -> int:
@@ -350,15 +361,19 @@ class CallLimits(grpc.ServerInterceptor):
 
     def _admit_stranger(self, peer: str, streaming: bool, context: grpc.ServicerContext) -> None:
         """Count a call from a caller with no session, or refuse it (RESOURCE_EXHAUSTED) past the stranger bounds."""
+        per_peer = max(1, int(self.max_stranger_calls * STRANGER_HOST_SHARE))
         with self._lock:
             if self._stranger_calls >= self.max_stranger_calls:
                 refusal = f"{self._stranger_calls} calls without a session are in flight; try again shortly"
+            elif self._stranger_calls_by_peer[peer] >= per_peer:
+                refusal = f"{per_peer} calls without a session from {peer} are in flight; try again shortly"
             elif streaming and (sum(self._stranger_streams.values()) >= MAX_STRANGER_STREAMS
                                 or self._stranger_streams[peer] >= MAX_STRANGER_STREAMS_PER_PEER):
                 refusal = "too many streams without a session are open; close one or try again shortly"
             else:
                 refusal = None
                 self._stranger_calls += 1
+                self._stranger_calls_by_peer[peer] += 1
                 if streaming:
                     self._stranger_streams[peer] += 1
             if refusal is not None:
@@ -371,6 +386,9 @@ class CallLimits(grpc.ServerInterceptor):
     def _release_stranger(self, peer: str, streaming: bool) -> None:
         with self._lock:
             self._stranger_calls -= 1
+            self._stranger_calls_by_peer[peer] -= 1
+            if self._stranger_calls_by_peer[peer] <= 0:
+                del self._stranger_calls_by_peer[peer]
             if streaming:
                 self._stranger_streams[peer] -= 1
                 if self._stranger_streams[peer] <= 0:

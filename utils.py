@@ -261,7 +261,7 @@ def split_dirichlet(labels: torch.Tensor, num_parts: int, alpha: float, seed: in
             cuts.append(bounds)
             sizes += np.diff(bounds, prepend=0, append=len(indices))
         if sizes.min() > 0:
-            chunks = [np.split(indices, bounds) for indices, bounds in zip(members, cuts)]
+            chunks = [np.split(indices, bounds) for indices, bounds in zip(members, cuts, strict=False)]
             return [torch.from_numpy(np.sort(np.concatenate([chunk[part] for chunk in chunks]))).to(torch.int64)
                     for part in range(num_parts)]
     raise ValueError(
@@ -297,3 +297,20 @@ def label_histogram(labels: torch.Tensor, indices: torch.Tensor, num_classes: in
     if selected.numel() and (int(selected.min()) < 0 or int(selected.max()) >= num_classes):
         raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {int(selected.min())}..{int(selected.max())}")
     return torch.bincount(selected, minlength=num_classes).tolist()
+
+
+PARTITIONS = ("iid", "dirichlet", "shards")
+
+
+def split_by(partition: str, data: ImageData, num_parts: int, alpha: float, classes_per_part: int, seed: int) -> list[torch.Tensor]:
+    """Each part's indices into `data` by --partition (iid, dirichlet or shards); logs every part's label histogram."""
+    if partition == "dirichlet":
+        parts = split_dirichlet(data.labels, num_parts, alpha, seed)
+    elif partition == "shards":
+        parts = split_shards(data.labels, num_parts, classes_per_part, seed)
+    else:
+        parts = split_iid(len(data), num_parts, seed)
+    for index, part in enumerate(parts):
+        logger.info("split %d (%s): %d examples, per class %s", index, partition, len(part),
+                    label_histogram(data.labels, part, data.num_classes))
+    return parts

@@ -116,7 +116,7 @@ def encode(
     total = payload_bytes(specs)
     payload = allocate(total)
     offset = 0
-    for spec, tensor in zip(specs, tensors.values()):
+    for spec, tensor in zip(specs, tensors.values(), strict=False):
         if spec.nbytes:
             view = torch.frombuffer(payload, dtype=tensor.dtype, count=tensor.numel(), offset=offset)
             view.view(tensor.shape).copy_(tensor.detach())  # one copy, from any device
@@ -230,7 +230,7 @@ def _finite_norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     for dtype, names in by_dtype.items():
         accumulate = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
         values = torch.stack(torch._foreach_norm([tensors[name] for name in names], 2, dtype=accumulate)).tolist()
-        norms.update(zip(names, values))
+        norms.update(zip(names, values, strict=False))
     for name, norm in norms.items():
         if not math.isfinite(norm):
             if not bool(torch.isfinite(tensors[name]).all()):

@@ -49,11 +49,11 @@ PARTITIONS = {
     "dirichlet 0.1": ["--partition", "dirichlet", "--alpha", "0.1"],
 }
 AGGREGATORS = {
-    "mean": ["--aggregator", "mean"],
-    "median": ["--aggregator", "median"],
-    "trimmed-mean 0.25": ["--aggregator", "trimmed-mean", "--trim", "0.25"],
+    "mean": ["--rule", "mean"],
+    "median": ["--rule", "median"],
+    "trimmed-mean 0.25": ["--rule", "trimmed-mean", "--trim", "0.25"],
     # Krum needs n > 2f + 2: with 4 learners only f = 0 is allowed, which still drops an update far from the rest
-    "krum f=0": ["--aggregator", "krum", "--byzantine", "0"],
+    "krum f=0": ["--rule", "krum", "--byzantine", "0"],
 }
 SERVER_LR_RUNS = {
     "FedAvgM, server lr 0.1": ["--server-opt", "sgdm", "--server-lr", "0.1", "--server-momentum", "0.9"],

@@ -71,11 +71,11 @@ def main() -> None:
                 path.unlink(missing_ok=True)
 
         def write_now() -> None:
-            for path, tensors in zip(files, (state, momentum)):
+            for path, tensors in zip(files, (state, momentum), strict=False):
                 checkpoint._write_tensors(path, tensors)
 
         def write_before() -> None:  # what _write_tensors did before c5be480
-            for path, tensors in zip(files, (state, momentum)):
+            for path, tensors in zip(files, (state, momentum), strict=False):
                 serialized = save_safetensors(dict(tensors))
                 checkpoint.atomic_write(path, serialized)
                 hashlib.sha256(serialized).hexdigest()

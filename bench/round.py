@@ -25,9 +25,9 @@ import grpc
 import torch
 import torch.nn.functional as F
 
+import plots
 import rpc
 import wire
-import plots
 from bench import provenance
 from bench.wire import BARE_SERVICE, CALL_TIMEOUT_S, bare_server, receive_bytes, timed
 from model import build_model, memory_format_for

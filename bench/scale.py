@@ -528,7 +528,7 @@ def header_lines(args: argparse.Namespace, parameters: int, update_bytes: int) -
         f"- machine: {platform.platform()}, {os.cpu_count()} CPUs ({platform.machine()})",
         f"- python {platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}",
         f"- commit: {commit or 'unknown'}" + (" (with uncommitted changes to tracked files)" if changed else ""),
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+        f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
         f"- model: {args.model}, {parameters:,} parameters; one update or model is {update_bytes / 1e6:.2f} MB",
         f"- rounds per N: {args.rounds} (round 1 is a warm-up, left out of the median); one run per N",
         f"- leader: python {template}",
@@ -563,7 +563,7 @@ def table_lines(results: list[Measurement]) -> list[str]:
         median = (f"{statistics.median(timed):.2f} ({min(timed):.2f}-{max(timed):.2f})" if timed else "-")
         if result.round_seconds and len(result.round_seconds) == 1:
             median += " (round 1 only)"
-        gaps = [later - earlier for earlier, later in zip(result.wall_times, result.wall_times[1:])]
+        gaps = [later - earlier for earlier, later in zip(result.wall_times, result.wall_times[1:], strict=False)]
         threads = f"{result.threads_round1 if result.threads_round1 is not None else '-'} / {result.threads_max or '-'}"
         notes = "; ".join(result.notes).replace("|", "/") or "-"
         lines.append(

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 
 import plots
+import schedule
 from bench import provenance
 from bench import report as report_file
-import schedule
-from learner import batches_per_epoch
 from model import build_model, compiled_for_training, memory_format_for
+from training import batches_per_epoch
 from utils import derive_seed, load_dataset, normalize, resolve_device, training_inputs
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,6 +26,7 @@ import torch
 
 import leader as leader_module
 import learner as learner_module
+import roster as roster_module
 import rpc
 import wire
 from bench import provenance
@@ -123,13 +124,13 @@ def main() -> None:
 
             def accumulate() -> None:
                 number = next(rounds)
-                leader._open_round(number)
+                leader.open_round(number)
                 messages = wire.frames(leader_pb2.GradientData, update_manifest, update_payload,
                                        learner_id=reply.learner_id, round=number, num_examples=1, train_loss=1.0)
                 ack = stub.AccumulateGradients(messages, timeout=CALL_TIMEOUT_S, metadata=metadata)
                 assert ack.success, ack.message
 
-            learner_stub = leader_module.learner_stub(rpc.channel(f"127.0.0.1:{learner_port}"))  # as the leader pushes
+            learner_stub = roster_module.learner_stub(rpc.channel(f"127.0.0.1:{learner_port}"))  # as the leader pushes
 
             published = leader.published()  # the leader frames each round's model once for every push
 
@@ -151,7 +152,7 @@ def main() -> None:
                 push(wire.iter_chunks(outgoing), timeout=CALL_TIMEOUT_S)
 
             def summed() -> None:
-                leader._round.summed()
+                leader.intake.round.summed()
 
             results = {
                 "bare stream, server to client": timed(bare_pull, args.runs),

@@ -140,7 +140,7 @@ class CallbackServer:
     """
 
     def __init__(self) -> None:
-        self.server, port, self.health = rpc.create_server(lambda server: None, "127.0.0.1", 0, max_workers=8,
+        self.server, port, self.health = rpc.create_server(lambda server: None, "127.0.0.1", 0, max_workers=32,
                                                            health_services=[rpc.LEARNER_SERVICE])
         self.address = f"127.0.0.1:{port}"
 
@@ -166,7 +166,14 @@ def register_client(channel: grpc.Channel, callback_token: str | None = None, ad
     info = leader_pb2.LearnerInfo(
         network_addr=address, callback_token=callback_token or secrets.token_urlsafe(32), version=rpc.PROTOCOL_VERSION
     )
-    reply = stub.RegisterLearner(info, timeout=10)
+    for attempt in range(100):  # a leader busy with other registrations says so; learner.py waits and tries again too
+        try:
+            reply = stub.RegisterLearner(info, timeout=10)
+            break
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or "in flight" not in error.details() or attempt == 99:
+                raise
+            time.sleep(0.05)  # the busy leader's other registrations finish in milliseconds; not a wait for a peer's answer
     return Client(stub, reply.learner_id, reply.session_token, reply.joins_round)
 
 

@@ -20,8 +20,19 @@ import checkpoint
 import leader as leader_module
 import rpc
 import wire
-from conftest import ROOT, join_all, leader_config, learner_process, register_client, run_in_thread, running_leader, start_learners, wait_until
+from conftest import (
+    ROOT,
+    join_all,
+    leader_config,
+    learner_process,
+    register_client,
+    run_in_thread,
+    running_leader,
+    start_learners,
+    wait_until,
+)
 from protos import leader_pb2, learner_pb2, learner_pb2_grpc
+
 
 def test_learner_killed_mid_round_leaves_a_quorum_that_finishes_the_run(tmp_path, caplog):
     # the round deadline is far off: the leader must notice the dead learner by its failed health checks
@@ -31,7 +42,7 @@ def test_learner_killed_mid_round_leaves_a_quorum_that_finishes_the_run(tmp_path
         processes = [learner_process(running.address) for _ in range(3)]
         try:
             runner, result = run_in_thread(running.leader)
-            wait_until(lambda: running.leader._round.number == 1)
+            wait_until(lambda: running.leader.intake.round.number == 1)
             processes[2].send_signal(signal.SIGKILL)
             runner.join(120)
             assert not runner.is_alive()
@@ -117,7 +128,7 @@ def test_leader_killed_mid_run_resumes_and_learners_rejoin_with_the_uninterrupte
                                  cwd=ROOT, capture_output=True, text=True, timeout=180)
         assert resumed.returncode == 0, resumed.stderr[-2000:] + "".join(log.read_text()[-1500:] for log in logs)
         assert f"resuming after round {committed}" in resumed.stderr
-        for process, log in zip(learners, logs):
+        for process, log in zip(learners, logs, strict=False):
             assert process.wait(timeout=60) == 0, log.read_text()[-2000:]
             assert "registering again" in log.read_text() and "training complete" in log.read_text()
     finally:
@@ -142,12 +153,12 @@ def test_a_learner_that_dies_before_training_is_replaced_by_the_next_to_register
         register_client(channel_to(running.address), address=gone.address)  # learner 0, admitted while its server answered
         gone.stop()
         first = start_learners(running.address, 1)
-        wait_until(lambda: len(leader._learners) == 2 and not leader._learners[0].alive)
+        wait_until(lambda: len(leader.roster.records()) == 2 and not leader.roster.record(0).alive)
         second = start_learners(running.address, 1)
         assert join_all(first + second) == [0, 0]
         runner.join(60)
         assert result["history"][0]["learners_reported"] == 2
-        assert {record.address for record in leader._learners.values()}.isdisjoint({gone.address})
+        assert {record.address for record in leader.roster.records()}.isdisjoint({gone.address})
 
 
 def run_until_stopped(leader) -> tuple[threading.Thread, dict]:
@@ -290,20 +301,20 @@ def test_reusing_a_runs_config_starts_a_new_run_directory_and_never_touches_the_
     (first / "checkpoints").mkdir(parents=True)
     (first / "config.json").write_text(json.dumps(saved))
     (first / "metrics.jsonl").write_text('{"round": 1}\n')
-    config, _, _ = leader_module.parse_config(["--config", str(first / "config.json")])
+    config, _, _ = leader_module.parse_leader_config(["--config", str(first / "config.json")])
     assert (config.run_dir, config.checkpoint_dir) == (f"{first}-2", f"{first}-2/checkpoints")
     (tmp_path / "runs" / "first-2").mkdir()
     (tmp_path / "runs" / "first-2" / "config.json").write_text("{}")
-    config, _, _ = leader_module.parse_config(["--config", str(first / "config.json")])
+    config, _, _ = leader_module.parse_leader_config(["--config", str(first / "config.json")])
     assert config.run_dir == f"{first}-3"
-    resumed, _, _ = leader_module.parse_config(["--resume", str(first)])
+    resumed, _, _ = leader_module.parse_leader_config(["--resume", str(first)])
     assert resumed.run_dir == str(first)  # --resume continues the run in its own directory
     assert json.loads((first / "config.json").read_text()) == saved
 
     elsewhere = tmp_path / "shared-checkpoints"
     checkpoint.save(elsewhere, 1, {"w": torch.zeros(1)}, {"metrics": {}}, keep=1)
     with pytest.raises(SystemExit):
-        leader_module.parse_config(["--dataset", "synthetic", "--checkpoint-dir", str(elsewhere)])
+        leader_module.parse_leader_config(["--dataset", "synthetic", "--checkpoint-dir", str(elsewhere)])
 
 
 def test_checkpoints_are_written_by_time_and_after_the_last_round(tmp_path):
@@ -347,7 +358,7 @@ def test_stalled_and_trickling_streams_are_cancelled_and_honest_learners_finish(
         honest = start_learners(running.address, 2)
         runner, result = run_in_thread(leader)
         try:
-            wait_until(lambda: leader._round.number == 1)
+            wait_until(lambda: leader.intake.round.number == 1)
             manifest, payload = wire.encode({name: torch.zeros_like(tensor) for name, tensor in leader.model.state_dict().items()})
 
             def silent():  # opens the stream and never sends a message
@@ -383,8 +394,9 @@ def test_stalled_and_trickling_streams_are_cancelled_and_honest_learners_finish(
 
 
 def test_a_shutdown_signal_turns_health_not_serving_and_ends_the_run_after_a_committed_round(tmp_path, channel_to):
-    import leader as leader_module
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    import leader as leader_module
 
     config = leader_config(tmp_path, rounds=1000)
     leader, server, port, health = leader_module.serve(config)

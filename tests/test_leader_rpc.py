@@ -12,7 +12,7 @@ import torch
 import rpc
 import wire
 from conftest import callback_address, join_all, leader_config, register_client, running_leader, start_learners
-from protos import leader_pb2, leader_pb2_grpc, tensors_pb2
+from protos import leader_pb2, leader_pb2_grpc
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def open_round(tmp_path, channel_to):
     """A leader with round 1 open and one registered client (learner 0)."""
     with running_leader(leader_config(tmp_path, learners=2)) as running:
         client = register_client(channel_to(running.address))
-        running.leader._open_round(1)
+        running.leader.open_round(1)
         yield running, client
 
 
@@ -94,10 +94,10 @@ def test_hostile_payloads_are_refused_and_the_model_is_unchanged(open_round):
 
     after = snapshot(leader)
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert leader._round.summed().count == 0
+    assert leader.intake.round.summed().count == 0
     # the same client's well-formed update is taken: the refusals above were about the payloads
     assert send(client, good).success
-    assert leader._round.summed().count == 1
+    assert leader.intake.round.summed().count == 1
 
 
 def test_stale_duplicate_and_conflicting_updates(open_round):
@@ -110,8 +110,8 @@ def test_stale_duplicate_and_conflicting_updates(open_round):
     assert send(client, good).message.endswith("accepted")
     assert "counted once" in send(client, good).message
     assert_refused(lambda: send(client, valid_update(leader, 0.02)), grpc.StatusCode.ALREADY_EXISTS, "different update")
-    assert leader._round.summed().count == 1
-    assert leader._round.summed().total_weight == 10
+    assert leader.intake.round.summed().count == 1
+    assert leader.intake.round.summed().total_weight == 10
 
 
 def test_calls_without_a_valid_session_token_are_refused(open_round, channel_to):
@@ -134,7 +134,7 @@ def test_calls_without_a_valid_session_token_are_refused(open_round, channel_to)
     assert_refused(lambda: update(other.metadata(), learner_id=0), grpc.StatusCode.PERMISSION_DENIED)
     assert_refused(lambda: list(other.stub.GetData(leader_pb2.LearnerDataRequest(learner_id=0), timeout=10, metadata=other.metadata())),
                    grpc.StatusCode.PERMISSION_DENIED)
-    assert running.leader._round.summed().count == 0
+    assert running.leader.intake.round.summed().count == 0
 
 
 def test_registration_limits_and_checks(tmp_path, channel_to):
@@ -162,7 +162,7 @@ def test_get_model_and_get_data_stream_checked_tensors(open_round):
     running, client = open_round
     leader = running.leader
     received = wire.receive(client.stub.GetModel(leader_pb2.Empty(), timeout=10, metadata=client.metadata()),
-                            max_bytes=leader.update_bytes, expected=leader.specs)
+                            max_bytes=leader.intake.update_bytes, expected=leader.specs)
     assert received.header.round == 1
     for name, tensor in leader.model.state_dict().items():
         assert torch.equal(received.tensors[name], tensor)
@@ -184,7 +184,7 @@ def test_enrolment_secret_gates_registration_before_any_handler_runs(tmp_path, c
         info = leader_pb2.LearnerInfo(network_addr=callback_address(), callback_token="c" * 32, version=rpc.PROTOCOL_VERSION)
         for metadata in ((), ((rpc.ENROLMENT_METADATA_KEY, "battery staple"),)):
             assert_refused(lambda: stub.RegisterLearner(info, timeout=10, metadata=metadata), grpc.StatusCode.UNAUTHENTICATED, "enrolment secret")
-        assert leader.learner_for_token("anything") is None and not leader._learners
+        assert leader.roster.learner_for_token("anything") is None and not leader.roster.records()
         reply = stub.RegisterLearner(info, timeout=10, metadata=((rpc.ENROLMENT_METADATA_KEY, "correct horse"),))
         assert reply.success and reply.learner_id == 0
 
@@ -192,7 +192,7 @@ def test_enrolment_secret_gates_registration_before_any_handler_runs(tmp_path, c
         calls = []
         original = leader_module.LeaderServicer._caller
         monkeypatch.setattr(leader_module.LeaderServicer, "_caller", lambda self, context: calls.append(1) or original(self, context))
-        leader._open_round(1)
+        leader.open_round(1)
         manifest, payload = wire.encode(valid_update(leader))
         messages = wire.stream(leader_pb2.GradientData, manifest, payload, learner_id=0, round=1, num_examples=10)
         assert_refused(lambda: stub.AccumulateGradients(messages, timeout=10), grpc.StatusCode.UNAUTHENTICATED)
@@ -221,13 +221,13 @@ def test_norm_bound_refuses_large_updates_and_rejections_are_counted_once_logged
     with running_leader(leader_config(tmp_path, max_update_norm=1.0)) as running:
         client = register_client(channel_to(running.address))
         leader = running.leader
-        leader._open_round(1)
+        leader.open_round(1)
         big = valid_update(leader, scale=1.0)  # norm sqrt(11642) ~ 108
         for _ in range(2):
             assert_refused(lambda: send(client, big), grpc.StatusCode.INVALID_ARGUMENT, "exceeds --max-update-norm 1")
         assert_refused(lambda: send(client, big, round=7), grpc.StatusCode.FAILED_PRECONDITION, "stale")
-        assert leader._round.rejected == {0: 3}
-        assert leader._round.summed().count == 0
+        assert leader.intake.round.rejected == {0: 3}
+        assert leader.intake.round.summed().count == 0
         small = valid_update(leader, scale=0.001)  # norm ~ 0.108
         assert send(client, small).success
     warnings = [record for record in caplog.records if "refused an update from learner 0" in record.getMessage()]
@@ -238,11 +238,11 @@ def test_negative_batchnorm_variances_are_refused(tmp_path, channel_to):
     with running_leader(leader_config(tmp_path, model="resnet20")) as running:
         client = register_client(channel_to(running.address))
         leader = running.leader
-        leader._open_round(1)
+        leader.open_round(1)
         update = {name: torch.zeros_like(tensor) for name, tensor in leader.model.state_dict().items()}
         update["stem.1.running_var"] = torch.full_like(update["stem.1.running_var"], -1.0)
         assert_refused(lambda: send(client, update), grpc.StatusCode.INVALID_ARGUMENT, "stem.1.running_var holds negative variances")
-        assert leader._round.summed().count == 0
+        assert leader.intake.round.summed().count == 0
 
 
 def test_a_retried_registration_gets_the_same_identity(tmp_path, channel_to):
@@ -250,7 +250,7 @@ def test_a_retried_registration_gets_the_same_identity(tmp_path, channel_to):
         channel = channel_to(running.address)
         first, again = register_client(channel, "same secret" * 3), register_client(channel, "same secret" * 3)
         assert (first.learner_id, first.token) == (again.learner_id, again.token)
-        assert len(running.leader._learners) == 1
+        assert len(running.leader.roster.records()) == 1
 
 
 def test_a_hundred_concurrent_registrations_get_distinct_ids_and_the_next_is_refused(tmp_path, channel_to):
@@ -277,56 +277,56 @@ def test_a_learner_that_misses_the_deadline_is_told_so_and_its_slot_goes_to_a_ne
         leader = running.leader
         channel = channel_to(running.address)
         late, punctual = register_client(channel), register_client(channel)
-        leader._started = True
-        leader._open_round(1)
+        leader.started = True
+        leader.open_round(1)
         assert heartbeat(late).success
         assert_refused(lambda: heartbeat(late, learner_id=1), grpc.StatusCode.PERMISSION_DENIED, "belongs to learner 0")
         assert send(punctual, valid_update(leader)).success
-        finished = leader._collect(1, 0.0)  # learner 0 sends nothing before the deadline
+        finished = leader.collect(1, 0.0)  # learner 0 sends nothing before the deadline
         assert finished.summed().count == 1
         # its session ends with it: every later call is refused with the reason, and the learner registers again
         assert_refused(lambda: heartbeat(late), grpc.StatusCode.UNAUTHENTICATED, "marked absent: it sent no update for round 1")
         assert_refused(lambda: send(late, valid_update(leader)), grpc.StatusCode.UNAUTHENTICATED, "register again")
 
-        leader._open_round(2)
+        leader.open_round(2)
         newcomer = register_client(channel)
         assert (newcomer.learner_id, newcomer.joins_round) == (0, 3)  # the absent learner's slot, from the round after this one
         assert_refused(lambda: heartbeat(late), grpc.StatusCode.UNAUTHENTICATED)  # its session ended with its slot
         assert heartbeat(newcomer).success
         assert_refused(lambda: send(newcomer, valid_update(leader), round=2), grpc.StatusCode.FAILED_PRECONDITION, "from round 3")
         assert send(punctual, valid_update(leader), round=2).success
-        assert leader._open_round(3).members == {0, 1}
+        assert leader.open_round(3).members == {0, 1}
 
 
 @pytest.mark.parametrize("aggregator, kept", [("mean", 1), ("median", 0)])
 def test_a_summed_update_leaves_its_buffer_to_the_next_and_a_kept_one_does_not(tmp_path, channel_to, aggregator, kept):
-    with running_leader(leader_config(tmp_path, learners=2, aggregator=aggregator)) as running:
+    with running_leader(leader_config(tmp_path, learners=2, rule=aggregator)) as running:
         leader = running.leader
         first, second = (register_client(channel_to(running.address)) for _ in range(2))
-        current = leader._open_round(1)
+        current = leader.open_round(1)
         send(first, valid_update(leader, 0.01))
         current.summed()  # the first update's buffer is given back after its sum, which runs behind the answer
         send(second, valid_update(leader, 0.03))  # under mean, into the buffer the first update arrived in
         current.summed()
-        assert leader.update_buffers.kept == kept
+        assert leader.intake.buffers.kept == kept
         if aggregator == "mean":
             expected = 0.02  # (10 * 0.01 + 10 * 0.03) / 20, so the first update was summed before its buffer was reused
-            assert all(torch.allclose(tensor, torch.full_like(tensor, expected)) for tensor in leader._round.summed().mean().values())
+            assert all(torch.allclose(tensor, torch.full_like(tensor, expected)) for tensor in leader.intake.round.summed().mean().values())
         else:
-            updates = leader._round.summed().aggregate(lambda updates, weights: {"kept": [u for u in updates]})["kept"]
+            updates = leader.intake.round.summed().aggregate(lambda updates, weights: {"kept": [u for u in updates]})["kept"]
             assert [float(next(iter(update.values())).flatten()[0]) for update in updates] == pytest.approx([0.01, 0.03])
 
 
 def test_an_update_is_answered_once_checked_and_the_round_waits_for_its_sum(tmp_path, channel_to, monkeypatch):
-    with running_leader(leader_config(tmp_path, learners=3)) as running:
+    with running_leader(leader_config(tmp_path, learners=3, max_norm_ratio=0.0)) as running:  # the mean of the updates as sent
         leader = running.leader
         clients = [register_client(channel_to(running.address)) for _ in range(3)]
-        leader._started = True
-        current = leader._open_round(1)
+        leader.started = True
+        current = leader.open_round(1)
         gate = threading.Event()
-        add_to_sum = leader._add_to_sum
-        monkeypatch.setattr(leader, "_add_to_sum", lambda *args: (gate.wait(30), add_to_sum(*args)))
-        for client, value in zip(clients[:2], [0.01, 0.04]):
+        add_to_sum = leader.intake._add_to_sum
+        monkeypatch.setattr(leader.intake, "_add_to_sum", lambda *args: (gate.wait(30), add_to_sum(*args)))
+        for client, value in zip(clients[:2], [0.01, 0.04], strict=False):
             assert send(client, valid_update(leader, value)).success  # answered while its sum is held back
         assert current.reported == 2 and current.running.count == 0
         # both slots for pending sums are taken: the third update waits for one, but not past its call's deadline,
@@ -336,7 +336,7 @@ def test_an_update_is_answered_once_checked_and_the_round_waits_for_its_sum(tmp_
         assert current.reported == 2 and 2 not in current.digests
         gate.set()
         assert send(clients[2], valid_update(leader, 0.07)).success  # the same update again, now there is room
-        finished = leader._collect(1, 0.0)  # returns once the third is accepted too
-        result = leader._aggregate(finished)
+        finished = leader.collect(1, 0.0)  # returns once the third is accepted too
+        result = leader.strategy.aggregate(finished)
         assert finished.running.count == 3
         assert all(torch.allclose(tensor, torch.full_like(tensor, 0.04)) for tensor in result.values())  # (0.01 + 0.04 + 0.07) / 3

@@ -6,9 +6,9 @@ import grpc
 import pytest
 import torch
 
+import learner as learner_module
 import rpc
 import wire
-import learner as learner_module
 from learner import Learner, LearnerConfig, LearnerError, Stopped, create_server
 from model import build_model
 from protos import leader_pb2, learner_pb2, learner_pb2_grpc

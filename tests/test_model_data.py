@@ -7,7 +7,6 @@ import json
 import os
 import zlib
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -36,7 +35,7 @@ def test_split_is_seeded_disjoint_and_complete():
     assert [len(p) for p in parts] == [26, 26, 26, 25]
     joined = torch.cat(parts)
     assert sorted(joined.tolist()) == list(range(103))
-    assert all(torch.equal(a, b) for a, b in zip(parts, utils.split_iid(103, 4, seed=5)))
+    assert all(torch.equal(a, b) for a, b in zip(parts, utils.split_iid(103, 4, seed=5), strict=False))
     assert not torch.equal(joined, torch.cat(utils.split_iid(103, 4, seed=6)))
 
 
@@ -74,7 +73,7 @@ def test_augment_is_a_per_image_crop_and_flip_from_the_same_draws(shape):
 
 def test_normalize_uses_cifar_statistics():
     white = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
-    expected = torch.tensor([(1 - m) / s for m, s in zip(utils.CIFAR10_MEAN, utils.CIFAR10_STD)])
+    expected = torch.tensor([(1 - m) / s for m, s in zip(utils.CIFAR10_MEAN, utils.CIFAR10_STD, strict=False)])
     torch.testing.assert_close(utils.normalize(white).view(3), expected)
 
 
@@ -87,7 +86,7 @@ def test_training_inputs_pick_the_batch_crop_it_and_lay_it_out():
     torch.testing.assert_close(plain, utils.normalize(images[[4, 1]]))
     cropped = utils.training_inputs(images, indices, torch.Generator().manual_seed(3))
     shades = utils.normalize(torch.tensor([0, 5, 2], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 3, 1, 1))
-    for row, shade in zip(cropped, (shades[1], shades[2])):
+    for row, shade in zip(cropped, (shades[1], shades[2]), strict=False):
         values = row.reshape(3, -1)
         assert bool(((values == shade.view(3, 1)) | (values == shades[0].view(3, 1))).all())  # the image or the padding
         assert bool((values == shade.view(3, 1)).all(0).sum() >= 16)  # a crop keeps at least a 4x4 corner of it

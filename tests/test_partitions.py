@@ -33,8 +33,8 @@ def test_dirichlet_is_seeded_disjoint_complete_and_non_empty(alpha):
     labels = balanced_labels(100)
     parts = split_dirichlet(labels, 5, alpha, seed=3)
     assert_partition(parts, 1000, 5)
-    assert all(torch.equal(a, b) for a, b in zip(parts, split_dirichlet(labels, 5, alpha, seed=3)))
-    assert not all(torch.equal(a, b) for a, b in zip(parts, split_dirichlet(labels, 5, alpha, seed=4)))
+    assert all(torch.equal(a, b) for a, b in zip(parts, split_dirichlet(labels, 5, alpha, seed=3), strict=False))
+    assert not all(torch.equal(a, b) for a, b in zip(parts, split_dirichlet(labels, 5, alpha, seed=4), strict=False))
 
 
 def test_dirichlet_with_one_part_is_everything():
@@ -90,8 +90,8 @@ def test_shards_give_each_part_exactly_its_classes():
     assert_partition(parts, 1000, 5)
     for part in parts:
         assert sorted(label_histogram(labels, part, NUM_CLASSES)) == [0] * 8 + [100, 100]
-    assert all(torch.equal(a, b) for a, b in zip(parts, split_shards(labels, 5, 2, seed=0)))
-    assert not all(torch.equal(a, b) for a, b in zip(parts, split_shards(labels, 5, 2, seed=1)))
+    assert all(torch.equal(a, b) for a, b in zip(parts, split_shards(labels, 5, 2, seed=0), strict=False))
+    assert not all(torch.equal(a, b) for a, b in zip(parts, split_shards(labels, 5, 2, seed=1), strict=False))
 
 
 def test_shards_of_uneven_size_still_cover_everything():

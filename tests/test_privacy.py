@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from privacy import (DEFAULT_ORDERS, PrivacyAccountant, epsilon_from_rdp, gaussian_noise_std,
-                     rdp_sampled_gaussian)
+from privacy import DEFAULT_ORDERS, PrivacyAccountant, epsilon_from_rdp, gaussian_noise_std, rdp_sampled_gaussian
 
 DELTA = 1e-5
 
@@ -73,7 +72,7 @@ def test_large_orders_stay_finite_and_grow_with_the_order():
     assert all(math.isfinite(value) for value in rdp)
     # Rényi divergence never decreases with the order.
     small = rdp_sampled_gaussian(0.01, 1.1, DEFAULT_ORDERS)
-    assert all(a <= b for a, b in zip(small, small[1:]))
+    assert all(a <= b for a, b in zip(small, small[1:], strict=False))
 
 
 @pytest.mark.parametrize("q, sigma, orders", [(-0.1, 1.0, [2]), (1.1, 1.0, [2]), (0.5, 0.0, [2]), (0.5, -1.0, [2]),

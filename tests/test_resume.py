@@ -11,8 +11,7 @@ import torch
 
 import checkpoint
 from conftest import join_all, leader_config, running_leader, start_learners
-from learner import Learner, LearnerConfig, batches_per_epoch
-from utils import synthetic_dataset
+from training import batches_per_epoch, round_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,20 +44,16 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
 
 
 def test_round_batches_are_a_function_of_the_round_alone():
-    learner = Learner(LearnerConfig(leader="127.0.0.1:1", device="cpu"))
-    learner.data = synthetic_dataset(10, seed=0)
-    learner.learner_id = 1
     from protos import leader_pb2
 
-    learner.plan = leader_pb2.TrainingPlan(aggregation="fedavg", local_steps=2, batch_size=3, seed=5)
+    plan = leader_pb2.TrainingPlan(aggregation="fedavg", local_steps=2, batch_size=3, seed=5)
     assert batches_per_epoch(10, 3) == 3  # the last batch of one example is dropped
-    first, second = learner.round_batches(1), learner.round_batches(2)
+    first, second = round_batches(plan, 1, 10, 1), round_batches(plan, 1, 10, 2)
     assert [len(batch) for batch in first + second] == [3, 3, 3, 3]
     # round 1 and the first batch of round 2 make up one epoch: nine distinct examples
     assert len(set(torch.cat(first + second[:1]).tolist())) == 9
-    assert all(torch.equal(a, b) for a, b in zip(second, learner.round_batches(2)))
-    learner.learner_id = 0
-    assert not all(torch.equal(a, b) for a, b in zip(second, learner.round_batches(2)))
+    assert all(torch.equal(a, b) for a, b in zip(second, round_batches(plan, 1, 10, 2), strict=False))
+    assert not all(torch.equal(a, b) for a, b in zip(second, round_batches(plan, 0, 10, 2), strict=False))
 
 
 def test_resume_command_continues_the_run_directory(tmp_path):

@@ -94,7 +94,7 @@ def test_fedavg_learners_keep_momentum_across_rounds_only_when_asked(tmp_path, k
         optimizers = [torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY) for model in models]
         global_state = initial
         for _ in range(rounds):
-            for index, (local, (inputs, labels)) in enumerate(zip(models, data)):
+            for index, (local, (inputs, labels)) in enumerate(zip(models, data, strict=False)):
                 local.load_state_dict(global_state)
                 if not keep:
                     optimizers[index] = torch.optim.SGD(local.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)

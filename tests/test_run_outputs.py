@@ -99,11 +99,11 @@ def test_plot_command_draws_one_or_several_runs(tmp_path):
 def test_config_file_values_apply_and_flags_win(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('model = "resnet20"\nrounds = 7\nbatch-size = 16\naugment = false\nlr = 0.2\n')
-    config, _, _ = leader_module.parse_config(["--config", str(toml), "--rounds", "3", "--run-dir", str(tmp_path)])
+    config, _, _ = leader_module.parse_leader_config(["--config", str(toml), "--rounds", "3", "--run-dir", str(tmp_path)])
     assert (config.model, config.rounds, config.batch_size, config.augment, config.lr) == ("resnet20", 3, 16, False, 0.2)
     as_json = tmp_path / "run.json"
     as_json.write_text(json.dumps({"aggregation": "fedavg", "learners": 4, "quiet": True, "tls_cert": None}))
-    config, _, _ = leader_module.parse_config([f"--config={as_json}", "--run-dir", str(tmp_path)])
+    config, _, _ = leader_module.parse_leader_config([f"--config={as_json}", "--run-dir", str(tmp_path)])
     assert (config.aggregation, config.learners, config.quiet, config.tls_cert) == ("fedavg", 4, True, None)
     assert config.checkpoint_dir == str(tmp_path / "checkpoints")
 
@@ -112,7 +112,7 @@ def test_config_file_values_apply_and_flags_win(tmp_path):
     "content, message",
     [
         ('rounds = 3\nbogus = 1\n', "unknown setting 'bogus'"),
-        ('rounds = "many"\n', "--rounds: invalid _positive_int value: 'many'"),
+        ('rounds = "many"\n', "--rounds: invalid positive_int value: 'many'"),
         ('model = "gpt"\n', "invalid choice: 'gpt'"),
         ('rounds = \n', "is not valid TOML"),
     ],

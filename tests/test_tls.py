@@ -32,7 +32,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> str:
 def pki(tmp_path_factory) -> dict[str, str]:
     """A CA and two certificates it signed, for 127.0.0.1 and localhost: one for the leader, one for learners."""
     directory = tmp_path_factory.mktemp("pki")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
         x509.CertificateBuilder().subject_name(_name("test CA")).issuer_name(_name("test CA"))
@@ -93,7 +93,7 @@ def test_clients_without_a_certificate_are_refused_under_mutual_tls(tmp_path, pk
             with pytest.raises(grpc.RpcError) as caught:
                 leader_pb2_grpc.LeaderServiceStub(channel).RegisterLearner(info, timeout=5)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, what
-        assert not leader._learners
+        assert not leader.roster.records()
         # with the learner certificate the same call goes through, so the refusals above were about the certificate
         reply = leader_pb2_grpc.LeaderServiceStub(rpc.channel(address, tls)).RegisterLearner(info, timeout=5)
         assert reply.success

@@ -1,0 +1,300 @@
+"""Who is in the federation: registration checks, slots, session tokens and liveness."""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+
+import rpc
+import wire
+from options import LeaderConfig
+from protos import leader_pb2, learner_pb2, learner_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+MAX_LOCAL_EXAMPLES = 10**9
+# The leader calls a registrant back before it admits it; a learner's server is up before it registers.
+REGISTRATION_PROBE_S = 3.0
+# A full federation checks its members before refusing a newcomer: a short check, at most this often.
+MEMBER_SWEEP_PROBE_S = 2.0
+MEMBER_SWEEP_INTERVAL_S = 2.0
+# Consecutive health checks a member may refuse (its port closed: the process is gone) before it is marked absent,
+# without waiting out --learner-lost-after, which is for members that go silent (frozen, or cut off).
+REFUSED_PROBES_TO_ABSENT = 2
+REVOKED_SESSIONS_KEPT = 4096  # ended sessions remembered, so that a late call from one is told why
+# Health-check answers that say the learner is gone: its port refuses connections, or what answers is not a learner.
+# Any other failure (a deadline, a busy server) may be a learner that is only slow, and --learner-lost-after decides.
+GONE_ANSWERS = (grpc.StatusCode.UNAVAILABLE.name, grpc.StatusCode.UNIMPLEMENTED.name, "it does not serve", "health NOT_SERVING")
+
+
+@dataclass
+class LearnerRecord:
+    """A registered learner as the leader sees it."""
+
+    learner_id: int
+    address: str
+    callback_token: str
+    session_token: str
+    num_examples: int
+    channel: grpc.Channel
+    stub: learner_pb2_grpc.LearnerServiceStub
+    joins_round: int  # it gets StartTraining when this round opens, and a pushed model every round after
+    alive: bool = True
+    started: bool = False
+
+
+def learner_stub(channel: grpc.Channel) -> learner_pb2_grpc.LearnerServiceStub:
+    """The generated stub, with SyncModelState sending the published model's frames as they are (no serialization per push)."""
+    stub = learner_pb2_grpc.LearnerServiceStub(channel)
+    stub.SyncModelState = channel.stream_unary(f"/{rpc.LEARNER_SERVICE}/SyncModelState", request_serializer=wire.serialize,
+                                               response_deserializer=learner_pb2.Ack.FromString)
+    return stub
+
+
+class Roster:
+    """The federation's --learners slots and who holds them: admits registrants, ends sessions, notices who is gone.
+
+    Shares the leader's lock (`cond`); `first_round()` (called under it) names the round a newcomer joins in,
+    and `on_absent(learner_id, why)` (called under it) lets the open round note a member it lost.
+    """
+
+    def __init__(self, config: LeaderConfig, tls: rpc.Tls | None, cond: threading.Condition, calls: ThreadPoolExecutor,
+                 split_examples: Callable[[int], int], first_round: Callable[[], int]) -> None:
+        self.config = config
+        self.tls = tls
+        # registrants that proved they belong (enrolment secret, client certificate) may advertise any callback address
+        self.trusts_registrants = False
+        self.on_absent: Callable[[int, str], None] = lambda learner_id, why: None
+        self._cond = cond
+        self._calls = calls
+        self._split_examples = split_examples
+        self._first_round = first_round
+        self._records: dict[int, LearnerRecord] = {}
+        self._tokens: dict[str, int] = {}
+        self._revoked: OrderedDict[str, str] = OrderedDict()  # ended session token -> why it ended
+        self._sweep_lock = threading.Lock()
+        self._last_sweep = -math.inf
+
+    # ---- who is here --------------------------------------------------------------------------------------------
+
+    def record(self, learner_id: int) -> LearnerRecord:
+        """The record in a slot."""
+        with self._cond:
+            return self._records[learner_id]
+
+    def records(self) -> list[LearnerRecord]:
+        """Every slot's record, absent ones included, by id."""
+        with self._cond:
+            return [self._records[learner_id] for learner_id in sorted(self._records)]
+
+    def alive(self) -> list[LearnerRecord]:
+        """The live members, by id."""
+        return [record for record in self.records() if record.alive]
+
+    def learner_for_token(self, token: str | None) -> int | None:
+        """The id a session token belongs to, or None."""
+        if token is None:
+            return None
+        with self._cond:
+            return self._tokens.get(token)
+
+    def why_ended(self, token: str | None) -> str | None:
+        """Why a session that is no longer valid ended (marked absent, slot taken), if it is a recent one."""
+        if token is None:
+            return None
+        with self._cond:
+            return self._revoked.get(token)
+
+    # ---- joining ------------------------------------------------------------------------------------------------
+
+    def register(self, info: leader_pb2.LearnerInfo, peer: str = "") -> tuple[LearnerRecord, LearnerRecord | None]:
+        """Admit a learner whose registration came from `peer` (gRPC's peer string): (its record, the absent one it replaced).
+
+        The learner's callback address is checked (rpc.callback_problem) and called back before it gets a slot,
+        so that a registration nobody answers never holds one. A full federation first checks its members.
+        A retried registration (the same callback secret) gets the same record.
+        """
+        self._check_learner_info(info, peer)
+        with self._cond:
+            known = self._alive_record_for(info.callback_token)
+            if known is not None:
+                return known, None
+        channel = rpc.channel(info.network_addr, self.tls)
+        failure = rpc.health_check(channel, REGISTRATION_PROBE_S, rpc.LEARNER_SERVICE, info.callback_token)
+        if failure is not None:
+            channel.close()
+            raise rpc.RequestRefused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"the leader cannot call this learner back at {info.network_addr} ({failure}): check "
+                              "--advertise-address, and that the leader can reach that port")
+        try:
+            record, replaced = self._admit(info, channel)
+        except BaseException:
+            channel.close()
+            raise
+        if replaced is None:
+            logger.info("learner %d registered from %s (%d examples)", record.learner_id, info.network_addr, record.num_examples)
+        else:
+            logger.info("learner %d's slot taken by %s (%d examples); it takes part from round %d",
+                        record.learner_id, info.network_addr, record.num_examples, record.joins_round)
+        return record, replaced
+
+    def _check_learner_info(self, info: leader_pb2.LearnerInfo, peer: str) -> None:
+        """Refuse a registration whose fields cannot work, before anything is done for it."""
+        if info.version != rpc.PROTOCOL_VERSION:
+            raise rpc.RequestRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"learner speaks protocol {info.version[:16] or '?'}, leader {rpc.PROTOCOL_VERSION}: install the same release on both",
+            )
+        problem = rpc.callback_problem(info.network_addr, peer, self.trusts_registrants)
+        if problem is not None:
+            raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, f"network_addr: {problem}")
+        if len(info.callback_token) < 16:
+            raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, "callback_token must be a random secret of at least 16 characters")
+        if info.tls != (self.tls is not None):
+            raise rpc.RequestRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this leader calls learners back over TLS: start the learner with --tls-cert, --tls-key and --tls-ca"
+                if self.tls is not None else "this leader does not use TLS: start the learner without --tls-cert",
+            )
+        if self.config.data_mode == "split" and info.num_examples:
+            raise rpc.RequestRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this leader splits the data itself: start the learner without --data-dir, or the leader with --data-mode local",
+            )
+        if self.config.data_mode == "local" and not 0 < info.num_examples <= MAX_LOCAL_EXAMPLES:
+            raise rpc.RequestRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this leader expects learners with their own data: start the learner with --data-dir",
+            )
+
+    def _alive_record_for(self, callback_token: str) -> LearnerRecord | None:
+        """The live member registered with this callback secret, if any (under the lock)."""
+        for record in self._records.values():
+            if record.alive and rpc.secrets_match(callback_token, record.callback_token):
+                return record
+        return None
+
+    def _admit(self, info: leader_pb2.LearnerInfo, channel: grpc.Channel) -> tuple[LearnerRecord, LearnerRecord | None]:
+        """Give a checked registrant a slot: (its record, the absent member it replaced)."""
+        with self._cond:
+            learner_id = self._free_slot()
+        if learner_id is None:
+            self.sweep()  # a full federation may hold members that are gone
+        with self._cond:
+            known = self._alive_record_for(info.callback_token)
+            if known is not None:  # the same registration, retried while this one was checked
+                channel.close()
+                return known, None
+            learner_id = self._free_slot()
+            if learner_id is None:
+                raise rpc.RequestRefused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the federation is full ({self.config.learners} of {self.config.learners} learners) and every member "
+                    "answers its health check; a slot frees when one of them stops",
+                )
+            replaced = self._records.get(learner_id)
+            if replaced is not None:  # the slot of an absent learner: its split and its session go to the newcomer
+                self._end_session(replaced, "its slot went to a newcomer")
+                replaced.channel.close()
+            record = LearnerRecord(
+                learner_id, info.network_addr, info.callback_token, secrets.token_urlsafe(32),
+                info.num_examples or self._split_examples(learner_id), channel, learner_stub(channel), self._first_round(),
+            )
+            self._records[learner_id] = record
+            self._tokens[record.session_token] = learner_id
+            self._cond.notify_all()
+        return record, replaced
+
+    def _free_slot(self) -> int | None:
+        """The id a newcomer gets: the next unused one, else the lowest one whose learner is absent; None when full."""
+        if len(self._records) < self.config.learners:
+            return len(self._records)
+        absent = [learner_id for learner_id, record in self._records.items() if not record.alive]
+        return min(absent) if absent else None
+
+    # ---- leaving ------------------------------------------------------------------------------------------------
+
+    def mark_absent(self, record: LearnerRecord, why: str) -> None:
+        """Take a member out: its slot goes to the next to register, its session ends, and the open round hears why."""
+        with self._cond:
+            was_alive = record.alive and self._records.get(record.learner_id) is record
+            record.alive = False
+            if was_alive:
+                self._end_session(record, f"marked absent: {why}")
+                self.on_absent(record.learner_id, why)
+            self._cond.notify_all()
+        if was_alive:
+            logger.warning("learner %d at %s marked absent: %s", record.learner_id, record.address, why)
+
+    def mark_absent_on_error(self, record: LearnerRecord, what: str, error: str | None) -> None:
+        """mark_absent when a call to the learner (`what`) failed with `error`."""
+        if error is not None:
+            self.mark_absent(record, f"it failed {what}: {error}")
+
+    def _end_session(self, record: LearnerRecord, reason: str) -> None:
+        """Revoke a member's session token (under the lock): its later calls are refused UNAUTHENTICATED with `reason`."""
+        if self._tokens.pop(record.session_token, None) is not None:
+            self._revoked[record.session_token] = f"learner {record.learner_id}'s session ended: {reason}; register again to take part"
+            while len(self._revoked) > REVOKED_SESSIONS_KEPT:
+                self._revoked.popitem(last=False)
+
+    # ---- liveness -----------------------------------------------------------------------------------------------
+
+    def health(self, record: LearnerRecord, timeout: float) -> str | None:
+        """None when a member's LearnerService answers SERVING within `timeout`, else what it answered."""
+        return rpc.health_check(record.channel, timeout, rpc.LEARNER_SERVICE, record.callback_token)
+
+    def check(self, records: list[LearnerRecord], timeout: float) -> list[str | None]:
+        """health() of several members at once."""
+        return list(self._calls.map(lambda record: self.health(record, timeout), records))
+
+    def sweep(self) -> None:
+        """Check every live member's health (at most one sweep at a time, and not more often than every 2 s).
+
+        A member whose check says it is gone (GONE_ANSWERS) is marked absent, freeing its slot. One that does
+        not answer in time, or is busy, is left alone: the round's own checks time it out.
+        """
+        if not self._sweep_lock.acquire(timeout=MEMBER_SWEEP_PROBE_S + REGISTRATION_PROBE_S):
+            return
+        try:
+            if time.monotonic() - self._last_sweep < MEMBER_SWEEP_INTERVAL_S:
+                return
+            records = self.alive()
+            for record, answer in zip(records, self.check(records, MEMBER_SWEEP_PROBE_S), strict=False):
+                if answer is not None and answer.startswith(GONE_ANSWERS):
+                    self.mark_absent(record, f"its health check failed when a newcomer asked for a slot ({answer})")
+            self._last_sweep = time.monotonic()
+        finally:
+            self._sweep_lock.release()
+
+    def probe(self, records: list[LearnerRecord], silent_since: dict[int, float], refusals: dict[int, int],
+              timeout: float, round_number: int) -> None:
+        """Health-check members due to report; mark absent those whose port refuses twice or that stay silent for --learner-lost-after."""
+        now = time.monotonic()
+        for record, answer in zip(records, self.check(records, timeout), strict=False):
+            if answer is None:
+                silent_since.pop(record.learner_id, None)
+                refusals.pop(record.learner_id, None)
+                continue
+            since = silent_since.setdefault(record.learner_id, now)
+            if answer.startswith(GONE_ANSWERS):
+                refusals[record.learner_id] = refusals.get(record.learner_id, 0) + 1
+            else:
+                refusals.pop(record.learner_id, None)  # silent or busy, perhaps only slow: --learner-lost-after decides
+            if now - since >= self.config.learner_lost_after or refusals.get(record.learner_id, 0) >= REFUSED_PROBES_TO_ABSENT:
+                self.mark_absent(record, f"it failed health checks in round {round_number}: {answer}, for {now - since:.0f}s")
+
+    def close(self) -> None:
+        """Close the channels to learners."""
+        with self._cond:
+            for record in self._records.values():
+                record.channel.close()
