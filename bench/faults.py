@@ -8,9 +8,17 @@ module, so that the repository's own modules import without touching sys.path:
 
 Every run of a row gets its own temporary directory outside the repository and a deadline, bounds every
 wait, and kills every process it started, whatever happens. A row the leader cannot run yet is reported as
-"not run: <reason>". Hostile clients register with the address of a small learner service run by this
-script (it answers the leader's health checks, StartTraining and model pushes like a learner would), so
-that the leader opens rounds with them as members and their payloads meet the full checks.
+"not run: <reason>". The leader calls every registrant back (a health check of the learner service) before
+it admits it, so hostile clients register with the address of a small learner service run by this script
+(it answers those health checks, StartTraining and model pushes like a learner would): the leader opens
+rounds with them as members and their payloads meet the full checks.
+
+Rows 1-10 inject faults into federations set up for them (quorums, timeouts); rows 11-15 run the leader on
+its safe defaults (a quorum of half the round's learners, the fitted round deadline, norm bounds, the caps
+on callers without a session; row 13 adds server momentum) and check that a dropped learner, a flood of
+health streams, huge updates and registrations naming callbacks that are no learner leave the run
+finishing every round. The table gives each row's time to detect and time to recover (the footnote says
+what each row measures), the rounds lost and the bad updates accepted.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import random
 import re
 import secrets
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -51,7 +60,7 @@ from local_federation import free_port
 from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-# Every row: tiny data, tiny model, CPU, so that --runs 3 of every row fits in about ten minutes on 2 cores.
+# Every row: tiny data, tiny model, CPU, so that --runs 3 of every row fits in under a quarter of an hour on 2 cores.
 SMALL = ["--dataset", "synthetic", "--model", "tiny-cnn", "--device", "cpu"]
 DEFAULT_RUNS = 3
 RUN_TIMEOUT_S = 240.0  # one run of one row, start to finish; a watchdog kills its processes after it
@@ -68,6 +77,9 @@ QUORUM_ROUND_TIMEOUT_S = 5.0
 KILLED_ROUND_TIMEOUT_S = 60.0  # far off: the leader must notice the dead learner by its health checks
 KILLED_LOST_AFTER_S = 2.0  # the leader's --learner-lost-after in that row
 FROZEN_ROUNDS = 6  # the frozen learner is caught in round 2, 3 or 4, and its late update meets a later round
+# the frozen row runs with the default fitted round deadline (--round-timeout 0): the leader finds the silent learner by
+# its health checks, which time out, and marks it absent after this long (its --learner-lost-after)
+FROZEN_LOST_AFTER_S = 4.0
 CPU_POLL_S = 0.002  # how often a learner's CPU time is read to catch it training
 TRAINING_CPU_S = 0.01  # main-thread CPU burned since the round opened that says "it is training now"
 LATE_UPDATE_WAIT_S = 30.0  # how long after SIGCONT its late update may take to be refused
@@ -90,6 +102,7 @@ for number in range(start, start + 1000):
 
 # registrations at once
 REGISTRATION_SLOTS = 100
+BUSY_RETRY_S = 0.05  # a registration refused as busy (the host's share of calls without a session) is sent again after this
 
 # stalled streams
 STALL_IDLE_TIMEOUT_S = 2.0
@@ -99,6 +112,36 @@ STALL_SLACK_S = 3.0  # on top of the leader's own stream deadline and idle timeo
 STALL_ROUND_TIMEOUT_S = 60.0  # round 1 stays open past the bound (about 35 s), so the leader's limits end the streams, not the run's end
 STALL_ROUNDS = 3
 STALL_CLIENT_WINDOW_BYTES = 1024  # a hostile reader's flow-control window: a 46 KB model cannot fit in it
+
+# rows 11, 12, 14 and 15 run the leader with its default flags apart from the work: 2 learners, FedAvg, a few local
+# steps per round (default_work)
+DEFAULT_LOCAL_STEPS = 20
+AT_ONCE_S = 1.0  # a refusal "at once" (the caps, a registration naming a port that is no learner) comes within this
+REGISTRATION_PROBE_S = 3.0  # the leader's REGISTRATION_PROBE_S: how long it waits for a registrant to answer its call-back
+
+# learner dropped out and restarted
+DROPOUT_ROUNDS = 16
+DROPOUT_AFTER_ROUND = 2
+# rounds long enough (most of a second each on 2 busy cores) that those left after the restart outlast the new
+# process's start, even when the leader finds the old one gone before the new one registers
+DROPOUT_LOCAL_STEPS = 100
+
+# health Watch flood
+FLOOD_LEADER_STREAMS = 50
+FLOOD_LEARNER_STREAMS = 8
+FLOOD_SETTLE_S = 5.0  # how long the refusals may take to arrive, all told; each must come at once (AT_ONCE_S)
+FLOOD_ROUNDS = 4
+
+# huge updates
+HUGE_ROUNDS = 5
+HUGE_VALUES = (1e38, torch.finfo(torch.float32).max, torch.finfo(torch.float32).max)  # the hostile rounds' fill values
+HUGE_LOCAL_STEPS = DEFAULT_LOCAL_STEPS
+LEADER_BATCH_SIZE = 32  # the leader's default --batch-size: the hostile update claims the most examples a round allows
+
+# registrations naming the leader, or a port that never answers
+NAMED_ROUNDS = 3
+SILENT_REGISTRATIONS = 10
+SILENT_ROUNDS = 3
 
 # files a leader writes into its run directory; anything else there is unexpected
 LEADER_FILES = re.compile(
@@ -372,7 +415,8 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
         port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
-        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        for service in ("", rpc.LEARNER_SERVICE):  # the leader calls a registrant back for the learner service's health
+            health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.address = f"127.0.0.1:{port}"
         harness.on_close(lambda: self.server.stop(grace=None))
 
@@ -429,10 +473,10 @@ def register(channel: grpc.Channel, network_addr: str, metadata: tuple[tuple[str
     return Client(stub, reply.learner_id, reply.session_token, info.callback_token)
 
 
-def fetch_model(client: Client) -> dict[str, torch.Tensor]:
-    """The leader's current global model, as a client sees it."""
+def fetch_model(client: Client, require_finite: bool = True) -> dict[str, torch.Tensor]:
+    """The leader's current global model, as a client sees it (a learner refuses one that is not finite; this may take it)."""
     replies = client.stub.GetModel(leader_pb2.Empty(), timeout=CALL_TIMEOUT_S, metadata=client.metadata())
-    received = wire.receive(replies, max_bytes=MAX_MODEL_BYTES)
+    received = wire.receive(replies, max_bytes=MAX_MODEL_BYTES, require_finite=require_finite)
     return {name: tensor.clone() for name, tensor in received.tensors.items()}
 
 
@@ -497,6 +541,7 @@ class RunResult:
 
     ok: bool
     detect_s: float | None = None
+    recover_s: float | None = None
     rounds_lost: int | None = None
     bad_accepted: int | None = None
     peak_rss_mib: float | None = None
@@ -592,11 +637,13 @@ def signal_while_training(victim: LoggedProcess, round_number: int, signum: int,
 
 
 def row_learner_frozen(harness: Harness, context: Context, index: int) -> RunResult:
-    """SIGSTOP one of three learners while it trains, past the round timeout; SIGCONT; its late update must be refused."""
+    """SIGSTOP one of three learners while it trains, until the leader marks it absent; SIGCONT; its late update must be refused."""
     expect = Expect()
     port, run_dir = free_port(), harness.tmp / "run"
-    # 100 local steps: long enough that the freeze reliably lands while it trains, now that rounds overlap
-    leader = harness.leader(port, run_dir, [*quorum_flags(FROZEN_ROUNDS), "--local-steps", "100"])
+    # 100 local steps: long enough that the freeze reliably lands while it trains, now that rounds overlap; the round
+    # deadline is the fitted default, so that the silent learner is found by its health checks, not by a timeout
+    leader = harness.leader(port, run_dir, [*quorum_flags(FROZEN_ROUNDS, 0), "--local-steps", "100",
+                                            "--learner-lost-after", str(FROZEN_LOST_AFTER_S)])
     learners = [harness.learner(port) for _ in range(3)]
     victim = learners[-1]
     victim_id = learner_id_of(victim, harness)
@@ -615,20 +662,23 @@ def row_learner_frozen(harness: Harness, context: Context, index: int) -> RunRes
     if stopped_at is None or frozen_round is None:
         raise RunFailed("never caught the learner training (each round's local work ended before it burned "
                         f"{TRAINING_CPU_S * 1000:.0f} ms of CPU)")
-    # stopped until its round has closed at the round timeout; the later rounds are short, so it resumes at once
-    # for its late update to meet a round that is still running
+    # stopped until its round has closed without it (the leader marks it absent once its health checks have timed out
+    # for --learner-lost-after); the later rounds are short, so it resumes at once for its late update to meet a round
+    # that is still running
     closed = leader.wait_for(rf"round {frozen_round}/{FROZEN_ROUNDS}: (\d+) learners", harness.remaining(QUORUM_ROUND_TIMEOUT_S * 4),
                              after=stopped_at)
     resumed_at = time.monotonic()
     victim.signal(signal.SIGCONT)
     refused_pattern = rf"refused an update from learner {victim_id}\b"
-    not_taken = rf"round {frozen_round}: update not taken"
+    # a late update is refused in the round (FAILED_PRECONDITION), or, once the leader has marked the learner absent and
+    # ended its session, at the door (UNAUTHENTICATED): the learner then says its session ended and registers again
+    victim_refused = rf"round {frozen_round}: update not taken|sending the round {frozen_round} update failed: .*ended this learner's session"
     refused = None
     deadline = time.monotonic() + harness.remaining(LATE_UPDATE_WAIT_S)
     while refused is None and time.monotonic() < deadline:
-        refused = leader.wait_for(refused_pattern, min(0.2, deadline - time.monotonic()), after=stopped_at) or victim.find(not_taken)
+        refused = leader.wait_for(refused_pattern, min(0.2, deadline - time.monotonic()), after=stopped_at) or victim.find(victim_refused)
         if victim.process.poll() is not None and leader.process.poll() is not None:
-            refused = leader.find(refused_pattern, after=stopped_at) or victim.find(not_taken)
+            refused = leader.find(refused_pattern, after=stopped_at) or victim.find(victim_refused)
             break
     status = leader.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
     late_accepted = victim.find(rf"round {frozen_round}: sent update", after=resumed_at) is not None
@@ -644,6 +694,8 @@ def row_learner_frozen(harness: Harness, context: Context, index: int) -> RunRes
     lost = rounds_missing(run_dir, FROZEN_ROUNDS)
     expect(lost == 0, f"{lost} rounds missing from metrics.jsonl")
     notes = [f"frozen in round {frozen_round} for {resumed_at - stopped_at:.1f}s"]
+    if refused is not None:
+        notes.append(f"late update refused: {refused[1].string.split(' ', 4)[-1][:120]!r}")
     if victim.find(r"stopping after") is not None and refused is None:
         notes.append("the frozen learner was told to stop before it sent its late update")
     return expect.result(harness, detect_s=closed[0] - stopped_at if closed else None, rounds_lost=lost,
@@ -653,7 +705,7 @@ def row_learner_frozen(harness: Harness, context: Context, index: int) -> RunRes
 def resume_flags(context: Context) -> list[str]:
     """The resume row's federation: two learners, FedAvg with server momentum, seeded (deterministic when the leader can be)."""
     flags = ["--learners", "2", "--aggregation", "fedavg", "--local-steps", "20", "--server-momentum", "0.5",
-             "--rounds", str(RESUME_ROUNDS), "--seed", "5"]
+             "--rounds", str(RESUME_ROUNDS), "--seed", "5", "--checkpoint-every", "1"]  # a checkpoint of every round: one exists at the kill
     if context.leader_has("--deterministic"):
         flags.append("--deterministic")  # asks for bit-for-bit equality with the uninterrupted run
     return flags
@@ -720,7 +772,7 @@ def row_leader_killed(harness: Harness, context: Context, index: int) -> RunResu
         if differing:
             worst = max(float((weights[name].double() - expected[name].double()).abs().max()) for name in differing if name in weights)
             expect(False, f"{len(differing)} of {len(expected)} tensors differ from the uninterrupted run (max |diff| {worst:.3g})")
-    return expect.result(harness, detect_s=first_round[0] - restarted_at if first_round else None, rounds_lost=rounds_lost, notes=notes)
+    return expect.result(harness, recover_s=first_round[0] - restarted_at if first_round else None, rounds_lost=rounds_lost, notes=notes)
 
 
 def row_checkpoint_killed(harness: Harness, context: Context, index: int) -> RunResult:
@@ -759,10 +811,16 @@ def row_registration_burst(harness: Harness, context: Context, index: int) -> Ru
     stub = leader_pb2_grpc.LeaderServiceStub(channel)
 
     def one(_: int) -> Outcome | leader_pb2.AckWithMetadata:
-        try:
-            return stub.RegisterLearner(learner_info(fake.address), timeout=CALL_TIMEOUT_S)
-        except grpc.RpcError as error:
-            return Outcome("registration", error.code().name, error.details() or "", 0.0)
+        info = learner_info(fake.address)
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while True:
+            try:
+                return stub.RegisterLearner(info, timeout=CALL_TIMEOUT_S)
+            except grpc.RpcError as error:
+                busy = error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in (error.details() or "")
+                if not busy or time.monotonic() > deadline:  # busy: one host's share of calls without a session; as learner.py, try again
+                    return Outcome("registration", error.code().name, error.details() or "", 0.0)
+                time.sleep(BUSY_RETRY_S)
 
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=REGISTRATION_SLOTS + 1) as pool:
@@ -891,7 +949,7 @@ def row_stale_duplicate(harness: Harness, context: Context, index: int) -> RunRe
     status = leader.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
     expected_codes = ["FAILED_PRECONDITION", "FAILED_PRECONDITION", "ALREADY_EXISTS", "FAILED_PRECONDITION", "FAILED_PRECONDITION"]
     wrong = [f"{outcome.what}: {outcome.code} (expected {code}) {outcome.detail[:60]}"
-             for outcome, code in zip(hostile, expected_codes) if outcome.code != code]
+             for outcome, code in zip(hostile, expected_codes, strict=False) if outcome.code != code]
     expect(not wrong, "; ".join(wrong))
     for outcome in (taken, closing, *finals):
         expect(outcome.code == "OK", f"{outcome.what}: {outcome.code} {outcome.detail[:80]}")
@@ -1111,7 +1169,7 @@ def write_pki(directory: Path) -> dict[str, str]:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     valid_from, valid_to = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (x509.CertificateBuilder().subject_name(name("bench CA")).issuer_name(name("bench CA"))
@@ -1167,6 +1225,327 @@ def row_tls(harness: Harness, context: Context, index: int) -> RunResult:
                          notes=[f"refused with {code_counts(outcomes)}"])
 
 
+# ---- rows on the safe defaults: dropout, floods, huge updates, callbacks ------------------------------------------
+
+
+def metrics_by_round(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """metrics.jsonl's lines by round."""
+    return {record["round"]: record for record in plots.read_metrics(run_dir, missing_ok=True)}
+
+
+def registered_address(leader: LoggedProcess, learner_id: int, harness: Harness) -> str:
+    """The callback address the leader logged for a learner it admitted."""
+    hit = leader.wait_for(rf"learner {learner_id} registered from (\S+) \(", harness.remaining(STARTUP_TIMEOUT_S))
+    if hit is None:
+        raise RunFailed(f"learner {learner_id} never registered: {leader.tail()}")
+    return hit[1].group(1)
+
+
+def expect_exit(expect: Expect, process: LoggedProcess, harness: Harness, wanted: int = 0) -> int | None:
+    """Wait for a process that should end on its own and expect its exit status."""
+    code = process.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
+    expect(code == wanted, f"{process.name} exit {code}: {process.tail(2)}")
+    return code
+
+
+def expect_every_round(expect: Expect, run_dir: Path, rounds: int, reporters: int) -> None:
+    """Every round 1..rounds in metrics.jsonl, each with `reporters` learners reporting."""
+    metrics = metrics_by_round(run_dir)
+    reported = [metrics.get(number, {}).get("learners_reported") for number in range(1, rounds + 1)]
+    expect(all(count == reporters for count in reported), f"learners reported per round: {reported}")
+
+
+def default_work(rounds: int, local_steps: int = DEFAULT_LOCAL_STEPS) -> list[str]:
+    """The leader's flags for a run on its defaults: two learners, FedAvg with `local_steps` per round, `rounds` rounds."""
+    return ["--learners", "2", "--aggregation", "fedavg", "--local-steps", str(local_steps), "--rounds", str(rounds)]
+
+
+def row_learner_dropout(harness: Harness, context: Context, index: int) -> RunResult:
+    """Default flags; after round 2 one of two learners gets Ctrl-C and is started again at once; it must take part again.
+
+    The restarted process is a newcomer (new port, new callback secret): it takes the old one's slot and must take
+    part from the round the leader told it at registration, without being dropped again.
+    """
+    expect = Expect()
+    port, run_dir = free_port(), harness.tmp / "run"
+    leader = harness.leader(port, run_dir, default_work(DROPOUT_ROUNDS, DROPOUT_LOCAL_STEPS))
+    healthy, victim = harness.learner(port), harness.learner(port)
+    victim_id = learner_id_of(victim, harness)
+    if leader.wait_for(rf"round {DROPOUT_AFTER_ROUND}/{DROPOUT_ROUNDS}:", harness.remaining(EXIT_TIMEOUT_S)) is None:
+        raise RunFailed(f"the leader never finished round {DROPOUT_AFTER_ROUND}: {leader.tail()}")
+    signalled_at = time.monotonic()
+    victim.signal(signal.SIGINT)
+    restarted = harness.learner(port)  # a new process: new port, new callback secret, registers as a newcomer
+    joined = restarted.wait_for(r"registered as learner (\d+) of \d+.*?(?:joining from round (\d+))?$", harness.remaining(STARTUP_TIMEOUT_S))
+    joins_round = int(joined[1].group(2) or 1) if joined else None
+    # the leader notices the old process: marked absent (its port refuses health checks), or its slot given to the new one
+    noticed = leader.wait_for(rf"learner {victim_id}(?:'s slot taken| at \S+ marked absent)", harness.remaining(), after=signalled_at)
+    recovered = None
+    if joins_round is not None:
+        back = rf"round ({'|'.join(str(number) for number in range(joins_round, DROPOUT_ROUNDS + 1))})/{DROPOUT_ROUNDS}: 2 learners"
+        recovered = leader.wait_for(back, harness.remaining(), after=signalled_at)
+    status = leader.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
+    victim_status = victim.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
+    expect(status == 0, f"leader exit {status}: {leader.tail()}")
+    expect_exit(expect, healthy, harness)
+    expect_exit(expect, restarted, harness)
+    expect(joined is not None, f"the restarted learner never registered: {restarted.tail(2)}")
+    metrics = metrics_by_round(run_dir)
+    rejoined = [number for number, record in metrics.items() if joins_round and number >= joins_round and record.get("learners_reported") == 2]
+    expect(bool(rejoined), f"no round after the restart (from round {joins_round}) had both learners reporting")
+    expect(joins_round is None or metrics.get(joins_round, {}).get("learners_reported") == 2,
+           f"round {joins_round}, the restarted learner's first: learners_reported {metrics.get(joins_round, {}).get('learners_reported')}")
+    dropped = restarted.find(r"ended this learner's session \((.*?)\); registering again")
+    expect(dropped is None, f"the restarted learner was dropped: {dropped[1].group(1)[:200] if dropped else ''}")
+    lost = rounds_missing(run_dir, DROPOUT_ROUNDS)
+    expect(lost == 0, f"{lost} rounds missing from metrics.jsonl")
+    single = [number for number, record in metrics.items() if record.get("learners_reported") == 1]
+    notes = [f"Ctrl-C'd learner exit {victim_status}", f"restarted learner joined from round {joins_round}",
+             f"rounds with 1 learner: {single or 'none'}"]
+    if noticed is not None:
+        notes.append(f"noticed by: {noticed[1].string.split(' ', 4)[-1][:120]!r}")
+    return expect.result(harness, detect_s=noticed[0] - signalled_at if noticed else None,
+                         recover_s=recovered[0] - signalled_at if recovered else None, rounds_lost=lost, notes=notes)
+
+
+def open_watches(harness: Harness, address: str, count: int, settled: threading.Condition) -> list[WatchedStream]:
+    """Open `count` health Watch streams at `address` without a session, at once, on one connection; each entry notes its end."""
+    stub = health_pb2_grpc.HealthStub(harness.channel(address))
+    entries = []
+    for number in range(count):
+        entry = WatchedStream(f"Watch {number + 1} at {address}", time.monotonic())
+
+        def ended(call: Any, entry: WatchedStream = entry) -> None:
+            with settled:
+                entry.ended, entry.code = time.monotonic(), call.code().name
+                settled.notify_all()
+
+        call = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=harness.remaining())
+        harness.on_close(call.cancel)
+        call.add_done_callback(ended)
+        entries.append(entry)
+    return entries
+
+
+def row_health_watch_flood(harness: Harness, context: Context, index: int) -> RunResult:
+    """A stranger opens 50 health Watch streams on the leader and 8 on a learner; all but the capped few are refused at once."""
+    expect = Expect()
+    port, run_dir = free_port(), harness.tmp / "run"
+    leader = harness.leader(port, run_dir, default_work(FLOOD_ROUNDS))
+    learners = [harness.learner(port) for _ in range(2)]
+    learner_address = registered_address(leader, 0, harness)
+    registered_address(leader, 1, harness)
+    settled = threading.Condition()
+    floods = {"leader": open_watches(harness, f"127.0.0.1:{port}", FLOOD_LEADER_STREAMS, settled),
+              "learner": open_watches(harness, learner_address, FLOOD_LEARNER_STREAMS, settled)}
+    everything = [entry for entries in floods.values() for entry in entries]
+    cap = rpc.MAX_STRANGER_STREAMS_PER_PEER  # every stream comes from 127.0.0.1
+    with settled:  # until every stream past the caps has ended, or the settling time is over
+        settled.wait_for(lambda: all(sum(entry.ended is None for entry in entries) <= cap for entries in floods.values()),
+                         harness.remaining(FLOOD_SETTLE_S))
+        outcomes = {where: Counter(entry.code or "open" for entry in entries) for where, entries in floods.items()}
+        refusals = [entry.ended - entry.opened for entry in everything if entry.code == "RESOURCE_EXHAUSTED"]
+    status = leader.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
+    for where, counts in outcomes.items():
+        expect(counts["open"] <= cap, f"{counts['open']} Watch streams on the {where} stayed open; the cap is {cap} per peer")
+        others = {code: count for code, count in counts.items() if code not in ("open", "RESOURCE_EXHAUSTED")}
+        expect(not others, f"Watch streams on the {where} ended otherwise: {others}")
+    slow = [seconds for seconds in refusals if seconds > AT_ONCE_S]
+    expect(not slow, f"{len(slow)} refusals took over {AT_ONCE_S:g}s (slowest {max(slow, default=0):.2f}s)")
+    expect(status == 0, f"leader exit {status}: {leader.tail()}")
+    for learner in learners:
+        expect_exit(expect, learner, harness)
+    expect_every_round(expect, run_dir, FLOOD_ROUNDS, 2)
+    admitted_beyond = sum(max(0, counts["open"] - cap) for counts in outcomes.values())
+    return expect.result(harness, detect_s=max(refusals) if refusals else None, rounds_lost=rounds_missing(run_dir, FLOOD_ROUNDS),
+                         bad_accepted=admitted_beyond,
+                         notes=[f"{where}: {dict(counts)}" for where, counts in outcomes.items()])
+
+
+def checkpoints_not_finite(checkpoint_dir: Path) -> tuple[list[int], int]:
+    """Rounds whose checkpoint holds a non-finite weight or server-optimizer tensor, and how many checkpoints there are."""
+    bad, count = [], 0
+    for json_path in sorted(checkpoint_dir.glob("round-*.json")):
+        record, weights = checkpoint.load(json_path)
+        tensors = [*weights.values()]
+        if "optimizer" in record:
+            tensors += list(checkpoint.load_optimizer(json_path, record).values())
+        count += 1
+        if not all(bool(torch.isfinite(tensor).all()) for tensor in tensors if tensor.is_floating_point()):
+            bad.append(record["round"])
+    return bad, count
+
+
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating-point tensor holds finite values only."""
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors.values() if tensor.is_floating_point())
+
+
+def wait_for_round(fake: FakeLearner, client: Client, number: int, harness: Harness) -> bool:
+    """Wait until round `number` is open for a hand-driven member (StartTraining for round 1, the model pushed after); False on stop."""
+    token = client.callback_token
+    opened = (lambda: token in fake.started) if number == 1 else (lambda: number in fake.pushed.get(token, []))
+    if not fake.wait(lambda: opened() or token in fake.stopped, harness.remaining()):
+        return False
+    return fake.wait(lambda: opened() and token not in fake.stopped, 0.0)
+
+
+def row_huge_updates(harness: Harness, context: Context, index: int) -> RunResult:
+    """A member sends updates filled with 1e38 and float32's max for 3 rounds under server momentum; every model stays finite."""
+    expect = Expect()
+    fake = FakeLearner(harness)
+    port, run_dir = free_port(), harness.tmp / "run"
+    leader = harness.leader(port, run_dir, [
+        "--learners", "2", "--aggregation", "fedavg", "--local-steps", str(HUGE_LOCAL_STEPS), "--server-opt", "sgdm",
+        "--rounds", str(HUGE_ROUNDS), "--checkpoint-every", "1", "--keep-checkpoints", str(HUGE_ROUNDS)])
+    serving_port(leader, harness)
+    client = register(harness.channel(f"127.0.0.1:{port}"), fake.address)
+    honest = harness.learner(port)
+    published_bad: list[int] = []  # rounds whose published model (the one a member fetches) is not finite
+    answers: list[Outcome] = []
+    last_hostile_at = None
+    for number in range(1, HUGE_ROUNDS + 1):
+        if not wait_for_round(fake, client, number, harness):
+            raise RunFailed(f"round {number} never opened for the hostile member: {leader.tail()}")
+        model = fetch_model(client, require_finite=False)  # taken as published, to be checked here
+        if not all_finite(model):
+            published_bad.append(number - 1)
+        value = HUGE_VALUES[number - 1] if number <= len(HUGE_VALUES) else 0.0  # after the hostile rounds it behaves
+        update = {name: torch.full_like(tensor, value) for name, tensor in model.items()}
+        outcome = attempt(f"round {number} update filled with {value:g}", update_call(
+            client, update_stream(update, client.learner_id, round=number, num_examples=HUGE_LOCAL_STEPS * LEADER_BATCH_SIZE)))
+        if value:
+            answers.append(outcome)
+            last_hostile_at = time.monotonic()
+    status = leader.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
+    expect_exit(expect, honest, harness)
+    expect(status == 0, f"leader exit {status}: {leader.tail()}")
+    refused = unexpected(answers, {"OK"})
+    expect(not refused, f"hostile updates not taken (the leader should scale them down): {'; '.join(refused)}")
+    metrics = metrics_by_round(run_dir)
+    hostile_rounds = range(1, len(HUGE_VALUES) + 1)
+    clipped = [metrics.get(number, {}).get("updates_clipped") for number in hostile_rounds]
+    expect(all(count is not None and count >= 1 for count in clipped), f"updates_clipped in the hostile rounds: {clipped}")
+    expect_every_round(expect, run_dir, HUGE_ROUNDS, 2)
+    checkpoint_bad, checkpoints = checkpoints_not_finite(run_dir / "checkpoints")
+    expect(checkpoints == HUGE_ROUNDS, f"{checkpoints} checkpoints for {HUGE_ROUNDS} rounds (--checkpoint-every 1)")
+    final_finite = status == 0 and all_finite(final_weights(run_dir / "checkpoints")[1])
+    expect(final_finite, "the final model is not finite")
+    bad_rounds = sorted(set(published_bad) | set(checkpoint_bad))
+    expect(not bad_rounds, f"non-finite models: published after rounds {published_bad}, checkpointed in rounds {checkpoint_bad}")
+    # recovered: the first round after the hostile ones closes as a normal round (finite, nothing clipped)
+    after = len(HUGE_VALUES) + 1
+    recovered = leader.find(rf"round {after}/{HUGE_ROUNDS}:")
+    expect(metrics.get(after, {}).get("updates_clipped") == 0, f"round {after} (honest again): updates_clipped "
+                                                               f"{metrics.get(after, {}).get('updates_clipped')}")
+    rejected = [number for number, record in metrics.items() if record.get("model_rejected")]
+    return expect.result(harness, detect_s=max(outcome.seconds for outcome in answers) if answers else None,
+                         recover_s=recovered[0] - last_hostile_at if recovered and last_hostile_at else None,
+                         rounds_lost=rounds_missing(run_dir, HUGE_ROUNDS), bad_accepted=len(bad_rounds),
+                         notes=[f"updates_clipped per hostile round: {clipped}", f"new models refused in rounds: {rejected or 'none'}",
+                                f"{checkpoints} checkpoints checked"])
+
+
+def row_leader_address_registration(harness: Harness, context: Context, index: int) -> RunResult:
+    """A stranger registers naming the leader's own address before two learners: refused at once, no slot taken."""
+    expect = Expect()
+    port, run_dir = free_port(), harness.tmp / "run"
+    leader = harness.leader(port, run_dir, default_work(NAMED_ROUNDS))
+    serving_port(leader, harness)
+    address = f"127.0.0.1:{port}"
+    stub = leader_pb2_grpc.LeaderServiceStub(harness.channel(address))
+    outcome = attempt("registration naming the leader", lambda: stub.RegisterLearner(learner_info(address), timeout=CALL_TIMEOUT_S))
+    learners = [harness.learner(port) for _ in range(2)]
+    ids = sorted(learner_id_of(learner, harness) for learner in learners)
+    status = leader.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
+    expect(outcome.code == "FAILED_PRECONDITION", f"the registration naming the leader: {outcome.code} {outcome.detail[:100]}")
+    expect(outcome.seconds < AT_ONCE_S, f"refused after {outcome.seconds:.2f}s, not at once")
+    expect(ids == [0, 1], f"the learners got ids {ids}, not 0 and 1: the stranger took a slot")
+    expect(leader.find(rf"registered from {re.escape(address)}\b") is None, "the leader admitted its own address")
+    expect(status == 0, f"leader exit {status}: {leader.tail()}")
+    for learner in learners:
+        expect_exit(expect, learner, harness)
+    expect_every_round(expect, run_dir, NAMED_ROUNDS, 2)
+    return expect.result(harness, detect_s=outcome.seconds, rounds_lost=rounds_missing(run_dir, NAMED_ROUNDS),
+                         bad_accepted=int(outcome.code == "OK"), notes=[f"refused {outcome.code}: {outcome.detail[:120]!r}"])
+
+
+class SilentListener:
+    """A TCP port that accepts connections and never sends a byte: a callback address that never answers."""
+
+    def __init__(self, harness: Harness) -> None:
+        self._socket = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self._socket.settimeout(0.5)  # the accepting thread checks for the end of the run this often
+        self.address = f"127.0.0.1:{self._socket.getsockname()[1]}"
+        self._accepted: list[socket.socket] = []
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, name="silent-listener", daemon=True).start()
+        harness.on_close(self.close)
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            self._accepted.append(connection)  # held open, never read or written
+
+    def close(self) -> None:
+        """Stop accepting and close every connection."""
+        self._closed.set()
+        self._socket.close()
+        for connection in self._accepted:
+            connection.close()
+
+
+def row_silent_callbacks(harness: Harness, context: Context, index: int) -> RunResult:
+    """10 concurrent registrations naming a port that accepts and never speaks, while two learners start: none admitted."""
+    expect = Expect()
+    silent = SilentListener(harness)
+    port, run_dir = free_port(), harness.tmp / "run"
+    leader = harness.leader(port, run_dir, default_work(SILENT_ROUNDS))
+    learners = [harness.learner(port) for _ in range(2)]
+    serving_port(leader, harness)
+    stub = leader_pb2_grpc.LeaderServiceStub(harness.channel(f"127.0.0.1:{port}"))
+    started = time.monotonic()
+
+    def one(number: int) -> Outcome:
+        return attempt(f"registration {number + 1} naming a silent port", lambda: stub.RegisterLearner(
+            learner_info(silent.address), timeout=CALL_TIMEOUT_S))
+
+    with ThreadPoolExecutor(max_workers=SILENT_REGISTRATIONS) as pool:
+        outcomes = list(pool.map(one, range(SILENT_REGISTRATIONS)))
+    ids = sorted(learner_id_of(learner, harness) for learner in learners)
+    both_in = leader.wait_for(r"all \d+ learners registered", harness.remaining(STARTUP_TIMEOUT_S))
+    status = leader.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
+    codes = Counter(outcome.code for outcome in outcomes)
+    # each is refused once the leader's call back has timed out, or at once while the registrations without a session
+    # already in flight fill the leader's share of threads for strangers (RESOURCE_EXHAUSTED)
+    wrong = unexpected(outcomes, {"FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"})
+    expect(not wrong, f"registrations naming a silent port: {'; '.join(wrong)}")
+    expect(codes["FAILED_PRECONDITION"] > 0, f"no registration waited for the call back: {dict(codes)}")
+    slow = [outcome.seconds for outcome in outcomes if outcome.code == "RESOURCE_EXHAUSTED" and outcome.seconds > AT_ONCE_S]
+    expect(not slow, f"{len(slow)} registrations refused as busy only after {max(slow, default=0):.2f}s")
+    # the leader gives up on a silent callback at its probe's deadline, not later
+    late = [outcome.seconds for outcome in outcomes if outcome.code == "FAILED_PRECONDITION"
+            and outcome.seconds > REGISTRATION_PROBE_S + AT_ONCE_S]
+    expect(not late, f"{len(late)} registrations refused only after {max(late, default=0):.2f}s (the probe gives up after "
+                     f"{REGISTRATION_PROBE_S:g}s)")
+    expect(ids == [0, 1], f"the learners got ids {ids}, not 0 and 1")
+    expect(status == 0, f"leader exit {status}: {leader.tail()}")
+    for learner in learners:
+        expect_exit(expect, learner, harness)
+    expect_every_round(expect, run_dir, SILENT_ROUNDS, 2)
+    waited = [learner.find(r"waiting for a slot") for learner in learners]
+    return expect.result(harness, detect_s=max(outcome.seconds for outcome in outcomes),
+                         recover_s=both_in[0] - started if both_in else None, rounds_lost=rounds_missing(run_dir, SILENT_ROUNDS),
+                         bad_accepted=codes.get("OK", 0),
+                         notes=[f"refused with {code_counts(outcomes)}",
+                                f"learners told to wait for a slot: {sum(hit is not None for hit in waited)}"])
+
+
 @dataclass(frozen=True)
 class Row:
     """One line of the table: a fault, how it is injected, and the function that runs it once."""
@@ -1180,13 +1559,14 @@ class Row:
 ROWS = [
     Row("learner-killed", "learner killed mid-round", "SIGKILL 1 of 3 learners while it trains round 1 (quorum 2, round timeout 60 s, --learner-lost-after 2)",
         row_learner_killed),
-    Row("learner-frozen", "learner frozen", "SIGSTOP 1 of 3 learners while it trains (100 local steps, round 2-4 of 6); SIGCONT once its round closed at the timeout",
-        row_learner_frozen),
+    Row("learner-frozen", "learner frozen",
+        f"SIGSTOP 1 of 3 learners while it trains (100 local steps, round 2-4 of 6, default round deadline, --learner-lost-after "
+        f"{FROZEN_LOST_AFTER_S:g}); SIGCONT once its round closed without it", row_learner_frozen),
     Row("leader-killed", "leader killed", "SIGKILL the leader after round 2 of 6; restart with --resume, learners rejoin",
         row_leader_killed),
     Row("checkpoint-killed", "killed while checkpointing",
         f"SIGKILL a process writing 8 MB checkpoints at a random moment, {CHECKPOINT_KILLS_PER_RUN} times", row_checkpoint_killed),
-    Row("registration-burst", "100 registrations at once", "101 concurrent RegisterLearner calls for 100 slots", row_registration_burst),
+    Row("registration-burst", "100 registrations at once", "101 concurrent RegisterLearner calls for 100 slots (from one host: those refused as busy try again, as learner.py does)", row_registration_burst),
     Row("hostile-payloads", "hostile payloads",
         "18 malformed updates in an open round: pickles, bad manifests, truncated/oversized bytes, NaN/inf, wrong shape/dtype/count",
         row_hostile_payloads),
@@ -1199,6 +1579,22 @@ ROWS = [
         f"a member opens {STALLED_GET_MODELS} unread GetModel streams and a 1-byte/s update (--stream-idle-timeout {STALL_IDLE_TIMEOUT_S:g})",
         row_stalled_streams),
     Row("tls", "TLS and mTLS", "2 rounds over mTLS; a TLS client without a certificate and a plaintext client register", row_tls),
+    Row("learner-dropout", "learner dropped and restarted",
+        f"default flags, 2 learners, {DROPOUT_LOCAL_STEPS} local steps: Ctrl-C (SIGINT) one after round {DROPOUT_AFTER_ROUND} "
+        f"of {DROPOUT_ROUNDS} and start it again at once",
+        row_learner_dropout),
+    Row("health-watch-flood", "health Watch flood",
+        f"a stranger opens {FLOOD_LEADER_STREAMS} health Watch streams on the leader and {FLOOD_LEARNER_STREAMS} on a learner "
+        f"during a {FLOOD_ROUNDS}-round run", row_health_watch_flood),
+    Row("huge-updates", "huge finite updates",
+        f"1 of 2 members sends updates filled with 1e38, then float32's max ({len(HUGE_VALUES)} rounds of {HUGE_ROUNDS}, "
+        "--server-opt sgdm)", row_huge_updates),
+    Row("leader-address-registration", "registration naming the leader",
+        "default flags: a stranger registers with the leader's own address as its callback, before 2 learners",
+        row_leader_address_registration),
+    Row("silent-callbacks", "callbacks that never answer",
+        f"default flags: {SILENT_REGISTRATIONS} concurrent registrations naming a port that accepts and never speaks, "
+        "while 2 learners start", row_silent_callbacks),
 ]
 
 
@@ -1259,7 +1655,7 @@ def header_lines(runs: int) -> list[str]:
         f"- machine: {platform.platform()}, {os.cpu_count()} CPUs ({platform.machine()})",
         f"- python {platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}",
         f"- commit: {commit or 'unknown'}" + (" (with uncommitted changes to tracked files)" if changed else ""),
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+        f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
         f"- runs per row: {runs}",
         f"- every row: {' '.join(SMALL)}; processes on loopback",
     ]
@@ -1275,27 +1671,33 @@ def seconds(value: float) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
+def median_max(values: list[float | None]) -> str:
+    """'median / max' of the values measured, for the table; '-' when none was."""
+    measured = [value for value in values if value is not None]
+    return f"{seconds(statistics.median(measured))} / {seconds(max(measured))}" if measured else "-"
+
+
 def table_lines(summaries: list[RowSummary]) -> list[str]:
     """The Markdown table, one line per row."""
     lines = [
-        "| row | injected | runs | outcome as expected (k/N) | time to detect (s, median / max) | rounds lost (max) "
-        "| bad updates accepted (total) | leader peak RSS (MiB, max) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | injected | runs | outcome as expected (k/N) | time to detect (s, median / max) "
+        "| time to recover (s, median / max) | rounds lost (max) | bad updates accepted (total) | leader peak RSS (MiB, max) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for summary in summaries:
         row = summary.row
         name = f"{ROWS.index(row) + 1}. {row.title}"
         if summary.not_run is not None:
-            lines.append(f"| {name} | {row.injected} | 0 | not run: {summary.not_run} | - | - | - | - |")
+            lines.append(f"| {name} | {row.injected} | 0 | not run: {summary.not_run} | - | - | - | - | - |")
             continue
         results = summary.results
-        detects = [result.detect_s for result in results if result.detect_s is not None]
         lost = [result.rounds_lost for result in results if result.rounds_lost is not None]
         bad = [result.bad_accepted for result in results if result.bad_accepted is not None]
         rss = [result.peak_rss_mib for result in results if result.peak_rss_mib is not None]
-        detect = f"{seconds(statistics.median(detects))} / {seconds(max(detects))}" if detects else "-"
+        detect = median_max([result.detect_s for result in results])
+        recover = median_max([result.recover_s for result in results])
         lines.append(
-            f"| {name} | {row.injected} | {len(results)} | {sum(result.ok for result in results)}/{len(results)} | {detect} "
+            f"| {name} | {row.injected} | {len(results)} | {sum(result.ok for result in results)}/{len(results)} | {detect} | {recover} "
             f"| {max(lost) if lost else '-'} | {sum(bad) if bad else '-'} | {fmt(max(rss) if rss else None, 0)} |"
         )
     return lines
@@ -1315,10 +1717,17 @@ def note_lines(summaries: list[RowSummary]) -> list[str]:
 DEFINITIONS = [
     "",
     "Time to detect: 1: kill to the leader's first line naming the learner at its address, or a round closed without it; "
-    "2: SIGSTOP to the round closing without it; 3: restart to the first round completed after resume; "
-    "5: all 101 answers; 6-8, 10: the slowest refusal; 9: opening to the last hostile stream ended. "
+    "2: SIGSTOP to the round closing without it; 5: all 101 answers; 6-8, 10, 12, 14, 15: the slowest refusal; "
+    "9: opening to the last hostile stream ended; 11: Ctrl-C to the leader's line marking the learner absent or giving "
+    "its slot to the restarted one; 13: the slowest answer to a hostile update (taken, scaled down). "
+    "Time to recover: 3: restart to the first round completed after resume; 11: Ctrl-C to the first round completed "
+    "with both learners again, the restarted one included; 13: the last hostile update to the first round after the "
+    "hostile ones completed; 15: the first registration naming the silent port to both learners registered "
+    "(the rows with none refuse without disrupting anything: nothing to recover). "
     "Rounds lost: rounds missing from metrics.jsonl (3: rounds logged done before the kill that the resumed leader re-ran). "
-    "Bad updates accepted: hostile calls answered with success, a duplicate counted twice (7), a frozen learner's late update taken (2).",
+    "Bad updates accepted: hostile calls answered with success, a duplicate counted twice (7), a frozen learner's late "
+    "update taken (2), Watch streams left open beyond the per-peer cap (12), rounds whose published or checkpointed "
+    "model is not finite (13).",
 ]
 
 
