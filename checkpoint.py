@@ -23,8 +23,16 @@ logger = logging.getLogger(__name__)
 _ROUND_FILE = re.compile(r"^round-(\d{5})\.json$")
 # safetensors' names for the dtypes a model or optimizer state holds
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 PRIVACY_RECORD = "privacy.json"  # noised rounds so far under DP-FedAvg, written every round (record_privacy_spent)
 HEADER_ALIGN = 8  # safetensors pads its JSON header with spaces so that the data starts 8-byte aligned
@@ -48,7 +56,7 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes | memoryview]) -> int:
                 crc = zlib.crc32(piece, crc)
                 view = memoryview(piece)
                 while view:  # an unbuffered write may take part of a large piece
-                    view = view[file.write(view):]
+                    view = view[file.write(view) :]
             os.fsync(file.fileno())
         os.replace(temp, path)
     except BaseException:
@@ -78,7 +86,9 @@ def save(
     weights = _write_tensors(directory / f"round-{round_number:05d}.safetensors", state)
     record = {**metadata, "round": round_number, "weights": weights[0], "weights_crc32": weights[1]}
     if optimizer_state is not None:
-        record["optimizer"], record["optimizer_crc32"] = _write_tensors(directory / f"round-{round_number:05d}.optimizer.safetensors", optimizer_state)
+        record["optimizer"], record["optimizer_crc32"] = _write_tensors(
+            directory / f"round-{round_number:05d}.optimizer.safetensors", optimizer_state
+        )
     # The JSON is written last: its presence means the weights beside it are complete.
     json_path = directory / f"round-{round_number:05d}.json"
     atomic_write(json_path, json.dumps(record, indent=2, sort_keys=True).encode())
@@ -101,7 +111,11 @@ def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> tuple[str
         if tensor.dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"{name}: cannot checkpoint a {tensor.dtype} tensor")
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + data.nbytes]}
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + data.nbytes],
+        }
         pieces.append(data)
         offset += data.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -162,11 +176,15 @@ def privacy_spent(directory: Path) -> int:
     try:
         rounds = json.loads(path.read_text())["noised_rounds"]
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is damaged ({error.__class__.__name__}), so the privacy already spent is unknown: "
-                         "restore it from a backup, or start a new run in a fresh --checkpoint-dir") from None
+        raise ValueError(
+            f"{path} is damaged ({error.__class__.__name__}), so the privacy already spent is unknown: "
+            "restore it from a backup, or start a new run in a fresh --checkpoint-dir"
+        ) from None
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
-        raise ValueError(f"{path} records {rounds!r} noised rounds, not a count: restore it from a backup, "
-                         "or start a new run in a fresh --checkpoint-dir")
+        raise ValueError(
+            f"{path} records {rounds!r} noised rounds, not a count: restore it from a backup, "
+            "or start a new run in a fresh --checkpoint-dir"
+        )
     return rounds
 
 

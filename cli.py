@@ -21,10 +21,15 @@ def setup_logging(role: str, verbose: bool, quiet: bool = False, log_file: Path 
     logging.basicConfig(level=min(level, logging.INFO), format=f"%(asctime)s {role} %(levelname)s %(message)s", handlers=handlers)
 
 
-class StatusLine:
-    """One line rewritten in place on a terminal; silent when output is not a terminal or --quiet."""
+class StatusLine(logging.Filter):
+    """One line rewritten in place on a terminal; silent when output is not a terminal or --quiet.
+
+    Also a logging filter: added to the console handler (`keep_logs_apart`), it takes the live line away
+    before each log line prints, so that no log line is glued onto it; the next show() draws it again.
+    """
 
     def __init__(self, stream: TextIO | None = None, enabled: bool | None = None) -> None:
+        super().__init__()
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self._width = 0
@@ -43,3 +48,18 @@ class StatusLine:
             self.stream.write("\r" + " " * self._width + "\r")
             self.stream.flush()
             self._width = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """A log line is about to print on our stream: clear the live line first."""
+        self.clear()
+        return True
+
+    def keep_logs_apart(self) -> None:
+        """Add this line as a filter to the root logger's handlers that write to its stream."""
+        for handler in logging.getLogger().handlers:
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and not isinstance(handler, logging.FileHandler)
+                and handler.stream is self.stream
+            ):
+                handler.addFilter(self)

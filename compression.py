@@ -86,9 +86,7 @@ def compress(
     return out
 
 
-def decompress(
-    tensors: Mapping[str, torch.Tensor], specs: Sequence[wire.TensorSpec], mode: str
-) -> dict[str, torch.Tensor]:
+def decompress(tensors: Mapping[str, torch.Tensor], specs: Sequence[wire.TensorSpec], mode: str) -> dict[str, torch.Tensor]:
     """Rebuild a dense update with exactly `specs` from received compressed tensors, refusing malformed ones (ValueError).
 
     Top-k's k is read from the payload (the leader's wire.receive already held it to wire_specs); here
@@ -201,9 +199,7 @@ def _compressible(spec: wire.TensorSpec, mode: str, sparse_names: Collection[str
     return mode != "topk" or sparse_names is None or spec.name in sparse_names
 
 
-def _compressed_specs(
-    spec: wire.TensorSpec, mode: str, topk_ratio: float, sparse_names: Collection[str] | None
-) -> list[wire.TensorSpec]:
+def _compressed_specs(spec: wire.TensorSpec, mode: str, topk_ratio: float, sparse_names: Collection[str] | None) -> list[wire.TensorSpec]:
     """What one tensor becomes on the wire."""
     if not _compressible(spec, mode, sparse_names):
         return [spec]
@@ -232,9 +228,7 @@ def _to_fp16(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return half
 
 
-def _sparsify(
-    name: str, tensor: torch.Tensor, k: int, residual: dict[str, torch.Tensor] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _sparsify(name: str, tensor: torch.Tensor, k: int, residual: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(int32 flat indices in ascending order, float32 values) of the k largest magnitudes, with error feedback."""
     if residual is None:
         accumulated = tensor.reshape(-1)

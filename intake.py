@@ -74,8 +74,15 @@ class Intake:
     summing thread behind it. Shares the leader's lock (`cond`), which guards `round`.
     """
 
-    def __init__(self, config: LeaderConfig, specs: list[wire.TensorSpec], parameter_names: list[str],
-                 variance_names: list[str], roster: Roster, cond: threading.Condition) -> None:
+    def __init__(
+        self,
+        config: LeaderConfig,
+        specs: list[wire.TensorSpec],
+        parameter_names: list[str],
+        variance_names: list[str],
+        roster: Roster,
+        cond: threading.Condition,
+    ) -> None:
         self.config = config
         self.specs = specs
         self.parameter_names = parameter_names
@@ -94,15 +101,22 @@ class Intake:
         self._summing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-sum")
         self._sum_slots = threading.BoundedSemaphore(MAX_PENDING_SUMS)
 
-    def open(self, number: int, members: list[LearnerRecord], quorum: int, norm_bound: float = math.inf,
-             max_weight: float = math.inf) -> RoundState:
+    def open(
+        self, number: int, members: list[LearnerRecord], quorum: int, norm_bound: float = math.inf, max_weight: float = math.inf
+    ) -> RoundState:
         """Start taking round `number`'s updates from `members` (under the lock: the last round's sums are over first)."""
         with self._cond:
             futures.wait(self.round.sums)  # the sum is reset below: the last round's additions must be over
             running = aggregation.UpdateList() if self.keeps_updates else self._running.reset()
-            self.round = RoundState(number, members=frozenset(record.learner_id for record in members),
-                                    member_records={record.learner_id: record for record in members}, quorum=quorum,
-                                    running=running, norm_bound=norm_bound, max_weight=max_weight)
+            self.round = RoundState(
+                number,
+                members=frozenset(record.learner_id for record in members),
+                member_records={record.learner_id: record for record in members},
+                quorum=quorum,
+                running=running,
+                norm_bound=norm_bound,
+                max_weight=max_weight,
+            )
             self._cond.notify_all()
             return self.round
 
@@ -118,13 +132,16 @@ class Intake:
     def check_header(self, learner_id: int, header: leader_pb2.GradientData) -> None:
         """Refuse an update early, before its bytes are read, when its header is wrong."""
         if header.learner_id != learner_id:
-            raise rpc.RequestRefused(grpc.StatusCode.PERMISSION_DENIED,
-                                     f"session belongs to learner {learner_id}, update claims learner {header.learner_id}")
+            raise rpc.RequestRefused(
+                grpc.StatusCode.PERMISSION_DENIED, f"session belongs to learner {learner_id}, update claims learner {header.learner_id}"
+            )
         record = self.roster.record(learner_id)
         with self._cond:
             current = self.round
         if not record.alive:
-            raise rpc.RequestRefused(grpc.StatusCode.FAILED_PRECONDITION, f"learner {learner_id} was marked absent; register again to take part")
+            raise rpc.RequestRefused(
+                grpc.StatusCode.FAILED_PRECONDITION, f"learner {learner_id} was marked absent; register again to take part"
+            )
         if header.round == current.number and current.member_records.get(learner_id) is not record:
             raise rpc.RequestRefused(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -151,9 +168,16 @@ class Intake:
         except ValueError as error:
             raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {error}") from None
 
-    def accept(self, learner_id: int, header: leader_pb2.GradientData, tensors: dict[str, torch.Tensor],
-               known_norms: dict[str, float] | None = None, release: Callable[[], None] | None = None,
-               time_left: float | None = None, unweighted: bool = False) -> str:
+    def accept(
+        self,
+        learner_id: int,
+        header: leader_pb2.GradientData,
+        tensors: dict[str, torch.Tensor],
+        known_norms: dict[str, float] | None = None,
+        release: Callable[[], None] | None = None,
+        time_left: float | None = None,
+        unweighted: bool = False,
+    ) -> str:
         """Check an update and queue it for the round's running sum, once per learner per round.
 
         The answer comes once the update is checked; the sum runs behind it, and the round waits for it
@@ -167,7 +191,9 @@ class Intake:
         try:
             # per-tensor norms stand in for a hash of the bytes: they tell an identical retry from a different update
             # (a different one that matched them would only be answered "duplicate"; neither is ever counted twice)
-            norms = {spec.name: known_norms[spec.name] if spec.name in known_norms else tensor_norm(tensors[spec.name]) for spec in self.specs}
+            norms = {
+                spec.name: known_norms[spec.name] if spec.name in known_norms else tensor_norm(tensors[spec.name]) for spec in self.specs
+            }
             digest = (*norms.values(), float(header.num_examples), header.train_loss)  # by name: a sender picks the order
             for name in self.variance_names:
                 if bool((tensors[name] < 0).any()):
@@ -182,28 +208,31 @@ class Intake:
             wait = SUM_SLOT_TIMEOUT_S if time_left is None else max(0.0, min(SUM_SLOT_TIMEOUT_S, time_left - REPLY_MARGIN_S))
             holds_slot = self._sum_slots.acquire(timeout=wait)
             if not holds_slot:
-                raise rpc.RequestRefused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                         f"update not taken: {MAX_PENDING_SUMS} accepted updates were still waiting to be summed "
-                                         f"after {wait:.1f}s, this call's time; send it again")
+                raise rpc.RequestRefused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"update not taken: {MAX_PENDING_SUMS} accepted updates were still waiting to be summed "
+                    f"after {wait:.1f}s, this call's time; send it again",
+                )
             with self._cond:
                 current = self.round
                 if header.round != current.number or not current.accepting:
-                    raise rpc.RequestRefused(grpc.StatusCode.FAILED_PRECONDITION,
-                                             f"stale update for round {header.round}; round {current.number} is closed")
+                    raise rpc.RequestRefused(
+                        grpc.StatusCode.FAILED_PRECONDITION, f"stale update for round {header.round}; round {current.number} is closed"
+                    )
                 previous = current.digests.get(learner_id)
                 if previous == digest:
                     return f"duplicate of the accepted update for round {header.round}; counted once"
                 if previous is not None:
-                    raise rpc.RequestRefused(grpc.StatusCode.ALREADY_EXISTS,
-                                             f"learner {learner_id} already sent a different update for round {header.round}")
+                    raise rpc.RequestRefused(
+                        grpc.StatusCode.ALREADY_EXISTS, f"learner {learner_id} already sent a different update for round {header.round}"
+                    )
                 weight = 1.0 if unweighted else min(float(header.num_examples), current.max_weight)
                 clip = min(self.config.clip_norm or math.inf, current.norm_bound)
                 clip = clip if norm > clip else math.inf  # an update within its bounds is summed as it came
                 if norm > current.norm_bound:
                     current.clipped += 1
                 # queued under the lock, while the round accepts: closing it (accepting = False) fixes the list of sums
-                current.sums.append(self._summing.submit(self._add_to_sum, current.running, tensors, weight, learner_id,
-                                                         release, clip))
+                current.sums.append(self._summing.submit(self._add_to_sum, current.running, tensors, weight, learner_id, release, clip))
                 queued = True  # from here the summing thread frees the slot and the buffer
                 current.digests[learner_id] = digest
                 current.losses.append(header.train_loss)
@@ -218,8 +247,15 @@ class Intake:
                     release()
         return f"update for round {header.round} accepted"
 
-    def _add_to_sum(self, running: aggregation.RunningMean | aggregation.UpdateList, update: dict[str, torch.Tensor],
-                    weight: float, learner_id: int, release: Callable[[], None] | None, clip: float = math.inf) -> None:
+    def _add_to_sum(
+        self,
+        running: aggregation.RunningMean | aggregation.UpdateList,
+        update: dict[str, torch.Tensor],
+        weight: float,
+        learner_id: int,
+        release: Callable[[], None] | None,
+        clip: float = math.inf,
+    ) -> None:
         """On the summing thread: scale an update down to `clip` (its parameters' L2 norm), add it to the sum, free its slot and buffer."""
         try:
             if math.isfinite(clip):

@@ -66,8 +66,12 @@ class Published:
     def of(cls, number: int, model: torch.nn.Module, buffers: wire.BufferPool | None = None) -> Published:
         """Encode a model's state for round `number` (in a buffer from `buffers`, given back once framed)."""
         manifest, payload = wire.encode(model.state_dict(), allocate=buffers.take if buffers is not None else bytearray)
-        published = cls(number, len(payload), list(wire.frames(leader_pb2.ModelChunk, manifest, payload, round=number)),
-                        list(wire.frames(learner_pb2.ModelState, manifest, payload, round=number)))
+        published = cls(
+            number,
+            len(payload),
+            list(wire.frames(leader_pb2.ModelChunk, manifest, payload, round=number)),
+            list(wire.frames(learner_pb2.ModelState, manifest, payload, round=number)),
+        )
         if buffers is not None:
             buffers.give(payload)  # the frames hold copies
         return published
@@ -91,8 +95,11 @@ class Leader:
         self.model = build_model(config.model, self.num_classes).to(self.device)
         self.specs = wire.specs_of(self.model.state_dict())
         self.model_bytes = wire.payload_bytes(self.specs)
-        self.shards = split_by(config.partition, train_data, config.learners, config.alpha, config.classes_per_learner,
-                               config.seed) if train_data is not None else None
+        self.shards = (
+            split_by(config.partition, train_data, config.learners, config.alpha, config.classes_per_learner, config.seed)
+            if train_data is not None
+            else None
+        )
         self.stop_event = threading.Event()
         self.status = StatusLine(enabled=False if config.quiet else None)
         self.history: list[dict[str, Any]] = []
@@ -111,48 +118,21 @@ class Leader:
         self._published = Published.of(1, self.model)
         self._saved_round = 0  # the last round on disk
         self._saved_at = time.monotonic()
-
-    def plan(self) -> leader_pb2.TrainingPlan:
-        """The training plan sent to every learner at registration."""
-        config = self.config
-        return leader_pb2.TrainingPlan(
-            model=config.model,
-            num_classes=self.num_classes,
-            aggregation=config.aggregation,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            local_steps=config.local_steps,
-            local_epochs=config.local_epochs,
-            seed=config.seed,
-            rounds=config.rounds,
-            augment=config.augment,
-            image_shape=IMAGE_SHAPE,
-            dataset=config.dataset,
-            model_fingerprint=wire.fingerprint(self.specs),
-            torch_version=torch.__version__,
-            deterministic=config.deterministic,
-            prox_mu=config.prox_mu,
-            keep_momentum=config.keep_momentum,
-            compression=config.compression,
-            topk_ratio=config.topk_ratio,
-            lr_schedule=config.lr_schedule,
-            warmup_rounds=config.warmup_rounds,
-        )
+        self.plan = training_plan(config, self.num_classes, self.specs)
 
     def restore(self, json_path: Path) -> int:
         """Continue from a checkpoint: global model, server optimizer state and round. Returns its round."""
         record, weights = checkpoint.load(json_path)
         if record["config"]["model"] != self.config.model or record["num_classes"] != self.num_classes:
-            raise ValueError(f"{json_path} holds a {record['config']['model']} with {record['num_classes']} classes, not this run's {self.config.model}")
+            raise ValueError(
+                f"{json_path} holds a {record['config']['model']} with {record['num_classes']} classes, not this run's {self.config.model}"
+            )
         self.model.load_state_dict(weights)
         # every noised model made before the stop spent privacy, the rounds after this checkpoint included
         spent = max(record["round"], checkpoint.privacy_spent(json_path.parent))
         self.strategy.restore(checkpoint.load_optimizer(json_path, record), spent)
         if self.strategy.accountant is not None and spent > record["round"]:
-            logger.info("counting %d noised rounds as spent, %d of them after the checkpoint resumed from",
-                        spent, spent - record["round"])
+            logger.info("counting %d noised rounds as spent, %d of them after the checkpoint resumed from", spent, spent - record["round"])
         self.start_round = record["round"] + 1
         self.resumed_metrics = record["metrics"]
         self._published = Published.of(self.start_round, self.model)
@@ -216,10 +196,20 @@ class Leader:
                 if recorder is not None:
                     recorder.record(metrics)
                 self.status.clear()
-                evaluation = ("not evaluated" if metrics["test_accuracy"] is None else
-                              f"test loss {metrics['test_loss']:.4f}, test accuracy {100 * metrics['test_accuracy']:.2f}%")
-                logger.info("round %d/%d: %d learners, train loss %.4f, %s, %.1fs", number, config.rounds,
-                            metrics["learners_reported"], metrics["train_loss"], evaluation, metrics["round_seconds"])
+                evaluation = (
+                    "not evaluated"
+                    if metrics["test_accuracy"] is None
+                    else f"test loss {metrics['test_loss']:.4f}, test accuracy {100 * metrics['test_accuracy']:.2f}%"
+                )
+                logger.info(
+                    "round %d/%d: %d learners, train loss %.4f, %s, %.1fs",
+                    number,
+                    config.rounds,
+                    metrics["learners_reported"],
+                    metrics["train_loss"],
+                    evaluation,
+                    metrics["round_seconds"],
+                )
                 self._check_stop()
         except RunError:
             if self.stop_event.is_set() and self.history and self.history[-1]["round"] > self._saved_round:
@@ -242,13 +232,17 @@ class Leader:
                     self._check_stop()
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise RunError(f"only {joined} of {config.learners} learners registered within {config.join_timeout:.0f}s "
-                                       f"(--join-timeout); start more with: python learner.py --leader HOST:{config.port}")
+                        raise RunError(
+                            f"only {joined} of {config.learners} learners registered within {config.join_timeout:.0f}s "
+                            f"(--join-timeout); start more with: python learner.py --leader HOST:{config.port}"
+                        )
                     self._cond.wait(min(remaining, WAIT_SLICE_S))
             records = self.roster.alive()
             for record, answer in zip(records, self.roster.check(records, STOP_TIMEOUT_S), strict=False):
                 if answer is not None:
-                    self.roster.mark_absent(record, f"it stopped answering before training ({answer}); its slot goes to the next to register")
+                    self.roster.mark_absent(
+                        record, f"it stopped answering before training ({answer}); its slot goes to the next to register"
+                    )
             with self._cond:
                 if len(self.roster.alive()) >= config.learners:
                     self.started = True
@@ -269,8 +263,9 @@ class Leader:
                 members = frozenset(available)
             records = [self.roster.record(learner_id) for learner_id in sorted(members)]
             claims = [self.intake.max_examples(record.num_examples) for record in records]
-            return self.intake.open(number, records, config.round_quorum(count), self.strategy.norm_bound(),
-                                    self.strategy.max_weight(claims))
+            return self.intake.open(
+                number, records, config.round_quorum(count), self.strategy.norm_bound(), self.strategy.max_weight(claims)
+            )
 
     def begin_round(self, current: RoundState) -> None:
         """Start the newcomers (they fetch the model with GetModel) and push the new global model to the rest."""
@@ -292,7 +287,8 @@ class Leader:
 
         for record in records:  # not awaited: a learner that is slow to take the model must not hold up the others
             self._calls.submit(_try_call, begin, record).add_done_callback(
-                lambda outcome, record=record: self.roster.mark_absent_on_error(record, "the round's start", outcome.result()))
+                lambda outcome, record=record: self.roster.mark_absent_on_error(record, "the round's start", outcome.result())
+            )
 
     def collect(self, number: int, run_start: float) -> RoundState:
         """Wait until every member has reported or is gone, or the round's deadline; the round needs its quorum.
@@ -313,8 +309,9 @@ class Leader:
             current = self.intake.round
             while True:
                 if time.monotonic() >= next_probe:
-                    due = [record for record in current.member_records.values()
-                           if record.alive and record.learner_id not in current.digests]
+                    due = [
+                        record for record in current.member_records.values() if record.alive and record.learner_id not in current.digests
+                    ]
                     self._cond.release()
                     try:
                         self.roster.probe(due, silent_since, refusals, probe_every, number)
@@ -323,8 +320,10 @@ class Leader:
                     next_probe = time.monotonic() + probe_every
                 self._check_stop()
                 alive = sum(record.alive for record in current.member_records.values())
-                self.status.show(f"round {number}/{config.rounds}: {current.reported}/{alive} learners reported, "
-                                 f"{time.monotonic() - run_start:.0f}s elapsed{last}")
+                self.status.show(
+                    f"round {number}/{config.rounds}: {current.reported}/{alive} learners reported, "
+                    f"{time.monotonic() - run_start:.0f}s elapsed{last}"
+                )
                 if current.reported >= alive or alive < current.quorum:
                     break
                 now = time.monotonic()
@@ -335,15 +334,16 @@ class Leader:
                     break
                 self._cond.wait(min(deadline - now, WAIT_SLICE_S, max(0.0, next_probe - now)))
             current.accepting = False
-            late = [record for record in current.member_records.values()
-                    if record.alive and record.learner_id not in current.digests]
+            late = [record for record in current.member_records.values() if record.alive and record.learner_id not in current.digests]
         limit = "--round-timeout" if config.round_timeout else "the stragglers' grace after the quorum reported"
         for record in late:  # it missed the deadline: a later update of this round is stale, and it must register again
             self.roster.mark_absent(record, f"it sent no update for round {number} by the deadline ({limit})")
         if current.reported < current.quorum:
             causes = "; ".join(f"learner {learner_id}: {why}" for learner_id, why in sorted(current.lost.items()))
-            raise RunError(f"round {number}: {current.reported} of {len(current.members)} learners reported and "
-                           f"{current.quorum} are needed (--min-learners); " + (causes or "see the learners' logs"))
+            raise RunError(
+                f"round {number}: {current.reported} of {len(current.members)} learners reported and "
+                f"{current.quorum} are needed (--min-learners); " + (causes or "see the learners' logs")
+            )
         return current
 
     def _note_lost(self, learner_id: int, why: str) -> None:
@@ -370,6 +370,8 @@ class Leader:
         if config.recompute_bn:  # after publishing: learners train BatchNorm on batch statistics, not these
             self.recompute_batchnorm(number)
         evaluated = number % config.eval_every == 0 or number == config.rounds
+        if evaluated:
+            self.status.show(f"round {number}/{config.rounds}: evaluating the new global model")
         test_loss, test_accuracy = (self.evaluate() if evaluated else None) or (None, None)
         aggregate_norm = self.strategy.parameter_norm(mean)
         accountant = self.strategy.accountant
@@ -423,6 +425,7 @@ class Leader:
 
     def stop_learners(self, reason: str) -> None:
         """Tell every learner to stop, those marked absent too, in case they come back (best effort, short deadline)."""
+
         def stop(record: LearnerRecord) -> Any:
             message = learner_pb2.ModelState(stop=True, reason=reason)
             return record.stub.SyncModelState(iter([message]), timeout=STOP_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token))
@@ -436,8 +439,10 @@ class Leader:
         data = self.train_data
         generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "batchnorm", number))
         chosen = torch.randperm(len(data), generator=generator)[: self.config.recompute_bn]
-        batches = (normalize(data.images[chosen[first : first + EVAL_BATCH_SIZE]].to(self.device))
-                   for first in range(0, len(chosen), EVAL_BATCH_SIZE))
+        batches = (
+            normalize(data.images[chosen[first : first + EVAL_BATCH_SIZE]].to(self.device))
+            for first in range(0, len(chosen), EVAL_BATCH_SIZE)
+        )
         recompute_batchnorm(self.model, batches)
 
     def evaluate(self) -> tuple[float, float] | None:
@@ -449,6 +454,35 @@ class Leader:
         self._calls.shutdown(wait=False, cancel_futures=True)
         self.intake.close()
         self.roster.close()
+
+
+def training_plan(config: LeaderConfig, num_classes: int, specs: list[wire.TensorSpec]) -> leader_pb2.TrainingPlan:
+    """The training plan the leader sends every learner at registration: what to build and how to train it."""
+    return leader_pb2.TrainingPlan(
+        model=config.model,
+        num_classes=num_classes,
+        aggregation=config.aggregation,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        local_steps=config.local_steps,
+        local_epochs=config.local_epochs,
+        seed=config.seed,
+        rounds=config.rounds,
+        augment=config.augment,
+        image_shape=IMAGE_SHAPE,
+        dataset=config.dataset,
+        model_fingerprint=wire.fingerprint(specs),
+        torch_version=torch.__version__,
+        deterministic=config.deterministic,
+        prox_mu=config.prox_mu,
+        keep_momentum=config.keep_momentum,
+        compression=config.compression,
+        topk_ratio=config.topk_ratio,
+        lr_schedule=config.lr_schedule,
+        warmup_rounds=config.warmup_rounds,
+    )
 
 
 def _try_call(call: Any, record: LearnerRecord) -> str | None:
@@ -486,7 +520,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             message=f"registered as learner {record.learner_id}",
             learner_id=record.learner_id,
             max_learners=self.leader.config.learners,
-            plan=self.leader.plan(),
+            plan=self.leader.plan,
             session_token=record.session_token,
             joins_round=record.joins_round,
             split_examples=self.leader.split_examples(record.learner_id),
@@ -525,8 +559,15 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             header, payload = received.header, received.payload
             received = None  # accept gives the buffer back once the update is summed or refused
             release = None if intake.keeps_updates else functools.partial(intake.buffers.give, payload)
-            message = intake.accept(learner_id, header, tensors, norms, release=release, time_left=context.time_remaining(),
-                                    unweighted=self.leader.strategy.unweighted)
+            message = intake.accept(
+                learner_id,
+                header,
+                tensors,
+                norms,
+                release=release,
+                time_left=context.time_remaining(),
+                unweighted=self.leader.strategy.unweighted,
+            )
         except wire.WireError as error:
             self._refuse(context, learner_id, grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {error}")
         except rpc.RequestRefused as error:
@@ -539,8 +580,9 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
     def _refuse(self, context: grpc.ServicerContext, learner_id: int, code: grpc.StatusCode, reason: str) -> None:
         """Count a refused update, log it once per learner per round, and answer with its status."""
         if self.leader.intake.note_rejection(learner_id, code, reason):
-            logger.warning("round %d: refused an update from learner %d (%s): %s", self.leader.intake.round.number,
-                           learner_id, code.name, reason)
+            logger.warning(
+                "round %d: refused an update from learner %d (%s): %s", self.leader.intake.round.number, learner_id, code.name, reason
+            )
         context.abort(code, reason)
 
     def Heartbeat(self, request: leader_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> leader_pb2.Ack:
@@ -556,12 +598,19 @@ def leader_gate(roster: Roster, enrolment_token: str | None) -> rpc.Gate:
 
     def check(method: str, metadata: Any) -> rpc.Refusal | None:
         if method == "RegisterLearner":
-            if enrolment_token is not None and not rpc.secrets_match(rpc.metadata_value(metadata, rpc.ENROLMENT_METADATA_KEY), enrolment_token):
-                return grpc.StatusCode.UNAUTHENTICATED, "RegisterLearner needs this federation's enrolment secret (--token-file or $FL_ENROLMENT_TOKEN)"
+            if enrolment_token is not None and not rpc.secrets_match(
+                rpc.metadata_value(metadata, rpc.ENROLMENT_METADATA_KEY), enrolment_token
+            ):
+                return (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "RegisterLearner needs this federation's enrolment secret (--token-file or $FL_ENROLMENT_TOKEN)",
+                )
             return None
         token = rpc.metadata_value(metadata, rpc.TOKEN_METADATA_KEY)
         if roster.learner_for_token(token) is None:
-            return grpc.StatusCode.UNAUTHENTICATED, roster.why_ended(token) or f"missing or unknown {rpc.TOKEN_METADATA_KEY}: call RegisterLearner first"
+            return grpc.StatusCode.UNAUTHENTICATED, roster.why_ended(
+                token
+            ) or f"missing or unknown {rpc.TOKEN_METADATA_KEY}: call RegisterLearner first"
         return None
 
     return rpc.Gate(rpc.LEADER_SERVICE, check)
@@ -584,16 +633,21 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
             raise ValueError(f"--resume {config.resume}: no checkpoint in {config.checkpoint_dir}; nothing to resume")
         finished = leader.restore(latest)
         if finished >= config.rounds:
-            raise ValueError(f"--resume {config.resume}: the run already finished all {finished} rounds; pass --rounds N (N > {finished}) to go on")
+            raise ValueError(
+                f"--resume {config.resume}: the run already finished all {finished} rounds; pass --rounds N (N > {finished}) to go on"
+            )
     service = rpc.LEADER_SERVICE
     intake = leader.intake
-    leader.limits = rpc.CallLimits(config.stream_idle_timeout, is_member=lambda token: leader.roster.learner_for_token(token) is not None,
-                                   stream_deadlines={
-                                       # a stream may take as long as the peer's own deadline for it, and no longer
-                                       f"/{service}/GetModel": rpc.transfer_timeout(leader.model_bytes),
-                                       f"/{service}/AccumulateGradients": rpc.transfer_timeout(intake.update_bytes),
-                                       f"/{service}/GetData": rpc.transfer_timeout(leader.largest_split_bytes()),
-                                   })
+    leader.limits = rpc.CallLimits(
+        config.stream_idle_timeout,
+        is_member=lambda token: leader.roster.learner_for_token(token) is not None,
+        stream_deadlines={
+            # a stream may take as long as the peer's own deadline for it, and no longer
+            f"/{service}/GetModel": rpc.transfer_timeout(leader.model_bytes),
+            f"/{service}/AccumulateGradients": rpc.transfer_timeout(intake.update_bytes),
+            f"/{service}/GetData": rpc.transfer_timeout(leader.largest_split_bytes()),
+        },
+    )
     server, port, health = rpc.create_server(
         lambda server: leader_pb2_grpc.add_LeaderServiceServicer_to_server(LeaderServicer(leader), server),
         config.host,
@@ -603,8 +657,11 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
         gate=leader_gate(leader.roster, enrolment_token),
         tls=tls,
         limits=leader.limits,
-        request_deserializers={f"/{service}/AccumulateGradients": wire.chunk_deserializer(
-            leader_pb2.GradientData, wire.first_message_limit(intake.update_specs))},
+        request_deserializers={
+            f"/{service}/AccumulateGradients": wire.chunk_deserializer(
+                leader_pb2.GradientData, wire.first_message_limit(intake.update_specs)
+            )
+        },
         response_serializers={f"/{service}/{method}": wire.serialize for method in ("GetModel", "GetData")},  # they yield frames
         health_services=[service],
     )
@@ -618,12 +675,14 @@ def handle_shutdown_signals(leader: Leader, health: Any) -> Callable[[int, Any],
     writes the last completed round; main() then tells the learners to stop and gives calls in flight a
     short grace period. A second Ctrl-C ends the process at once.
     """
+
     def on_signal(signum: int, frame: Any) -> None:
         health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # load balancers and probes see it at once
         leader.stop_event.set()
         leader.status.clear()
-        logger.warning("%s: stopping after saving the last completed round; press Ctrl-C again to quit at once",
-                       signal.Signals(signum).name)
+        logger.warning(
+            "%s: stopping after saving the last completed round; press Ctrl-C again to quit at once", signal.Signals(signum).name
+        )
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the second one raises KeyboardInterrupt
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -642,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(config.threads)
     try:
         leader, server, port, health = serve(config, enrolment_token)
+        leader.status.keep_logs_apart()
         recorder = Recorder(run_dir, dataclasses.asdict(config), config.tensorboard, keep_rounds_before=leader.start_round)
         if leader.resumed_metrics is not None:
             recorder.ensure_recorded(leader.resumed_metrics)
@@ -654,7 +714,10 @@ def main(argv: list[str] | None = None) -> int:
     if enrolment_token is None and config.tls_ca is None and not rpc.is_loopback(config.host):
         logger.warning(
             "listening on %s without an enrolment secret or client certificates: anyone who reaches port %d can join "
-            "this federation; set $%s or --token-file, or use --tls-ca", config.host, port, rpc.ENROLMENT_ENV,
+            "this federation; set $%s or --token-file, or use --tls-ca",
+            config.host,
+            port,
+            rpc.ENROLMENT_ENV,
         )
     logger.info("serving on %s:%d; waiting for %d learners (python learner.py --leader HOST:%d)", config.host, port, config.learners, port)
 

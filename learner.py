@@ -24,7 +24,7 @@ import wire
 from cli import setup_logging
 from model import build_model, compiled_for_training, memory_format_for
 from options import LearnerConfig, parse_learner_config
-from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from protos import leader_pb2, learner_pb2, learner_pb2_grpc
 from training import LocalTrainer
 from utils import DataError, ImageData, load_dataset, resolve_device
 
@@ -80,7 +80,7 @@ class Learner:
         self.memory_format = torch.contiguous_format
         self.callback_token = secrets.token_urlsafe(32)
         self.channel = rpc.channel(config.leader, tls)
-        self.stub = leader_stub(self.channel, self._first_message_limit)
+        self.stub = rpc.leader_stub(self.channel, self._first_message_limit)
         self.model: torch.nn.Module | None = None
         self._forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # the model, or with --compile its compiled form
         self.specs: list[wire.TensorSpec] | None = None
@@ -154,8 +154,10 @@ class Learner:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if refusals:
-                    raise LearnerError(f"the leader at {self.config.leader} had no slot for this learner within "
-                                       f"{self.config.connect_timeout:.0f}s (--connect-timeout): {last_refusal}")
+                    raise LearnerError(
+                        f"the leader at {self.config.leader} had no slot for this learner within "
+                        f"{self.config.connect_timeout:.0f}s (--connect-timeout): {last_refusal}"
+                    )
                 raise LearnerError(
                     f"no leader answered at {self.config.leader} within {self.config.connect_timeout:.0f}s: "
                     "check --leader and that leader.py is running"
@@ -187,7 +189,12 @@ class Learner:
         joins = f", joining from round {reply.joins_round}" if reply.joins_round > 1 else ""
         logger.info(
             "registered as learner %d of %d: %s, %s, batch %d%s",
-            reply.learner_id, reply.max_learners, self.plan.model, self.plan.aggregation, self.plan.batch_size, joins,
+            reply.learner_id,
+            reply.max_learners,
+            self.plan.model,
+            self.plan.aggregation,
+            self.plan.batch_size,
+            joins,
         )
 
     def prepare(self) -> None:
@@ -205,7 +212,9 @@ class Learner:
                 f"this learner's model.py builds a different {plan.model} than the leader's: install the same release on both"
             )
         if plan.torch_version and plan.torch_version.split(".")[:2] != torch.__version__.split(".")[:2]:
-            logger.warning("the leader runs PyTorch %s, this learner %s: results may differ slightly", plan.torch_version, torch.__version__)
+            logger.warning(
+                "the leader runs PyTorch %s, this learner %s: results may differ slightly", plan.torch_version, torch.__version__
+            )
         if self.data is None:
             self.data = self._fetch_data()
         if len(self.data) == 0:
@@ -214,9 +223,16 @@ class Learner:
             raise LearnerError(f"labels fall outside the leader's {plan.num_classes} classes")
         if tuple(self.data.images.shape[1:]) != tuple(plan.image_shape):
             raise LearnerError(f"images are {list(self.data.images.shape[1:])}, the leader's model takes {list(plan.image_shape)}")
-        self.trainer = LocalTrainer(plan, self.learner_id, self.model, self._forward, self.data.images.to(self.device),
-                                    self.data.labels.to(self.device), self.memory_format,
-                                    progress=self.config.progress and not self.config.quiet)
+        self.trainer = LocalTrainer(
+            plan,
+            self.learner_id,
+            self.model,
+            self._forward,
+            self.data.images.to(self.device),
+            self.data.labels.to(self.device),
+            self.memory_format,
+            progress=self.config.progress and not self.config.quiet,
+        )
 
     def _data_specs(self) -> list[wire.TensorSpec]:
         """What GetData must stream: split_examples uint8 images of the plan's shape and as many int64 labels."""
@@ -348,16 +364,22 @@ class Learner:
         """AccumulateGradients: stream the update; a stale round is logged, not fatal; a busy or late answer is retried."""
         if self.plan.compression and self.plan.compression != "none":
             parameters = [name for name, _ in self.model.named_parameters()]
-            update = compression.compress(update, self.plan.compression, self.plan.topk_ratio, sparse_names=parameters,
-                                          residual=self._residual)
+            update = compression.compress(
+                update, self.plan.compression, self.plan.topk_ratio, sparse_names=parameters, residual=self._residual
+            )
         if self._send_buffers is None:
             self._send_buffers = wire.BufferPool(wire.payload_bytes(wire.specs_of(update)), keep=1)
         manifest, payload = wire.encode(update, allocate=self._send_buffers.take)
         try:
             for attempt in range(1, SEND_ATTEMPTS + 1):
                 messages = wire.frames(
-                    leader_pb2.GradientData, manifest, payload,
-                    learner_id=self.learner_id, round=number, num_examples=num_examples, train_loss=loss,
+                    leader_pb2.GradientData,
+                    manifest,
+                    payload,
+                    learner_id=self.learner_id,
+                    round=number,
+                    num_examples=num_examples,
+                    train_loss=loss,
                 )
                 try:
                     reply = self.stub.AccumulateGradients(messages, timeout=rpc.transfer_timeout(len(payload)), metadata=self._metadata())
@@ -397,8 +419,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "learner has no model yet")
         messages = [] if first is None else itertools.chain([first], request_iterator)
         try:
-            received = wire.receive(messages, max_bytes=wire.payload_bytes(specs), expected=specs,
-                                    allocate=self.learner.receive_buffer)
+            received = wire.receive(messages, max_bytes=wire.payload_bytes(specs), expected=specs, allocate=self.learner.receive_buffer)
         except wire.WireError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model state refused: {error}")
         self.learner.offer_state(received.header.round, received.tensors, received.payload)
@@ -409,21 +430,6 @@ def rejoin_pause(attempt: int, draw: float) -> float:
     """Seconds to pause before the `attempt`-th re-registration (0-based), for a uniform `draw` in [0, 1)."""
     ceiling = min(REJOIN_BACKOFF_MAX_S, REJOIN_BACKOFF_S * 2**attempt)
     return ceiling * (0.5 + draw / 2)
-
-
-def leader_stub(channel: grpc.Channel, limit: Callable[[], int] | None = None) -> leader_pb2_grpc.LeaderServiceStub:
-    """The generated stub, reading received chunks as views (wire.chunk_deserializer) and sending updates as wire.frames.
-
-    `limit` gives the most bytes a received stream's first message may take (wire.first_message_limit).
-    """
-    stub = leader_pb2_grpc.LeaderServiceStub(channel)
-    stub.AccumulateGradients = channel.stream_unary(f"/{rpc.LEADER_SERVICE}/AccumulateGradients", request_serializer=wire.serialize,
-                                                    response_deserializer=leader_pb2.Ack.FromString)
-    stub.GetModel = channel.unary_stream(f"/{rpc.LEADER_SERVICE}/GetModel", request_serializer=leader_pb2.Empty.SerializeToString,
-                                         response_deserializer=wire.chunk_deserializer(leader_pb2.ModelChunk, limit))
-    stub.GetData = channel.unary_stream(f"/{rpc.LEADER_SERVICE}/GetData", request_serializer=leader_pb2.LearnerDataRequest.SerializeToString,
-                                        response_deserializer=wire.chunk_deserializer(leader_pb2.DataChunk, limit))
-    return stub
 
 
 def learner_gate(learner: Learner) -> rpc.Gate:
@@ -501,13 +507,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def create_server(learner: Learner, host: str, port: int, tls: rpc.Tls | None = None) -> tuple[grpc.Server, int, Any]:
     """Start the learner's server for `learner` on host:port; returns (server, port, health)."""
-    limits = rpc.CallLimits(is_member=lambda token: rpc.secrets_match(token, learner.callback_token),
-                            max_stranger_calls=MAX_STRANGER_CALLS)
+    limits = rpc.CallLimits(is_member=lambda token: rpc.secrets_match(token, learner.callback_token), max_stranger_calls=MAX_STRANGER_CALLS)
     return rpc.create_server(
         lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server),
-        host, port, max_workers=SERVER_THREADS, gate=learner_gate(learner), tls=tls, limits=limits,
-        request_deserializers={f"/{rpc.LEARNER_SERVICE}/SyncModelState":
-                               wire.chunk_deserializer(learner_pb2.ModelState, learner._first_message_limit)},
+        host,
+        port,
+        max_workers=SERVER_THREADS,
+        gate=learner_gate(learner),
+        tls=tls,
+        limits=limits,
+        request_deserializers={
+            f"/{rpc.LEARNER_SERVICE}/SyncModelState": wire.chunk_deserializer(learner_pb2.ModelState, learner._first_message_limit)
+        },
         health_services=[rpc.LEARNER_SERVICE],
     )
 

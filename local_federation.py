@@ -32,25 +32,32 @@ def learner_threads(learners: int, cores: int | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Start the leader with the given leader flags, then --learners learners, and wait for the run to end."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_leader_parser(prog="local_federation.py",
-                                 description="Run a leader and its learners on this machine. Takes every leader.py flag.")
+    parser = build_leader_parser(
+        prog="local_federation.py", description="Run a leader and its learners on this machine. Takes every leader.py flag."
+    )
     for action in parser._actions:
         if action.dest == "port":  # the launcher picks a free port unless told one
             action.default = 0
             action.help = "port the leader listens on (0 picks a free one)"
     group = parser.add_argument_group("learners this command starts")
-    group.add_argument("--learner-data-dir", action="append", default=None,
-                       help="give learners their own data (repeat once per learner; needs --data-mode local)")
-    group.add_argument("--learner-compile", action="store_true",
-                       help="start the learners with --compile (torch.compile their training steps)")
+    group.add_argument(
+        "--learner-data-dir",
+        action="append",
+        default=None,
+        help="give learners their own data (repeat once per learner; needs --data-mode local)",
+    )
+    group.add_argument(
+        "--learner-compile", action="store_true", help="start the learners with --compile (torch.compile their training steps)"
+    )
     args = parse_with_config(parser, expand_resume(parser, argv))
     learner_dirs = args.learner_data_dir or []
     if learner_dirs and len(learner_dirs) != args.learners:
         parser.error(f"--learner-data-dir was given {len(learner_dirs)} times for {args.learners} learners")
     if learner_dirs and args.data_mode != "local":
         parser.error("--learner-data-dir needs --data-mode local")
-    leader_argv = [arg for arg in _drop_values(argv, "--learner-data-dir")
-                   if not arg.startswith("--learner-data-dir=") and arg != "--learner-compile"]
+    leader_argv = [
+        arg for arg in _drop_values(argv, "--learner-data-dir") if not arg.startswith("--learner-data-dir=") and arg != "--learner-compile"
+    ]
     port = args.port or free_port()
     leader_cmd = [sys.executable, str(HERE / "leader.py"), *leader_argv, "--host", "127.0.0.1", "--port", str(port)]
     threads = learner_threads(args.learners)
@@ -58,9 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     leader_process = subprocess.Popen(leader_cmd)
     processes.append(leader_process)
     for index in range(args.learners):
-        cmd = [sys.executable, str(HERE / "learner.py"), "--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1",
-               "--threads", str(threads), "--device", args.device, "--connect-timeout", str(LEARNER_CONNECT_TIMEOUT_S),
-               "--no-progress"]  # several bars on one terminal overwrite each other; the leader's status line stands in
+        cmd = [
+            sys.executable,
+            str(HERE / "learner.py"),
+            "--leader",
+            f"127.0.0.1:{port}",
+            "--host",
+            "127.0.0.1",
+            "--threads",
+            str(threads),
+            "--device",
+            args.device,
+            "--connect-timeout",
+            str(LEARNER_CONNECT_TIMEOUT_S),
+            "--no-progress",
+        ]  # several bars on one terminal overwrite each other; the leader's status line stands in
         if learner_dirs:
             cmd += ["--data-dir", learner_dirs[index]]
         if args.learner_compile:

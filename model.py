@@ -174,8 +174,9 @@ def recompute_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> in
     return len(layers)
 
 
-def evaluate(model: nn.Module, data: ImageData, device: torch.device, batch_size: int,
-             stop: Callable[[], bool] = lambda: False) -> tuple[float, float] | None:
+def evaluate(
+    model: nn.Module, data: ImageData, device: torch.device, batch_size: int, stop: Callable[[], bool] = lambda: False
+) -> tuple[float, float] | None:
     """Mean cross-entropy and accuracy of `model` on `data`; None when `stop()` turns true between batches."""
     model.eval()
     total_loss = 0.0

@@ -164,6 +164,7 @@ class Parser(argparse.ArgumentParser):
 
 # ---- value types: a bad value is refused with the range it must lie in ----------------------------------------------
 
+
 def non_negative_int(text: str) -> int:
     """An int >= 0."""
     value = int(text)
@@ -206,6 +207,7 @@ def fraction(text: str) -> float:
 
 # ---- groups both roles share --------------------------------------------------------------------------------------
 
+
 def add_compute_flags(parser: argparse.ArgumentParser, defaults: Any, threads_for: str) -> None:
     """--device and --threads."""
     group = parser.add_argument_group("compute")
@@ -239,6 +241,7 @@ def add_output_flags(group: argparse._ArgumentGroup, quiet_help: str) -> None:
 
 # ---- the leader -----------------------------------------------------------------------------------------------------
 
+
 def build_leader_parser(prog: str | None = None, description: str | None = None) -> Parser:
     """The leader's command line (local_federation.py takes it too), in titled groups; every flag's help states its default."""
     defaults = LeaderConfig()
@@ -249,12 +252,20 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
     add("--host", default=defaults.host, help="address to listen on")
     add("--port", type=int, default=defaults.port, help="port to listen on (0 picks a free one)")
     add("--learners", type=positive_int, default=defaults.learners, help="learners to wait for before training starts")
-    add("--min-learners", type=non_negative_int, default=defaults.min_learners,
+    add(
+        "--min-learners",
+        type=non_negative_int,
+        default=defaults.min_learners,
         help="learners that must report for a round to count (0: half of the round's learners, rounded up, so that a "
-        "federation of 2 survives losing one)")
+        "federation of 2 survives losing one)",
+    )
     add("--rounds", type=positive_int, default=defaults.rounds, help="federated rounds to run")
-    add("--fraction", type=fraction, default=defaults.fraction,
-        help="share of the live learners asked to take part in each round (seeded sample, at least --min-learners)")
+    add(
+        "--fraction",
+        type=fraction,
+        default=defaults.fraction,
+        help="share of the live learners asked to take part in each round (seeded sample, at least --min-learners)",
+    )
     add("--seed", type=int, default=defaults.seed, help="seed of the model, the split and the learners' shuffling")
 
     group = parser.add_argument_group("data")
@@ -262,113 +273,242 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
     add("--model", choices=list(MODELS), default=defaults.model, help="architecture, built from model.py on both sides")
     add("--dataset", choices=DATASETS, default=defaults.dataset, help="data set kind")
     add("--data-dir", default=defaults.data_dir, help="where the data set lives (CIFAR-10 downloads here when online)")
-    add("--data-mode", choices=DATA_MODES, default=defaults.data_mode,
-        help="split: the leader sends each learner its split (GetData); local: learners train on their own --data-dir")
-    add("--partition", choices=PARTITIONS, default=defaults.partition,
-        help="how the leader splits the training set: iid, dirichlet (label skew by --alpha) or shards (--classes-per-learner classes each)")
+    add(
+        "--data-mode",
+        choices=DATA_MODES,
+        default=defaults.data_mode,
+        help="split: the leader sends each learner its split (GetData); local: learners train on their own --data-dir",
+    )
+    add(
+        "--partition",
+        choices=PARTITIONS,
+        default=defaults.partition,
+        help="how the leader splits the training set: iid, dirichlet (label skew by --alpha) or shards (--classes-per-learner classes each)",
+    )
     add("--alpha", type=positive_float, default=defaults.alpha, help="dirichlet: concentration (small: each learner sees few classes)")
     add("--classes-per-learner", type=positive_int, default=defaults.classes_per_learner, help="shards: label shards per learner")
 
     group = parser.add_argument_group("training")
     add = group.add_argument
-    add("--aggregation", choices=AGGREGATIONS, default=defaults.aggregation,
+    add(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default=defaults.aggregation,
         help="fedsgd: one batch per learner, the leader averages gradients and takes an SGD step; "
-        "fedavg: learners train locally, the leader averages their model deltas")
+        "fedavg: learners train locally, the leader averages their model deltas",
+    )
     add("--batch-size", type=positive_int, default=defaults.batch_size, help="examples per local batch")
     add("--lr", type=float, default=defaults.lr, help="SGD learning rate (the leader's in fedsgd, the learners' in fedavg)")
-    add("--lr-schedule", choices=schedule.SCHEDULES, default=defaults.lr_schedule,
-        help="--lr across rounds, after --warmup-rounds of linear warm-up: constant, or cosine decay over the rest")
+    add(
+        "--lr-schedule",
+        choices=schedule.SCHEDULES,
+        default=defaults.lr_schedule,
+        help="--lr across rounds, after --warmup-rounds of linear warm-up: constant, or cosine decay over the rest",
+    )
     add("--warmup-rounds", type=non_negative_int, default=defaults.warmup_rounds, help="rounds over which --lr ramps up linearly")
     add("--momentum", type=float, default=defaults.momentum, help="SGD momentum (same side as --lr)")
     add("--weight-decay", type=float, default=defaults.weight_decay, help="SGD weight decay (same side as --lr)")
     add("--local-steps", type=int, default=defaults.local_steps, help="fedavg: local batches per round (0: use --local-epochs)")
     add("--local-epochs", type=positive_int, default=defaults.local_epochs, help="fedavg: local epochs per round")
-    add("--prox-mu", type=non_negative_float, default=defaults.prox_mu,
-        help="FedProx: learners add (mu/2)*||w - w_global||^2 to their loss (0: plain local SGD)")
-    add("--keep-momentum", action=argparse.BooleanOptionalAction, default=defaults.keep_momentum,
-        help="fedavg: learners keep their SGD momentum from round to round instead of starting each round from none")
+    add(
+        "--prox-mu",
+        type=non_negative_float,
+        default=defaults.prox_mu,
+        help="FedProx: learners add (mu/2)*||w - w_global||^2 to their loss (0: plain local SGD)",
+    )
+    add(
+        "--keep-momentum",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.keep_momentum,
+        help="fedavg: learners keep their SGD momentum from round to round instead of starting each round from none",
+    )
     add("--augment", action=argparse.BooleanOptionalAction, default=defaults.augment, help="random crop and flip on the learners")
-    add("--deterministic", action=argparse.BooleanOptionalAction, default=defaults.deterministic,
+    add(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.deterministic,
         help="deterministic kernels on the learners and updates summed in learner order, so that a resumed run "
-        "reproduces an uninterrupted one bit for bit; the leader holds every update of a round in memory")
+        "reproduces an uninterrupted one bit for bit; the leader holds every update of a round in memory",
+    )
 
     group = parser.add_argument_group("server optimizer")
     add = group.add_argument
-    add("--server-opt", choices=server_opt.SERVER_OPTIMIZERS, default=defaults.server_opt,
+    add(
+        "--server-opt",
+        choices=server_opt.SERVER_OPTIMIZERS,
+        default=defaults.server_opt,
         help="the leader's optimizer on the averaged update: sgd (FedAvg; in fedsgd the blog's SGD with --lr, --momentum, "
-        "--weight-decay), sgdm (FedAvgM), adam, yogi or adagrad (FedOpt, Reddi et al. 2021); all but fedsgd's sgd use --server-lr")
-    add("--server-lr", type=float, default=defaults.server_lr, help="server step size (1 with sgd is plain FedAvg; FedOpt wants about 0.01-0.1)")
-    add("--server-momentum", type=float, default=defaults.server_momentum, help="server momentum of sgd and sgdm (0: none for sgd, 0.9 for sgdm)")
+        "--weight-decay), sgdm (FedAvgM), adam, yogi or adagrad (FedOpt, Reddi et al. 2021); all but fedsgd's sgd use --server-lr",
+    )
+    add(
+        "--server-lr",
+        type=float,
+        default=defaults.server_lr,
+        help="server step size (1 with sgd is plain FedAvg; FedOpt wants about 0.01-0.1)",
+    )
+    add(
+        "--server-momentum",
+        type=float,
+        default=defaults.server_momentum,
+        help="server momentum of sgd and sgdm (0: none for sgd, 0.9 for sgdm)",
+    )
     add("--server-beta1", type=float, default=defaults.server_beta1, help="adam, yogi, adagrad: first-moment decay")
     add("--server-beta2", type=float, default=defaults.server_beta2, help="adam, yogi: second-moment decay")
-    add("--server-tau", type=positive_float, default=defaults.server_tau, help="adam, yogi, adagrad: adaptivity (the epsilon added to the root of v)")
+    add(
+        "--server-tau",
+        type=positive_float,
+        default=defaults.server_tau,
+        help="adam, yogi, adagrad: adaptivity (the epsilon added to the root of v)",
+    )
 
     group = parser.add_argument_group("robustness and privacy")
     add = group.add_argument
-    add("--rule", "--aggregator", dest="rule", choices=list(aggregation.RULES), default=defaults.rule,
+    add(
+        "--rule",
+        "--aggregator",
+        dest="rule",
+        choices=list(aggregation.RULES),
+        default=defaults.rule,
         help="how a round's updates combine: mean (weighted by examples), coordinate-wise median, trimmed-mean (--trim), "
-        "krum or multi-krum (--byzantine)")
+        "krum or multi-krum (--byzantine)",
+    )
     add("--trim", type=float, default=defaults.trim, help="trimmed-mean: share of the values dropped at each end of every coordinate")
-    add("--byzantine", type=non_negative_int, default=defaults.byzantine, help="krum, multi-krum: learners that may be hostile (needs more than 2f+2 per round)")
-    add("--max-norm-ratio", type=non_negative_float, default=defaults.max_norm_ratio,
+    add(
+        "--byzantine",
+        type=non_negative_int,
+        default=defaults.byzantine,
+        help="krum, multi-krum: learners that may be hostile (needs more than 2f+2 per round)",
+    )
+    add(
+        "--max-norm-ratio",
+        type=non_negative_float,
+        default=defaults.max_norm_ratio,
         help="scale down any update whose parameter L2 norm exceeds this many times the median of the last round's "
-        "updates (in the first round: twice the model's own norm), so that no single update can swamp a round (0: off)")
-    add("--max-weight-ratio", type=non_negative_float, default=defaults.max_weight_ratio,
+        "updates (in the first round: twice the model's own norm), so that no single update can swamp a round (0: off)",
+    )
+    add(
+        "--max-weight-ratio",
+        type=non_negative_float,
+        default=defaults.max_weight_ratio,
         help="--data-mode local: an update weighs at most this many times the median example count the round's "
-        "learners declared, so that no learner outweighs the rest by claiming more (0: trust the declared counts)")
-    add("--max-update-norm", type=non_negative_float, default=defaults.max_update_norm,
-        help="refuse updates whose parameter L2 norm exceeds this (0: no fixed bound)")
-    add("--clip-norm", type=non_negative_float, default=defaults.clip_norm, help="scale each update's parameters down to this L2 norm (0: no clipping)")
-    add("--dp-noise-multiplier", type=non_negative_float, default=defaults.dp_noise_multiplier,
-        help="DP-FedAvg: Gaussian noise of this many times --clip-norm on the sum of updates (0: no differential privacy)")
+        "learners declared, so that no learner outweighs the rest by claiming more (0: trust the declared counts)",
+    )
+    add(
+        "--max-update-norm",
+        type=non_negative_float,
+        default=defaults.max_update_norm,
+        help="refuse updates whose parameter L2 norm exceeds this (0: no fixed bound)",
+    )
+    add(
+        "--clip-norm",
+        type=non_negative_float,
+        default=defaults.clip_norm,
+        help="scale each update's parameters down to this L2 norm (0: no clipping)",
+    )
+    add(
+        "--dp-noise-multiplier",
+        type=non_negative_float,
+        default=defaults.dp_noise_multiplier,
+        help="DP-FedAvg: Gaussian noise of this many times --clip-norm on the sum of updates (0: no differential privacy)",
+    )
     add("--dp-delta", type=fraction, default=defaults.dp_delta, help="DP-FedAvg: the delta at which the epsilon spent is reported")
-    add("--recompute-bn", type=non_negative_int, default=defaults.recompute_bn, metavar="IMAGES",
+    add(
+        "--recompute-bn",
+        type=non_negative_int,
+        default=defaults.recompute_bn,
+        metavar="IMAGES",
         help="after each round's averaging, recompute the global model's BatchNorm statistics from this many of the "
         "training images the leader holds (--data-mode split): the learners' averaged statistics do not describe "
-        "averaged weights (0: keep the average)")
+        "averaged weights (0: keep the average)",
+    )
 
     group = parser.add_argument_group("compression")
     add = group.add_argument
-    add("--compression", "--compress", dest="compression", choices=compression.MODES, default=defaults.compression,
+    add(
+        "--compression",
+        "--compress",
+        dest="compression",
+        choices=compression.MODES,
+        default=defaults.compression,
         help="how learners send updates: none (float32), fp16, int8 (per-tensor scale) or topk (--topk-ratio of each "
-        "parameter tensor's entries, the rest carried to the next round: error feedback)")
+        "parameter tensor's entries, the rest carried to the next round: error feedback)",
+    )
     add("--topk-ratio", type=fraction, default=defaults.topk_ratio, help="topk: share of each parameter tensor's entries sent")
 
     group = parser.add_argument_group("faults and timeouts")
     add = group.add_argument
     add("--join-timeout", type=float, default=defaults.join_timeout, help="seconds to wait for --learners to register")
-    add("--round-timeout", type=non_negative_float, default=defaults.round_timeout,
+    add(
+        "--round-timeout",
+        type=non_negative_float,
+        default=defaults.round_timeout,
         help="seconds a round waits for updates (0: fitted to the round: once the quorum has reported, the rest get "
         f"{STRAGGLER_GRACE_FACTOR:g} times the time that took, at least {STRAGGLER_GRACE_MIN_S:g} s; members that are "
-        "gone are found by health checks)")
-    add("--learner-lost-after", type=positive_float, default=defaults.learner_lost_after,
+        "gone are found by health checks)",
+    )
+    add(
+        "--learner-lost-after",
+        type=positive_float,
+        default=defaults.learner_lost_after,
         help="seconds a learner due to report may stay silent to health checks before it is marked absent (a learner "
-        "whose port refuses them is marked absent at once)")
-    add("--stream-idle-timeout", type=positive_float, default=defaults.stream_idle_timeout,
-        help="seconds a stream may move no message before the leader cancels it, freeing its thread")
-    add("--resume", metavar="RUN_DIR", default=defaults.resume,
-        help="continue the run in RUN_DIR from its last checkpoint, with its config (flags given here win, e.g. --rounds)")
+        "whose port refuses them is marked absent at once)",
+    )
+    add(
+        "--stream-idle-timeout",
+        type=positive_float,
+        default=defaults.stream_idle_timeout,
+        help="seconds a stream may move no message before the leader cancels it, freeing its thread",
+    )
+    add(
+        "--resume",
+        metavar="RUN_DIR",
+        default=defaults.resume,
+        help="continue the run in RUN_DIR from its last checkpoint, with its config (flags given here win, e.g. --rounds)",
+    )
 
     security = add_security_flags(parser, defaults, "leader")
     security.add_argument(
-        "--reflection", action=argparse.BooleanOptionalAction, default=defaults.reflection,
-        help="serve gRPC reflection, so that grpcurl can list and describe the services without the .proto files")
+        "--reflection",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.reflection,
+        help="serve gRPC reflection, so that grpcurl can list and describe the services without the .proto files",
+    )
     add_compute_flags(parser, defaults, "evaluation")
 
     group = parser.add_argument_group("output")
     add = group.add_argument
-    add("--run-dir", default=defaults.run_dir, help="directory for this run's config, metrics, plot, log and checkpoints; None means runs/<start time>")
+    add(
+        "--run-dir",
+        default=defaults.run_dir,
+        help="directory for this run's config, metrics, plot, log and checkpoints; None means runs/<start time>",
+    )
     add("--checkpoint-dir", default=defaults.checkpoint_dir, help="where checkpoints are written; None means <run-dir>/checkpoints")
     add("--keep-checkpoints", type=positive_int, default=defaults.keep_checkpoints, help="rounds of checkpoints to keep")
-    add("--checkpoint-seconds", type=non_negative_float, default=defaults.checkpoint_seconds,
+    add(
+        "--checkpoint-seconds",
+        type=non_negative_float,
+        default=defaults.checkpoint_seconds,
         help="write a checkpoint once this many seconds have passed since the last, after the last round and on "
         "shutdown: a crash loses at most about this much work (a 45 MB model and its momentum cost about 0.1 s of "
-        "leader CPU and the disk's fsync time; 0: every round)")
-    add("--checkpoint-every", type=non_negative_int, default=defaults.checkpoint_every,
-        help="also write a checkpoint every this many rounds (0: by --checkpoint-seconds only)")
-    add("--eval-every", type=positive_int, default=defaults.eval_every,
-        help="evaluate the global model on the test set every this many rounds (and after the last)")
-    add("--tensorboard", action="store_true", help="also log metrics for TensorBoard under <run-dir>/tensorboard (needs: pip install tensorboard)")
+        "leader CPU and the disk's fsync time; 0: every round)",
+    )
+    add(
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=defaults.checkpoint_every,
+        help="also write a checkpoint every this many rounds (0: by --checkpoint-seconds only)",
+    )
+    add(
+        "--eval-every",
+        type=positive_int,
+        default=defaults.eval_every,
+        help="evaluate the global model on the test set every this many rounds (and after the last)",
+    )
+    add(
+        "--tensorboard",
+        action="store_true",
+        help="also log metrics for TensorBoard under <run-dir>/tensorboard (needs: pip install tensorboard)",
+    )
     add_output_flags(group, "no live status line; log warnings and errors only")
     return parser
 
@@ -396,8 +536,10 @@ def config_problems(config: LeaderConfig) -> list[str]:
     problems = []
     per_round = config.sampled(config.learners)
     if config.rule in ("krum", "multi-krum") and per_round <= 2 * config.byzantine + 2:
-        problems.append(f"--rule {config.rule} needs more than 2*f + 2 learners per round: "
-                        f"{per_round} with --byzantine {config.byzantine}; add learners or lower --byzantine")
+        problems.append(
+            f"--rule {config.rule} needs more than 2*f + 2 learners per round: "
+            f"{per_round} with --byzantine {config.byzantine}; add learners or lower --byzantine"
+        )
     if config.rule == "trimmed-mean" and not 0 <= config.trim < 0.5:
         problems.append(f"--trim must be in [0, 0.5), got {config.trim}")
     if config.dp_noise_multiplier and not config.clip_norm:
@@ -448,19 +590,21 @@ def resolve_paths(config: LeaderConfig) -> LeaderConfig:
         if run_dir != base:
             logger.warning("%s holds another run's results; this run writes to %s (--resume %s continues that one)", base, run_dir, base)
         if not inside and checkpoint.latest(Path(config.checkpoint_dir)) is not None:
-            raise ValueError(f"--checkpoint-dir {config.checkpoint_dir} holds another run's checkpoints: pass an empty "
-                             f"directory, or --resume the run they belong to")
+            raise ValueError(
+                f"--checkpoint-dir {config.checkpoint_dir} holds another run's checkpoints: pass an empty "
+                f"directory, or --resume the run they belong to"
+            )
     checkpoint_dir = str(Path(run_dir) / "checkpoints") if inside else config.checkpoint_dir
     return dataclasses.replace(config, run_dir=run_dir, checkpoint_dir=checkpoint_dir)
 
 
 def holds_results(run_dir: Path) -> bool:
     """Whether a directory holds a run's config, metrics or checkpoints."""
-    return ((run_dir / CONFIG_FILE).exists() or (run_dir / METRICS_FILE).exists()
-            or checkpoint.latest(run_dir / "checkpoints") is not None)
+    return (run_dir / CONFIG_FILE).exists() or (run_dir / METRICS_FILE).exists() or checkpoint.latest(run_dir / "checkpoints") is not None
 
 
 # ---- the learner ----------------------------------------------------------------------------------------------------
+
 
 def build_learner_parser() -> Parser:
     """The learner's command line, in titled groups; every flag's help states its default."""
@@ -471,37 +615,66 @@ def build_learner_parser() -> Parser:
     add("--leader", default=defaults.leader, help="the leader's host:port")
     add("--host", default=defaults.host, help="address this learner's server listens on")
     add("--port", type=int, default=defaults.port, help="port this learner's server listens on (0 picks a free one)")
-    add("--advertise-address", default=defaults.advertise_address,
+    add(
+        "--advertise-address",
+        default=defaults.advertise_address,
         help="host:port the leader should call back; None means this machine's address on the route to the leader "
-        "(another address than the one the leader sees calls come from needs the enrolment secret)")
+        "(another address than the one the leader sees calls come from needs the enrolment secret)",
+    )
 
     group = parser.add_argument_group("data")
-    group.add_argument("--data-dir", default=defaults.data_dir,
-                       help="train on local data here (train/<class>/* or CIFAR-10); None means receive a split from the leader")
+    group.add_argument(
+        "--data-dir",
+        default=defaults.data_dir,
+        help="train on local data here (train/<class>/* or CIFAR-10); None means receive a split from the leader",
+    )
 
     group = parser.add_argument_group("training")
     add = group.add_argument
-    add("--channels-last", choices=CHANNELS_LAST_SETTINGS, default=defaults.channels_last,
-        help="train in the channels-last memory format: auto uses it on a CPU for the models measured faster in it (resnet20, resnet18-cifar)")
-    add("--compile", action="store_true",
+    add(
+        "--channels-last",
+        choices=CHANNELS_LAST_SETTINGS,
+        default=defaults.channels_last,
+        help="train in the channels-last memory format: auto uses it on a CPU for the models measured faster in it (resnet20, resnet18-cifar)",
+    )
+    add(
+        "--compile",
+        action="store_true",
         help="compile the training step with torch.compile (on CUDA also as a CUDA graph), for GPUs where launching "
-        "kernels bounds the step; the first round pays the compile time")
+        "kernels bounds the step; the first round pays the compile time",
+    )
 
     group = parser.add_argument_group("faults and timeouts")
     add = group.add_argument
-    add("--connect-timeout", type=float, default=defaults.connect_timeout,
-        help="seconds to keep trying to reach the leader, or to wait for a slot in a full federation")
-    add("--leader-lost-after", type=float, default=defaults.leader_lost_after,
-        help="seconds without an answer from the leader before this learner counts it as gone")
-    add("--rejoin", action=argparse.BooleanOptionalAction, default=defaults.rejoin,
+    add(
+        "--connect-timeout",
+        type=float,
+        default=defaults.connect_timeout,
+        help="seconds to keep trying to reach the leader, or to wait for a slot in a full federation",
+    )
+    add(
+        "--leader-lost-after",
+        type=float,
+        default=defaults.leader_lost_after,
+        help="seconds without an answer from the leader before this learner counts it as gone",
+    )
+    add(
+        "--rejoin",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.rejoin,
         help="when the leader goes away or ends this learner's session, register again (for up to --connect-timeout) "
-        "and go on, e.g. after leader.py --resume")
+        "and go on, e.g. after leader.py --resume",
+    )
 
     add_security_flags(parser, defaults, "learner")
     add_compute_flags(parser, defaults, "training")
     group = parser.add_argument_group("output")
-    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=defaults.progress,
-                       help="a progress bar over local batches, when output is a terminal")
+    group.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.progress,
+        help="a progress bar over local batches, when output is a terminal",
+    )
     add_output_flags(group, "no progress bar; log warnings and errors only")
     return parser
 
@@ -526,6 +699,7 @@ def parse_learner_config(argv: list[str] | None = None) -> tuple[LearnerConfig, 
 
 
 # ---- config files -------------------------------------------------------------------------------------------------
+
 
 class ConfigFileError(ValueError):
     """A --config file cannot be read or names an unknown setting."""
@@ -552,8 +726,9 @@ def file_arguments(parser: argparse.ArgumentParser, values: dict[str, Any], sour
 
     A key is any of a flag's long names, with `-` or `_` (an old name such as `compress` still works).
     """
-    actions = {option[2:].replace("-", "_"): action for action in parser._actions for option in action.option_strings
-               if option.startswith("--")}
+    actions = {
+        option[2:].replace("-", "_"): action for action in parser._actions for option in action.option_strings if option.startswith("--")
+    }
     arguments: list[str] = []
     for key, value in values.items():
         action = actions.get(key.replace("-", "_"))

@@ -45,10 +45,12 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
         label = labels[index] if labels else run_dir.name
         rounds = [record["round"] for record in records]
         evaluated = [record for record in records if record["test_accuracy"] is not None]  # --eval-every skips rounds
-        accuracy_axes.plot([record["round"] for record in evaluated], [100 * record["test_accuracy"] for record in evaluated],
-                           marker="o", label=label)
-        loss_axes.plot([record["round"] for record in evaluated], [record["test_loss"] for record in evaluated],
-                       marker="o", label=f"{label} test")
+        accuracy_axes.plot(
+            [record["round"] for record in evaluated], [100 * record["test_accuracy"] for record in evaluated], marker="o", label=label
+        )
+        loss_axes.plot(
+            [record["round"] for record in evaluated], [record["test_loss"] for record in evaluated], marker="o", label=f"{label} test"
+        )
         loss_axes.plot(rounds, [record["train_loss"] for record in records], linestyle="--", label=f"{label} train")
         bytes_axes.plot(rounds, [(record["bytes_in"] + record["bytes_out"]) / 1e6 for record in records], marker="o", label=label)
     accuracy_axes.set(title="Test accuracy", xlabel="round", ylabel="%")
@@ -69,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     """Plot one or more run directories into a PNG."""
     parser = argparse.ArgumentParser(description="Plot the metrics of one or more runs on one figure.")
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories holding metrics.jsonl")
-    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: RUN_DIR/metrics.png for one run, comparison.png for several)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="PNG to write (default: RUN_DIR/metrics.png for one run, comparison.png for several)"
+    )
     parser.add_argument("--labels", nargs="+", default=None, help="legend labels, one per run (default: directory names)")
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.run_dirs):

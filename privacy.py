@@ -63,8 +63,7 @@ class PrivacyAccountant:
         """RDP spent so far at each of self.orders."""
         from opacus.accountants.analysis import rdp
 
-        return list(rdp.compute_rdp(q=self.sampling_rate, noise_multiplier=self.noise_multiplier, steps=self.rounds,
-                                    orders=self.orders))
+        return list(rdp.compute_rdp(q=self.sampling_rate, noise_multiplier=self.noise_multiplier, steps=self.rounds, orders=self.orders))
 
     def epsilon(self) -> float:
         """Epsilon spent so far at self.delta; 0.0 before any round."""

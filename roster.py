@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import grpc
 
 import rpc
-import wire
 from options import LeaderConfig
-from protos import leader_pb2, learner_pb2, learner_pb2_grpc
+from protos import leader_pb2, learner_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +51,6 @@ class LearnerRecord:
     started: bool = False
 
 
-def learner_stub(channel: grpc.Channel) -> learner_pb2_grpc.LearnerServiceStub:
-    """The generated stub, with SyncModelState sending the published model's frames as they are (no serialization per push)."""
-    stub = learner_pb2_grpc.LearnerServiceStub(channel)
-    stub.SyncModelState = channel.stream_unary(f"/{rpc.LEARNER_SERVICE}/SyncModelState", request_serializer=wire.serialize,
-                                               response_deserializer=learner_pb2.Ack.FromString)
-    return stub
-
-
 class Roster:
     """The federation's --learners slots and who holds them: admits registrants, ends sessions, notices who is gone.
 
@@ -67,8 +58,15 @@ class Roster:
     and `on_absent(learner_id, why)` (called under it) lets the open round note a member it lost.
     """
 
-    def __init__(self, config: LeaderConfig, tls: rpc.Tls | None, cond: threading.Condition, calls: ThreadPoolExecutor,
-                 split_examples: Callable[[int], int], first_round: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        config: LeaderConfig,
+        tls: rpc.Tls | None,
+        cond: threading.Condition,
+        calls: ThreadPoolExecutor,
+        split_examples: Callable[[int], int],
+        first_round: Callable[[], int],
+    ) -> None:
         self.config = config
         self.tls = tls
         # registrants that proved they belong (enrolment secret, client certificate) may advertise any callback address
@@ -132,9 +130,11 @@ class Roster:
         failure = rpc.health_check(channel, REGISTRATION_PROBE_S, rpc.LEARNER_SERVICE, info.callback_token)
         if failure is not None:
             channel.close()
-            raise rpc.RequestRefused(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"the leader cannot call this learner back at {info.network_addr} ({failure}): check "
-                              "--advertise-address, and that the leader can reach that port")
+            raise rpc.RequestRefused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the leader cannot call this learner back at {info.network_addr} ({failure}): check "
+                "--advertise-address, and that the leader can reach that port",
+            )
         try:
             record, replaced = self._admit(info, channel)
         except BaseException:
@@ -143,8 +143,13 @@ class Roster:
         if replaced is None:
             logger.info("learner %d registered from %s (%d examples)", record.learner_id, info.network_addr, record.num_examples)
         else:
-            logger.info("learner %d's slot taken by %s (%d examples); it takes part from round %d",
-                        record.learner_id, info.network_addr, record.num_examples, record.joins_round)
+            logger.info(
+                "learner %d's slot taken by %s (%d examples); it takes part from round %d",
+                record.learner_id,
+                info.network_addr,
+                record.num_examples,
+                record.joins_round,
+            )
         return record, replaced
 
     def _check_learner_info(self, info: leader_pb2.LearnerInfo, peer: str) -> None:
@@ -163,7 +168,8 @@ class Roster:
             raise rpc.RequestRefused(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "this leader calls learners back over TLS: start the learner with --tls-cert, --tls-key and --tls-ca"
-                if self.tls is not None else "this leader does not use TLS: start the learner without --tls-cert",
+                if self.tls is not None
+                else "this leader does not use TLS: start the learner without --tls-cert",
             )
         if self.config.data_mode == "split" and info.num_examples:
             raise rpc.RequestRefused(
@@ -206,8 +212,14 @@ class Roster:
                 self._end_session(replaced, "its slot went to a newcomer")
                 replaced.channel.close()
             record = LearnerRecord(
-                learner_id, info.network_addr, info.callback_token, secrets.token_urlsafe(32),
-                info.num_examples or self._split_examples(learner_id), channel, learner_stub(channel), self._first_round(),
+                learner_id,
+                info.network_addr,
+                info.callback_token,
+                secrets.token_urlsafe(32),
+                info.num_examples or self._split_examples(learner_id),
+                channel,
+                rpc.learner_stub(channel),
+                self._first_round(),
             )
             self._records[learner_id] = record
             self._tokens[record.session_token] = learner_id
@@ -276,8 +288,9 @@ class Roster:
         finally:
             self._sweep_lock.release()
 
-    def probe(self, records: list[LearnerRecord], silent_since: dict[int, float], refusals: dict[int, int],
-              timeout: float, round_number: int) -> None:
+    def probe(
+        self, records: list[LearnerRecord], silent_since: dict[int, float], refusals: dict[int, int], timeout: float, round_number: int
+    ) -> None:
         """Health-check members due to report; mark absent those whose port refuses twice or that stay silent for --learner-lost-after."""
         now = time.monotonic()
         for record, answer in zip(records, self.check(records, timeout), strict=False):

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import wire
-from protos import leader_pb2, learner_pb2
+from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ MIN_TRANSFER_BYTES_PER_S = 1_000_000
 def transfer_timeout(num_bytes: int) -> float:
     """Deadline for streaming `num_bytes`."""
     return CONTROL_TIMEOUT_S + num_bytes / MIN_TRANSFER_BYTES_PER_S
+
+
 # Metadata larger than this is refused by the transport (tokens are 43 characters).
 MAX_METADATA_BYTES = 16 * 1024
 # Keepalive pings find peers that vanished without closing their connection.
@@ -104,8 +106,12 @@ def parse_address(address: str) -> tuple[str, int]:
     if not match or not 0 < int(match.group(2)) < 65536:
         raise ValueError(f"{address!r} is not a host:port address, e.g. 127.0.0.1:10134")
     host = match.group(1)
-    if not host.startswith("[") and (len(host) > MAX_HOST_NAME_CHARS or any(len(label) > MAX_HOST_LABEL_CHARS for label in host.split("."))):
-        raise ValueError(f"host name {host[:40]!r}... is longer than DNS allows ({MAX_HOST_NAME_CHARS} characters, {MAX_HOST_LABEL_CHARS} a label)")
+    if not host.startswith("[") and (
+        len(host) > MAX_HOST_NAME_CHARS or any(len(label) > MAX_HOST_LABEL_CHARS for label in host.split("."))
+    ):
+        raise ValueError(
+            f"host name {host[:40]!r}... is longer than DNS allows ({MAX_HOST_NAME_CHARS} characters, {MAX_HOST_LABEL_CHARS} a label)"
+        )
     return host, int(match.group(2))
 
 
@@ -149,8 +155,10 @@ def callback_problem(address: str, peer: str, trusted: bool) -> str | None:
         return None  # not an IP transport (a Unix socket): nothing to compare
     if ip == source or (host == "localhost" and source.is_loopback):
         return None
-    return (f"the callback address {address} is not the address this registration came from ({source}); "
-            f"advertising another address needs the federation's enrolment secret (${ENROLMENT_ENV}) or a client certificate")
+    return (
+        f"the callback address {address} is not the address this registration came from ({source}); "
+        f"advertising another address needs the federation's enrolment secret (${ENROLMENT_ENV}) or a client certificate"
+    )
 
 
 def read_enrolment_token(token_file: str | None) -> str | None:
@@ -219,7 +227,7 @@ class Gate(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None  # an unknown method: gRPC answers UNIMPLEMENTED
-        refusal = self._check(details.method[len(self._prefix):], details.invocation_metadata)
+        refusal = self._check(details.method[len(self._prefix) :], details.invocation_metadata)
         if refusal is None:
             return handler
         code, reason = refusal
@@ -292,9 +300,14 @@ class CallLimits(grpc.ServerInterceptor):
     can never take the threads members need. Non-blocking handlers (the health Watch) stay non-blocking.
     """
 
-    def __init__(self, idle_s: float = STREAM_IDLE_TIMEOUT_S, max_calls_per_caller: int = MAX_CALLS_PER_CALLER,
-                 stream_deadlines: dict[str, float] | None = None, is_member: Callable[[str], bool] | None = None,
-                 max_stranger_calls: int | None = None) -> None:
+    def __init__(
+        self,
+        idle_s: float = STREAM_IDLE_TIMEOUT_S,
+        max_calls_per_caller: int = MAX_CALLS_PER_CALLER,
+        stream_deadlines: dict[str, float] | None = None,
+        is_member: Callable[[str], bool] | None = None,
+        max_stranger_calls: int | None = None,
+    ) -> None:
         self.watchdog = Watchdog(idle_s)
         self.max_calls_per_caller = max_calls_per_caller
         self.max_stranger_calls = max_stranger_calls  # None: create_server sets a share of its threads
@@ -347,12 +360,14 @@ class CallLimits(grpc.ServerInterceptor):
             run.experimental_non_blocking = True
             run.experimental_thread_pool = getattr(behaviour, "experimental_thread_pool", None)
         elif handler.response_streaming:
+
             def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 request, entry = admit(request, context)
                 for response in behaviour(request, context):
                     yield response
                     entry.moved()  # the server asks for the next message once this one went out
         else:
+
             def run(request: Any, context: grpc.ServicerContext) -> Any:
                 request, _ = admit(request, context)
                 return behaviour(request, context)
@@ -367,8 +382,10 @@ class CallLimits(grpc.ServerInterceptor):
                 refusal = f"{self._stranger_calls} calls without a session are in flight; try again shortly"
             elif self._stranger_calls_by_peer[peer] >= per_peer:
                 refusal = f"{per_peer} calls without a session from {peer} are in flight; try again shortly"
-            elif streaming and (sum(self._stranger_streams.values()) >= MAX_STRANGER_STREAMS
-                                or self._stranger_streams[peer] >= MAX_STRANGER_STREAMS_PER_PEER):
+            elif streaming and (
+                sum(self._stranger_streams.values()) >= MAX_STRANGER_STREAMS
+                or self._stranger_streams[peer] >= MAX_STRANGER_STREAMS_PER_PEER
+            ):
                 refusal = "too many streams without a session are open; close one or try again shortly"
             else:
                 refusal = None
@@ -402,8 +419,10 @@ class CallLimits(grpc.ServerInterceptor):
                 busy = False
                 self._in_flight[caller] += 1
         if busy:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"this session already has {self.max_calls_per_caller} calls in flight; wait for one to finish")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this session already has {self.max_calls_per_caller} calls in flight; wait for one to finish",
+            )
         if not context.add_callback(lambda: self._release(caller)):
             self._release(caller)
 
@@ -450,12 +469,16 @@ def _behaviour(handler: grpc.RpcMethodHandler) -> Callable:
     return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
 
 
-def _handler_like(handler: grpc.RpcMethodHandler, behaviour: Callable,
-                  request_deserializer: Callable[[bytes], Any] | None = None,
-                  response_serializer: Callable[[Any], bytes] | None = None) -> grpc.RpcMethodHandler:
+def _handler_like(
+    handler: grpc.RpcMethodHandler,
+    behaviour: Callable,
+    request_deserializer: Callable[[bytes], Any] | None = None,
+    response_serializer: Callable[[Any], bytes] | None = None,
+) -> grpc.RpcMethodHandler:
     """A handler of `handler`'s kind that runs `behaviour`, with `handler`'s (de)serializers where no other is given."""
     return _HANDLER_FACTORIES[handler.request_streaming, handler.response_streaming](
-        behaviour, request_deserializer=request_deserializer or handler.request_deserializer,
+        behaviour,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=response_serializer or handler.response_serializer,
     )
 
@@ -501,7 +524,9 @@ def create_server(
         reflection.enable_server_reflection(names, server)
     bind = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
-        bound = server.add_secure_port(bind, tls.server_credentials()) if tls is not None and tls.serving else server.add_insecure_port(bind)
+        bound = (
+            server.add_secure_port(bind, tls.server_credentials()) if tls is not None and tls.serving else server.add_insecure_port(bind)
+        )
     except RuntimeError:
         bound = 0
     if not bound:
@@ -571,7 +596,9 @@ def health_check(channel: grpc.Channel, timeout: float = 5.0, service: str = "",
     """
     metadata = token_metadata(token) if token is not None else None
     try:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=metadata)
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=metadata
+        )
     except grpc.RpcError as error:
         if error.code() == grpc.StatusCode.NOT_FOUND:
             return f"it does not serve {service or 'anything'} (NOT_FOUND)"
@@ -579,3 +606,34 @@ def health_check(channel: grpc.Channel, timeout: float = 5.0, service: str = "",
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         return f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
     return None
+
+
+def leader_stub(channel: grpc.Channel, limit: Callable[[], int] | None = None) -> leader_pb2_grpc.LeaderServiceStub:
+    """The generated stub, reading received chunks as views (wire.chunk_deserializer) and sending updates as wire.frames.
+
+    `limit` gives the most bytes a received stream's first message may take (wire.first_message_limit).
+    """
+    stub = leader_pb2_grpc.LeaderServiceStub(channel)
+    stub.AccumulateGradients = channel.stream_unary(
+        f"/{LEADER_SERVICE}/AccumulateGradients", request_serializer=wire.serialize, response_deserializer=leader_pb2.Ack.FromString
+    )
+    stub.GetModel = channel.unary_stream(
+        f"/{LEADER_SERVICE}/GetModel",
+        request_serializer=leader_pb2.Empty.SerializeToString,
+        response_deserializer=wire.chunk_deserializer(leader_pb2.ModelChunk, limit),
+    )
+    stub.GetData = channel.unary_stream(
+        f"/{LEADER_SERVICE}/GetData",
+        request_serializer=leader_pb2.LearnerDataRequest.SerializeToString,
+        response_deserializer=wire.chunk_deserializer(leader_pb2.DataChunk, limit),
+    )
+    return stub
+
+
+def learner_stub(channel: grpc.Channel) -> learner_pb2_grpc.LearnerServiceStub:
+    """The generated stub, with SyncModelState sending the published model's frames as they are (no serialization per push)."""
+    stub = learner_pb2_grpc.LearnerServiceStub(channel)
+    stub.SyncModelState = channel.stream_unary(
+        f"/{LEARNER_SERVICE}/SyncModelState", request_serializer=wire.serialize, response_deserializer=learner_pb2.Ack.FromString
+    )
+    return stub

@@ -46,8 +46,9 @@ class Strategy:
         self.optimizer = self._server_optimizer()
         # the share of learners in each round, --min-learners included (Poisson sampling at this rate is the accountant's model)
         sampling_rate = config.sampled(config.learners) / config.learners
-        self.accountant = (privacy.PrivacyAccountant(config.dp_noise_multiplier, sampling_rate, config.dp_delta)
-                           if config.dp_noise_multiplier else None)
+        self.accountant = (
+            privacy.PrivacyAccountant(config.dp_noise_multiplier, sampling_rate, config.dp_delta) if config.dp_noise_multiplier else None
+        )
         self._noise = torch.Generator().manual_seed(secrets.randbits(63))
         self.model_norm = self.current_model_norm()
         self.norm_reference: float | None = None  # median update norm of the last applied round
@@ -64,8 +65,15 @@ class Strategy:
         if self.blog_sgd:
             return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         momentum = config.server_momentum or (SGDM_DEFAULT_MOMENTUM if config.server_opt == "sgdm" else 0.0)
-        return server_opt.build_server_optimizer(config.server_opt, parameters, lr=config.server_lr, momentum=momentum,
-                                                 beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau)
+        return server_opt.build_server_optimizer(
+            config.server_opt,
+            parameters,
+            lr=config.server_lr,
+            momentum=momentum,
+            beta1=config.server_beta1,
+            beta2=config.server_beta2,
+            tau=config.server_tau,
+        )
 
     @property
     def blog_sgd(self) -> bool:
@@ -116,8 +124,9 @@ class Strategy:
                 checkpoint.record_privacy_spent(self.checkpoint_dir, self.accountant.rounds)
         return result
 
-    def step(self, number: int, mean: dict[str, torch.Tensor], finished: RoundState,
-             last_good: Callable[[], dict[str, torch.Tensor]]) -> str | None:
+    def step(
+        self, number: int, mean: dict[str, torch.Tensor], finished: RoundState, last_good: Callable[[], dict[str, torch.Tensor]]
+    ) -> str | None:
         """Apply round `number`'s update to the model; None, or why the result was refused and `last_good()` restored."""
         config = self.config
         if self.blog_sgd:  # the blog's SGD: --lr is the leader's, on its schedule
@@ -132,8 +141,12 @@ class Strategy:
             return None
         self.model.load_state_dict(last_good())
         self.optimizer.state.clear()  # momentum or moments that took in the refused step would replay it
-        logger.warning("round %d: refused the new global model (%s); kept the model of round %d and reset the server "
-                       "optimizer's state", number, problem, number - 1)
+        logger.warning(
+            "round %d: refused the new global model (%s); kept the model of round %d and reset the server optimizer's state",
+            number,
+            problem,
+            number - 1,
+        )
         return problem
 
     def current_model_norm(self) -> float:

@@ -65,9 +65,17 @@ def add_proximal_gradient(model: torch.nn.Module, global_state: dict[str, torch.
 class LocalTrainer:
     """Trains one learner's model on its split, round after round, as the plan says; keeps momentum across rounds if asked."""
 
-    def __init__(self, plan: leader_pb2.TrainingPlan, learner_id: int, model: torch.nn.Module,
-                 forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
-                 memory_format: torch.memory_format, progress: bool) -> None:
+    def __init__(
+        self,
+        plan: leader_pb2.TrainingPlan,
+        learner_id: int,
+        model: torch.nn.Module,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        memory_format: torch.memory_format,
+        progress: bool,
+    ) -> None:
         self.plan = plan
         self.learner_id = learner_id
         self.model = model
@@ -95,8 +103,9 @@ class LocalTrainer:
         # Summed where the model runs: reading each step's loss would make a GPU step wait for the one before.
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
         examples = 0
-        progress = tqdm(batches, desc=f"round {number}", unit="batch", leave=False,
-                        disable=None if self.progress else True)  # None: only on a terminal
+        progress = tqdm(
+            batches, desc=f"round {number}", unit="batch", leave=False, disable=None if self.progress else True
+        )  # None: only on a terminal
         for step, indices in enumerate(progress):
             indices = indices.to(device)
             inputs = training_inputs(self.images, indices, augment_generator if plan.augment else None, self.memory_format)
@@ -125,8 +134,7 @@ class LocalTrainer:
         """
         plan = self.plan
         if not plan.keep_momentum or self._optimizer is None:
-            self._optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=plan.momentum,
-                                              weight_decay=plan.weight_decay)
+            self._optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
         for group in self._optimizer.param_groups:
             group["lr"] = lr
         return self._optimizer

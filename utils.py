@@ -201,8 +201,12 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded.reshape(batch, channels, -1).gather(2, index).view(batch, channels, height, width)
 
 
-def training_inputs(images: torch.Tensor, indices: torch.Tensor, generator: torch.Generator | None,
-                    memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+def training_inputs(
+    images: torch.Tensor,
+    indices: torch.Tensor,
+    generator: torch.Generator | None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
     """One training batch: images[indices], cropped and flipped when a generator is given, normalized, in memory_format.
 
     Everything happens where `images` lives, so a split kept on the GPU never goes through the host.
@@ -262,8 +266,9 @@ def split_dirichlet(labels: torch.Tensor, num_parts: int, alpha: float, seed: in
             sizes += np.diff(bounds, prepend=0, append=len(indices))
         if sizes.min() > 0:
             chunks = [np.split(indices, bounds) for indices, bounds in zip(members, cuts, strict=False)]
-            return [torch.from_numpy(np.sort(np.concatenate([chunk[part] for chunk in chunks]))).to(torch.int64)
-                    for part in range(num_parts)]
+            return [
+                torch.from_numpy(np.sort(np.concatenate([chunk[part] for chunk in chunks]))).to(torch.int64) for part in range(num_parts)
+            ]
     raise ValueError(
         f"no Dirichlet(alpha={alpha}) split of {len(labels)} examples in {len(members)} classes gave all {num_parts} "
         f"parts an example in {MAX_DIRICHLET_ATTEMPTS} draws: use a larger alpha or fewer parts"
@@ -280,8 +285,7 @@ def split_shards(labels: torch.Tensor, num_parts: int, classes_per_part: int, se
         raise ValueError(f"labels must be one-dimensional, got shape {tuple(labels.shape)}")
     num_shards = num_parts * classes_per_part
     if num_shards > len(labels):
-        raise ValueError(f"{num_parts} parts x {classes_per_part} shards need {num_shards} examples, "
-                         f"there are only {len(labels)}")
+        raise ValueError(f"{num_parts} parts x {classes_per_part} shards need {num_shards} examples, there are only {len(labels)}")
     # Stable, so that ties keep index order and the shards do not depend on the sort implementation.
     by_label = torch.sort(labels.cpu(), stable=True).indices
     shards = torch.tensor_split(by_label, num_shards)  # sizes differ by at most 1
@@ -311,6 +315,7 @@ def split_by(partition: str, data: ImageData, num_parts: int, alpha: float, clas
     else:
         parts = split_iid(len(data), num_parts, seed)
     for index, part in enumerate(parts):
-        logger.info("split %d (%s): %d examples, per class %s", index, partition, len(part),
-                    label_histogram(data.labels, part, data.num_classes))
+        logger.info(
+            "split %d (%s): %d examples, per class %s", index, partition, len(part), label_histogram(data.labels, part, data.num_classes)
+        )
     return parts

@@ -106,7 +106,8 @@ def lazy_buffer(size: int) -> mmap.mmap:
 
 
 def encode(
-    tensors: Mapping[str, torch.Tensor], allocate: Callable[[int], bytearray] = bytearray,
+    tensors: Mapping[str, torch.Tensor],
+    allocate: Callable[[int], bytearray] = bytearray,
 ) -> tuple[tensors_pb2.TensorManifest, bytearray]:
     """Pack tensors into one flat little-endian buffer with the manifest describing it.
 

@@ -97,12 +97,47 @@ def federate(run: Run, common: list[str], work: Path) -> tuple[list[dict], float
     """Run one federation to the end; returns its metrics lines and wall seconds."""
     port = free_port()
     run_dir = work / run.label.replace(" ", "_").replace(",", "").replace("/", "-")
-    leader = subprocess.Popen([sys.executable, "leader.py", *common, *run.flags, "--host", "127.0.0.1", "--port", str(port),
-                               "--learners", str(LEARNERS), "--run-dir", str(run_dir), "--quiet"], cwd=ROOT)
-    learner = ["--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1", "--device", "cpu", "--no-progress", "--quiet",
-               "--threads", str(learner_threads(LEARNERS)), "--connect-timeout", "600"]
-    learners = [subprocess.Popen([sys.executable, "-m", "bench.algorithms", "--hostile-learner", *learner] if run.hostile and index == 0
-                                 else [sys.executable, "learner.py", *learner], cwd=ROOT) for index in range(LEARNERS)]
+    leader = subprocess.Popen(
+        [
+            sys.executable,
+            "leader.py",
+            *common,
+            *run.flags,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--learners",
+            str(LEARNERS),
+            "--run-dir",
+            str(run_dir),
+            "--quiet",
+        ],
+        cwd=ROOT,
+    )
+    learner = [
+        "--leader",
+        f"127.0.0.1:{port}",
+        "--host",
+        "127.0.0.1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--quiet",
+        "--threads",
+        str(learner_threads(LEARNERS)),
+        "--connect-timeout",
+        "600",
+    ]
+    learners = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.algorithms", "--hostile-learner", *learner]
+            if run.hostile and index == 0
+            else [sys.executable, "learner.py", *learner],
+            cwd=ROOT,
+        )
+        for index in range(LEARNERS)
+    ]
     start = time.monotonic()
     try:
         status = leader.wait(timeout=RUN_TIMEOUT_S)
@@ -149,9 +184,30 @@ def main() -> int:
     parser.add_argument("--groups", default="skew,attack,dp", help="comma-separated: skew, attack, dp, server-lr")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
-    common = ["--dataset", args.dataset, "--model", args.model, "--device", "cpu", "--aggregation", "fedavg",
-              "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),
-              "--lr", str(args.lr), "--eval-every", str(args.rounds), "--checkpoint-every", str(args.rounds), "--seed", "0"]
+    common = [
+        "--dataset",
+        args.dataset,
+        "--model",
+        args.model,
+        "--device",
+        "cpu",
+        "--aggregation",
+        "fedavg",
+        "--rounds",
+        str(args.rounds),
+        "--local-steps",
+        str(args.local_steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        str(args.lr),
+        "--eval-every",
+        str(args.rounds),
+        "--checkpoint-every",
+        str(args.rounds),
+        "--seed",
+        "0",
+    ]
     if args.data_dir:
         common += ["--data-dir", args.data_dir]
     commit = provenance.commit()

@@ -44,16 +44,21 @@ def main() -> None:
     args = parser.parse_args()
     images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for seed in range(3):
-        if not torch.equal(augment(images, torch.Generator().manual_seed(seed)),
-                           indexed_augment(images, torch.Generator().manual_seed(seed))):
+        if not torch.equal(
+            augment(images, torch.Generator().manual_seed(seed)), indexed_augment(images, torch.Generator().manual_seed(seed))
+        ):
             raise SystemExit(f"utils.augment and the indexed version disagree for seed {seed}")
     cores = torch.get_num_threads()
     print(f"# Crop and flip of a batch of {BATCH} 32x32 images")
-    print(f"machine: {provenance.machine()}; commit {provenance.commit()}; {args.runs} timed batches per row after one warm-up, "
-          f"{STEP_RUNS} timed {MODEL} steps")
+    print(
+        f"machine: {provenance.machine()}; commit {provenance.commit()}; {args.runs} timed batches per row after one warm-up, "
+        f"{STEP_RUNS} timed {MODEL} steps"
+    )
     print()
-    print("| threads | indexed, ms median (min-max) | utils.augment, ms median (min-max) | indexed / augment | "
-          f"{MODEL} step, ms median | augment / step |")
+    print(
+        "| threads | indexed, ms median (min-max) | utils.augment, ms median (min-max) | indexed / augment | "
+        f"{MODEL} step, ms median | augment / step |"
+    )
     print("|---|---|---|---|---|---|")
     model = build_model(MODEL, 10)
     memory_format = memory_format_for("auto", MODEL, torch.device("cpu"))
@@ -72,9 +77,11 @@ def main() -> None:
         old = [1000 * seconds for seconds in timed(lambda: indexed_augment(images, generator), args.runs)]
         new = [1000 * seconds for seconds in timed(lambda: augment(images, generator), args.runs)]
         steps = [1000 * seconds for seconds in timed(step, STEP_RUNS)]
-        print(f"| {threads} | {statistics.median(old):.2f} ({min(old):.2f}-{max(old):.2f}) | "
-              f"{statistics.median(new):.2f} ({min(new):.2f}-{max(new):.2f}) | {statistics.median(old) / statistics.median(new):.1f}x | "
-              f"{statistics.median(steps):.0f} | {100 * statistics.median(new) / statistics.median(steps):.2f}% |")
+        print(
+            f"| {threads} | {statistics.median(old):.2f} ({min(old):.2f}-{max(old):.2f}) | "
+            f"{statistics.median(new):.2f} ({min(new):.2f}-{max(new):.2f}) | {statistics.median(old) / statistics.median(new):.1f}x | "
+            f"{statistics.median(steps):.0f} | {100 * statistics.median(new) / statistics.median(steps):.2f}% |"
+        )
 
 
 if __name__ == "__main__":

@@ -48,14 +48,17 @@ def main() -> int:
     recomputed = accuracy(model, test.images, test.labels)
     generator = torch.Generator().manual_seed(derive_seed(SEED, "batchnorm", "augment"))
     order = torch.arange(len(train))
-    recompute_batchnorm(model, (training_inputs(train.images, order[first : first + BATCH], generator)
-                                for first in range(0, len(train), BATCH)))
+    recompute_batchnorm(
+        model, (training_inputs(train.images, order[first : first + BATCH], generator) for first in range(0, len(train), BATCH))
+    )
     augmented = accuracy(model, test.images, test.labels)
     config = record["config"]
     print(f"# BatchNorm statistics: {config['model']} after round {record['round']}, {args.dataset}")
     print(f"machine: {provenance.machine()}; commit {provenance.commit()}; checkpoint {args.checkpoint}")
-    print(f"run: --aggregation {config['aggregation']} --compress {config['compress']} --server-opt {config['server_opt']} "
-          f"--server-lr {config['server_lr']:g}" + (" --keep-momentum" if config.get("keep_momentum") else ""))
+    print(
+        f"run: --aggregation {config['aggregation']} --compress {config['compress']} --server-opt {config['server_opt']} "
+        f"--server-lr {config['server_lr']:g}" + (" --keep-momentum" if config.get("keep_momentum") else "")
+    )
     print()
     print("| statistics | test accuracy |")
     print("|---|---|")

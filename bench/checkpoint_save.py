@@ -62,8 +62,11 @@ def main() -> None:
         root = Path(directory)
         for _ in range(KEEP):  # a full directory, so that every timed save prunes a round, as in a long run
             checkpoint.save(root, next(rounds), state, {}, keep=KEEP, optimizer_state=momentum)
-        rows = {"checkpoint.save: weights and momentum, JSON, prune": median_ms(
-            args.repeats, lambda: checkpoint.save(root, next(rounds), state, {}, keep=KEEP, optimizer_state=momentum))}
+        rows = {
+            "checkpoint.save: weights and momentum, JSON, prune": median_ms(
+                args.repeats, lambda: checkpoint.save(root, next(rounds), state, {}, keep=KEEP, optimizer_state=momentum)
+            )
+        }
         files = [root / "weights.safetensors", root / "momentum.safetensors"]
 
         def remove_files() -> None:
@@ -82,17 +85,22 @@ def main() -> None:
 
         rows["both tensor files now: straight from memory, CRC-32"] = median_ms(args.repeats, write_now, remove_files)
         rows["both tensor files before: safetensors bytes, SHA-256"] = median_ms(args.repeats, write_before, remove_files)
-        rows["SHA-256 of one 45 MB file (what checkpoints recorded before)"] = median_ms(args.repeats, lambda: hashlib.sha256(data).digest())
+        rows["SHA-256 of one 45 MB file (what checkpoints recorded before)"] = median_ms(
+            args.repeats, lambda: hashlib.sha256(data).digest()
+        )
         rows["CRC-32 of one 45 MB file (what they record now)"] = median_ms(args.repeats, lambda: zlib.crc32(data))
         rows["safetensors serialization into bytes (skipped now)"] = median_ms(args.repeats, lambda: save_safetensors(dict(state)))
         target = root / "one.bin"
-        rows["write one 45 MB file, fsync, rename"] = median_ms(args.repeats, lambda: checkpoint.atomic_write(target, data),
-                                                                lambda: target.unlink(missing_ok=True))
+        rows["write one 45 MB file, fsync, rename"] = median_ms(
+            args.repeats, lambda: checkpoint.atomic_write(target, data), lambda: target.unlink(missing_ok=True)
+        )
         rows["unlink one 45 MB file"] = median_ms(args.repeats, lambda: os.unlink(target), lambda: checkpoint.atomic_write(target, data))
 
     print(f"# Checkpoint cost: {MODEL}, {len(data) / 1e6:.1f} MB of weights plus as much momentum")
-    print(f"machine: {provenance.machine()}; commit {provenance.commit()}; 1 torch thread; "
-          f"median of {args.repeats} runs per row after one warm-up; checkpoints in {Path.cwd()}")
+    print(
+        f"machine: {provenance.machine()}; commit {provenance.commit()}; 1 torch thread; "
+        f"median of {args.repeats} runs per row after one warm-up; checkpoints in {Path.cwd()}"
+    )
     print()
     print("| step | wall ms | CPU ms |")
     print("|---|---|---|")

@@ -30,12 +30,38 @@ MODES = {"uncompiled": [], "compiled": ["--learner-compile"]}
 def round_seconds(args: argparse.Namespace, extra: list[str]) -> list[float]:
     """One federation's `round_seconds` for rounds 2 onwards (round 1 pays start-up and any compile)."""
     with tempfile.TemporaryDirectory(prefix="fl-compiled-") as run_dir:
-        command = [sys.executable, "local_federation.py", "--dataset", args.dataset, "--model", args.model,
-                   "--device", args.device, "--learners", "2", "--partition", "iid", "--aggregation", "fedavg",
-                   "--local-steps", str(args.local_steps), "--rounds", str(args.rounds),
-                   "--batch-size", str(args.batch_size), "--eval-every", str(args.rounds),
-                   "--checkpoint-every", str(args.rounds), "--quiet", "--run-dir", run_dir,
-                   "--checkpoint-dir", str(Path(run_dir) / "checkpoints"), *extra]
+        command = [
+            sys.executable,
+            "local_federation.py",
+            "--dataset",
+            args.dataset,
+            "--model",
+            args.model,
+            "--device",
+            args.device,
+            "--learners",
+            "2",
+            "--partition",
+            "iid",
+            "--aggregation",
+            "fedavg",
+            "--local-steps",
+            str(args.local_steps),
+            "--rounds",
+            str(args.rounds),
+            "--batch-size",
+            str(args.batch_size),
+            "--eval-every",
+            str(args.rounds),
+            "--checkpoint-every",
+            str(args.rounds),
+            "--quiet",
+            "--run-dir",
+            run_dir,
+            "--checkpoint-dir",
+            str(Path(run_dir) / "checkpoints"),
+            *extra,
+        ]
         if args.data_dir:
             command += ["--data-dir", args.data_dir]
         subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -67,16 +93,17 @@ def main() -> int:
             print(f"run {run}, {mode}: " + ", ".join(f"{value:.1f}" for value in measured) + " s a round", flush=True)
 
     medians = {mode: statistics.median(values) for mode, values in seconds.items()}
-    lines = [f"# Compiled rounds: {args.model}, 2 learners, fedavg, {args.local_steps} local steps of batch {args.batch_size}",
-             "",
-             f"- machine: {provenance.machine()}; --device {args.device}; "
-             f"commit {provenance.commit()}; {args.runs} runs of each mode, alternated, "
-             f"rounds 2-{args.rounds} of each",
-             "",
-             "| learners | seconds per round, median (min-max) | rounds |",
-             "|---|---|---|"]
-    lines += [f"| {mode} | {medians[mode]:.1f} ({min(values):.1f}-{max(values):.1f}) | {len(values)} |"
-              for mode, values in seconds.items()]
+    lines = [
+        f"# Compiled rounds: {args.model}, 2 learners, fedavg, {args.local_steps} local steps of batch {args.batch_size}",
+        "",
+        f"- machine: {provenance.machine()}; --device {args.device}; "
+        f"commit {provenance.commit()}; {args.runs} runs of each mode, alternated, "
+        f"rounds 2-{args.rounds} of each",
+        "",
+        "| learners | seconds per round, median (min-max) | rounds |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {mode} | {medians[mode]:.1f} ({min(values):.1f}-{max(values):.1f}) | {len(values)} |" for mode, values in seconds.items()]
     lines += ["", f"uncompiled / compiled: {medians['uncompiled'] / medians['compiled']:.2f}x"]
     print("\n".join(lines))
     report_file.save(lines, args.out)

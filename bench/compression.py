@@ -27,9 +27,29 @@ TOPK_RATIO = 0.01
 def bytes_in_per_round(mode: str) -> int:
     """The update bytes the leader received in round 2 of a two-round, two-learner fedavg run."""
     with tempfile.TemporaryDirectory() as run_dir:
-        command = [sys.executable, "local_federation.py", "--dataset", "synthetic", "--model", MODEL, "--device", "cpu",
-                   "--aggregation", "fedavg", "--local-steps", "2", "--rounds", "2", "--compress", mode,
-                   "--topk-ratio", str(TOPK_RATIO), "--quiet", "--run-dir", run_dir]
+        command = [
+            sys.executable,
+            "local_federation.py",
+            "--dataset",
+            "synthetic",
+            "--model",
+            MODEL,
+            "--device",
+            "cpu",
+            "--aggregation",
+            "fedavg",
+            "--local-steps",
+            "2",
+            "--rounds",
+            "2",
+            "--compress",
+            mode,
+            "--topk-ratio",
+            str(TOPK_RATIO),
+            "--quiet",
+            "--run-dir",
+            run_dir,
+        ]
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             raise SystemExit(f"--compress {mode} failed (exit {result.returncode}): {result.stderr[-1500:]}")
@@ -42,7 +62,9 @@ def main() -> None:
     measured = {mode: bytes_in_per_round(mode) for mode in compression.MODES}
     commit = provenance.commit()
     print(f"# Update bytes per round: {MODEL}, 2 learners, fedavg, --topk-ratio {TOPK_RATIO}")
-    print(f"machine: {platform.platform()}; python {platform.python_version()}, torch {torch.__version__}; commit {commit}; one run per mode")
+    print(
+        f"machine: {platform.platform()}; python {platform.python_version()}, torch {torch.__version__}; commit {commit}; one run per mode"
+    )
     print()
     print("| --compress | update bytes in per round (2 learners) | fewer bytes than none |")
     print("|---|---|---|")

@@ -170,8 +170,9 @@ class LoggedProcess:
         self.name = name
         pipe_out = subprocess.PIPE if read_stdout else subprocess.DEVNULL
         pipe_err = subprocess.DEVNULL if read_stdout else subprocess.PIPE
-        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=pipe_out, stderr=pipe_err,
-                                        text=True, errors="replace", bufsize=1)
+        self.process = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=pipe_out, stderr=pipe_err, text=True, errors="replace", bufsize=1
+        )
         self.pid = self.process.pid
         self.started = time.monotonic()
         self.lines: list[tuple[float, str]] = []
@@ -296,8 +297,9 @@ class Harness:
         left = max(0.0, self.deadline - time.monotonic())
         return left if cap is None else min(left, cap)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, read_stdout: bool = False,
-              leader: bool = False) -> LoggedProcess:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, read_stdout: bool = False, leader: bool = False
+    ) -> LoggedProcess:
         """Start a process of this run."""
         process = LoggedProcess(name, argv, env or self.env, read_stdout=read_stdout, track_rss=leader)
         with self._lock:
@@ -308,14 +310,38 @@ class Harness:
 
     def leader(self, port: int, run_dir: Path, flags: list[str], env: dict[str, str] | None = None) -> LoggedProcess:
         """Start `python leader.py` on 127.0.0.1:port with the small settings and `flags`."""
-        argv = [sys.executable, "leader.py", *SMALL, "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(run_dir),
-                "--join-timeout", str(JOIN_TIMEOUT_S), *flags]
+        argv = [
+            sys.executable,
+            "leader.py",
+            *SMALL,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--run-dir",
+            str(run_dir),
+            "--join-timeout",
+            str(JOIN_TIMEOUT_S),
+            *flags,
+        ]
         return self.start("leader", argv, env, leader=True)
 
     def learner(self, port: int, extra: list[str] | None = None, env: dict[str, str] | None = None) -> LoggedProcess:
         """Start `python learner.py` against the leader on 127.0.0.1:port."""
-        argv = [sys.executable, "learner.py", "--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1", "--device", "cpu",
-                "--threads", "1", "--no-progress", *(extra or [])]
+        argv = [
+            sys.executable,
+            "learner.py",
+            "--leader",
+            f"127.0.0.1:{port}",
+            "--host",
+            "127.0.0.1",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--no-progress",
+            *(extra or []),
+        ]
         return self.start(f"learner{len(self.processes)}", argv, env)
 
     def channel(self, address: str, tls: rpc.Tls | None = None) -> grpc.Channel:
@@ -383,7 +409,8 @@ def rounds_missing(run_dir: Path, rounds: int) -> int:
 def unexpected_files(run_dir: Path) -> list[str]:
     """Files in a run directory that the leader does not write."""
     return sorted(
-        path.relative_to(run_dir).as_posix() for path in run_dir.rglob("*")
+        path.relative_to(run_dir).as_posix()
+        for path in run_dir.rglob("*")
         if path.is_file() and not LEADER_FILES.match(path.relative_to(run_dir).as_posix())
     )
 
@@ -461,8 +488,9 @@ class Client:
 
 def learner_info(network_addr: str, callback_token: str | None = None) -> leader_pb2.LearnerInfo:
     """A registration as the current release's learner, calling back at `network_addr`."""
-    return leader_pb2.LearnerInfo(network_addr=network_addr, callback_token=callback_token or secrets.token_urlsafe(32),
-                                  version=rpc.PROTOCOL_VERSION)
+    return leader_pb2.LearnerInfo(
+        network_addr=network_addr, callback_token=callback_token or secrets.token_urlsafe(32), version=rpc.PROTOCOL_VERSION
+    )
 
 
 def register(channel: grpc.Channel, network_addr: str, metadata: tuple[tuple[str, str], ...] = ()) -> Client:
@@ -505,8 +533,9 @@ def attempt(what: str, call: Callable[[], Any]) -> Outcome:
 
 def update_call(client: Client, messages: Callable[[], Iterator[Any]], metadata: Any = None) -> Callable[[], Any]:
     """An AccumulateGradients call that builds its request stream when made."""
-    return lambda: client.stub.AccumulateGradients(messages(), timeout=CALL_TIMEOUT_S,
-                                                   metadata=client.metadata() if metadata is None else metadata)
+    return lambda: client.stub.AccumulateGradients(
+        messages(), timeout=CALL_TIMEOUT_S, metadata=client.metadata() if metadata is None else metadata
+    )
 
 
 def update_stream(tensors: dict[str, torch.Tensor], learner_id: int, **header: Any) -> Callable[[], Iterator[Any]]:
@@ -583,16 +612,29 @@ class Context:
 
 def quorum_flags(rounds: int, round_timeout: float = QUORUM_ROUND_TIMEOUT_S) -> list[str]:
     """Three learners, two of which make a round."""
-    return ["--learners", "3", "--min-learners", "2", "--round-timeout", str(round_timeout), "--aggregation", "fedavg",
-            "--local-steps", "5", "--rounds", str(rounds)]
+    return [
+        "--learners",
+        "3",
+        "--min-learners",
+        "2",
+        "--round-timeout",
+        str(round_timeout),
+        "--aggregation",
+        "fedavg",
+        "--local-steps",
+        "5",
+        "--rounds",
+        str(rounds),
+    ]
 
 
 def row_learner_killed(harness: Harness, context: Context, index: int) -> RunResult:
     """SIGKILL one of three learners while it trains round 1; the other two finish the run."""
     expect = Expect()
     port, run_dir = free_port(), harness.tmp / "run"
-    leader = harness.leader(port, run_dir, [*quorum_flags(QUORUM_ROUNDS, KILLED_ROUND_TIMEOUT_S),
-                                            "--learner-lost-after", str(KILLED_LOST_AFTER_S)])
+    leader = harness.leader(
+        port, run_dir, [*quorum_flags(QUORUM_ROUNDS, KILLED_ROUND_TIMEOUT_S), "--learner-lost-after", str(KILLED_LOST_AFTER_S)]
+    )
     learners = [harness.learner(port) for _ in range(3)]
     victim = learners[-1]
     victim_id = learner_id_of(victim, harness)
@@ -642,8 +684,9 @@ def row_learner_frozen(harness: Harness, context: Context, index: int) -> RunRes
     port, run_dir = free_port(), harness.tmp / "run"
     # 100 local steps: long enough that the freeze reliably lands while it trains, now that rounds overlap; the round
     # deadline is the fitted default, so that the silent learner is found by its health checks, not by a timeout
-    leader = harness.leader(port, run_dir, [*quorum_flags(FROZEN_ROUNDS, 0), "--local-steps", "100",
-                                            "--learner-lost-after", str(FROZEN_LOST_AFTER_S)])
+    leader = harness.leader(
+        port, run_dir, [*quorum_flags(FROZEN_ROUNDS, 0), "--local-steps", "100", "--learner-lost-after", str(FROZEN_LOST_AFTER_S)]
+    )
     learners = [harness.learner(port) for _ in range(3)]
     victim = learners[-1]
     victim_id = learner_id_of(victim, harness)
@@ -660,19 +703,23 @@ def row_learner_frozen(harness: Harness, context: Context, index: int) -> RunRes
             frozen_round = number
             break
     if stopped_at is None or frozen_round is None:
-        raise RunFailed("never caught the learner training (each round's local work ended before it burned "
-                        f"{TRAINING_CPU_S * 1000:.0f} ms of CPU)")
+        raise RunFailed(
+            f"never caught the learner training (each round's local work ended before it burned {TRAINING_CPU_S * 1000:.0f} ms of CPU)"
+        )
     # stopped until its round has closed without it (the leader marks it absent once its health checks have timed out
     # for --learner-lost-after); the later rounds are short, so it resumes at once for its late update to meet a round
     # that is still running
-    closed = leader.wait_for(rf"round {frozen_round}/{FROZEN_ROUNDS}: (\d+) learners", harness.remaining(QUORUM_ROUND_TIMEOUT_S * 4),
-                             after=stopped_at)
+    closed = leader.wait_for(
+        rf"round {frozen_round}/{FROZEN_ROUNDS}: (\d+) learners", harness.remaining(QUORUM_ROUND_TIMEOUT_S * 4), after=stopped_at
+    )
     resumed_at = time.monotonic()
     victim.signal(signal.SIGCONT)
     refused_pattern = rf"refused an update from learner {victim_id}\b"
     # a late update is refused in the round (FAILED_PRECONDITION), or, once the leader has marked the learner absent and
     # ended its session, at the door (UNAUTHENTICATED): the learner then says its session ended and registers again
-    victim_refused = rf"round {frozen_round}: update not taken|sending the round {frozen_round} update failed: .*ended this learner's session"
+    victim_refused = (
+        rf"round {frozen_round}: update not taken|sending the round {frozen_round} update failed: .*ended this learner's session"
+    )
     refused = None
     deadline = time.monotonic() + harness.remaining(LATE_UPDATE_WAIT_S)
     while refused is None and time.monotonic() < deadline:
@@ -684,9 +731,14 @@ def row_learner_frozen(harness: Harness, context: Context, index: int) -> RunRes
     late_accepted = victim.find(rf"round {frozen_round}: sent update", after=resumed_at) is not None
     metrics = {record["round"]: record for record in plots.read_metrics(run_dir, missing_ok=True)}
     frozen_metrics = metrics.get(frozen_round, {})
-    expect(closed is not None and int(closed[1].group(1)) == 2,
-           f"round {frozen_round} closed with {closed[1].group(1) if closed else 'no'} learners, not 2 without the frozen one")
-    expect(frozen_metrics.get("learners_reported") == 2, f"metrics round {frozen_round}: learners_reported {frozen_metrics.get('learners_reported')}")
+    expect(
+        closed is not None and int(closed[1].group(1)) == 2,
+        f"round {frozen_round} closed with {closed[1].group(1) if closed else 'no'} learners, not 2 without the frozen one",
+    )
+    expect(
+        frozen_metrics.get("learners_reported") == 2,
+        f"metrics round {frozen_round}: learners_reported {frozen_metrics.get('learners_reported')}",
+    )
     rejected = sum(record.get("updates_rejected", 0) for number, record in metrics.items() if number > frozen_round)
     expect(refused is not None or rejected > 0, "the late update was neither logged as refused nor counted in updates_rejected")
     expect(not late_accepted, "the late update was accepted")
@@ -698,14 +750,29 @@ def row_learner_frozen(harness: Harness, context: Context, index: int) -> RunRes
         notes.append(f"late update refused: {refused[1].string.split(' ', 4)[-1][:120]!r}")
     if victim.find(r"stopping after") is not None and refused is None:
         notes.append("the frozen learner was told to stop before it sent its late update")
-    return expect.result(harness, detect_s=closed[0] - stopped_at if closed else None, rounds_lost=lost,
-                         bad_accepted=int(late_accepted), notes=notes)
+    return expect.result(
+        harness, detect_s=closed[0] - stopped_at if closed else None, rounds_lost=lost, bad_accepted=int(late_accepted), notes=notes
+    )
 
 
 def resume_flags(context: Context) -> list[str]:
     """The resume row's federation: two learners, FedAvg with server momentum, seeded (deterministic when the leader can be)."""
-    flags = ["--learners", "2", "--aggregation", "fedavg", "--local-steps", "20", "--server-momentum", "0.5",
-             "--rounds", str(RESUME_ROUNDS), "--seed", "5", "--checkpoint-every", "1"]  # a checkpoint of every round: one exists at the kill
+    flags = [
+        "--learners",
+        "2",
+        "--aggregation",
+        "fedavg",
+        "--local-steps",
+        "20",
+        "--server-momentum",
+        "0.5",
+        "--rounds",
+        str(RESUME_ROUNDS),
+        "--seed",
+        "5",
+        "--checkpoint-every",
+        "1",
+    ]  # a checkpoint of every round: one exists at the kill
     if context.leader_has("--deterministic"):
         flags.append("--deterministic")  # asks for bit-for-bit equality with the uninterrupted run
     return flags
@@ -729,7 +796,9 @@ def straight_weights(context: Context) -> dict[str, torch.Tensor]:
                 context.straight = f"the uninterrupted run failed (exit {status}): {leader.tail()}"
             else:
                 record, weights = final_weights(run_dir / "checkpoints")
-                context.straight = weights if record["round"] == RESUME_ROUNDS else f"the uninterrupted run ended at round {record['round']}"
+                context.straight = (
+                    weights if record["round"] == RESUME_ROUNDS else f"the uninterrupted run ended at round {record['round']}"
+                )
         except RunFailed as error:
             context.straight = f"the uninterrupted run failed: {error}"
         finally:
@@ -756,8 +825,10 @@ def row_leader_killed(harness: Harness, context: Context, index: int) -> RunResu
     resumed_from = resumed.wait_for(r"resuming after round (\d+)", harness.remaining(STARTUP_TIMEOUT_S))
     first_round = resumed.wait_for(rf"round \d+/{RESUME_ROUNDS}:", harness.remaining(EXIT_TIMEOUT_S))
     status = resumed.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
-    notes = [f"checkpoint at kill: round {committed}",
-             "--deterministic on both runs" if "--deterministic" in resume_flags(context) else "leader has no --deterministic"]
+    notes = [
+        f"checkpoint at kill: round {committed}",
+        "--deterministic on both runs" if "--deterministic" in resume_flags(context) else "leader has no --deterministic",
+    ]
     for learner in learners:
         code = learner.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
         if code != 0 or learner.find(r"training complete") is None:
@@ -793,8 +864,10 @@ def row_checkpoint_killed(harness: Harness, context: Context, index: int) -> Run
         except (OSError, ValueError, KeyError, TypeError) as error:
             expect(False, f"kill {kill + 1}: the newest checkpoint does not load: {error}")
             break
-        if not expect(torch.equal(weights["w"], torch.full((2_000_000,), float(record["round"]))),
-                      f"kill {kill + 1}: round {record['round']} holds the wrong weights"):
+        if not expect(
+            torch.equal(weights["w"], torch.full((2_000_000,), float(record["round"]))),
+            f"kill {kill + 1}: round {record['round']} holds the wrong weights",
+        ):
             break
         start = record["round"] + 1
     return expect.result(harness, notes=[f"{start - 1} checkpoints written over {CHECKPOINT_KILLS_PER_RUN} kills"])
@@ -829,8 +902,10 @@ def row_registration_burst(harness: Harness, context: Context, index: int) -> Ru
     accepted = [reply for reply in replies if isinstance(reply, leader_pb2.AckWithMetadata)]
     refused = [reply for reply in replies if isinstance(reply, Outcome)]
     serving = rpc.is_serving(channel, timeout=CALL_TIMEOUT_S)
-    expect(sorted(reply.learner_id for reply in accepted) == list(range(REGISTRATION_SLOTS)),
-           f"{len(accepted)} accepted, ids not exactly 0..{REGISTRATION_SLOTS - 1}")
+    expect(
+        sorted(reply.learner_id for reply in accepted) == list(range(REGISTRATION_SLOTS)),
+        f"{len(accepted)} accepted, ids not exactly 0..{REGISTRATION_SLOTS - 1}",
+    )
     expect(len({reply.session_token for reply in accepted}) == len(accepted), "session tokens repeat")
     codes = Counter(outcome.code for outcome in refused)
     expect(codes == Counter({"RESOURCE_EXHAUSTED": 1}), f"refusals: {dict(codes) or 'none'}")
@@ -838,8 +913,9 @@ def row_registration_burst(harness: Harness, context: Context, index: int) -> Ru
     return expect.result(harness, detect_s=elapsed)
 
 
-def open_round_with_fake_learners(harness: Harness, count: int, flags: list[str], env: dict[str, str] | None = None,
-                                  enrolment: tuple[tuple[str, str], ...] = ()) -> tuple[LoggedProcess, Path, FakeLearner, list[Client], int]:
+def open_round_with_fake_learners(
+    harness: Harness, count: int, flags: list[str], env: dict[str, str] | None = None, enrolment: tuple[tuple[str, str], ...] = ()
+) -> tuple[LoggedProcess, Path, FakeLearner, list[Client], int]:
     """A leader whose federation is `count` hand-driven clients, with round 1 open (StartTraining reached them all)."""
     fake = FakeLearner(harness)
     port, run_dir = free_port(), harness.tmp / "run"
@@ -883,8 +959,18 @@ def row_hostile_payloads(harness: Harness, context: Context, index: int) -> RunR
     huge.total_bytes += 1 << 40
     blog_style = leader_pb2.GradientData(chunk=pickled.getvalue(), learner_id=learner_id, round=1, num_examples=10)
     # one message whose chunk is above the 4 MiB chunk limit but under gRPC's 6 MiB message cap, so the leader's check meets it
-    big_chunk = list(wire.stream(leader_pb2.GradientData, manifest, bytes(payload) + b"\0" * (5 << 20), chunk_bytes=5 << 20,
-                                 learner_id=learner_id, round=1, num_examples=10, train_loss=1.0))
+    big_chunk = list(
+        wire.stream(
+            leader_pb2.GradientData,
+            manifest,
+            bytes(payload) + b"\0" * (5 << 20),
+            chunk_bytes=5 << 20,
+            learner_id=learner_id,
+            round=1,
+            num_examples=10,
+            train_loss=1.0,
+        )
+    )
     cases: list[tuple[str, Callable[[], Iterator[Any]]]] = [
         ("pickle with no manifest (the blog's format)", lambda: iter([blog_style])),
         ("pickle under a genuine manifest", raw_stream(manifest, pickled.getvalue(), learner_id)),
@@ -921,8 +1007,13 @@ def row_hostile_payloads(harness: Harness, context: Context, index: int) -> RunR
         rejected = record["metrics"].get("updates_rejected")
         if rejected != len(cases):
             notes.append(f"updates_rejected {rejected} for {len(cases)} refusals")
-    return expect.result(harness, detect_s=max(outcome.seconds for outcome in outcomes), rounds_lost=rounds_missing(run_dir, 1),
-                         bad_accepted=sum(outcome.code in ("OK", "NOT_SUCCESS") for outcome in outcomes), notes=notes)
+    return expect.result(
+        harness,
+        detect_s=max(outcome.seconds for outcome in outcomes),
+        rounds_lost=rounds_missing(run_dir, 1),
+        bad_accepted=sum(outcome.code in ("OK", "NOT_SUCCESS") for outcome in outcomes),
+        notes=notes,
+    )
 
 
 def row_stale_duplicate(harness: Harness, context: Context, index: int) -> RunResult:
@@ -944,12 +1035,17 @@ def row_stale_duplicate(harness: Harness, context: Context, index: int) -> RunRe
     expect(pushed, "round 2 never started")
     hostile.append(attempt("round-1 update replayed in round 2", update_call(first, update_stream(zero, first.learner_id))))
     hostile.append(attempt("other learner's round-1 update replayed", update_call(second, update_stream(zero, second.learner_id))))
-    finals = [attempt(f"round 2 update {n}", update_call(client, update_stream(zero, client.learner_id, round=2)))
-              for n, client in enumerate((first, second))]
+    finals = [
+        attempt(f"round 2 update {n}", update_call(client, update_stream(zero, client.learner_id, round=2)))
+        for n, client in enumerate((first, second))
+    ]
     status = leader.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
     expected_codes = ["FAILED_PRECONDITION", "FAILED_PRECONDITION", "ALREADY_EXISTS", "FAILED_PRECONDITION", "FAILED_PRECONDITION"]
-    wrong = [f"{outcome.what}: {outcome.code} (expected {code}) {outcome.detail[:60]}"
-             for outcome, code in zip(hostile, expected_codes, strict=False) if outcome.code != code]
+    wrong = [
+        f"{outcome.what}: {outcome.code} (expected {code}) {outcome.detail[:60]}"
+        for outcome, code in zip(hostile, expected_codes, strict=False)
+        if outcome.code != code
+    ]
     expect(not wrong, "; ".join(wrong))
     for outcome in (taken, closing, *finals):
         expect(outcome.code == "OK", f"{outcome.what}: {outcome.code} {outcome.detail[:80]}")
@@ -963,8 +1059,13 @@ def row_stale_duplicate(harness: Harness, context: Context, index: int) -> RunRe
         expect(record.get("learners_reported") == 2, f"round {number}: learners_reported {record.get('learners_reported')}")
     expect(status == 0, f"leader exit {status}: {leader.tail()}")
     accepted = sum(outcome.code in ("OK", "NOT_SUCCESS") for outcome in hostile) + counted_twice
-    return expect.result(harness, detect_s=max(outcome.seconds for outcome in hostile), rounds_lost=rounds_missing(run_dir, 2),
-                         bad_accepted=accepted, notes=[f"hostile calls ended: {code_counts(hostile)}"])
+    return expect.result(
+        harness,
+        detect_s=max(outcome.seconds for outcome in hostile),
+        rounds_lost=rounds_missing(run_dir, 2),
+        bad_accepted=accepted,
+        notes=[f"hostile calls ended: {code_counts(hostile)}"],
+    )
 
 
 def row_impersonation(harness: Harness, context: Context, index: int) -> RunResult:
@@ -975,16 +1076,24 @@ def row_impersonation(harness: Harness, context: Context, index: int) -> RunResu
     enrolment = ((rpc.ENROLMENT_METADATA_KEY, secret),)
     fake = FakeLearner(harness)
     port, run_dir = free_port(), harness.tmp / "run"
-    leader = harness.leader(port, run_dir, ["--learners", "2", "--aggregation", "fedavg", "--local-steps", "2", "--rounds", "1",
-                                            "--round-timeout", "120"], env=env)
+    leader = harness.leader(
+        port,
+        run_dir,
+        ["--learners", "2", "--aggregation", "fedavg", "--local-steps", "2", "--rounds", "1", "--round-timeout", "120"],
+        env=env,
+    )
     real = harness.learner(port, env=env)
     serving_port(leader, harness)
     channel = harness.channel(f"127.0.0.1:{port}")
     stub = leader_pb2_grpc.LeaderServiceStub(channel)
     outcomes = [
         attempt("register without the enrolment secret", lambda: stub.RegisterLearner(learner_info(fake.address), timeout=CALL_TIMEOUT_S)),
-        attempt("register with a wrong enrolment secret", lambda: stub.RegisterLearner(
-            learner_info(fake.address), timeout=CALL_TIMEOUT_S, metadata=((rpc.ENROLMENT_METADATA_KEY, "wrong " + secret),))),
+        attempt(
+            "register with a wrong enrolment secret",
+            lambda: stub.RegisterLearner(
+                learner_info(fake.address), timeout=CALL_TIMEOUT_S, metadata=((rpc.ENROLMENT_METADATA_KEY, "wrong " + secret),)
+            ),
+        ),
     ]
     client = register(channel, fake.address, enrolment)
     joined = leader.wait_for(rf"learner (?!{client.learner_id}\b)(\d+) registered from (\S+)", harness.remaining(STARTUP_TIMEOUT_S))
@@ -999,26 +1108,49 @@ def row_impersonation(harness: Harness, context: Context, index: int) -> RunResu
         attempt("update without a session token", update_call(anonymous, update_stream(zero, client.learner_id), metadata=())),
         attempt("update with a forged session token", update_call(forged, update_stream(zero, client.learner_id))),
         attempt("GetModel without a session token", lambda: list(stub.GetModel(leader_pb2.Empty(), timeout=CALL_TIMEOUT_S))),
-        attempt("GetData without a session token", lambda: list(stub.GetData(
-            leader_pb2.LearnerDataRequest(learner_id=client.learner_id), timeout=CALL_TIMEOUT_S))),
+        attempt(
+            "GetData without a session token",
+            lambda: list(stub.GetData(leader_pb2.LearnerDataRequest(learner_id=client.learner_id), timeout=CALL_TIMEOUT_S)),
+        ),
         attempt("update claiming another learner's id", update_call(client, update_stream(zero, real_id))),
-        attempt("GetData of another learner's split", lambda: list(stub.GetData(
-            leader_pb2.LearnerDataRequest(learner_id=real_id), timeout=CALL_TIMEOUT_S, metadata=client.metadata()))),
+        attempt(
+            "GetData of another learner's split",
+            lambda: list(
+                stub.GetData(leader_pb2.LearnerDataRequest(learner_id=real_id), timeout=CALL_TIMEOUT_S, metadata=client.metadata())
+            ),
+        ),
     ]
     if hasattr(leader_pb2, "HeartbeatRequest") and hasattr(stub, "Heartbeat"):
-        outcomes.append(attempt("Heartbeat as another learner", lambda: stub.Heartbeat(
-            leader_pb2.HeartbeatRequest(learner_id=real_id), timeout=CALL_TIMEOUT_S, metadata=client.metadata())))
+        outcomes.append(
+            attempt(
+                "Heartbeat as another learner",
+                lambda: stub.Heartbeat(leader_pb2.HeartbeatRequest(learner_id=real_id), timeout=CALL_TIMEOUT_S, metadata=client.metadata()),
+            )
+        )
     # someone who is not the leader calls the real learner back
     to_learner = learner_pb2_grpc.LearnerServiceStub(harness.channel(real_address))
     model_manifest, model_payload = wire.encode(model)
     outcomes += [
-        attempt("StartTraining to a learner without its callback secret", lambda: to_learner.StartTraining(
-            learner_pb2.Empty(), timeout=CALL_TIMEOUT_S)),
-        attempt("stop sent to a learner with a wrong callback secret", lambda: to_learner.SyncModelState(
-            iter([learner_pb2.ModelState(stop=True, reason="forged")]), timeout=CALL_TIMEOUT_S, metadata=rpc.token_metadata(client.token))),
-        attempt("model pushed to a learner with a wrong callback secret", lambda: to_learner.SyncModelState(
-            wire.stream(learner_pb2.ModelState, model_manifest, model_payload, round=2), timeout=CALL_TIMEOUT_S,
-            metadata=rpc.token_metadata(secrets.token_urlsafe(32)))),
+        attempt(
+            "StartTraining to a learner without its callback secret",
+            lambda: to_learner.StartTraining(learner_pb2.Empty(), timeout=CALL_TIMEOUT_S),
+        ),
+        attempt(
+            "stop sent to a learner with a wrong callback secret",
+            lambda: to_learner.SyncModelState(
+                iter([learner_pb2.ModelState(stop=True, reason="forged")]),
+                timeout=CALL_TIMEOUT_S,
+                metadata=rpc.token_metadata(client.token),
+            ),
+        ),
+        attempt(
+            "model pushed to a learner with a wrong callback secret",
+            lambda: to_learner.SyncModelState(
+                wire.stream(learner_pb2.ModelState, model_manifest, model_payload, round=2),
+                timeout=CALL_TIMEOUT_S,
+                metadata=rpc.token_metadata(secrets.token_urlsafe(32)),
+            ),
+        ),
     ]
     started = fake.wait(lambda: client.callback_token in fake.started, harness.remaining(STARTUP_TIMEOUT_S))
     expect(started, "the leader never started the hand-driven learner")
@@ -1030,9 +1162,13 @@ def row_impersonation(harness: Harness, context: Context, index: int) -> RunResu
     expect(honest.code == "OK", f"the registered client's own update: {honest.code} {honest.detail[:80]}")
     expect(status == 0, f"leader exit {status}: {leader.tail()}")
     expect(real_status == 0 and real.find(r"training complete") is not None, f"real learner exit {real_status}: {real.tail(2)}")
-    return expect.result(harness, detect_s=max(outcome.seconds for outcome in outcomes), rounds_lost=rounds_missing(run_dir, 1),
-                         bad_accepted=sum(outcome.code in ("OK", "NOT_SUCCESS") for outcome in outcomes),
-                         notes=[f"hostile calls ended: {code_counts(outcomes)}"])
+    return expect.result(
+        harness,
+        detect_s=max(outcome.seconds for outcome in outcomes),
+        rounds_lost=rounds_missing(run_dir, 1),
+        bad_accepted=sum(outcome.code in ("OK", "NOT_SUCCESS") for outcome in outcomes),
+        notes=[f"hostile calls ended: {code_counts(outcomes)}"],
+    )
 
 
 @dataclass
@@ -1048,8 +1184,9 @@ class WatchedStream:
 def answer_pushes(fake: FakeLearner, client: Client, update: dict[str, torch.Tensor], rounds: int, harness: Harness) -> None:
     """Behave from round 2 on: send `update` for every round whose model the leader pushes, until it says stop."""
     for number in range(2, rounds + 1):
-        if not fake.wait(lambda: number in fake.pushed.get(client.callback_token, []) or client.callback_token in fake.stopped,
-                         harness.remaining()):
+        if not fake.wait(
+            lambda: number in fake.pushed.get(client.callback_token, []) or client.callback_token in fake.stopped, harness.remaining()
+        ):
             return
         if client.callback_token in fake.stopped:
             return
@@ -1063,9 +1200,26 @@ def row_stalled_streams(harness: Harness, context: Context, index: int) -> RunRe
     expect = Expect()
     fake = FakeLearner(harness)
     port, run_dir = free_port(), harness.tmp / "run"
-    leader = harness.leader(port, run_dir, [
-        "--learners", "3", "--min-learners", "2", "--round-timeout", str(STALL_ROUND_TIMEOUT_S), "--rounds", str(STALL_ROUNDS),
-        "--aggregation", "fedavg", "--local-steps", "5", "--stream-idle-timeout", str(STALL_IDLE_TIMEOUT_S)])
+    leader = harness.leader(
+        port,
+        run_dir,
+        [
+            "--learners",
+            "3",
+            "--min-learners",
+            "2",
+            "--round-timeout",
+            str(STALL_ROUND_TIMEOUT_S),
+            "--rounds",
+            str(STALL_ROUNDS),
+            "--aggregation",
+            "fedavg",
+            "--local-steps",
+            "5",
+            "--stream-idle-timeout",
+            str(STALL_IDLE_TIMEOUT_S),
+        ],
+    )
     serving_port(leader, harness)
     client = register(harness.channel(f"127.0.0.1:{port}"), fake.address)
     learners = [harness.learner(port) for _ in range(2)]
@@ -1078,9 +1232,14 @@ def row_stalled_streams(harness: Harness, context: Context, index: int) -> RunRe
     bound = rpc.transfer_timeout(len(payload)) + STALL_IDLE_TIMEOUT_S + STALL_SLACK_S
     client_deadline = STALL_ROUND_TIMEOUT_S  # ours comes long after the leader should have acted
     # a reader with a window far smaller than the model: the leader's write blocks, as for a peer that stopped reading
-    stalled = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
-        ("grpc.http2.lookahead_bytes", STALL_CLIENT_WINDOW_BYTES), ("grpc.http2.bdp_probe", 0),
-        ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES)])
+    stalled = grpc.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[
+            ("grpc.http2.lookahead_bytes", STALL_CLIENT_WINDOW_BYTES),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+        ],
+    )
     harness.on_close(stalled.close)
     stalled_stub = leader_pb2_grpc.LeaderServiceStub(stalled)
     lock = threading.Condition()
@@ -1100,12 +1259,15 @@ def row_stalled_streams(harness: Harness, context: Context, index: int) -> RunRe
         return entry
 
     def trickle() -> Iterator[Any]:
-        yield leader_pb2.GradientData(manifest=manifest, chunk=b"\0", learner_id=client.learner_id, round=1, num_examples=10, train_loss=1.0)
+        yield leader_pb2.GradientData(
+            manifest=manifest, chunk=b"\0", learner_id=client.learner_id, round=1, num_examples=10, train_loss=1.0
+        )
         while not stop_trickle.wait(TRICKLE_INTERVAL_S):  # our own sending pace: one byte a second
             yield leader_pb2.GradientData(chunk=b"\0")
 
-    slow = watch("1-byte-per-second update", client.stub.AccumulateGradients.future(
-        trickle(), timeout=client_deadline, metadata=client.metadata()))
+    slow = watch(
+        "1-byte-per-second update", client.stub.AccumulateGradients.future(trickle(), timeout=client_deadline, metadata=client.metadata())
+    )
     readers = []
     for number in range(STALLED_GET_MODELS):
         call = stalled_stub.GetModel(leader_pb2.Empty(), timeout=client_deadline, metadata=client.metadata())
@@ -1136,10 +1298,14 @@ def row_stalled_streams(harness: Harness, context: Context, index: int) -> RunRe
     ends += cancellations
     in_time = [stamp for stamp in ends if stamp <= opened + bound]
     codes = Counter(entry.code for _, entry in readers)
-    expect(slow.ended is not None and slow.ended <= opened + bound and slow.code != "OK",
-           f"the 1-byte-per-second update ended {f'after {slow.ended - opened:.1f}s' if slow.ended else 'never'} with {slow.code}")
-    expect(len(in_time) >= STALLED_GET_MODELS + 1, f"{STALLED_GET_MODELS + 1 - len(in_time)} hostile streams not ended by the leader "
-                                                   f"within {bound:.0f}s")
+    expect(
+        slow.ended is not None and slow.ended <= opened + bound and slow.code != "OK",
+        f"the 1-byte-per-second update ended {f'after {slow.ended - opened:.1f}s' if slow.ended else 'never'} with {slow.code}",
+    )
+    expect(
+        len(in_time) >= STALLED_GET_MODELS + 1,
+        f"{STALLED_GET_MODELS + 1 - len(in_time)} hostile streams not ended by the leader within {bound:.0f}s",
+    )
     expect(not codes.get("OK"), f"{codes.get('OK')} unread GetModel streams ended OK when read later (the leader never cut them)")
     honest = attempt("the hostile member's round 1 update", update_call(client, update_stream(zero, client.learner_id)))
     responder = threading.Thread(target=answer_pushes, args=(fake, client, zero, STALL_ROUNDS, harness), daemon=True)
@@ -1151,11 +1317,17 @@ def row_stalled_streams(harness: Harness, context: Context, index: int) -> RunRe
     expect(status == 0, f"leader exit {status}: {leader.tail()}")
     reported = [record.get("learners_reported", 0) for record in plots.read_metrics(run_dir, missing_ok=True)]
     expect(len(reported) == STALL_ROUNDS and all(count >= 2 for count in reported), f"learners reported per round: {reported}")
-    return expect.result(harness, detect_s=max(in_time) - opened if in_time else None, rounds_lost=rounds_missing(run_dir, STALL_ROUNDS),
-                         bad_accepted=codes.get("OK", 0) + (slow.code == "OK"),
-                         notes=[f"update stream: {slow.code} after {fmt(slow.ended - opened if slow.ended else None, 1)}s; "
-                                f"GetModel: {len(cancellations)} cancelled by the leader, then {dict(codes)}; "
-                                f"hostile member's own update afterwards: {honest.code}; bound {bound:.0f}s"])
+    return expect.result(
+        harness,
+        detect_s=max(in_time) - opened if in_time else None,
+        rounds_lost=rounds_missing(run_dir, STALL_ROUNDS),
+        bad_accepted=codes.get("OK", 0) + (slow.code == "OK"),
+        notes=[
+            f"update stream: {slow.code} after {fmt(slow.ended - opened if slow.ended else None, 1)}s; "
+            f"GetModel: {len(cancellations)} cancelled by the leader, then {dict(codes)}; "
+            f"hostile member's own update afterwards: {honest.code}; bound {bound:.0f}s"
+        ],
+    )
 
 
 def write_pki(directory: Path) -> dict[str, str]:
@@ -1172,20 +1344,37 @@ def write_pki(directory: Path) -> dict[str, str]:
     now = datetime.datetime.now(datetime.UTC)
     valid_from, valid_to = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (x509.CertificateBuilder().subject_name(name("bench CA")).issuer_name(name("bench CA"))
-               .public_key(ca_key.public_key()).serial_number(1).not_valid_before(valid_from).not_valid_after(valid_to)
-               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("bench CA"))
+        .issuer_name(name("bench CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(valid_from)
+        .not_valid_after(valid_to)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     files = {"ca": str(directory / "ca.pem")}
     (directory / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     for serial, role in enumerate(("leader", "learner"), start=2):
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(role)).issuer_name(ca_cert.subject).public_key(key.public_key())
-                .serial_number(serial).not_valid_before(valid_from).not_valid_after(valid_to)
-                .add_extension(san, critical=False).sign(ca_key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(role))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(valid_from)
+            .not_valid_after(valid_to)
+            .add_extension(san, critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
         (directory / f"{role}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (directory / f"{role}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                                  serialization.NoEncryption()))
+        (directory / f"{role}.key").write_bytes(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
         files[f"{role}_cert"], files[f"{role}_key"] = str(directory / f"{role}.pem"), str(directory / f"{role}.key")
     return files
 
@@ -1198,17 +1387,40 @@ def row_tls(harness: Harness, context: Context, index: int) -> RunResult:
         raise NotRun("the cryptography package is not installed") from None
     expect = Expect()
     port, run_dir = free_port(), harness.tmp / "run"
-    leader = harness.leader(port, run_dir, ["--learners", "2", "--aggregation", "fedavg", "--local-steps", "2", "--rounds", "2",
-                                            "--tls-cert", pki["leader_cert"], "--tls-key", pki["leader_key"], "--tls-ca", pki["ca"]])
-    learners = [harness.learner(port, ["--tls-cert", pki["learner_cert"], "--tls-key", pki["learner_key"], "--tls-ca", pki["ca"]])
-                for _ in range(2)]
+    leader = harness.leader(
+        port,
+        run_dir,
+        [
+            "--learners",
+            "2",
+            "--aggregation",
+            "fedavg",
+            "--local-steps",
+            "2",
+            "--rounds",
+            "2",
+            "--tls-cert",
+            pki["leader_cert"],
+            "--tls-key",
+            pki["leader_key"],
+            "--tls-ca",
+            pki["ca"],
+        ],
+    )
+    learners = [
+        harness.learner(port, ["--tls-cert", pki["learner_cert"], "--tls-key", pki["learner_key"], "--tls-ca", pki["ca"]]) for _ in range(2)
+    ]
     serving_port(leader, harness)
     address = f"127.0.0.1:{port}"
     ca = Path(pki["ca"]).read_bytes()
-    info = leader_pb2.LearnerInfo(network_addr="127.0.0.1:1", callback_token=secrets.token_urlsafe(32), version=rpc.PROTOCOL_VERSION, tls=True)
+    info = leader_pb2.LearnerInfo(
+        network_addr="127.0.0.1:1", callback_token=secrets.token_urlsafe(32), version=rpc.PROTOCOL_VERSION, tls=True
+    )
     outcomes = []
-    for what, channel in (("TLS client without a certificate", grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca))),
-                          ("plaintext client", grpc.insecure_channel(address))):
+    for what, channel in (
+        ("TLS client without a certificate", grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca))),
+        ("plaintext client", grpc.insecure_channel(address)),
+    ):
         harness.on_close(channel.close)
         outcomes.append(attempt(what, lambda: leader_pb2_grpc.LeaderServiceStub(channel).RegisterLearner(info, timeout=CALL_TIMEOUT_S)))
     status = leader.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
@@ -1220,9 +1432,13 @@ def row_tls(harness: Harness, context: Context, index: int) -> RunResult:
     for learner in learners:
         code = learner.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
         expect(code == 0, f"{learner.name} exit {code}: {learner.tail(2)}")
-    return expect.result(harness, detect_s=max(outcome.seconds for outcome in outcomes), rounds_lost=rounds_missing(run_dir, 2),
-                         bad_accepted=sum(outcome.code == "OK" for outcome in outcomes),
-                         notes=[f"refused with {code_counts(outcomes)}"])
+    return expect.result(
+        harness,
+        detect_s=max(outcome.seconds for outcome in outcomes),
+        rounds_lost=rounds_missing(run_dir, 2),
+        bad_accepted=sum(outcome.code == "OK" for outcome in outcomes),
+        notes=[f"refused with {code_counts(outcomes)}"],
+    )
 
 
 # ---- rows on the safe defaults: dropout, floods, huge updates, callbacks ------------------------------------------
@@ -1276,7 +1492,9 @@ def row_learner_dropout(harness: Harness, context: Context, index: int) -> RunRe
     signalled_at = time.monotonic()
     victim.signal(signal.SIGINT)
     restarted = harness.learner(port)  # a new process: new port, new callback secret, registers as a newcomer
-    joined = restarted.wait_for(r"registered as learner (\d+) of \d+.*?(?:joining from round (\d+))?$", harness.remaining(STARTUP_TIMEOUT_S))
+    joined = restarted.wait_for(
+        r"registered as learner (\d+) of \d+.*?(?:joining from round (\d+))?$", harness.remaining(STARTUP_TIMEOUT_S)
+    )
     joins_round = int(joined[1].group(2) or 1) if joined else None
     # the leader notices the old process: marked absent (its port refuses health checks), or its slot given to the new one
     noticed = leader.wait_for(rf"learner {victim_id}(?:'s slot taken| at \S+ marked absent)", harness.remaining(), after=signalled_at)
@@ -1291,21 +1509,33 @@ def row_learner_dropout(harness: Harness, context: Context, index: int) -> RunRe
     expect_exit(expect, restarted, harness)
     expect(joined is not None, f"the restarted learner never registered: {restarted.tail(2)}")
     metrics = metrics_by_round(run_dir)
-    rejoined = [number for number, record in metrics.items() if joins_round and number >= joins_round and record.get("learners_reported") == 2]
+    rejoined = [
+        number for number, record in metrics.items() if joins_round and number >= joins_round and record.get("learners_reported") == 2
+    ]
     expect(bool(rejoined), f"no round after the restart (from round {joins_round}) had both learners reporting")
-    expect(joins_round is None or metrics.get(joins_round, {}).get("learners_reported") == 2,
-           f"round {joins_round}, the restarted learner's first: learners_reported {metrics.get(joins_round, {}).get('learners_reported')}")
+    expect(
+        joins_round is None or metrics.get(joins_round, {}).get("learners_reported") == 2,
+        f"round {joins_round}, the restarted learner's first: learners_reported {metrics.get(joins_round, {}).get('learners_reported')}",
+    )
     dropped = restarted.find(r"ended this learner's session \((.*?)\); registering again")
     expect(dropped is None, f"the restarted learner was dropped: {dropped[1].group(1)[:200] if dropped else ''}")
     lost = rounds_missing(run_dir, DROPOUT_ROUNDS)
     expect(lost == 0, f"{lost} rounds missing from metrics.jsonl")
     single = [number for number, record in metrics.items() if record.get("learners_reported") == 1]
-    notes = [f"Ctrl-C'd learner exit {victim_status}", f"restarted learner joined from round {joins_round}",
-             f"rounds with 1 learner: {single or 'none'}"]
+    notes = [
+        f"Ctrl-C'd learner exit {victim_status}",
+        f"restarted learner joined from round {joins_round}",
+        f"rounds with 1 learner: {single or 'none'}",
+    ]
     if noticed is not None:
         notes.append(f"noticed by: {noticed[1].string.split(' ', 4)[-1][:120]!r}")
-    return expect.result(harness, detect_s=noticed[0] - signalled_at if noticed else None,
-                         recover_s=recovered[0] - signalled_at if recovered else None, rounds_lost=lost, notes=notes)
+    return expect.result(
+        harness,
+        detect_s=noticed[0] - signalled_at if noticed else None,
+        recover_s=recovered[0] - signalled_at if recovered else None,
+        rounds_lost=lost,
+        notes=notes,
+    )
 
 
 def open_watches(harness: Harness, address: str, count: int, settled: threading.Condition) -> list[WatchedStream]:
@@ -1336,13 +1566,17 @@ def row_health_watch_flood(harness: Harness, context: Context, index: int) -> Ru
     learner_address = registered_address(leader, 0, harness)
     registered_address(leader, 1, harness)
     settled = threading.Condition()
-    floods = {"leader": open_watches(harness, f"127.0.0.1:{port}", FLOOD_LEADER_STREAMS, settled),
-              "learner": open_watches(harness, learner_address, FLOOD_LEARNER_STREAMS, settled)}
+    floods = {
+        "leader": open_watches(harness, f"127.0.0.1:{port}", FLOOD_LEADER_STREAMS, settled),
+        "learner": open_watches(harness, learner_address, FLOOD_LEARNER_STREAMS, settled),
+    }
     everything = [entry for entries in floods.values() for entry in entries]
     cap = rpc.MAX_STRANGER_STREAMS_PER_PEER  # every stream comes from 127.0.0.1
     with settled:  # until every stream past the caps has ended, or the settling time is over
-        settled.wait_for(lambda: all(sum(entry.ended is None for entry in entries) <= cap for entries in floods.values()),
-                         harness.remaining(FLOOD_SETTLE_S))
+        settled.wait_for(
+            lambda: all(sum(entry.ended is None for entry in entries) <= cap for entries in floods.values()),
+            harness.remaining(FLOOD_SETTLE_S),
+        )
         outcomes = {where: Counter(entry.code or "open" for entry in entries) for where, entries in floods.items()}
         refusals = [entry.ended - entry.opened for entry in everything if entry.code == "RESOURCE_EXHAUSTED"]
     status = leader.wait_exit(harness.remaining(EXIT_TIMEOUT_S))
@@ -1357,9 +1591,13 @@ def row_health_watch_flood(harness: Harness, context: Context, index: int) -> Ru
         expect_exit(expect, learner, harness)
     expect_every_round(expect, run_dir, FLOOD_ROUNDS, 2)
     admitted_beyond = sum(max(0, counts["open"] - cap) for counts in outcomes.values())
-    return expect.result(harness, detect_s=max(refusals) if refusals else None, rounds_lost=rounds_missing(run_dir, FLOOD_ROUNDS),
-                         bad_accepted=admitted_beyond,
-                         notes=[f"{where}: {dict(counts)}" for where, counts in outcomes.items()])
+    return expect.result(
+        harness,
+        detect_s=max(refusals) if refusals else None,
+        rounds_lost=rounds_missing(run_dir, FLOOD_ROUNDS),
+        bad_accepted=admitted_beyond,
+        notes=[f"{where}: {dict(counts)}" for where, counts in outcomes.items()],
+    )
 
 
 def checkpoints_not_finite(checkpoint_dir: Path) -> tuple[list[int], int]:
@@ -1395,9 +1633,26 @@ def row_huge_updates(harness: Harness, context: Context, index: int) -> RunResul
     expect = Expect()
     fake = FakeLearner(harness)
     port, run_dir = free_port(), harness.tmp / "run"
-    leader = harness.leader(port, run_dir, [
-        "--learners", "2", "--aggregation", "fedavg", "--local-steps", str(HUGE_LOCAL_STEPS), "--server-opt", "sgdm",
-        "--rounds", str(HUGE_ROUNDS), "--checkpoint-every", "1", "--keep-checkpoints", str(HUGE_ROUNDS)])
+    leader = harness.leader(
+        port,
+        run_dir,
+        [
+            "--learners",
+            "2",
+            "--aggregation",
+            "fedavg",
+            "--local-steps",
+            str(HUGE_LOCAL_STEPS),
+            "--server-opt",
+            "sgdm",
+            "--rounds",
+            str(HUGE_ROUNDS),
+            "--checkpoint-every",
+            "1",
+            "--keep-checkpoints",
+            str(HUGE_ROUNDS),
+        ],
+    )
     serving_port(leader, harness)
     client = register(harness.channel(f"127.0.0.1:{port}"), fake.address)
     honest = harness.learner(port)
@@ -1412,8 +1667,10 @@ def row_huge_updates(harness: Harness, context: Context, index: int) -> RunResul
             published_bad.append(number - 1)
         value = HUGE_VALUES[number - 1] if number <= len(HUGE_VALUES) else 0.0  # after the hostile rounds it behaves
         update = {name: torch.full_like(tensor, value) for name, tensor in model.items()}
-        outcome = attempt(f"round {number} update filled with {value:g}", update_call(
-            client, update_stream(update, client.learner_id, round=number, num_examples=HUGE_LOCAL_STEPS * LEADER_BATCH_SIZE)))
+        outcome = attempt(
+            f"round {number} update filled with {value:g}",
+            update_call(client, update_stream(update, client.learner_id, round=number, num_examples=HUGE_LOCAL_STEPS * LEADER_BATCH_SIZE)),
+        )
         if value:
             answers.append(outcome)
             last_hostile_at = time.monotonic()
@@ -1436,14 +1693,23 @@ def row_huge_updates(harness: Harness, context: Context, index: int) -> RunResul
     # recovered: the first round after the hostile ones closes as a normal round (finite, nothing clipped)
     after = len(HUGE_VALUES) + 1
     recovered = leader.find(rf"round {after}/{HUGE_ROUNDS}:")
-    expect(metrics.get(after, {}).get("updates_clipped") == 0, f"round {after} (honest again): updates_clipped "
-                                                               f"{metrics.get(after, {}).get('updates_clipped')}")
+    expect(
+        metrics.get(after, {}).get("updates_clipped") == 0,
+        f"round {after} (honest again): updates_clipped {metrics.get(after, {}).get('updates_clipped')}",
+    )
     rejected = [number for number, record in metrics.items() if record.get("model_rejected")]
-    return expect.result(harness, detect_s=max(outcome.seconds for outcome in answers) if answers else None,
-                         recover_s=recovered[0] - last_hostile_at if recovered and last_hostile_at else None,
-                         rounds_lost=rounds_missing(run_dir, HUGE_ROUNDS), bad_accepted=len(bad_rounds),
-                         notes=[f"updates_clipped per hostile round: {clipped}", f"new models refused in rounds: {rejected or 'none'}",
-                                f"{checkpoints} checkpoints checked"])
+    return expect.result(
+        harness,
+        detect_s=max(outcome.seconds for outcome in answers) if answers else None,
+        recover_s=recovered[0] - last_hostile_at if recovered and last_hostile_at else None,
+        rounds_lost=rounds_missing(run_dir, HUGE_ROUNDS),
+        bad_accepted=len(bad_rounds),
+        notes=[
+            f"updates_clipped per hostile round: {clipped}",
+            f"new models refused in rounds: {rejected or 'none'}",
+            f"{checkpoints} checkpoints checked",
+        ],
+    )
 
 
 def row_leader_address_registration(harness: Harness, context: Context, index: int) -> RunResult:
@@ -1466,8 +1732,13 @@ def row_leader_address_registration(harness: Harness, context: Context, index: i
     for learner in learners:
         expect_exit(expect, learner, harness)
     expect_every_round(expect, run_dir, NAMED_ROUNDS, 2)
-    return expect.result(harness, detect_s=outcome.seconds, rounds_lost=rounds_missing(run_dir, NAMED_ROUNDS),
-                         bad_accepted=int(outcome.code == "OK"), notes=[f"refused {outcome.code}: {outcome.detail[:120]!r}"])
+    return expect.result(
+        harness,
+        detect_s=outcome.seconds,
+        rounds_lost=rounds_missing(run_dir, NAMED_ROUNDS),
+        bad_accepted=int(outcome.code == "OK"),
+        notes=[f"refused {outcome.code}: {outcome.detail[:120]!r}"],
+    )
 
 
 class SilentListener:
@@ -1512,8 +1783,10 @@ def row_silent_callbacks(harness: Harness, context: Context, index: int) -> RunR
     started = time.monotonic()
 
     def one(number: int) -> Outcome:
-        return attempt(f"registration {number + 1} naming a silent port", lambda: stub.RegisterLearner(
-            learner_info(silent.address), timeout=CALL_TIMEOUT_S))
+        return attempt(
+            f"registration {number + 1} naming a silent port",
+            lambda: stub.RegisterLearner(learner_info(silent.address), timeout=CALL_TIMEOUT_S),
+        )
 
     with ThreadPoolExecutor(max_workers=SILENT_REGISTRATIONS) as pool:
         outcomes = list(pool.map(one, range(SILENT_REGISTRATIONS)))
@@ -1529,21 +1802,29 @@ def row_silent_callbacks(harness: Harness, context: Context, index: int) -> RunR
     slow = [outcome.seconds for outcome in outcomes if outcome.code == "RESOURCE_EXHAUSTED" and outcome.seconds > AT_ONCE_S]
     expect(not slow, f"{len(slow)} registrations refused as busy only after {max(slow, default=0):.2f}s")
     # the leader gives up on a silent callback at its probe's deadline, not later
-    late = [outcome.seconds for outcome in outcomes if outcome.code == "FAILED_PRECONDITION"
-            and outcome.seconds > REGISTRATION_PROBE_S + AT_ONCE_S]
-    expect(not late, f"{len(late)} registrations refused only after {max(late, default=0):.2f}s (the probe gives up after "
-                     f"{REGISTRATION_PROBE_S:g}s)")
+    late = [
+        outcome.seconds
+        for outcome in outcomes
+        if outcome.code == "FAILED_PRECONDITION" and outcome.seconds > REGISTRATION_PROBE_S + AT_ONCE_S
+    ]
+    expect(
+        not late,
+        f"{len(late)} registrations refused only after {max(late, default=0):.2f}s (the probe gives up after {REGISTRATION_PROBE_S:g}s)",
+    )
     expect(ids == [0, 1], f"the learners got ids {ids}, not 0 and 1")
     expect(status == 0, f"leader exit {status}: {leader.tail()}")
     for learner in learners:
         expect_exit(expect, learner, harness)
     expect_every_round(expect, run_dir, SILENT_ROUNDS, 2)
     waited = [learner.find(r"waiting for a slot") for learner in learners]
-    return expect.result(harness, detect_s=max(outcome.seconds for outcome in outcomes),
-                         recover_s=both_in[0] - started if both_in else None, rounds_lost=rounds_missing(run_dir, SILENT_ROUNDS),
-                         bad_accepted=codes.get("OK", 0),
-                         notes=[f"refused with {code_counts(outcomes)}",
-                                f"learners told to wait for a slot: {sum(hit is not None for hit in waited)}"])
+    return expect.result(
+        harness,
+        detect_s=max(outcome.seconds for outcome in outcomes),
+        recover_s=both_in[0] - started if both_in else None,
+        rounds_lost=rounds_missing(run_dir, SILENT_ROUNDS),
+        bad_accepted=codes.get("OK", 0),
+        notes=[f"refused with {code_counts(outcomes)}", f"learners told to wait for a slot: {sum(hit is not None for hit in waited)}"],
+    )
 
 
 @dataclass(frozen=True)
@@ -1557,44 +1838,93 @@ class Row:
 
 
 ROWS = [
-    Row("learner-killed", "learner killed mid-round", "SIGKILL 1 of 3 learners while it trains round 1 (quorum 2, round timeout 60 s, --learner-lost-after 2)",
-        row_learner_killed),
-    Row("learner-frozen", "learner frozen",
+    Row(
+        "learner-killed",
+        "learner killed mid-round",
+        "SIGKILL 1 of 3 learners while it trains round 1 (quorum 2, round timeout 60 s, --learner-lost-after 2)",
+        row_learner_killed,
+    ),
+    Row(
+        "learner-frozen",
+        "learner frozen",
         f"SIGSTOP 1 of 3 learners while it trains (100 local steps, round 2-4 of 6, default round deadline, --learner-lost-after "
-        f"{FROZEN_LOST_AFTER_S:g}); SIGCONT once its round closed without it", row_learner_frozen),
-    Row("leader-killed", "leader killed", "SIGKILL the leader after round 2 of 6; restart with --resume, learners rejoin",
-        row_leader_killed),
-    Row("checkpoint-killed", "killed while checkpointing",
-        f"SIGKILL a process writing 8 MB checkpoints at a random moment, {CHECKPOINT_KILLS_PER_RUN} times", row_checkpoint_killed),
-    Row("registration-burst", "100 registrations at once", "101 concurrent RegisterLearner calls for 100 slots (from one host: those refused as busy try again, as learner.py does)", row_registration_burst),
-    Row("hostile-payloads", "hostile payloads",
+        f"{FROZEN_LOST_AFTER_S:g}); SIGCONT once its round closed without it",
+        row_learner_frozen,
+    ),
+    Row(
+        "leader-killed", "leader killed", "SIGKILL the leader after round 2 of 6; restart with --resume, learners rejoin", row_leader_killed
+    ),
+    Row(
+        "checkpoint-killed",
+        "killed while checkpointing",
+        f"SIGKILL a process writing 8 MB checkpoints at a random moment, {CHECKPOINT_KILLS_PER_RUN} times",
+        row_checkpoint_killed,
+    ),
+    Row(
+        "registration-burst",
+        "100 registrations at once",
+        "101 concurrent RegisterLearner calls for 100 slots (from one host: those refused as busy try again, as learner.py does)",
+        row_registration_burst,
+    ),
+    Row(
+        "hostile-payloads",
+        "hostile payloads",
         "18 malformed updates in an open round: pickles, bad manifests, truncated/oversized bytes, NaN/inf, wrong shape/dtype/count",
-        row_hostile_payloads),
-    Row("stale-duplicate", "replayed / stale / duplicate update",
-        "stale, future and replayed rounds, an identical retry, a different second update", row_stale_duplicate),
-    Row("impersonation", "impersonation / no token / bad enrolment secret",
+        row_hostile_payloads,
+    ),
+    Row(
+        "stale-duplicate",
+        "replayed / stale / duplicate update",
+        "stale, future and replayed rounds, an identical retry, a different second update",
+        row_stale_duplicate,
+    ),
+    Row(
+        "impersonation",
+        "impersonation / no token / bad enrolment secret",
         "registrations without or with a wrong secret; calls without, with forged or with another learner's token; forged leader calls",
-        row_impersonation),
-    Row("stalled-streams", "stalled streams",
+        row_impersonation,
+    ),
+    Row(
+        "stalled-streams",
+        "stalled streams",
         f"a member opens {STALLED_GET_MODELS} unread GetModel streams and a 1-byte/s update (--stream-idle-timeout {STALL_IDLE_TIMEOUT_S:g})",
-        row_stalled_streams),
+        row_stalled_streams,
+    ),
     Row("tls", "TLS and mTLS", "2 rounds over mTLS; a TLS client without a certificate and a plaintext client register", row_tls),
-    Row("learner-dropout", "learner dropped and restarted",
+    Row(
+        "learner-dropout",
+        "learner dropped and restarted",
         f"default flags, 2 learners, {DROPOUT_LOCAL_STEPS} local steps: Ctrl-C (SIGINT) one after round {DROPOUT_AFTER_ROUND} "
         f"of {DROPOUT_ROUNDS} and start it again at once",
-        row_learner_dropout),
-    Row("health-watch-flood", "health Watch flood",
+        row_learner_dropout,
+    ),
+    Row(
+        "health-watch-flood",
+        "health Watch flood",
         f"a stranger opens {FLOOD_LEADER_STREAMS} health Watch streams on the leader and {FLOOD_LEARNER_STREAMS} on a learner "
-        f"during a {FLOOD_ROUNDS}-round run", row_health_watch_flood),
-    Row("huge-updates", "huge finite updates",
+        f"during a {FLOOD_ROUNDS}-round run",
+        row_health_watch_flood,
+    ),
+    Row(
+        "huge-updates",
+        "huge finite updates",
         f"1 of 2 members sends updates filled with 1e38, then float32's max ({len(HUGE_VALUES)} rounds of {HUGE_ROUNDS}, "
-        "--server-opt sgdm)", row_huge_updates),
-    Row("leader-address-registration", "registration naming the leader",
+        "--server-opt sgdm)",
+        row_huge_updates,
+    ),
+    Row(
+        "leader-address-registration",
+        "registration naming the leader",
         "default flags: a stranger registers with the leader's own address as its callback, before 2 learners",
-        row_leader_address_registration),
-    Row("silent-callbacks", "callbacks that never answer",
+        row_leader_address_registration,
+    ),
+    Row(
+        "silent-callbacks",
+        "callbacks that never answer",
         f"default flags: {SILENT_REGISTRATIONS} concurrent registrations naming a port that accepts and never speaks, "
-        "while 2 learners start", row_silent_callbacks),
+        "while 2 learners start",
+        row_silent_callbacks,
+    ),
 ]
 
 
@@ -1633,8 +1963,10 @@ def run_row(row: Row, context: Context, runs: int, log: Callable[[str], None], s
             harness.close()
         summary.results.append(result)
         verdict = "as expected" if result.ok else "NOT as expected"
-        log(f"{row.key} run {index + 1}/{runs}: {verdict} in {time.monotonic() - started:.1f}s" +
-            (f" ({'; '.join(result.notes)})" if result.notes else ""))
+        log(
+            f"{row.key} run {index + 1}/{runs}: {verdict} in {time.monotonic() - started:.1f}s"
+            + (f" ({'; '.join(result.notes)})" if result.notes else "")
+        )
     return summary
 
 
@@ -1644,9 +1976,16 @@ def run_row(row: Row, context: Context, runs: int, log: Callable[[str], None], s
 def header_lines(runs: int) -> list[str]:
     """Machine, versions, commit, date and run count."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        changed = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                 capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         commit, changed = "unknown", ""
     return [
@@ -1746,11 +2085,16 @@ def parse_rows(text: str | None) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen rows, print the table (and write it to --out)."""
-    parser = argparse.ArgumentParser(description="Fault benchmark against real leader and learner processes on loopback.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description="Fault benchmark against real leader and learner processes on loopback.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="runs of every row")
-    parser.add_argument("--rows", default=None, help=f"comma-separated rows to run, by name or number ({', '.join(row.key for row in ROWS)}); "
-                                                     "None means all")
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help=f"comma-separated rows to run, by name or number ({', '.join(row.key for row in ROWS)}); None means all",
+    )
     parser.add_argument("--show-logs", action="store_true", help="print every process's output for runs that are not as expected")
     parser.add_argument("--out", default=None, help="also write the report to this Markdown file; None means print only")
     args = parser.parse_args(argv)
@@ -1763,7 +2107,9 @@ def main(argv: list[str] | None = None) -> int:
     header = header_lines(args.runs)
     print("\n".join(header), flush=True)
     env = {key: value for key, value in os.environ.items() if key != rpc.ENROLMENT_ENV}  # only the row that tests a secret sets one
-    helped = subprocess.run([sys.executable, "leader.py", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S)
+    helped = subprocess.run(
+        [sys.executable, "leader.py", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S
+    )
     if helped.returncode != 0:
         print(f"faults: python leader.py --help failed: {helped.stderr.strip()[-500:]}", file=sys.stderr)
         return 1
@@ -1772,7 +2118,7 @@ def main(argv: list[str] | None = None) -> int:
     summaries = [run_row(row, context, args.runs, lambda text: print(text, file=sys.stderr, flush=True), args.show_logs) for row in rows]
     total = time.monotonic() - started
     report = [*header, f"- wall time of the benchmark: {total:.0f}s", "", *table_lines(summaries), *DEFINITIONS, *note_lines(summaries)]
-    print("\n" + "\n".join(report[len(header):]), flush=True)
+    print("\n" + "\n".join(report[len(header) :]), flush=True)
     report_file.save(report, args.out)
     return 0
 

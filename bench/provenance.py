@@ -24,8 +24,7 @@ def commit() -> str:
 
 def machine() -> str:
     """The platform, its CPU count, the GPU if there is one, and the Python and PyTorch versions."""
-    return (f"{platform.platform()}, {os.cpu_count()} CPUs{gpu()}; python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+    return f"{platform.platform()}, {os.cpu_count()} CPUs{gpu()}; python {platform.python_version()}, torch {torch.__version__}"
 
 
 def gpu() -> str:

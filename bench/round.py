@@ -82,10 +82,32 @@ def bare_stream_seconds(size: int, repeats: int) -> list[float]:
 def federation_rounds(rounds: int, checkpoint_every: int, device: torch.device) -> list[dict]:
     """Run the real federation (leader and learner processes) for one warm-up round plus `rounds`; returns metrics."""
     with tempfile.TemporaryDirectory() as run_dir:
-        command = [sys.executable, "local_federation.py", "--dataset", "synthetic", "--model", MODEL, "--device", str(device),
-                   "--aggregation", "fedsgd", "--batch-size", str(BATCH), "--learners", str(LEARNERS),
-                   "--rounds", str(rounds + 1), "--eval-every", str(rounds + 1), "--checkpoint-every", str(checkpoint_every),
-                   "--no-augment", "--quiet", "--run-dir", run_dir]
+        command = [
+            sys.executable,
+            "local_federation.py",
+            "--dataset",
+            "synthetic",
+            "--model",
+            MODEL,
+            "--device",
+            str(device),
+            "--aggregation",
+            "fedsgd",
+            "--batch-size",
+            str(BATCH),
+            "--learners",
+            str(LEARNERS),
+            "--rounds",
+            str(rounds + 1),
+            "--eval-every",
+            str(rounds + 1),
+            "--checkpoint-every",
+            str(checkpoint_every),
+            "--no-augment",
+            "--quiet",
+            "--run-dir",
+            run_dir,
+        ]
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
         if result.returncode != 0:
             raise SystemExit(f"the federation failed (exit {result.returncode}): {result.stderr[-2000:]}")
@@ -96,8 +118,12 @@ def main() -> None:
     """Measure and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds, after one warm-up round")
-    parser.add_argument("--checkpoint-every", type=int, default=0,
-                        help="the leader's --checkpoint-every (default 0: the leader's default, a checkpoint by time, every 60 s)")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="the leader's --checkpoint-every (default 0: the leader's default, a checkpoint by time, every 60 s)",
+    )
     parser.add_argument("--device", default="cpu", help="where the leader, the learners and the plain step compute: cpu or cuda")
     args = parser.parse_args()
     try:
@@ -106,7 +132,9 @@ def main() -> None:
         parser.error(str(error))
 
     size = wire.payload_bytes(wire.specs_of(build_model(MODEL, 10).state_dict()))
-    records = federation_rounds(args.rounds, args.checkpoint_every, device)  # first, alone: nothing else in this process competes for the cores
+    records = federation_rounds(
+        args.rounds, args.checkpoint_every, device
+    )  # first, alone: nothing else in this process competes for the cores
     compute = compute_seconds(COMPUTE_REPEATS, device)
     stream = bare_stream_seconds(size, STREAM_REPEATS)
 
@@ -120,20 +148,26 @@ def main() -> None:
     commit = provenance.commit()
 
     print(f"# Round overhead: {MODEL} ({size / 1e6:.1f} MB), {LEARNERS} learners on loopback, fedsgd, batch {BATCH} each")
-    print(f"machine: {provenance.machine()}, grpcio {grpc.__version__}; commit {commit}; --device {device}; "
-          f"--checkpoint-every {args.checkpoint_every}; {len(timed)} timed rounds after 1 warm-up, "
-          f"{COMPUTE_REPEATS} compute steps, {STREAM_REPEATS} bare-stream pulls")
+    print(
+        f"machine: {provenance.machine()}, grpcio {grpc.__version__}; commit {commit}; --device {device}; "
+        f"--checkpoint-every {args.checkpoint_every}; {len(timed)} timed rounds after 1 warm-up, "
+        f"{COMPUTE_REPEATS} compute steps, {STREAM_REPEATS} bare-stream pulls"
+    )
     print()
     print("| measure | median | min | max |")
     print("|---|---|---|---|")
     print(f"| seconds per round (leader's round_seconds) | {median_round:.3f} | {min(round_seconds):.3f} | {max(round_seconds):.3f} |")
     print(f"| one learner's forward + backward, batch {BATCH}, plain PyTorch (s) | {step:.3f} | {min(compute):.3f} | {max(compute):.3f} |")
     print(f"| one {size / 1e6:.1f} MB bare gRPC stream (s) | {transfer:.3f} | {min(stream):.3f} | {max(stream):.3f} |")
-    print(f"| bytes moved per round / model size | {statistics.median(bytes_moved) / size:.2f} | "
-          f"{min(bytes_moved) / size:.2f} | {max(bytes_moved) / size:.2f} |")
+    print(
+        f"| bytes moved per round / model size | {statistics.median(bytes_moved) / size:.2f} | "
+        f"{min(bytes_moved) / size:.2f} | {max(bytes_moved) / size:.2f} |"
+    )
     print()
-    print(f"round / (compute + {TRANSFERS_PER_ROUND} transfers at the bare rate) = {median_round:.3f} / {floor:.3f} = "
-          f"{median_round / floor:.2f}x (goal: at most {GOAL}x)")
+    print(
+        f"round / (compute + {TRANSFERS_PER_ROUND} transfers at the bare rate) = {median_round:.3f} / {floor:.3f} = "
+        f"{median_round / floor:.2f}x (goal: at most {GOAL}x)"
+    )
 
 
 if __name__ == "__main__":

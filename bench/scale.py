@@ -122,11 +122,16 @@ class Simulator(learner_pb2_grpc.LearnerServiceServicer):
         self._model_bytes = 0
         self.server, self.port, _ = rpc.create_server(
             lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(self, server),
-            "127.0.0.1", 0, max_workers=SERVER_WORKERS, gate=self._gate(), health_services=[rpc.LEARNER_SERVICE],
+            "127.0.0.1",
+            0,
+            max_workers=SERVER_WORKERS,
+            gate=self._gate(),
+            health_services=[rpc.LEARNER_SERVICE],
         )
 
     def _gate(self) -> rpc.Gate:
         """Refuse leader calls without a callback secret of one of ours, as learner.learner_gate does for one."""
+
         def check(method: str, metadata: Any) -> rpc.Refusal | None:
             token = rpc.metadata_value(metadata, rpc.TOKEN_METADATA_KEY)
             if token is None:
@@ -154,8 +159,9 @@ class Simulator(learner_pb2_grpc.LearnerServiceServicer):
         return all(plan is not None for plan in plans)
 
     def _register(self, learner: SimulatedLearner, timeout: float) -> leader_pb2.TrainingPlan | None:
-        info = leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{self.port}", callback_token=learner.callback_token,
-                                      version=rpc.PROTOCOL_VERSION, tls=False)
+        info = leader_pb2.LearnerInfo(
+            network_addr=f"127.0.0.1:{self.port}", callback_token=learner.callback_token, version=rpc.PROTOCOL_VERSION, tls=False
+        )
         try:
             reply = self.stub.RegisterLearner(info, timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as error:
@@ -175,8 +181,10 @@ class Simulator(learner_pb2_grpc.LearnerServiceServicer):
         if getattr(plan, "compression", "none") not in ("", "none"):  # the field is newer than this benchmark
             raise RuntimeError(f"the leader wants {plan.compression} updates; the simulator sends plain float32 ones")
         parameters = {name for name, _ in model.named_parameters()}
-        update = {name: torch.full_like(tensor, UPDATE_VALUE) if name in parameters else tensor.clone()
-                  for name, tensor in model.state_dict().items()}  # buffers: non-negative variances, integer counters
+        update = {
+            name: torch.full_like(tensor, UPDATE_VALUE) if name in parameters else tensor.clone()
+            for name, tensor in model.state_dict().items()
+        }  # buffers: non-negative variances, integer counters
         manifest, payload = wire.encode(update)
         chunks = list(wire.iter_chunks(payload))
         self._first_chunk = (manifest, chunks[0])
@@ -217,8 +225,9 @@ class Simulator(learner_pb2_grpc.LearnerServiceServicer):
     def _fetch_and_send(self, learner: SimulatedLearner) -> None:
         """What a started learner does first: GetModel (the round is in its header), then the update."""
         try:
-            replies = self.stub.GetModel(leader_pb2.Empty(), timeout=rpc.transfer_timeout(self._model_bytes),
-                                         metadata=rpc.token_metadata(learner.session_token))
+            replies = self.stub.GetModel(
+                leader_pb2.Empty(), timeout=rpc.transfer_timeout(self._model_bytes), metadata=rpc.token_metadata(learner.session_token)
+            )
             number, received = 0, 0
             for index, reply in enumerate(replies):
                 if index == 0:
@@ -240,11 +249,20 @@ class Simulator(learner_pb2_grpc.LearnerServiceServicer):
                 return
             learner.rounds.add(number)
         manifest, chunk = self._first_chunk
-        first = leader_pb2.GradientData(chunk=chunk, manifest=manifest, learner_id=learner.learner_id, round=number,
-                                        num_examples=UPDATE_EXAMPLES, train_loss=UPDATE_LOSS)
+        first = leader_pb2.GradientData(
+            chunk=chunk,
+            manifest=manifest,
+            learner_id=learner.learner_id,
+            round=number,
+            num_examples=UPDATE_EXAMPLES,
+            train_loss=UPDATE_LOSS,
+        )
         try:
-            self.stub.AccumulateGradients(itertools.chain([first], self._rest), timeout=rpc.transfer_timeout(self._update_bytes),
-                                          metadata=rpc.token_metadata(learner.session_token))
+            self.stub.AccumulateGradients(
+                itertools.chain([first], self._rest),
+                timeout=rpc.transfer_timeout(self._update_bytes),
+                metadata=rpc.token_metadata(learner.session_token),
+            )
         except grpc.RpcError as error:
             self._note("AccumulateGradients", error)
             return
@@ -391,10 +409,35 @@ class Child:
 
 def leader_argv(learners: int, args: argparse.Namespace, port: int, run_dir: Path) -> list[str]:
     """The leader's command line for one N."""
-    return [sys.executable, "leader.py", "--dataset", "synthetic", "--model", args.model, "--device", "cpu",
-            "--host", "127.0.0.1", "--port", str(port), "--learners", str(learners), "--rounds", str(args.rounds),
-            "--aggregation", "fedavg", "--local-steps", "1", "--run-dir", str(run_dir),
-            "--join-timeout", f"{LEADER_JOIN_TIMEOUT_S:g}", "--round-timeout", f"{LEADER_ROUND_TIMEOUT_S:g}", "-q"]
+    return [
+        sys.executable,
+        "leader.py",
+        "--dataset",
+        "synthetic",
+        "--model",
+        args.model,
+        "--device",
+        "cpu",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--learners",
+        str(learners),
+        "--rounds",
+        str(args.rounds),
+        "--aggregation",
+        "fedavg",
+        "--local-steps",
+        "1",
+        "--run-dir",
+        str(run_dir),
+        "--join-timeout",
+        f"{LEADER_JOIN_TIMEOUT_S:g}",
+        "--round-timeout",
+        f"{LEADER_ROUND_TIMEOUT_S:g}",
+        "-q",
+    ]
 
 
 def measure(learners: int, args: argparse.Namespace, env: dict[str, str]) -> Measurement:
@@ -406,14 +449,33 @@ def measure(learners: int, args: argparse.Namespace, env: dict[str, str]) -> Mea
         port = free_port()
         started = time.monotonic()
         deadline = started + args.timeout
-        with open(tmp_path / "leader.stderr", "w") as leader_err, open(tmp_path / "sim.stdout", "w") as sim_out, \
-                open(tmp_path / "sim.stderr", "w") as sim_err:
+        with (
+            open(tmp_path / "leader.stderr", "w") as leader_err,
+            open(tmp_path / "sim.stdout", "w") as sim_out,
+            open(tmp_path / "sim.stderr", "w") as sim_err,
+        ):
             leader = Child(leader_argv(learners, args, port, run_dir), env, subprocess.DEVNULL, leader_err)
             simulator: Child | None = None
             try:
-                simulator = Child([sys.executable, "-m", "bench.scale", "--simulate", "--leader", f"127.0.0.1:{port}",
-                                   "--learners", str(learners), "--senders", str(args.senders), "--timeout", f"{args.timeout:g}"],
-                                  env, sim_out, sim_err)
+                simulator = Child(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.scale",
+                        "--simulate",
+                        "--leader",
+                        f"127.0.0.1:{port}",
+                        "--learners",
+                        str(learners),
+                        "--senders",
+                        str(args.senders),
+                        "--timeout",
+                        f"{args.timeout:g}",
+                    ],
+                    env,
+                    sim_out,
+                    sim_err,
+                )
                 watch(result, leader, simulator, run_dir, deadline, args.timeout)
             finally:
                 # the leader has exited, or was just told to stop (it then stops its learners and exits within a minute);
@@ -432,8 +494,7 @@ def measure(learners: int, args: argparse.Namespace, env: dict[str, str]) -> Mea
     return result
 
 
-def watch(result: Measurement, leader: Child, simulator: Child, run_dir: Path, deadline: float,
-          timeout: float) -> None:
+def watch(result: Measurement, leader: Child, simulator: Child, run_dir: Path, deadline: float, timeout: float) -> None:
     """Poll the leader's memory, threads and metrics until it exits; stop it early when the simulator died or time is up."""
     sim_gone_at: float | None = None
     log = run_dir / "leader.log"
@@ -473,7 +534,7 @@ def sim_summary(tmp_path: Path) -> dict[str, Any] | None:
         return None
     for line in reversed(lines):
         if line.startswith(SUMMARY_PREFIX):
-            return json.loads(line[len(SUMMARY_PREFIX):])
+            return json.loads(line[len(SUMMARY_PREFIX) :])
     return None
 
 
@@ -490,8 +551,11 @@ def add_notes(result: Measurement, run_dir: Path, tmp_path: Path) -> None:
             result.notes.append(f"{summary['registered']} of {result.learners} registered")
     else:
         result.notes.append(f"no summary from the simulator: {log_tail(tmp_path / 'sim.stderr')}")
-    short = [f"round {number}: {count} of {result.learners} reported"
-             for number, count in enumerate(result.reported, start=1) if count != result.learners]
+    short = [
+        f"round {number}: {count} of {result.learners} reported"
+        for number, count in enumerate(result.reported, start=1)
+        if count != result.learners
+    ]
     result.notes.extend(short)
     log = run_dir / "leader.log"
     text = log.read_text(errors="replace") if log.is_file() else ""
@@ -516,9 +580,16 @@ def add_notes(result: Measurement, run_dir: Path, tmp_path: Path) -> None:
 def header_lines(args: argparse.Namespace, parameters: int, update_bytes: int) -> list[str]:
     """Machine, versions, commit, date, model and run count."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        changed = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                 capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         commit, changed = "unknown", ""
     template = " ".join(leader_argv(0, args, 0, Path("TMP"))[1:]).replace("--learners 0", "--learners N").replace("--port 0", "--port P")
@@ -560,7 +631,7 @@ def table_lines(results: list[Measurement]) -> list[str]:
     ]
     for result in results:
         timed = result.round_seconds[1:] or result.round_seconds  # without a second round, round 1 is all there is
-        median = (f"{statistics.median(timed):.2f} ({min(timed):.2f}-{max(timed):.2f})" if timed else "-")
+        median = f"{statistics.median(timed):.2f} ({min(timed):.2f}-{max(timed):.2f})" if timed else "-"
         if result.round_seconds and len(result.round_seconds) == 1:
             median += " (round 1 only)"
         gaps = [later - earlier for earlier, later in zip(result.wall_times, result.wall_times[1:], strict=False)]
@@ -589,8 +660,10 @@ def ratio_lines(results: list[Measurement]) -> list[str]:
         if small.learners == large.learners:
             continue
         extra_kib = peak(large) - peak(small)
-        lines.append(f"- leader peak RSS ({what}) at N={large.learners} over N={small.learners}: {peak(large) / peak(small):.2f}x "
-                     f"({extra_kib / 1024:+.0f} MiB, {extra_kib / (large.learners - small.learners):+.0f} KiB per added learner)")
+        lines.append(
+            f"- leader peak RSS ({what}) at N={large.learners} over N={small.learners}: {peak(large) / peak(small):.2f}x "
+            f"({extra_kib / 1024:+.0f} MiB, {extra_kib / (large.learners - small.learners):+.0f} KiB per added learner)"
+        )
     return ["", *lines] if lines else []
 
 
@@ -616,8 +689,10 @@ def parse_learners(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Measure every N, print the table (and write it to --out); or, with --simulate, be the learners."""
-    parser = argparse.ArgumentParser(description="Scale benchmark: one leader against N simulated learners on loopback.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description="Scale benchmark: one leader against N simulated learners on loopback.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--learners-list", default=DEFAULT_LEARNERS, help="comma-separated learner counts, one leader run each")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="rounds per N (the first is a warm-up)")
     parser.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL, help="architecture the leader runs")
@@ -649,11 +724,21 @@ def main(argv: list[str] | None = None) -> int:
     for count in counts:
         result = measure(count, args, env)
         results.append(result)
-        print(f"N={count}: {len(result.round_seconds)}/{args.rounds} rounds in {result.wall_s:.0f}s"
-              + (f" ({'; '.join(result.notes)})" if result.notes else ""), file=sys.stderr, flush=True)
-    report = [*header, f"- wall time of the benchmark: {time.monotonic() - started:.0f}s", "",
-              *table_lines(results), *ratio_lines(results), *DEFINITIONS]
-    print("\n" + "\n".join(report[len(header):]), flush=True)
+        print(
+            f"N={count}: {len(result.round_seconds)}/{args.rounds} rounds in {result.wall_s:.0f}s"
+            + (f" ({'; '.join(result.notes)})" if result.notes else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+    report = [
+        *header,
+        f"- wall time of the benchmark: {time.monotonic() - started:.0f}s",
+        "",
+        *table_lines(results),
+        *ratio_lines(results),
+        *DEFINITIONS,
+    ]
+    print("\n" + "\n".join(report[len(header) :]), flush=True)
     report_file.save(report, args.out)
     return 0
 

@@ -48,9 +48,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="where the model trains: cuda or cpu")
     parser.add_argument("--steps", type=int, default=100, help="steps per timed loop, after a warm-up loop")
     parser.add_argument("--runs", type=int, default=5, help="timed loops of each kind")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time the device-split loop with the step compiled, as learners started with --compile run it "
-                             "(the profile then covers the compiled loop)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the device-split loop with the step compiled, as learners started with --compile run it "
+        "(the profile then covers the compiled loop)",
+    )
     args = parser.parse_args()
     try:
         device = resolve_device(args.device)
@@ -104,8 +107,10 @@ def main() -> None:
         times["device split, compiled"] = per_step_ms(device_split, device, args)
     print(f"# {MODEL} training step, batch {BATCH}, --device {device.type}")
     print()
-    print(f"machine: {provenance.machine()}; commit {provenance.commit()}; {torch.get_num_threads()} threads; "
-          f"{args.runs} timed loops of {args.steps} steps each, after one warm-up loop")
+    print(
+        f"machine: {provenance.machine()}; commit {provenance.commit()}; {torch.get_num_threads()} threads; "
+        f"{args.runs} timed loops of {args.steps} steps each, after one warm-up loop"
+    )
     print()
     print("| loop | ms per step, median (min-max) |")
     print("|---|---|")
@@ -113,8 +118,10 @@ def main() -> None:
         print(f"| {name} | {statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f}) |")
     host, now, bare = (statistics.median(times[name]) for name in loops)
     print()
-    print(f"host split / device split = {host / now:.2f}x; device split / bare step = {now / bare:.2f}x"
-          + (f"; device split / compiled = {now / statistics.median(times['device split, compiled']):.2f}x" if args.compile else ""))
+    print(
+        f"host split / device split = {host / now:.2f}x; device split / bare step = {now / bare:.2f}x"
+        + (f"; device split / compiled = {now / statistics.median(times['device split, compiled']):.2f}x" if args.compile else "")
+    )
     print()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:

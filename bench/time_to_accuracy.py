@@ -75,8 +75,7 @@ def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
     return history
 
 
-def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             device: torch.device = torch.device("cpu")) -> float:
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device = torch.device("cpu")) -> float:
     """Test accuracy, evaluated as the leader does (inference mode, batches of 1000)."""
     model.eval()
     correct = 0
@@ -98,16 +97,61 @@ def start_federation(args: argparse.Namespace, compress: str) -> tuple[subproces
     rounds = args.epochs * per_epoch
     work = ["--local-epochs", "1"] if per_epoch == 1 else ["--local-steps", str(local_steps(args))]
     run_dir = tempfile.TemporaryDirectory(prefix="fl-tta-")
-    command = [sys.executable, "local_federation.py", "--dataset", args.dataset, "--model", args.model,
-               "--device", args.device, "--learners", str(args.learners), "--partition", "iid", "--aggregation", "fedavg",
-               *work, "--rounds", str(rounds), "--batch-size", str(args.batch_size),
-               "--lr", str(args.lr), "--momentum", str(MOMENTUM), "--weight-decay", str(WEIGHT_DECAY),
-               "--lr-schedule", "cosine", "--warmup-rounds", str(args.warmup * per_epoch), "--eval-every", str(per_epoch),
-               "--checkpoint-every", str(rounds), "--compress", compress, "--server-lr", str(args.server_lr),
-               "--server-opt", args.server_opt, "--server-momentum", str(args.server_momentum),
-               "--recompute-bn", str(args.recompute_bn), "--seed", str(args.seed),
-               "--keep-momentum" if args.keep_momentum else "--no-keep-momentum", "--prox-mu", str(args.prox_mu),
-               "--quiet", "--run-dir", run_dir.name, "--checkpoint-dir", str(Path(run_dir.name) / "checkpoints")]
+    command = [
+        sys.executable,
+        "local_federation.py",
+        "--dataset",
+        args.dataset,
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--learners",
+        str(args.learners),
+        "--partition",
+        "iid",
+        "--aggregation",
+        "fedavg",
+        *work,
+        "--rounds",
+        str(rounds),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        str(args.lr),
+        "--momentum",
+        str(MOMENTUM),
+        "--weight-decay",
+        str(WEIGHT_DECAY),
+        "--lr-schedule",
+        "cosine",
+        "--warmup-rounds",
+        str(args.warmup * per_epoch),
+        "--eval-every",
+        str(per_epoch),
+        "--checkpoint-every",
+        str(rounds),
+        "--compress",
+        compress,
+        "--server-lr",
+        str(args.server_lr),
+        "--server-opt",
+        args.server_opt,
+        "--server-momentum",
+        str(args.server_momentum),
+        "--recompute-bn",
+        str(args.recompute_bn),
+        "--seed",
+        str(args.seed),
+        "--keep-momentum" if args.keep_momentum else "--no-keep-momentum",
+        "--prox-mu",
+        str(args.prox_mu),
+        "--quiet",
+        "--run-dir",
+        run_dir.name,
+        "--checkpoint-dir",
+        str(Path(run_dir.name) / "checkpoints"),
+    ]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     if args.compile:
@@ -115,8 +159,9 @@ def start_federation(args: argparse.Namespace, compress: str) -> tuple[subproces
     return subprocess.Popen(command, cwd=ROOT), run_dir
 
 
-def finish_federation(args: argparse.Namespace, compress: str,
-                      started: tuple[subprocess.Popen, tempfile.TemporaryDirectory]) -> tuple[list[tuple[float, float]], int]:
+def finish_federation(
+    args: argparse.Namespace, compress: str, started: tuple[subprocess.Popen, tempfile.TemporaryDirectory]
+) -> tuple[list[tuple[float, float]], int]:
     """Wait for a started federation; (accuracy, elapsed seconds) after each epoch, and the median update bytes per round."""
     process, run_dir = started
     per_epoch = args.rounds_per_epoch
@@ -131,8 +176,11 @@ def finish_federation(args: argparse.Namespace, compress: str,
     bytes_in = sorted(record["bytes_in"] for record in records)[len(records) // 2]
     records = [record for record in records if record["round"] % per_epoch == 0]  # the rounds that end an epoch
     for record in records:
-        print(f"federated ({compress}) epoch {record['round'] // per_epoch}: {100 * record['test_accuracy']:.2f}% "
-              f"at {record['elapsed_seconds']:.0f} s", flush=True)
+        print(
+            f"federated ({compress}) epoch {record['round'] // per_epoch}: {100 * record['test_accuracy']:.2f}% "
+            f"at {record['elapsed_seconds']:.0f} s",
+            flush=True,
+        )
     return [(record["test_accuracy"], record["elapsed_seconds"]) for record in records], bytes_in
 
 
@@ -141,8 +189,10 @@ def local_steps(args: argparse.Namespace) -> int:
     size = -(-len(load_dataset(args.dataset, args.data_dir, train=True, seed=args.seed)) // args.learners)  # the larger IID part
     steps, rest = divmod(batches_per_epoch(size, args.batch_size), args.rounds_per_epoch)
     if rest:
-        raise SystemExit(f"--rounds-per-epoch {args.rounds_per_epoch} does not divide a learner's "
-                         f"{steps * args.rounds_per_epoch + rest} batches an epoch; pick a divisor")
+        raise SystemExit(
+            f"--rounds-per-epoch {args.rounds_per_epoch} does not divide a learner's "
+            f"{steps * args.rounds_per_epoch + rest} batches an epoch; pick a divisor"
+        )
     return steps
 
 
@@ -157,41 +207,83 @@ def main() -> int:
     parser.add_argument("--dataset", default="imagefolder", help="imagefolder (the CIFAR-10 JPEG copy), cifar10 or synthetic")
     parser.add_argument("--data-dir", default=None, help="the extracted data set (with train/ and test/ for imagefolder)")
     parser.add_argument("--model", default="resnet20")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="the seed of both sides: the initial model, batch order, augmentation and the learners' split")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the seed of both sides: the initial model, batch order, augmentation and the learners' split"
+    )
     parser.add_argument("--epochs", type=int, default=50, help="epochs on each side (federated rounds of one local epoch)")
     parser.add_argument("--warmup", type=int, default=2, help="epochs of linear learning-rate warm-up")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--target", type=float, default=0.85, help="the accuracy whose wall time is compared")
     parser.add_argument("--compress", default="none", help="comma-separated --compress modes, one federation each")
-    parser.add_argument("--server-lr", type=float, default=1.0,
-                        help="the leader's step on the averaged update (1: plain FedAvg; 2 moves the global model twice as far)")
+    parser.add_argument(
+        "--server-lr",
+        type=float,
+        default=1.0,
+        help="the leader's step on the averaged update (1: plain FedAvg; 2 moves the global model twice as far)",
+    )
     parser.add_argument("--server-opt", default="sgd", help="the leader's --server-opt: sgd (plain FedAvg) or sgdm (FedAvgM)")
-    parser.add_argument("--server-momentum", type=float, default=0.0,
-                        help="the leader's --server-momentum, with --server-opt sgdm (0.5 doubles a steady step); default 0")
-    parser.add_argument("--recompute-bn", type=int, default=0,
-                        help="the leader's --recompute-bn: training images its BatchNorm statistics are recomputed from each round")
-    parser.add_argument("--prox-mu", type=float, default=0.0,
-                        help="the leader's --prox-mu: FedProx's pull of each learner toward the round's global model (0: off)")
-    parser.add_argument("--keep-momentum", action="store_true",
-                        help="the leader's --keep-momentum: learners keep their SGD momentum from round to round, as the "
-                             "centralized side keeps it from epoch to epoch (default: each round starts from none)")
-    parser.add_argument("--centralized", action=argparse.BooleanOptionalAction, default=True,
-                        help="train the centralized side too (--no-centralized: only the federations, e.g. to compare --compress modes)")
-    parser.add_argument("--federated", action=argparse.BooleanOptionalAction, default=True,
-                        help="run the federation too (--no-federated: only the centralized side, e.g. at another batch size)")
-    parser.add_argument("--side-by-side", action="store_true",
-                        help="start the federation before the centralized side, so that both share the machine at once "
-                             "(on a GPU whose steps are bound by the host, each side keeps its own cores); off by default")
-    parser.add_argument("--learners", type=int, default=2,
-                        help="learners in the federation, splitting the training set and the cores evenly (2: the goals' set-up; "
-                             "1 holds the whole set, a control for what the split and averaging cost)")
-    parser.add_argument("--rounds-per-epoch", type=int, default=1,
-                        help="federated rounds per epoch (2: rounds of half an epoch, averaged twice as often); 1 is the goals' set-up")
+    parser.add_argument(
+        "--server-momentum",
+        type=float,
+        default=0.0,
+        help="the leader's --server-momentum, with --server-opt sgdm (0.5 doubles a steady step); default 0",
+    )
+    parser.add_argument(
+        "--recompute-bn",
+        type=int,
+        default=0,
+        help="the leader's --recompute-bn: training images its BatchNorm statistics are recomputed from each round",
+    )
+    parser.add_argument(
+        "--prox-mu",
+        type=float,
+        default=0.0,
+        help="the leader's --prox-mu: FedProx's pull of each learner toward the round's global model (0: off)",
+    )
+    parser.add_argument(
+        "--keep-momentum",
+        action="store_true",
+        help="the leader's --keep-momentum: learners keep their SGD momentum from round to round, as the "
+        "centralized side keeps it from epoch to epoch (default: each round starts from none)",
+    )
+    parser.add_argument(
+        "--centralized",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train the centralized side too (--no-centralized: only the federations, e.g. to compare --compress modes)",
+    )
+    parser.add_argument(
+        "--federated",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the federation too (--no-federated: only the centralized side, e.g. at another batch size)",
+    )
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="start the federation before the centralized side, so that both share the machine at once "
+        "(on a GPU whose steps are bound by the host, each side keeps its own cores); off by default",
+    )
+    parser.add_argument(
+        "--learners",
+        type=int,
+        default=2,
+        help="learners in the federation, splitting the training set and the cores evenly (2: the goals' set-up; "
+        "1 holds the whole set, a control for what the split and averaging cost)",
+    )
+    parser.add_argument(
+        "--rounds-per-epoch",
+        type=int,
+        default=1,
+        help="federated rounds per epoch (2: rounds of half an epoch, averaged twice as often); 1 is the goals' set-up",
+    )
     parser.add_argument("--device", default="cpu", help="where both sides train and test: cpu or cuda (the leader and learners too)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile both sides' training steps (learners get --compile); on CUDA as CUDA graphs too")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile both sides' training steps (learners get --compile); on CUDA as CUDA graphs too",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = parser.parse_args()
     if args.learners < 1:
@@ -224,27 +316,38 @@ def main() -> int:
         f"{args.warmup} warm-up epochs then cosine",
         "",
         f"- machine: {provenance.machine()}; --device {args.device}"
-        + ("; training steps compiled (--compile)" if args.compile else "") + f"; commit {commit}; seed {args.seed}; one run of each"
+        + ("; training steps compiled (--compile)" if args.compile else "")
+        + f"; commit {commit}; seed {args.seed}; one run of each"
         + ("; the two sides ran side by side, sharing the machine" if args.side_by_side else ""),
         f"- federated: {args.learners} learner{'s' if args.learners != 1 else ''}, IID, fedavg with server step {args.server_lr:g}"
         + (f" and server momentum {args.server_momentum:g}, " if args.server_opt == "sgdm" else ", ")
         + ("learners keep their momentum across rounds, " if args.keep_momentum else "")
         + (f"FedProx mu {args.prox_mu:g}, " if args.prox_mu else "")
         + ("one local epoch per round, " if args.rounds_per_epoch == 1 else f"{args.rounds_per_epoch} rounds per local epoch, ")
-        + (f"BatchNorm statistics recomputed from {args.recompute_bn} training images each round" if args.recompute_bn
-           else "BatchNorm statistics averaged") if runs else "- federated: not run (--no-federated)",
+        + (
+            f"BatchNorm statistics recomputed from {args.recompute_bn} training images each round"
+            if args.recompute_bn
+            else "BatchNorm statistics averaged"
+        )
+        if runs
+        else "- federated: not run (--no-federated)",
         "",
         "| epoch | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
     histories = ([central] if central else []) + [history for history, _ in runs.values()]
     for epoch in range(1, args.epochs + 1):
-        cells = [f"{100 * history[epoch - 1][0]:.2f}% ({history[epoch - 1][1]:.0f} s)" if epoch <= len(history) else "-"
-                 for history in histories]
+        cells = [
+            f"{100 * history[epoch - 1][0]:.2f}% ({history[epoch - 1][1]:.0f} s)" if epoch <= len(history) else "-" for history in histories
+        ]
         lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
     central_time = time_to(central, args.target)
-    lines += ["", f"| run | final accuracy | minus centralized, points | time to {100 * args.target:.0f}%, s | "
-              "against centralized | update bytes per round |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"| run | final accuracy | minus centralized, points | time to {100 * args.target:.0f}%, s | "
+        "against centralized | update bytes per round |",
+        "|---|---|---|---|---|---|",
+    ]
     if central:
         lines.append(f"| centralized | {100 * central[-1][0]:.2f}% | - | {_seconds(central_time)} | 1.00x | - |")
     for mode, (history, bytes_in) in runs.items():

@@ -26,7 +26,6 @@ import torch
 
 import leader as leader_module
 import learner as learner_module
-import roster as roster_module
 import rpc
 import wire
 from bench import provenance
@@ -49,10 +48,13 @@ def bare_server(payload_size: int) -> tuple[grpc.Server, int]:
         receive_bytes(requests, payload_size)
         return b""
 
-    handler = grpc.method_handlers_generic_handler(BARE_SERVICE, {
-        "Pull": grpc.unary_stream_rpc_method_handler(pull),
-        "Push": grpc.stream_unary_rpc_method_handler(push),
-    })
+    handler = grpc.method_handlers_generic_handler(
+        BARE_SERVICE,
+        {
+            "Pull": grpc.unary_stream_rpc_method_handler(pull),
+            "Push": grpc.stream_unary_rpc_method_handler(push),
+        },
+    )
     server, port, _ = rpc.create_server(lambda server: server.add_generic_rpc_handlers((handler,)), "127.0.0.1", 0, max_workers=4)
     return server, port
 
@@ -94,11 +96,20 @@ def main() -> None:
     torch.set_num_threads(1)  # the transfer is what is measured; keep torch from competing with gRPC's threads
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = leader_module.LeaderConfig(host="127.0.0.1", port=0, dataset="synthetic", data_dir=None, model=MODEL,
-                                            learners=2, device="cpu", run_dir=tmp, checkpoint_dir=f"{tmp}/checkpoints")
+        config = leader_module.LeaderConfig(
+            host="127.0.0.1",
+            port=0,
+            dataset="synthetic",
+            data_dir=None,
+            model=MODEL,
+            learners=2,
+            device="cpu",
+            run_dir=tmp,
+            checkpoint_dir=f"{tmp}/checkpoints",
+        )
         leader, leader_server, leader_port, _ = leader_module.serve(config)
         channel = rpc.channel(f"127.0.0.1:{leader_port}")
-        stub = learner_module.leader_stub(channel)  # as a learner reads GetModel
+        stub = rpc.leader_stub(channel)  # as a learner reads GetModel
         learner_server, learner_port = None, None
         try:
             specs = leader.specs
@@ -112,8 +123,9 @@ def main() -> None:
             learner_server, learner_port, _ = learner_module.create_server(learner, "127.0.0.1", 0)
 
             # that learner took part in round 1: AccumulateGradients is timed on rounds the leader opens here
-            info = leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{learner_port}", callback_token=learner.callback_token,
-                                          version=rpc.PROTOCOL_VERSION)
+            info = leader_pb2.LearnerInfo(
+                network_addr=f"127.0.0.1:{learner_port}", callback_token=learner.callback_token, version=rpc.PROTOCOL_VERSION
+            )
             reply = stub.RegisterLearner(info, timeout=CALL_TIMEOUT_S)
             metadata = rpc.token_metadata(reply.session_token)
             rounds = iter(range(1, 1_000_000))
@@ -125,18 +137,26 @@ def main() -> None:
             def accumulate() -> None:
                 number = next(rounds)
                 leader.open_round(number)
-                messages = wire.frames(leader_pb2.GradientData, update_manifest, update_payload,
-                                       learner_id=reply.learner_id, round=number, num_examples=1, train_loss=1.0)
+                messages = wire.frames(
+                    leader_pb2.GradientData,
+                    update_manifest,
+                    update_payload,
+                    learner_id=reply.learner_id,
+                    round=number,
+                    num_examples=1,
+                    train_loss=1.0,
+                )
                 ack = stub.AccumulateGradients(messages, timeout=CALL_TIMEOUT_S, metadata=metadata)
                 assert ack.success, ack.message
 
-            learner_stub = roster_module.learner_stub(rpc.channel(f"127.0.0.1:{learner_port}"))  # as the leader pushes
+            learner_stub = rpc.learner_stub(rpc.channel(f"127.0.0.1:{learner_port}"))  # as the leader pushes
 
             published = leader.published()  # the leader frames each round's model once for every push
 
             def sync_model_state() -> None:
-                ack = learner_stub.SyncModelState(iter(published.model_states), timeout=CALL_TIMEOUT_S,
-                                                  metadata=rpc.token_metadata(learner.callback_token))
+                ack = learner_stub.SyncModelState(
+                    iter(published.model_states), timeout=CALL_TIMEOUT_S, metadata=rpc.token_metadata(learner.callback_token)
+                )
                 assert ack.success, ack.message
 
             bare, bare_port = bare_server(size)
@@ -173,15 +193,19 @@ def main() -> None:
     def rate(seconds: float) -> float:
         return size / seconds / 1e6
 
-    baselines = {"GetModel (leader to learner)": "bare stream, server to client",
-                 "SyncModelState (leader to learner)": "bare stream, client to server",
-                 "AccumulateGradients (learner to leader)": "bare stream, client to server",
-                 "AccumulateGradients and the leader's sum": "bare stream, client to server"}
+    baselines = {
+        "GetModel (leader to learner)": "bare stream, server to client",
+        "SyncModelState (leader to learner)": "bare stream, client to server",
+        "AccumulateGradients (learner to leader)": "bare stream, client to server",
+        "AccumulateGradients and the leader's sum": "bare stream, client to server",
+    }
     commit = provenance.commit()
     print(f"# Wire throughput: {MODEL}, {size / 1e6:.1f} MB in {wire.CHUNK_BYTES >> 20} MiB chunks, loopback, one process")
-    print(f"machine: {platform.platform()}, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} CPUs; "
-          f"python {platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}; commit {commit}; "
-          f"{args.runs} timed runs per path after one warm-up")
+    print(
+        f"machine: {platform.platform()}, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} CPUs; "
+        f"python {platform.python_version()}, torch {torch.__version__}, grpcio {grpc.__version__}; commit {commit}; "
+        f"{args.runs} timed runs per path after one warm-up"
+    )
     print()
     print("| path | MB/s median | min | max | vs bare stream (same direction) |")
     print("|---|---|---|---|---|")

@@ -28,7 +28,9 @@ def learner_process(address: str, *extra: str) -> subprocess.Popen:
     """learner.py as a process on loopback, one thread, its stderr piped."""
     return subprocess.Popen(
         [sys.executable, "learner.py", "--leader", address, "--host", "127.0.0.1", "--device", "cpu", "--threads", "1", *extra],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -140,8 +142,9 @@ class CallbackServer:
     """
 
     def __init__(self) -> None:
-        self.server, port, self.health = rpc.create_server(lambda server: None, "127.0.0.1", 0, max_workers=32,
-                                                           health_services=[rpc.LEARNER_SERVICE])
+        self.server, port, self.health = rpc.create_server(
+            lambda server: None, "127.0.0.1", 0, max_workers=32, health_services=[rpc.LEARNER_SERVICE]
+        )
         self.address = f"127.0.0.1:{port}"
 
     def stop(self) -> None:

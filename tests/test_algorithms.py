@@ -14,7 +14,6 @@ import torch
 from test_leader_rpc import send
 
 import checkpoint
-import leader as leader_module
 import privacy
 import utils
 from conftest import join_all, leader_config, register_client, running_leader, start_learners
@@ -135,8 +134,14 @@ def test_a_resume_counts_the_noised_rounds_after_its_checkpoint(tmp_path, channe
             assert json.loads(ledger.read_text()) == {"noised_rounds": number}
             if number == 1:
                 record = {"config": dataclasses.asdict(config), "metrics": {}, "num_classes": leader.num_classes}
-                saved = checkpoint.save(Path(config.checkpoint_dir), 1, leader.model.state_dict(), record,
-                                        keep=0, optimizer_state=leader.strategy.optimizer_tensors())
+                saved = checkpoint.save(
+                    Path(config.checkpoint_dir),
+                    1,
+                    leader.model.state_dict(),
+                    record,
+                    keep=0,
+                    optimizer_state=leader.strategy.optimizer_tensors(),
+                )
     with running_leader(config) as running:
         running.leader.restore(saved)
         assert running.leader.start_round == 2  # the model goes on from round 1's checkpoint ...
@@ -159,10 +164,11 @@ def test_proximal_gradient_by_hand():
 
 
 def test_fedprox_and_fedopt_rounds_run_and_adam_state_is_checkpointed(tmp_path):
-    config = leader_config(tmp_path, learners=2, rounds=2, aggregation="fedavg", local_steps=3, prox_mu=0.01,
-                           server_opt="adam", server_lr=0.01)
+    config = leader_config(
+        tmp_path, learners=2, rounds=2, aggregation="fedavg", local_steps=3, prox_mu=0.01, server_opt="adam", server_lr=0.01
+    )
     with running_leader(config) as running:
-        assert running.leader.plan().prox_mu == pytest.approx(0.01)
+        assert running.leader.plan.prox_mu == pytest.approx(0.01)
         learners = start_learners(running.address, 2)
         history = running.leader.run()
         assert join_all(learners) == [0, 0]
@@ -171,14 +177,17 @@ def test_fedprox_and_fedopt_rounds_run_and_adam_state_is_checkpointed(tmp_path):
     assert any(name.endswith(".v") for name in tensors) and any(name.endswith(".m") for name in tensors)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--rule", "krum", "--learners", "4", "--byzantine", "1"], "needs more than 2*f + 2 learners per round"),
-    (["--dp-noise-multiplier", "1.0"], "--dp-noise-multiplier needs --clip-norm"),
-    (["--rule", "trimmed-mean", "--trim", "0.5"], "--trim must be in [0, 0.5)"),
-    (["--fraction", "0"], "--fraction: must be in (0, 1]"),
-    (["--recompute-bn", "1000", "--data-mode", "local"], "--recompute-bn needs training images on the leader"),
-    (["--keep-momentum", "--aggregation", "fedsgd"], "--keep-momentum applies to fedavg's local SGD"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rule", "krum", "--learners", "4", "--byzantine", "1"], "needs more than 2*f + 2 learners per round"),
+        (["--dp-noise-multiplier", "1.0"], "--dp-noise-multiplier needs --clip-norm"),
+        (["--rule", "trimmed-mean", "--trim", "0.5"], "--trim must be in [0, 0.5)"),
+        (["--fraction", "0"], "--fraction: must be in (0, 1]"),
+        (["--recompute-bn", "1000", "--data-mode", "local"], "--recompute-bn needs training images on the leader"),
+        (["--keep-momentum", "--aggregation", "fedsgd"], "--keep-momentum applies to fedavg's local SGD"),
+    ],
+)
 def test_impossible_algorithm_settings_get_one_line_errors(flags, message):
     result = subprocess.run([sys.executable, "leader.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
@@ -187,8 +196,9 @@ def test_impossible_algorithm_settings_get_one_line_errors(flags, message):
 @pytest.mark.parametrize("mode, ratio", [("fp16", 1.95), ("int8", 3.8), ("topk", 10.0)])  # BatchNorm buffers stay as they are
 def test_compressed_rounds_run_and_move_fewer_bytes(tmp_path, mode, ratio):
     plain = leader_config(tmp_path / "plain", model="resnet20", learners=2, rounds=2, aggregation="fedavg", local_steps=1)
-    squeezed = leader_config(tmp_path / mode, model="resnet20", learners=2, rounds=2, aggregation="fedavg", local_steps=1,
-                             compression=mode, topk_ratio=0.01)
+    squeezed = leader_config(
+        tmp_path / mode, model="resnet20", learners=2, rounds=2, aggregation="fedavg", local_steps=1, compression=mode, topk_ratio=0.01
+    )
     bytes_in = {}
     for config in (plain, squeezed):
         with running_leader(config) as running:

@@ -26,8 +26,21 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def test_local_federation_trains_and_writes_checkpoints(tmp_path):
-    result = run("local_federation.py", *TINY, "--rounds", "3", "--aggregation", "fedavg", "--local-steps", "20",
-                 "--lr", "0.05", "--run-dir", str(tmp_path), timeout=240)
+    result = run(
+        "local_federation.py",
+        *TINY,
+        "--rounds",
+        "3",
+        "--aggregation",
+        "fedavg",
+        "--local-steps",
+        "20",
+        "--lr",
+        "0.05",
+        "--run-dir",
+        str(tmp_path),
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert result.stderr.count("stopping after 3 rounds: training complete") == 2
@@ -51,9 +64,24 @@ def _lines(stream, sink: queue.Queue) -> None:
 
 def test_sigterm_on_the_leader_stops_learners_cleanly(tmp_path):
     leader = subprocess.Popen(
-        [sys.executable, "leader.py", *TINY, "--host", "127.0.0.1", "--port", "0", "--rounds", "1000",
-         "--aggregation", "fedsgd", "--run-dir", str(tmp_path)],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "leader.py",
+            *TINY,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--rounds",
+            "1000",
+            "--aggregation",
+            "fedsgd",
+            "--run-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(leader.stderr, lines), daemon=True).start()
@@ -67,8 +95,15 @@ def test_sigterm_on_the_leader_stops_learners_cleanly(tmp_path):
             seen.append(line)
             if port is None and "serving on" in line:
                 port = line.split("serving on 127.0.0.1:")[1].split(";")[0]
-                learners = [subprocess.Popen([sys.executable, "learner.py", "--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1",
-                                              "--device", "cpu"], cwd=ROOT, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+                learners = [
+                    subprocess.Popen(
+                        [sys.executable, "learner.py", "--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1", "--device", "cpu"],
+                        cwd=ROOT,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    )
+                    for _ in range(2)
+                ]
             if "round 2/1000" in line:
                 break
         assert port is not None and learners, "".join(seen)
@@ -101,7 +136,10 @@ def test_learner_errors_are_one_line():
 def test_leader_errors_are_one_line(tmp_path):
     result = run("leader.py", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"leader: no image folder at {tmp_path / 'nowhere' / 'test'}: expected {tmp_path / 'nowhere' / 'test'}/<class>/<image> files"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"leader: no image folder at {tmp_path / 'nowhere' / 'test'}: expected {tmp_path / 'nowhere' / 'test'}/<class>/<image> files"
+    )
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -36,8 +36,17 @@ from protos import leader_pb2, learner_pb2, learner_pb2_grpc
 
 def test_learner_killed_mid_round_leaves_a_quorum_that_finishes_the_run(tmp_path, caplog):
     # the round deadline is far off: the leader must notice the dead learner by its failed health checks
-    config = leader_config(tmp_path, learners=3, min_learners=2, round_timeout=600.0, learner_lost_after=2.0, rounds=3,
-                           aggregation="fedavg", local_steps=2, batch_size=16)
+    config = leader_config(
+        tmp_path,
+        learners=3,
+        min_learners=2,
+        round_timeout=600.0,
+        learner_lost_after=2.0,
+        rounds=3,
+        aggregation="fedavg",
+        local_steps=2,
+        batch_size=16,
+    )
     with running_leader(config) as running:
         processes = [learner_process(running.address) for _ in range(3)]
         try:
@@ -52,8 +61,10 @@ def test_learner_killed_mid_round_leaves_a_quorum_that_finishes_the_run(tmp_path
             assert [entry["learners_dropped"] for entry in history] == [1, 0, 0]
             # the run ended within 120 s of a 600 s round deadline: the leader noticed the death itself, by a failed
             # health check, or by a failed StartTraining when the kill came first
-            assert any(" failed health checks in round 1" in record.getMessage() or " failed the round's start" in record.getMessage()
-                       for record in caplog.records)
+            assert any(
+                " failed health checks in round 1" in record.getMessage() or " failed the round's start" in record.getMessage()
+                for record in caplog.records
+            )
             for process in processes[:2]:
                 _, err = process.communicate(timeout=60)
                 assert process.returncode == 0, err
@@ -101,18 +112,57 @@ def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint_loadable(tmp
 def test_leader_killed_mid_run_resumes_and_learners_rejoin_with_the_uninterrupted_weights(tmp_path):
     from local_federation import free_port
 
-    common = ["--dataset", "synthetic", "--model", "tiny-cnn", "--device", "cpu", "--aggregation", "fedavg", "--learners", "3",
-              "--local-steps", "20", "--server-momentum", "0.5", "--rounds", "6", "--seed", "5", "--deterministic",
-              "--checkpoint-every", "1"]
-    straight = subprocess.run([sys.executable, "local_federation.py", *common, "--run-dir", str(tmp_path / "straight")],
-                              cwd=ROOT, capture_output=True, text=True, timeout=240)
+    common = [
+        "--dataset",
+        "synthetic",
+        "--model",
+        "tiny-cnn",
+        "--device",
+        "cpu",
+        "--aggregation",
+        "fedavg",
+        "--learners",
+        "3",
+        "--local-steps",
+        "20",
+        "--server-momentum",
+        "0.5",
+        "--rounds",
+        "6",
+        "--seed",
+        "5",
+        "--deterministic",
+        "--checkpoint-every",
+        "1",
+    ]
+    straight = subprocess.run(
+        [sys.executable, "local_federation.py", *common, "--run-dir", str(tmp_path / "straight")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     port = free_port()
     run_dir = tmp_path / "interrupted"
     leader_cmd = [sys.executable, "leader.py", *common, "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(run_dir)]
-    learner_cmd = [sys.executable, "learner.py", "--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1", "--device", "cpu",
-                   "--threads", "1", "--leader-lost-after", "3", "--connect-timeout", "60"]
+    learner_cmd = [
+        sys.executable,
+        "learner.py",
+        "--leader",
+        f"127.0.0.1:{port}",
+        "--host",
+        "127.0.0.1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--leader-lost-after",
+        "3",
+        "--connect-timeout",
+        "60",
+    ]
     leader = subprocess.Popen(leader_cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     logs = [tmp_path / f"learner{index}.log" for index in range(3)]
     learners = [subprocess.Popen(learner_cmd, cwd=ROOT, stderr=log.open("w")) for log in logs]
@@ -124,8 +174,13 @@ def test_leader_killed_mid_run_resumes_and_learners_rejoin_with_the_uninterrupte
         leader.wait(timeout=30)
         committed = checkpoint.load(checkpoint.latest(run_dir / "checkpoints"))[0]["round"]
         assert 2 <= committed < 6
-        resumed = subprocess.run([sys.executable, "leader.py", "--resume", str(run_dir), "--join-timeout", "60"],
-                                 cwd=ROOT, capture_output=True, text=True, timeout=180)
+        resumed = subprocess.run(
+            [sys.executable, "leader.py", "--resume", str(run_dir), "--join-timeout", "60"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert resumed.returncode == 0, resumed.stderr[-2000:] + "".join(log.read_text()[-1500:] for log in logs)
         assert f"resuming after round {committed}" in resumed.stderr
         for process, log in zip(learners, logs, strict=False):
@@ -178,8 +233,17 @@ def run_until_stopped(leader) -> tuple[threading.Thread, dict]:
 
 def test_a_frozen_learner_misses_the_round_has_its_late_update_refused_and_rejoins(tmp_path):
     # waits on events only: the run goes on until the frozen learner has taken part again, however long that takes
-    config = leader_config(tmp_path, learners=3, min_learners=2, round_timeout=0.0, learner_lost_after=6.0, rounds=10_000,
-                           aggregation="fedavg", local_steps=200, batch_size=16)
+    config = leader_config(
+        tmp_path,
+        learners=3,
+        min_learners=2,
+        round_timeout=0.0,
+        learner_lost_after=6.0,
+        rounds=10_000,
+        aggregation="fedavg",
+        local_steps=200,
+        batch_size=16,
+    )
     with running_leader(config) as running:
         leader = running.leader
         processes = [learner_process(running.address, *(["-v"] if index == 2 else [])) for index in range(3)]
@@ -234,8 +298,11 @@ def test_a_learner_lost_with_default_flags_leaves_the_run_going_and_its_restart_
             assert processes[1].wait(timeout=60) != 0 or signum == signal.SIGINT
             killed_after = len(leader.history)
             processes.append(learner_process(running.address))  # restarted at once, before the leader noticed
-            wait_until(lambda: len(leader.history) > killed_after
-                       and any(entry["learners_reported"] == 2 for entry in leader.history[killed_after + 1:]), timeout=240)
+            wait_until(
+                lambda: len(leader.history) > killed_after
+                and any(entry["learners_reported"] == 2 for entry in leader.history[killed_after + 1 :]),
+                timeout=240,
+            )
             assert processes[0].poll() is None  # the healthy learner never stopped
             leader.stop_event.set()
             runner.join(60)
@@ -254,9 +321,33 @@ def test_ctrl_c_on_the_leader_says_so_stops_and_saves_the_last_round(tmp_path):
 
     port = free_port()
     run_dir = tmp_path / "run"
-    leader = subprocess.Popen([sys.executable, "leader.py", "--dataset", "synthetic", "--model", "tiny-cnn", "--device", "cpu",
-                               "--host", "127.0.0.1", "--port", str(port), "--rounds", "10000", "--run-dir", str(run_dir),
-                               "--aggregation", "fedavg", "--local-steps", "5"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    leader = subprocess.Popen(
+        [
+            sys.executable,
+            "leader.py",
+            "--dataset",
+            "synthetic",
+            "--model",
+            "tiny-cnn",
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--rounds",
+            "10000",
+            "--run-dir",
+            str(run_dir),
+            "--aggregation",
+            "fedavg",
+            "--local-steps",
+            "5",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     learners = [learner_process(f"127.0.0.1:{port}") for _ in range(2)]
     try:
         seen = []
@@ -297,7 +388,9 @@ def test_reusing_a_runs_config_starts_a_new_run_directory_and_never_touches_the_
 
     monkeypatch.chdir(tmp_path)
     first = tmp_path / "runs" / "first"
-    saved = dataclasses.asdict(leader_module.LeaderConfig(dataset="synthetic", run_dir=str(first), checkpoint_dir=str(first / "checkpoints")))
+    saved = dataclasses.asdict(
+        leader_module.LeaderConfig(dataset="synthetic", run_dir=str(first), checkpoint_dir=str(first / "checkpoints"))
+    )
     (first / "checkpoints").mkdir(parents=True)
     (first / "config.json").write_text(json.dumps(saved))
     (first / "metrics.jsonl").write_text('{"round": 1}\n')
@@ -331,7 +424,10 @@ def test_checkpoints_are_written_by_time_and_after_the_last_round(tmp_path):
         running.leader.run()
     assert join_all(learners) == [0, 0]
     assert sorted(path.name for path in Path(config.checkpoint_dir).glob("round-*.json")) == [
-        "round-00001.json", "round-00002.json", "round-00003.json"]
+        "round-00001.json",
+        "round-00002.json",
+        "round-00003.json",
+    ]
 
 
 class Bystander(learner_pb2_grpc.LearnerServiceServicer):
@@ -349,8 +445,13 @@ class Bystander(learner_pb2_grpc.LearnerServiceServicer):
 def test_stalled_and_trickling_streams_are_cancelled_and_honest_learners_finish(tmp_path, monkeypatch, channel_to):
     monkeypatch.setattr(rpc, "CONTROL_TIMEOUT_S", 3.0)  # streams the leader allows last 3 s plus their bytes at 1 MB/s
     config = leader_config(tmp_path, learners=3, min_learners=2, round_timeout=10.0, rounds=2, stream_idle_timeout=1.0)
-    bystander, port, _ = rpc.create_server(lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(Bystander(), server),
-                                           "127.0.0.1", 0, max_workers=4, health_services=[rpc.LEARNER_SERVICE])
+    bystander, port, _ = rpc.create_server(
+        lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(Bystander(), server),
+        "127.0.0.1",
+        0,
+        max_workers=4,
+        health_services=[rpc.LEARNER_SERVICE],
+    )
     release = threading.Event()
     with running_leader(config) as running:
         leader = running.leader
@@ -373,8 +474,10 @@ def test_stalled_and_trickling_streams_are_cancelled_and_honest_learners_finish(
                         return
                     yield leader_pb2.GradientData(chunk=bytes(payload[index : index + 1]))
 
-            calls = [hostile.stub.AccumulateGradients.future(stream(), metadata=hostile.metadata())
-                     for stream in (silent, silent, trickle, trickle)]
+            calls = [
+                hostile.stub.AccumulateGradients.future(stream(), metadata=hostile.metadata())
+                for stream in (silent, silent, trickle, trickle)
+            ]
             wait_until(lambda: leader.limits.in_flight() >= 4, timeout=10)
             with pytest.raises(grpc.RpcError) as caught:
                 list(hostile.stub.GetModel(leader_pb2.Empty(), timeout=10, metadata=hostile.metadata()))

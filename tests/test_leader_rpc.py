@@ -57,13 +57,18 @@ def test_hostile_payloads_are_refused_and_the_model_is_unchanged(open_round):
     pickled = io.BytesIO()
     torch.save(good, pickled)
     blog_style = leader_pb2.GradientData(chunk=pickled.getvalue(), learner_id=0, round=1, num_examples=10)
-    assert_refused(lambda: client.stub.AccumulateGradients(iter([blog_style]), timeout=10, metadata=client.metadata()),
-                   grpc.StatusCode.INVALID_ARGUMENT, "no tensor manifest")
+    assert_refused(
+        lambda: client.stub.AccumulateGradients(iter([blog_style]), timeout=10, metadata=client.metadata()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "no tensor manifest",
+    )
 
     manifest, payload = wire.encode(good)
     # a pickle under a genuine manifest is refused on its length, and is never unpickled
     assert len(pickled.getvalue()) != len(payload)
-    assert_refused(lambda: send(client, manifest=manifest, payload=pickled.getvalue()), grpc.StatusCode.INVALID_ARGUMENT, "manifest declares")
+    assert_refused(
+        lambda: send(client, manifest=manifest, payload=pickled.getvalue()), grpc.StatusCode.INVALID_ARGUMENT, "manifest declares"
+    )
     assert_refused(lambda: send(client, manifest=manifest, payload=payload[:-4]), grpc.StatusCode.INVALID_ARGUMENT, "truncated")
     assert_refused(lambda: send(client, manifest=manifest, payload=payload + b"\0" * 8), grpc.StatusCode.INVALID_ARGUMENT, "longer")
 
@@ -132,8 +137,10 @@ def test_calls_without_a_valid_session_token_are_refused(open_round, channel_to)
     assert other.learner_id == 1
     # learner 1's token cannot act as learner 0
     assert_refused(lambda: update(other.metadata(), learner_id=0), grpc.StatusCode.PERMISSION_DENIED)
-    assert_refused(lambda: list(other.stub.GetData(leader_pb2.LearnerDataRequest(learner_id=0), timeout=10, metadata=other.metadata())),
-                   grpc.StatusCode.PERMISSION_DENIED)
+    assert_refused(
+        lambda: list(other.stub.GetData(leader_pb2.LearnerDataRequest(learner_id=0), timeout=10, metadata=other.metadata())),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
     assert running.leader.intake.round.summed().count == 0
 
 
@@ -148,27 +155,43 @@ def test_registration_limits_and_checks(tmp_path, channel_to):
     with running_leader(leader_config(tmp_path, learners=2)) as running:
         stub = leader_pb2_grpc.LeaderServiceStub(channel_to(running.address))
         info = dict(network_addr="127.0.0.1:1", callback_token="c" * 32, version=rpc.PROTOCOL_VERSION)
-        assert_refused(lambda: stub.RegisterLearner(leader_pb2.LearnerInfo(**{**info, "version": "0"}), timeout=10),
-                       grpc.StatusCode.FAILED_PRECONDITION, "same release")
-        assert_refused(lambda: stub.RegisterLearner(leader_pb2.LearnerInfo(**{**info, "network_addr": "no-port"}), timeout=10),
-                       grpc.StatusCode.INVALID_ARGUMENT, "host:port")
-        assert_refused(lambda: stub.RegisterLearner(leader_pb2.LearnerInfo(**{**info, "callback_token": "short"}), timeout=10),
-                       grpc.StatusCode.INVALID_ARGUMENT, "callback_token")
-        assert_refused(lambda: stub.RegisterLearner(leader_pb2.LearnerInfo(**{**info, "num_examples": 50}), timeout=10),
-                       grpc.StatusCode.FAILED_PRECONDITION, "--data-dir")
+        assert_refused(
+            lambda: stub.RegisterLearner(leader_pb2.LearnerInfo(**{**info, "version": "0"}), timeout=10),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "same release",
+        )
+        assert_refused(
+            lambda: stub.RegisterLearner(leader_pb2.LearnerInfo(**{**info, "network_addr": "no-port"}), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "host:port",
+        )
+        assert_refused(
+            lambda: stub.RegisterLearner(leader_pb2.LearnerInfo(**{**info, "callback_token": "short"}), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "callback_token",
+        )
+        assert_refused(
+            lambda: stub.RegisterLearner(leader_pb2.LearnerInfo(**{**info, "num_examples": 50}), timeout=10),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "--data-dir",
+        )
 
 
 def test_get_model_and_get_data_stream_checked_tensors(open_round):
     running, client = open_round
     leader = running.leader
-    received = wire.receive(client.stub.GetModel(leader_pb2.Empty(), timeout=10, metadata=client.metadata()),
-                            max_bytes=leader.intake.update_bytes, expected=leader.specs)
+    received = wire.receive(
+        client.stub.GetModel(leader_pb2.Empty(), timeout=10, metadata=client.metadata()),
+        max_bytes=leader.intake.update_bytes,
+        expected=leader.specs,
+    )
     assert received.header.round == 1
     for name, tensor in leader.model.state_dict().items():
         assert torch.equal(received.tensors[name], tensor)
 
-    data = wire.receive(client.stub.GetData(leader_pb2.LearnerDataRequest(learner_id=0), timeout=10, metadata=client.metadata()),
-                        max_bytes=1 << 30)
+    data = wire.receive(
+        client.stub.GetData(leader_pb2.LearnerDataRequest(learner_id=0), timeout=10, metadata=client.metadata()), max_bytes=1 << 30
+    )
     shard = leader.data_for(0)
     assert torch.equal(data.tensors["images"], shard.images)
     assert torch.equal(data.tensors["labels"], shard.labels)
@@ -183,7 +206,9 @@ def test_enrolment_secret_gates_registration_before_any_handler_runs(tmp_path, c
         stub = leader_pb2_grpc.LeaderServiceStub(channel_to(f"127.0.0.1:{port}"))
         info = leader_pb2.LearnerInfo(network_addr=callback_address(), callback_token="c" * 32, version=rpc.PROTOCOL_VERSION)
         for metadata in ((), ((rpc.ENROLMENT_METADATA_KEY, "battery staple"),)):
-            assert_refused(lambda: stub.RegisterLearner(info, timeout=10, metadata=metadata), grpc.StatusCode.UNAUTHENTICATED, "enrolment secret")
+            assert_refused(
+                lambda: stub.RegisterLearner(info, timeout=10, metadata=metadata), grpc.StatusCode.UNAUTHENTICATED, "enrolment secret"
+            )
         assert leader.roster.learner_for_token("anything") is None and not leader.roster.records()
         reply = stub.RegisterLearner(info, timeout=10, metadata=((rpc.ENROLMENT_METADATA_KEY, "correct horse"),))
         assert reply.success and reply.learner_id == 0
@@ -331,8 +356,9 @@ def test_an_update_is_answered_once_checked_and_the_round_waits_for_its_sum(tmp_
         assert current.reported == 2 and current.running.count == 0
         # both slots for pending sums are taken: the third update waits for one, but not past its call's deadline,
         # and is refused rather than taken after its sender has given up on it
-        assert_refused(lambda: send(clients[2], valid_update(leader, 0.07), timeout=1.0), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                       "send it again")
+        assert_refused(
+            lambda: send(clients[2], valid_update(leader, 0.07), timeout=1.0), grpc.StatusCode.RESOURCE_EXHAUSTED, "send it again"
+        )
         assert current.reported == 2 and 2 not in current.digests
         gate.set()
         assert send(clients[2], valid_update(leader, 0.07)).success  # the same update again, now there is room

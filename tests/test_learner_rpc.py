@@ -28,8 +28,9 @@ def learner_server(channel_to):
 
 def push(stub, tensors, token, round_number=2):
     manifest, payload = wire.encode(tensors)
-    return stub.SyncModelState(wire.stream(learner_pb2.ModelState, manifest, payload, round=round_number),
-                               timeout=10, metadata=rpc.token_metadata(token))
+    return stub.SyncModelState(
+        wire.stream(learner_pb2.ModelState, manifest, payload, round=round_number), timeout=10, metadata=rpc.token_metadata(token)
+    )
 
 
 def test_only_the_leader_holding_the_callback_token_is_obeyed(learner_server):

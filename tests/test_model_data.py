@@ -17,7 +17,9 @@ import utils
 from model import MODELS, build_model, memory_format_for, recompute_batchnorm
 
 
-@pytest.mark.parametrize("name, parameters", [("resnet18", 11_181_642), ("resnet18-cifar", 11_173_962), ("resnet20", 272_474), ("tiny-cnn", 11_642)])
+@pytest.mark.parametrize(
+    "name, parameters", [("resnet18", 11_181_642), ("resnet18-cifar", 11_173_962), ("resnet20", 272_474), ("tiny-cnn", 11_642)]
+)
 def test_models_take_native_32x32_inputs(name, parameters):
     model = build_model(name, 10)
     assert sum(p.numel() for p in model.parameters()) == parameters
@@ -174,10 +176,17 @@ def test_checkpoints_are_atomic_hashed_and_pruned(tmp_path):
 
 def test_checkpoint_files_are_safetensors_that_the_library_reads_back_for_every_dtype(tmp_path):
     state = {
-        "f32": torch.randn(3, 4), "f64": torch.randn(2, dtype=torch.float64), "f16": torch.randn(5).half(),
-        "bf16": torch.randn(5).bfloat16(), "i64": torch.tensor(7), "i32": torch.arange(3, dtype=torch.int32),
-        "i8": torch.tensor([-3, 4], dtype=torch.int8), "u8": torch.tensor([250], dtype=torch.uint8),
-        "mask": torch.tensor([True, False, True]), "empty": torch.zeros(0, 2), "strided": torch.arange(12.0).view(3, 4).t(),
+        "f32": torch.randn(3, 4),
+        "f64": torch.randn(2, dtype=torch.float64),
+        "f16": torch.randn(5).half(),
+        "bf16": torch.randn(5).bfloat16(),
+        "i64": torch.tensor(7),
+        "i32": torch.arange(3, dtype=torch.int32),
+        "i8": torch.tensor([-3, 4], dtype=torch.int8),
+        "u8": torch.tensor([250], dtype=torch.uint8),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 2),
+        "strided": torch.arange(12.0).view(3, 4).t(),
     }
     json_path = checkpoint.save(tmp_path, 1, state, {}, optimizer_state={"f32.momentum_buffer": torch.full((3, 4), 0.5)})
     written = safetensors_load((tmp_path / "round-00001.safetensors").read_bytes())  # the library's own reader

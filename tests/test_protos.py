@@ -3,19 +3,40 @@
 from __future__ import annotations
 
 import filecmp
+import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_checked_in_stubs_match_generate_protos(tmp_path):
-    subprocess.run(["bash", str(ROOT / "generate_protos.sh"), str(tmp_path)], check=True, cwd=ROOT)
+    # the interpreter running the tests, as from a virtual environment that is not activated: the script must use
+    # $PYTHON, for no python is on its PATH
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(
+        [str(bin_dir / "bash"), str(ROOT / "generate_protos.sh"), str(out)],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable, "PATH": str(bin_dir)},
+    )
+    tmp_path = out
     generated = sorted(path.name for path in (tmp_path / "protos").iterdir())
-    checked_in = sorted(path.name for path in (ROOT / "protos").iterdir() if path.name.endswith((".py", ".pyi")) and path.name != "__init__.py")
+    checked_in = sorted(
+        path.name for path in (ROOT / "protos").iterdir() if path.name.endswith((".py", ".pyi")) and path.name != "__init__.py"
+    )
     assert generated == checked_in
     for name in generated:
-        assert filecmp.cmp(tmp_path / "protos" / name, ROOT / "protos" / name, shallow=False), f"protos/{name} is stale: run ./generate_protos.sh"
+        assert filecmp.cmp(tmp_path / "protos" / name, ROOT / "protos" / name, shallow=False), (
+            f"protos/{name} is stale: run ./generate_protos.sh"
+        )
 
 
 def test_blog_field_numbers_are_kept():
@@ -26,7 +47,11 @@ def test_blog_field_numbers_are_kept():
 
     assert numbers(leader_pb2.LearnerInfo)["network_addr"] == 1
     assert {k: v for k, v in numbers(leader_pb2.AckWithMetadata).items() if v <= 4} == {
-        "success": 1, "message": 2, "learner_id": 3, "max_learners": 4}
+        "success": 1,
+        "message": 2,
+        "learner_id": 3,
+        "max_learners": 4,
+    }
     for message in (leader_pb2.ModelChunk, leader_pb2.DataChunk, leader_pb2.GradientData, learner_pb2.ModelState):
         assert numbers(message)["chunk"] == 1
     for message in (leader_pb2.Ack, learner_pb2.Ack):

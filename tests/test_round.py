@@ -41,8 +41,9 @@ def run_federation(tmp_path, learner_flags=None, **overrides):
 
 @pytest.mark.parametrize("warmup_rounds, lr", [(0, LR), (2, LR / 2)])  # round 1 of a 2-round warm-up: half the lr
 def test_fedsgd_round_equals_one_sgd_step_on_the_union_of_batches(tmp_path, warmup_rounds, lr):
-    config, initial, final, history = run_federation(tmp_path, aggregation="fedsgd", rounds=1, warmup_rounds=warmup_rounds,
-                                                     lr_schedule="cosine")
+    config, initial, final, history = run_federation(
+        tmp_path, aggregation="fedsgd", rounds=1, warmup_rounds=warmup_rounds, lr_schedule="cosine"
+    )
 
     central = build_model("tiny-cnn")
     central.load_state_dict(initial)
@@ -58,8 +59,9 @@ def test_fedsgd_round_equals_one_sgd_step_on_the_union_of_batches(tmp_path, warm
         torch.testing.assert_close(final[name], tensor, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("learner_flags", [["--channels-last", "on"], ["--channels-last", "off"], ["--compile"]],
-                         ids=["channels-last", "contiguous", "compiled"])
+@pytest.mark.parametrize(
+    "learner_flags", [["--channels-last", "on"], ["--channels-last", "off"], ["--compile"]], ids=["channels-last", "contiguous", "compiled"]
+)
 def test_fedavg_round_equals_average_of_independently_trained_models(tmp_path, learner_flags):
     steps = 3  # the reference trains in the default memory format, uncompiled: neither may change the result
     config, initial, final, history = run_federation(tmp_path, learner_flags, aggregation="fedavg", local_steps=steps, rounds=1)
@@ -84,8 +86,9 @@ def test_fedavg_round_equals_average_of_independently_trained_models(tmp_path, l
 @pytest.mark.parametrize("keep_momentum", [False, True])
 def test_fedavg_learners_keep_momentum_across_rounds_only_when_asked(tmp_path, keep_momentum):
     rounds = 2  # one full-shard step a round: round 2's step starts from round 1's momentum, or from none
-    config, initial, final, history = run_federation(tmp_path, aggregation="fedavg", local_steps=1, rounds=rounds,
-                                                     keep_momentum=keep_momentum)
+    config, initial, final, history = run_federation(
+        tmp_path, aggregation="fedavg", local_steps=1, rounds=rounds, keep_momentum=keep_momentum
+    )
 
     data = shards(SEED)
 
@@ -156,8 +159,17 @@ def test_local_data_mode_trains_on_the_learners_files_and_never_sends_data(tmp_p
     make_image_folder(tmp_path / "leader", "test", per_class=10, seed=0)
     for index in range(2):
         make_image_folder(tmp_path / f"learner{index}", "train", per_class=12, seed=index + 1)
-    config = leader_config(tmp_path, dataset="imagefolder", data_dir=str(tmp_path / "leader"), data_mode="local",
-                           aggregation="fedavg", local_epochs=2, batch_size=8, rounds=2, lr=0.05)
+    config = leader_config(
+        tmp_path,
+        dataset="imagefolder",
+        data_dir=str(tmp_path / "leader"),
+        data_mode="local",
+        aggregation="fedavg",
+        local_epochs=2,
+        batch_size=8,
+        rounds=2,
+        lr=0.05,
+    )
     with running_leader(config) as running:
         assert running.leader.train_data is None
         threads = []
@@ -170,17 +182,23 @@ def test_local_data_mode_trains_on_the_learners_files_and_never_sends_data(tmp_p
 
     with running_leader(config) as running:
         stub = leader_pb2_grpc.LeaderServiceStub(channel_to(running.address))
-        info = leader_pb2.LearnerInfo(network_addr=callback_address(), callback_token="c" * 32, num_examples=24, version=rpc.PROTOCOL_VERSION)
+        info = leader_pb2.LearnerInfo(
+            network_addr=callback_address(), callback_token="c" * 32, num_examples=24, version=rpc.PROTOCOL_VERSION
+        )
         reply = stub.RegisterLearner(info, timeout=10)
         with pytest.raises(grpc.RpcError) as caught:
-            list(stub.GetData(leader_pb2.LearnerDataRequest(learner_id=reply.learner_id), timeout=10,
-                              metadata=rpc.token_metadata(reply.session_token)))
+            list(
+                stub.GetData(
+                    leader_pb2.LearnerDataRequest(learner_id=reply.learner_id), timeout=10, metadata=rpc.token_metadata(reply.session_token)
+                )
+            )
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_recompute_bn_gives_the_global_model_the_statistics_of_its_own_weights(tmp_path):
-    config = leader_config(tmp_path, model="resnet20", aggregation="fedavg", local_steps=1, batch_size=64, seed=SEED,
-                           recompute_bn=2000)  # the whole synthetic training set, in two batches of 1000
+    config = leader_config(
+        tmp_path, model="resnet20", aggregation="fedavg", local_steps=1, batch_size=64, seed=SEED, recompute_bn=2000
+    )  # the whole synthetic training set, in two batches of 1000
     with running_leader(config) as running:
         learners = start_learners(running.address, 2)
         running.leader.run()

@@ -22,9 +22,24 @@ from recorder import Recorder, TensorBoardMissing
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CNN_BYTES = 11_642 * 4  # float32 parameters of tiny-cnn, its whole state
 METRIC_FIELDS = {
-    "round", "wall_time", "learners_selected", "learners_reported", "learners_dropped", "bytes_in", "bytes_out", "train_loss", "test_loss",
-    "test_accuracy", "update_norm_mean", "update_norm_max", "updates_rejected", "updates_clipped", "model_rejected", "aggregate_norm",
-    "round_seconds", "elapsed_seconds",
+    "round",
+    "wall_time",
+    "learners_selected",
+    "learners_reported",
+    "learners_dropped",
+    "bytes_in",
+    "bytes_out",
+    "train_loss",
+    "test_loss",
+    "test_accuracy",
+    "update_norm_mean",
+    "update_norm_max",
+    "updates_rejected",
+    "updates_clipped",
+    "model_rejected",
+    "aggregate_norm",
+    "round_seconds",
+    "elapsed_seconds",
 }
 
 
@@ -76,9 +91,11 @@ def test_checkpoint_every_writes_every_nth_round_and_the_last(tmp_path):
 
 def write_metrics(run_dir: Path, accuracies: list[float]) -> None:
     run_dir.mkdir(parents=True)
-    lines = [json.dumps({"round": r + 1, "test_accuracy": a, "test_loss": 1 - a, "train_loss": 1.5 - a, "bytes_in": 10, "bytes_out": 20})
-             for r, a in enumerate(accuracies)]
-    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"round\": 4, \"test_acc")  # torn last line
+    lines = [
+        json.dumps({"round": r + 1, "test_accuracy": a, "test_loss": 1 - a, "train_loss": 1.5 - a, "bytes_in": 10, "bytes_out": 20})
+        for r, a in enumerate(accuracies)
+    ]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"round": 4, "test_acc')  # torn last line
 
 
 def test_plot_command_draws_one_or_several_runs(tmp_path):
@@ -89,11 +106,19 @@ def test_plot_command_draws_one_or_several_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "a" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     out = tmp_path / "both.png"
-    result = subprocess.run([sys.executable, "plots.py", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "plots.py", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and out.read_bytes()[:4] == b"\x89PNG"
     result = subprocess.run([sys.executable, "plots.py", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and result.stderr.strip() == f"plots: no metrics.jsonl in {tmp_path}: is it a run directory written by leader.py?"
+    assert (
+        result.returncode == 1
+        and result.stderr.strip() == f"plots: no metrics.jsonl in {tmp_path}: is it a run directory written by leader.py?"
+    )
 
 
 def test_config_file_values_apply_and_flags_win(tmp_path):
@@ -111,10 +136,10 @@ def test_config_file_values_apply_and_flags_win(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('rounds = 3\nbogus = 1\n', "unknown setting 'bogus'"),
+        ("rounds = 3\nbogus = 1\n", "unknown setting 'bogus'"),
         ('rounds = "many"\n', "--rounds: invalid positive_int value: 'many'"),
         ('model = "gpt"\n', "invalid choice: 'gpt'"),
-        ('rounds = \n', "is not valid TOML"),
+        ("rounds = \n", "is not valid TOML"),
     ],
 )
 def test_bad_config_files_get_one_line_errors(tmp_path, content, message):
@@ -176,6 +201,20 @@ def test_status_line_is_silent_off_a_terminal_and_rewrites_in_place_on_one():
     line.show("round 1/5: 0/2 learners reported")
     line.show("round 1/5: 1/2")
     line.clear()
-    assert terminal.getvalue() == (
-        "\rround 1/5: 0/2 learners reported" + "\rround 1/5: 1/2" + " " * 18 + "\r" + " " * 14 + "\r"
-    )
+    assert terminal.getvalue() == ("\rround 1/5: 0/2 learners reported" + "\rround 1/5: 1/2" + " " * 18 + "\r" + " " * 14 + "\r")
+
+
+def test_a_log_line_clears_the_status_line_before_it_prints(monkeypatch):
+    import io
+    import logging
+
+    from cli import StatusLine
+
+    terminal = io.StringIO()
+    line = StatusLine(terminal, enabled=True)
+    handler = logging.StreamHandler(terminal)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+    line.keep_logs_apart()
+    line.show("round 1/5: 0/2")
+    logging.getLogger("status-line-test").warning("learner 1 marked absent")
+    assert terminal.getvalue() == "\rround 1/5: 0/2" + "\r" + " " * 14 + "\r" + "learner 1 marked absent\n"

@@ -14,7 +14,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import leader as leader_module
 import learner as learner_module
-import roster as roster_module
 import rpc
 import wire
 from conftest import callback_address, join_all, leader_config, register_client, running_leader, start_learners, wait_until
@@ -31,8 +30,9 @@ def assert_refused(call, code, fragment=""):
 
 def send(client, tensors, round=1, num_examples=10):
     manifest, payload = wire.encode(tensors)
-    messages = wire.stream(leader_pb2.GradientData, manifest, payload, learner_id=client.learner_id, round=round,
-                           num_examples=num_examples, train_loss=1.0)
+    messages = wire.stream(
+        leader_pb2.GradientData, manifest, payload, learner_id=client.learner_id, round=round, num_examples=num_examples, train_loss=1.0
+    )
     return client.stub.AccumulateGradients(messages, timeout=10, metadata=client.metadata())
 
 
@@ -102,8 +102,11 @@ def test_a_model_that_explodes_is_never_published_and_the_last_good_one_is_kept(
         assert metrics["model_rejected"] and not leader.strategy.optimizer.state  # the momentum that took it in is gone
         for name, tensor in leader.model.state_dict().items():
             assert torch.equal(tensor, before[name]), name
-        published = wire.receive(client.stub.GetModel(leader_pb2.Empty(), timeout=10, metadata=client.metadata()),
-                                 max_bytes=leader.model_bytes, expected=leader.specs)
+        published = wire.receive(
+            client.stub.GetModel(leader_pb2.Empty(), timeout=10, metadata=client.metadata()),
+            max_bytes=leader.model_bytes,
+            expected=leader.specs,
+        )
         assert published.header.round == 2
         for name, tensor in published.tensors.items():
             assert torch.equal(tensor, before[name]), name
@@ -120,13 +123,25 @@ def test_a_model_that_explodes_is_never_published_and_the_last_good_one_is_kept(
 
 
 def test_a_learner_claiming_a_billion_examples_weighs_at_most_four_times_the_median(tmp_path, channel_to):
-    config = leader_config(tmp_path, learners=2, aggregation="fedavg", data_mode="local", dataset="imagefolder",
-                           local_epochs=1, server_opt="sgd", max_norm_ratio=0.0)
+    config = leader_config(
+        tmp_path,
+        learners=2,
+        aggregation="fedavg",
+        data_mode="local",
+        dataset="imagefolder",
+        local_epochs=1,
+        server_opt="sgd",
+        max_norm_ratio=0.0,
+    )
     test_data = leader_module.load_dataset("synthetic", None, train=False)
     leader = leader_module.Leader(config, test_data, None)
     for token, claimed in (("c" * 32, 100), ("d" * 32, 10**9)):  # the roster calls each back at the shared CallbackServer
-        leader.roster.register(leader_pb2.LearnerInfo(network_addr=callback_address(), callback_token=token, num_examples=claimed,
-                                                      version=rpc.PROTOCOL_VERSION), peer="ipv4:127.0.0.1:1")
+        leader.roster.register(
+            leader_pb2.LearnerInfo(
+                network_addr=callback_address(), callback_token=token, num_examples=claimed, version=rpc.PROTOCOL_VERSION
+            ),
+            peer="ipv4:127.0.0.1:1",
+        )
     try:
         current = leader.open_round(1)
         assert current.max_weight == 4 * 100  # the lower median of the claims (100, 10^9), times --max-weight-ratio
@@ -169,12 +184,19 @@ def test_registrations_naming_other_hosts_metadata_addresses_or_huge_names_are_r
             listener.listen()
             listener.settimeout(0.5)
             other = f"127.0.0.2:{listener.getsockname()[1]}"
-            assert_refused(lambda: stub.RegisterLearner(info(other), timeout=10), grpc.StatusCode.INVALID_ARGUMENT,
-                           "not the address this registration came from (127.0.0.1)")
-            assert_refused(lambda: stub.RegisterLearner(info("169.254.169.254:80"), timeout=10), grpc.StatusCode.INVALID_ARGUMENT,
-                           "link-local")
-            details = assert_refused(lambda: stub.RegisterLearner(info("h" * 1_000_000 + ":80"), timeout=10),
-                                     grpc.StatusCode.INVALID_ARGUMENT, "longer than a DNS name allows")
+            assert_refused(
+                lambda: stub.RegisterLearner(info(other), timeout=10),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "not the address this registration came from (127.0.0.1)",
+            )
+            assert_refused(
+                lambda: stub.RegisterLearner(info("169.254.169.254:80"), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "link-local"
+            )
+            details = assert_refused(
+                lambda: stub.RegisterLearner(info("h" * 1_000_000 + ":80"), timeout=10),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "longer than a DNS name allows",
+            )
             assert len(details) < 500
             with pytest.raises(socket.timeout):
                 listener.accept()  # nobody called it
@@ -185,8 +207,11 @@ def test_registrations_naming_other_hosts_metadata_addresses_or_huge_names_are_r
 def test_a_registration_naming_the_leader_itself_is_refused_and_a_default_run_goes_on(tmp_path, channel_to):
     with running_leader(leader_config(tmp_path, round_timeout=0.0)) as running:
         stub = leader_pb2_grpc.LeaderServiceStub(channel_to(running.address))
-        assert_refused(lambda: stub.RegisterLearner(info(running.address), timeout=10), grpc.StatusCode.FAILED_PRECONDITION,
-                       f"cannot call this learner back at {running.address} (it does not serve learner.LearnerService")
+        assert_refused(
+            lambda: stub.RegisterLearner(info(running.address), timeout=10),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"cannot call this learner back at {running.address} (it does not serve learner.LearnerService",
+        )
         assert not running.leader.roster.records()  # it never held a slot
         learners = start_learners(running.address, 2)
         history = running.leader.run()
@@ -202,9 +227,14 @@ def test_registrations_nobody_answers_hold_no_slot_and_honest_learners_get_in(tm
         address = f"127.0.0.1:{silent.getsockname()[1]}"
         tokens = [f"{index:032d}" for index in range(6)]
         with ThreadPoolExecutor(max_workers=6) as pool:
-            strangers = [pool.submit(lambda token=token: stub.RegisterLearner(
-                leader_pb2.LearnerInfo(network_addr=address, callback_token=token, version=rpc.PROTOCOL_VERSION), timeout=30))
-                for token in tokens]
+            strangers = [
+                pool.submit(
+                    lambda token=token: stub.RegisterLearner(
+                        leader_pb2.LearnerInfo(network_addr=address, callback_token=token, version=rpc.PROTOCOL_VERSION), timeout=30
+                    )
+                )
+                for token in tokens
+            ]
             learners = start_learners(running.address, 2)
             history = running.leader.run()
             codes = []
@@ -213,7 +243,7 @@ def test_registrations_nobody_answers_hold_no_slot_and_honest_learners_get_in(tm
                     future.result()
                 codes.append(caught.value.code())
                 # refused after its call-back timed out, or at once as one host's share of calls without a session
-                assert ("DEADLINE_EXCEEDED" in caught.value.details() or "calls without a session from 127.0.0.1" in caught.value.details())
+                assert "DEADLINE_EXCEEDED" in caught.value.details() or "calls without a session from 127.0.0.1" in caught.value.details()
             assert set(codes) <= {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED}
             assert grpc.StatusCode.FAILED_PRECONDITION in codes
     assert join_all(learners) == [0, 0]
@@ -241,8 +271,9 @@ def test_fifty_unauthenticated_health_watches_leave_members_served(tmp_path, cha
             assert opened == rpc.MAX_STRANGER_STREAMS_PER_PEER and refused == 50 - opened
             member = channel_to(running.address)
             for _ in range(20):  # members' calls and a member's health check are all answered
-                reply = client.stub.Heartbeat(leader_pb2.HeartbeatRequest(learner_id=client.learner_id), timeout=10,
-                                              metadata=client.metadata())
+                reply = client.stub.Heartbeat(
+                    leader_pb2.HeartbeatRequest(learner_id=client.learner_id), timeout=10, metadata=client.metadata()
+                )
                 assert reply.success
                 assert rpc.is_serving(member, timeout=10, token=client.token)
             assert running.leader.limits.strangers_in_flight()[1] == opened
@@ -270,7 +301,7 @@ def test_health_watches_on_a_learner_leave_the_leaders_calls_served(channel_to):
         leader_side = channel_to(address)
         for _ in range(10):  # the leader's check and StartTraining carry the callback secret: a member's calls
             assert rpc.health_check(leader_side, 10, rpc.LEARNER_SERVICE, learner.callback_token) is None
-        stub = roster_module.learner_stub(leader_side)
+        stub = rpc.learner_stub(leader_side)
         reply = stub.StartTraining(leader_module.learner_pb2.Empty(), timeout=10, metadata=rpc.token_metadata(learner.callback_token))
         assert reply.success
         for watch in watches:
@@ -292,8 +323,11 @@ def test_an_update_manifest_far_larger_than_the_models_is_refused_unparsed(tmp_p
             manifest.tensors.add(name=f"t{index}", dtype="float32", shape=[1])
         assert manifest.ByteSize() > 5_000_000
         message = leader_pb2.GradientData(manifest=manifest, learner_id=client.learner_id, round=1, num_examples=1)
-        details = assert_refused(lambda: client.stub.AccumulateGradients(iter([message]), timeout=30, metadata=client.metadata()),
-                                 grpc.StatusCode.INVALID_ARGUMENT, "exceeds the")
+        details = assert_refused(
+            lambda: client.stub.AccumulateGradients(iter([message]), timeout=30, metadata=client.metadata()),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "exceeds the",
+        )
         assert "bytes its manifest, a chunk and a header take" in details  # refused on its size, before protobuf parsed it
 
 
@@ -313,7 +347,10 @@ def test_a_data_stream_declaring_more_than_the_announced_split_is_refused_before
     learner.stub.GetData = fake_get_data
     try:
         # refused on the declared shape, which receive() checks before it allocates the payload
-        with pytest.raises(learner_module.LearnerError, match=r"malformed data split: tensor 'images' has shape \[1048576, 3, 32, 32\], expected \[10, 3, 32, 32\]"):
+        with pytest.raises(
+            learner_module.LearnerError,
+            match=r"malformed data split: tensor 'images' has shape \[1048576, 3, 32, 32\], expected \[10, 3, 32, 32\]",
+        ):
             learner._fetch_data()
     finally:
         learner.channel.close()

@@ -171,7 +171,11 @@ def test_bad_names_and_values_raise():
         server_opt.build_server_optimizer("yogi", [_param()], lr=1.0, weight_decay=0.1)
     with pytest.raises(ValueError, match="mode"):
         server_opt.FedOpt([_param()], "sgd", 1.0)
-    for kwargs, word in [({"lr": -1.0}, "lr"), ({"lr": 1.0, "beta1": 1.0}, "beta1"), ({"lr": 1.0, "beta2": -0.1}, "beta2"),
-                         ({"lr": 1.0, "tau": 0.0}, "tau")]:
+    for kwargs, word in [
+        ({"lr": -1.0}, "lr"),
+        ({"lr": 1.0, "beta1": 1.0}, "beta1"),
+        ({"lr": 1.0, "beta2": -0.1}, "beta2"),
+        ({"lr": 1.0, "tau": 0.0}, "tau"),
+    ]:
         with pytest.raises(ValueError, match=word):
             server_opt.FedOpt([_param()], "adam", **kwargs)

@@ -35,9 +35,13 @@ def pki(tmp_path_factory) -> dict[str, str]:
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
-        x509.CertificateBuilder().subject_name(_name("test CA")).issuer_name(_name("test CA"))
-        .public_key(ca_key.public_key()).serial_number(1)
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(_name("test CA"))
+        .issuer_name(_name("test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
@@ -46,10 +50,16 @@ def pki(tmp_path_factory) -> dict[str, str]:
     for serial, role in enumerate(("leader", "learner"), start=2):
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
-            x509.CertificateBuilder().subject_name(_name(role)).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(serial)
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            x509.CertificateBuilder()
+            .subject_name(_name(role))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
             .sign(ca_key, hashes.SHA256())
         )
         (directory / f"{role}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -65,7 +75,9 @@ def tls_leader_config(tmp_path, pki, **overrides):
 def test_a_round_completes_over_mutual_tls(tmp_path, pki):
     leader, server, port, _ = leader_module.serve(tls_leader_config(tmp_path, pki, rounds=2, aggregation="fedavg", local_steps=2))
     try:
-        learners = start_learners(f"127.0.0.1:{port}", 2, ["--tls-cert", pki["learner_cert"], "--tls-key", pki["learner_key"], "--tls-ca", pki["ca"]])
+        learners = start_learners(
+            f"127.0.0.1:{port}", 2, ["--tls-cert", pki["learner_cert"], "--tls-key", pki["learner_key"], "--tls-ca", pki["ca"]]
+        )
         history = leader.run()
         assert [entry["learners_reported"] for entry in history] == [2, 2]
         assert join_all(learners) == [0, 0]
@@ -79,10 +91,12 @@ def test_clients_without_a_certificate_are_refused_under_mutual_tls(tmp_path, pk
     address = f"127.0.0.1:{port}"
     tls = rpc.Tls.from_files(pki["learner_cert"], pki["learner_key"], pki["ca"])
     # the learner's side of the registration check: a TLS server that answers health for the learner service
-    callback, callback_port, _ = rpc.create_server(lambda server: None, "127.0.0.1", 0, max_workers=4, tls=tls,
-                                                   health_services=[rpc.LEARNER_SERVICE])
-    info = leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{callback_port}", callback_token="c" * 32,
-                                  version=rpc.PROTOCOL_VERSION, tls=True)
+    callback, callback_port, _ = rpc.create_server(
+        lambda server: None, "127.0.0.1", 0, max_workers=4, tls=tls, health_services=[rpc.LEARNER_SERVICE]
+    )
+    info = leader_pb2.LearnerInfo(
+        network_addr=f"127.0.0.1:{callback_port}", callback_token="c" * 32, version=rpc.PROTOCOL_VERSION, tls=True
+    )
     ca = Path(pki["ca"]).read_bytes()
     channels = {
         "no client certificate": grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca)),

@@ -220,8 +220,10 @@ def test_frames_are_the_bytes_protobuf_would_send_and_the_receiver_reads_them_ba
     manifest, payload = wire.encode(tensors)
     for chunk_bytes in (5, wire.CHUNK_BYTES):  # many chunks, and one
         framed = list(wire.frames(leader_pb2.GradientData, manifest, payload, chunk_bytes, round=3, learner_id=1))
-        sent = [message.SerializeToString() for message in wire.stream(leader_pb2.GradientData, manifest, payload, chunk_bytes,
-                                                                         round=3, learner_id=1)]
+        sent = [
+            message.SerializeToString()
+            for message in wire.stream(leader_pb2.GradientData, manifest, payload, chunk_bytes, round=3, learner_id=1)
+        ]
         assert framed == sent
     big = {"w": torch.arange(100_000, dtype=torch.float32)}  # 400,000 bytes: 300-byte chunks need a two-byte length
     manifest, payload = wire.encode(big)
