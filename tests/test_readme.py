@@ -1,0 +1,147 @@
+"""Every command in the README runs: the quickstart as written, the rest shrunk to synthetic data and one or two rounds."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from local_federation import free_port
+
+README = (ROOT / "README.md").read_text()
+# Appended to commands that would train on CIFAR-10 for many rounds: later flags win, so the command is the
+# README's, on synthetic data, for one round of two local steps.
+SMALL = ["--dataset", "synthetic", "--rounds", "1", "--local-steps", "2", "--device", "cpu"]
+RUN_TIMEOUT_S = 600
+
+
+def fenced(language: str) -> list[str]:
+    """The bodies of the README's fenced blocks in `language`."""
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def commands() -> list[str]:
+    """Every line of the README's sh blocks."""
+    return [line.strip() for block in fenced("sh") for line in block.splitlines() if line.strip()]
+
+
+def run(args: list[str], cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, **kwargs)
+
+
+def python_command(command: str) -> list[str]:
+    """A README command line as arguments for this interpreter (`python` is the one running the tests)."""
+    args = shlex.split(command)
+    assert args[0] == "python", command
+    return [sys.executable, *args[1:]]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_readme_command_is_one_this_file_runs():
+    known = {
+        "pip install -r requirements.txt && python local_federation.py --model resnet20 --aggregation fedavg --batch-size 64 --lr 0.05 --rounds 5",
+        "pip install -r requirements.txt && python -m pytest",  # .ci/run runs exactly this
+        "python local_federation.py --dataset synthetic --model tiny-cnn --aggregation fedavg --local-steps 20 --rounds 5",
+        "python leader.py --learners 2 --model resnet20 --aggregation fedavg --rounds 20",
+        "python learner.py --leader LEADER_HOST:10134",
+        "python local_federation.py --resume runs/RUN --rounds 40",
+    }
+    assert set(commands()) == known
+    assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_offline_quickstart_learns(tmp_path):
+    (command,) = [line for line in commands() if "--dataset synthetic" in line]
+    result = run([*python_command(command), "--run-dir", str(tmp_path / "run")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metrics(tmp_path / "run")[-1]["test_accuracy"] > 0.9
+
+
+def test_the_main_job_runs_on_a_small_data_set(tmp_path):
+    (command,) = [line for line in commands() if "--model resnet20 --aggregation fedavg --batch-size 64" in line]
+    main_job = command.split("&& ", 1)[1]
+    result = run([*python_command(main_job), *SMALL, "--run-dir", str(tmp_path / "run")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [entry["learners_reported"] for entry in metrics(tmp_path / "run")] == [2]
+
+
+def test_the_across_machines_commands_run_on_loopback(tmp_path):
+    (leader_command,) = [line for line in commands() if line.startswith("python leader.py")]
+    (learner_command,) = [line for line in commands() if line.startswith("python learner.py")]
+    port = free_port()
+    leader = subprocess.Popen(
+        [*python_command(leader_command), *SMALL, "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(tmp_path / "run")],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    learner_args = python_command(learner_command.replace("LEADER_HOST:10134", f"127.0.0.1:{port}"))
+    learners = [
+        subprocess.Popen([*learner_args, "--host", "127.0.0.1", "--device", "cpu"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        _, err = leader.communicate(timeout=RUN_TIMEOUT_S)
+        assert leader.returncode == 0, err[-3000:]
+        for learner in learners:
+            _, learner_err = learner.communicate(timeout=60)
+            assert learner.returncode == 0, learner_err[-3000:]
+        assert [entry["learners_reported"] for entry in metrics(tmp_path / "run")] == [2]
+    finally:
+        for process in [leader, *learners]:
+            if process.poll() is None:
+                process.kill()
+
+
+def test_resume_and_the_checkpoint_snippet_work_from_the_readme(tmp_path):
+    run_dir = tmp_path / "runs" / "RUN"
+    first = run(
+        [
+            sys.executable,
+            "local_federation.py",
+            "--dataset",
+            "synthetic",
+            "--model",
+            "tiny-cnn",
+            "--aggregation",
+            "fedavg",
+            "--local-steps",
+            "2",
+            "--rounds",
+            "1",
+            "--device",
+            "cpu",
+            "--run-dir",
+            str(run_dir),
+        ]
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    (command,) = [line for line in commands() if "--resume" in line]
+    resumed = run(python_command(command.replace("runs/RUN", str(run_dir)).replace("--rounds 40", "--rounds 2")))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [entry["round"] for entry in metrics(run_dir)] == [1, 2]
+
+    (snippet,) = fenced("python")
+    script = tmp_path / "elsewhere" / "load.py"
+    script.parent.mkdir()
+    script.write_text(snippet.replace("/path/to/runs/RUN", str(run_dir)) + "print(sum(p.numel() for p in model.parameters()))\n")
+    loaded = run([sys.executable, str(script)], cwd=script.parent, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert int(loaded.stdout.split()[-1]) == 11642  # tiny-cnn's parameters
+
+
+@pytest.mark.parametrize("command", ["leader.py", "learner.py", "local_federation.py"])
+def test_help_lists_the_flags_in_groups(command):
+    result = run([sys.executable, command, "--help"])
+    assert result.returncode == 0
+    for group in ("federation:", "faults and timeouts:", "security:", "output:"):
+        assert f"\n{group}\n" in result.stdout, (command, group)
