@@ -34,7 +34,7 @@ from model import build_model, evaluate, recompute_batchnorm
 from options import STRAGGLER_GRACE_FACTOR, STRAGGLER_GRACE_MIN_S, LeaderConfig, parse_leader_config
 from protos import leader_pb2, leader_pb2_grpc, learner_pb2
 from recorder import Recorder, TensorBoardMissing
-from roster import LearnerRecord, Roster
+from roster import LearnerRecord, Roster, call_learner
 from strategy import Strategy
 from utils import IMAGE_SHAPE, DataError, ImageData, derive_seed, load_dataset, normalize, resolve_device, split_by
 
@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 1000
 WAIT_SLICE_S = 0.5  # how often waits wake up to check for shutdown
-STOP_TIMEOUT_S = 5.0  # a stop message is tiny; a learner that cannot take it in 5 s is frozen or gone
 HEALTH_PROBE_INTERVAL_S = 5.0  # how often the leader checks the members that have not reported yet
 SERVER_STOP_GRACE_S = 2.0  # calls in flight at shutdown get this long; learners were told to stop first
 MAX_PARALLEL_CALLS = 32  # calls to learners in flight at once (round starts, pushes, health checks)
@@ -219,34 +218,16 @@ class Leader:
         return self.history
 
     def wait_for_learners(self) -> None:
-        """Block until --learners live learners have registered, the join timeout passes, or shutdown.
-
-        When the federation fills up, every learner's health is checked: one that died after registering
-        frees its slot for the next to register, rather than holding up the first round.
-        """
+        """Block until --learners live learners have registered (each checked once the slots are full), the join timeout, or shutdown."""
         config = self.config
-        deadline = time.monotonic() + config.join_timeout
-        while True:
-            with self._cond:
-                while (joined := len(self.roster.alive())) < config.learners:
-                    self._check_stop()
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise RunError(
-                            f"only {joined} of {config.learners} learners registered within {config.join_timeout:.0f}s "
-                            f"(--join-timeout); start more with: python learner.py --leader HOST:{config.port}"
-                        )
-                    self._cond.wait(min(remaining, WAIT_SLICE_S))
-            records = self.roster.alive()
-            for record, answer in zip(records, self.roster.check(records, STOP_TIMEOUT_S), strict=False):
-                if answer is not None:
-                    self.roster.mark_absent(
-                        record, f"it stopped answering before training ({answer}); its slot goes to the next to register"
-                    )
-            with self._cond:
-                if len(self.roster.alive()) >= config.learners:
-                    self.started = True
-                    break
+        if not self.roster.fill(time.monotonic() + config.join_timeout, self.stop_event.is_set):
+            self._check_stop()
+            raise RunError(
+                f"only {len(self.roster.alive())} of {config.learners} learners registered within {config.join_timeout:.0f}s "
+                f"(--join-timeout); start more with: python learner.py --leader HOST:{config.port}"
+            )
+        with self._cond:
+            self.started = True
         logger.info("all %d learners registered; starting training", config.learners)
 
     def open_round(self, number: int) -> RoundState:
@@ -286,7 +267,7 @@ class Leader:
             return reply
 
         for record in records:  # not awaited: a learner that is slow to take the model must not hold up the others
-            self._calls.submit(_try_call, begin, record).add_done_callback(
+            self._calls.submit(call_learner, begin, record).add_done_callback(
                 lambda outcome, record=record: self.roster.mark_absent_on_error(record, "the round's start", outcome.result())
             )
 
@@ -424,15 +405,8 @@ class Leader:
             raise RunError("leader shutting down")
 
     def stop_learners(self, reason: str) -> None:
-        """Tell every learner to stop, those marked absent too, in case they come back (best effort, short deadline)."""
-
-        def stop(record: LearnerRecord) -> Any:
-            message = learner_pb2.ModelState(stop=True, reason=reason)
-            return record.stub.SyncModelState(iter([message]), timeout=STOP_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token))
-
-        records = self.roster.records()
-        for record, error in zip(records, self._calls.map(lambda record: _try_call(stop, record), records), strict=False):
-            self.roster.mark_absent_on_error(record, "stop", error)
+        """Tell every learner to stop (roster.stop_all)."""
+        self.roster.stop_all(reason)
 
     def recompute_batchnorm(self, number: int) -> None:
         """Recompute the global model's BatchNorm statistics from --recompute-bn training images, drawn anew each round."""
@@ -483,19 +457,6 @@ def training_plan(config: LeaderConfig, num_classes: int, specs: list[wire.Tenso
         lr_schedule=config.lr_schedule,
         warmup_rounds=config.warmup_rounds,
     )
-
-
-def _try_call(call: Any, record: LearnerRecord) -> str | None:
-    """Run one call against a learner; returns None or the error's description."""
-    try:
-        reply = call(record)
-    except grpc.RpcError as error:
-        return f"{error.code().name}: {error.details()}"
-    except ValueError as error:  # the channel was closed: its slot went to a newcomer
-        return str(error)
-    if not reply.success:
-        return reply.message
-    return None
 
 
 class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):

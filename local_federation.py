@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from options import build_leader_parser, expand_resume, parse_with_config
+from config_file import parse_with_config
+from options import build_leader_parser, expand_resume
 
 HERE = Path(__file__).resolve().parent
 LEARNER_EXIT_GRACE_S = 30.0  # how long learners get to exit after the leader has

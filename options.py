@@ -1,17 +1,14 @@
-"""Both roles' command lines: shared flag groups, the settings they resolve to, validation and config files."""
+"""Both roles' command lines: shared flag groups, the settings they resolve to and their validation (config files: config_file.py)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
-import json
 import logging
 import math
 import sys
 import time
-import tomllib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,6 +19,7 @@ import compression
 import rpc
 import schedule
 import server_opt
+from config_file import flag_value, parse_with_config
 from model import CHANNELS_LAST_SETTINGS, MODELS
 from plots import METRICS_FILE
 from recorder import CONFIG_FILE
@@ -696,80 +694,3 @@ def parse_learner_config(argv: list[str] | None = None) -> tuple[LearnerConfig, 
     except ValueError as error:
         parser.error(str(error))
     return config, verbose, enrolment_token, tls
-
-
-# ---- config files -------------------------------------------------------------------------------------------------
-
-
-class ConfigFileError(ValueError):
-    """A --config file cannot be read or names an unknown setting."""
-
-
-def read_config_file(path: str) -> dict[str, Any]:
-    """Settings from a TOML or JSON file (chosen by suffix; TOML otherwise)."""
-    file = Path(path)
-    try:
-        text = file.read_text()
-    except OSError as error:
-        raise ConfigFileError(f"cannot read --config {path}: {error.strerror}") from None
-    try:
-        values = json.loads(text) if file.suffix.lower() == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
-        raise ConfigFileError(f"--config {path} is not valid {'JSON' if file.suffix.lower() == '.json' else 'TOML'}: {error}") from None
-    if not isinstance(values, dict):
-        raise ConfigFileError(f"--config {path} must hold a table of settings")
-    return values
-
-
-def file_arguments(parser: argparse.ArgumentParser, values: dict[str, Any], source: str) -> list[str]:
-    """Turn config-file settings into command-line arguments, so argparse checks their types and choices.
-
-    A key is any of a flag's long names, with `-` or `_` (an old name such as `compress` still works).
-    """
-    actions = {
-        option[2:].replace("-", "_"): action for action in parser._actions for option in action.option_strings if option.startswith("--")
-    }
-    arguments: list[str] = []
-    for key, value in values.items():
-        action = actions.get(key.replace("-", "_"))
-        if action is None or action.dest in ("help", "config"):
-            known = ", ".join(sorted({a.dest.replace("_", "-") for a in actions.values()} - {"help", "config"}))
-            raise ConfigFileError(f"{source}: unknown setting {key!r}; known settings: {known}")
-        flag = next(option for option in action.option_strings if option.startswith("--"))
-        if value is None:
-            continue  # null means "the default", as in a saved config.json
-        if isinstance(action, argparse.BooleanOptionalAction):
-            arguments.append(flag if value else f"--no-{flag[2:]}")
-        elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            if bool(value) != bool(action.default):
-                arguments.append(flag)
-        elif isinstance(value, list):
-            for item in value:
-                arguments += [flag, str(item)]
-        else:
-            arguments += [flag, str(value)]
-    return arguments
-
-
-def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse argv, reading --config FILE first; flags on the command line override the file."""
-    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (keys are flag names); flags given here win")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    path = flag_value(argv, "--config")
-    if path is None:
-        return parser.parse_args(argv)
-    try:
-        from_file = file_arguments(parser, read_config_file(path), path)
-    except ConfigFileError as error:
-        parser.error(str(error))
-    return parser.parse_args([*from_file, *argv])
-
-
-def flag_value(argv: Sequence[str], flag: str) -> str | None:
-    """The value of `flag` in argv, found without parsing anything else."""
-    for index, arg in enumerate(argv):
-        if arg == flag and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith(f"{flag}="):
-            return arg.split("=", 1)[1]
-    return None

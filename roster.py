@@ -11,12 +11,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 import rpc
 from options import LeaderConfig
-from protos import leader_pb2, learner_pb2_grpc
+from protos import leader_pb2, learner_pb2, learner_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ MEMBER_SWEEP_INTERVAL_S = 2.0
 # Consecutive health checks a member may refuse (its port closed: the process is gone) before it is marked absent,
 # without waiting out --learner-lost-after, which is for members that go silent (frozen, or cut off).
 REFUSED_PROBES_TO_ABSENT = 2
+STOP_TIMEOUT_S = 5.0  # a stop message is tiny; a learner that cannot take it in 5 s is frozen or gone
+FILL_CHECK_S = 5.0  # the health check of every member once the slots are full, before training starts
+WAIT_SLICE_S = 0.5  # how often a wait for registrations wakes up to check for shutdown
 REVOKED_SESSIONS_KEPT = 4096  # ended sessions remembered, so that a late call from one is told why
 # Health-check answers that say the learner is gone: its port refuses connections, or what answers is not a learner.
 # Any other failure (a deadline, a busy server) may be a learner that is only slow, and --learner-lost-after decides.
@@ -49,6 +53,19 @@ class LearnerRecord:
     joins_round: int  # it gets StartTraining when this round opens, and a pushed model every round after
     alive: bool = True
     started: bool = False
+
+
+def call_learner(call: Callable[[LearnerRecord], Any], record: LearnerRecord) -> str | None:
+    """Run one call against a learner; returns None or the error's description."""
+    try:
+        reply = call(record)
+    except grpc.RpcError as error:
+        return f"{error.code().name}: {error.details()}"
+    except ValueError as error:  # the channel was closed: its slot went to a newcomer
+        return str(error)
+    if not reply.success:
+        return reply.message
+    return None
 
 
 class Roster:
@@ -258,6 +275,37 @@ class Roster:
             self._revoked[record.session_token] = f"learner {record.learner_id}'s session ended: {reason}; register again to take part"
             while len(self._revoked) > REVOKED_SESSIONS_KEPT:
                 self._revoked.popitem(last=False)
+
+    def fill(self, deadline: float, stopping: Callable[[], bool]) -> bool:
+        """Wait until every slot holds a live learner; False at `deadline` or once `stopping()`.
+
+        When the slots fill up, every member's health is checked: one that died after registering frees its
+        slot for the next to register, rather than holding up the first round.
+        """
+        while True:
+            with self._cond:
+                while len(self.alive()) < self.config.learners:
+                    remaining = deadline - time.monotonic()
+                    if stopping() or remaining <= 0:
+                        return False
+                    self._cond.wait(min(remaining, WAIT_SLICE_S))
+            records = self.alive()
+            for record, answer in zip(records, self.check(records, FILL_CHECK_S), strict=True):
+                if answer is not None:
+                    self.mark_absent(record, f"it stopped answering before training ({answer}); its slot goes to the next to register")
+            if len(self.alive()) >= self.config.learners:
+                return True
+
+    def stop_all(self, reason: str) -> None:
+        """Tell every learner to stop, those marked absent too, in case they come back (best effort, short deadline)."""
+
+        def stop(record: LearnerRecord) -> Any:
+            message = learner_pb2.ModelState(stop=True, reason=reason)
+            return record.stub.SyncModelState(iter([message]), timeout=STOP_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token))
+
+        records = self.records()
+        for record, error in zip(records, self._calls.map(lambda record: call_learner(stop, record), records), strict=True):
+            self.mark_absent_on_error(record, "stop", error)
 
     # ---- liveness -----------------------------------------------------------------------------------------------
 
