@@ -6,7 +6,7 @@ compiled runs so that drifts in the machine's speed fall on both. Each run train
 --local-steps batches; its first round (the compile, for the compiled runs) is left out. Run it from the
 repository root as a module:
 
-    python -m bench.compiled_rounds --data-dir DIR --out docs/compiled-rounds.md
+    python -m bench.compiled_rounds --data-dir DIR --out compiled-rounds.md   # docs/step-time.md keeps the findings
     python -m bench.compiled_rounds --dataset synthetic --runs 1 --rounds 2 --local-steps 2
 """
 

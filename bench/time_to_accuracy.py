@@ -11,7 +11,7 @@ machinery between it and centralized training). Reports each epoch's accuracy an
 the wall time to --target, the final accuracies, and the ratios the goals are stated in. With
 --compress, one federation per mode.
 
-    python -m bench.time_to_accuracy --data-dir DIR --epochs 50 --out docs/time-to-accuracy.md
+    python -m bench.time_to_accuracy --data-dir DIR --epochs 50 --out time-to-accuracy-run.md   # docs/time-to-accuracy.md collects runs
     python -m bench.time_to_accuracy --dataset synthetic --model tiny-cnn --epochs 2   # a quick check
     python -m bench.time_to_accuracy --data-dir DIR --device cuda   # both sides on the GPU
 """
