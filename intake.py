@@ -35,7 +35,7 @@ REPLY_MARGIN_S = 0.25
 class RoundState:
     """Updates received in the round now open."""
 
-    number: int
+    round_number: int
     accepting: bool = True
     opened_at: float = field(default_factory=time.monotonic)
     members: frozenset[int] = frozenset()  # learners taking part; a learner that joins mid-round waits for the next
@@ -102,14 +102,14 @@ class Intake:
         self._sum_slots = threading.BoundedSemaphore(MAX_PENDING_SUMS)
 
     def open(
-        self, number: int, members: list[LearnerRecord], quorum: int, norm_bound: float = math.inf, max_weight: float = math.inf
+        self, round_number: int, members: list[LearnerRecord], quorum: int, norm_bound: float = math.inf, max_weight: float = math.inf
     ) -> RoundState:
-        """Start taking round `number`'s updates from `members` (under the lock: the last round's sums are over first)."""
+        """Start taking round `round_number`'s updates from `members` (under the lock: the last round's sums are over first)."""
         with self._cond:
             futures.wait(self.round.sums)  # the sum is reset below: the last round's additions must be over
             running = aggregation.UpdateList() if self.keeps_updates else self._running.reset()
             self.round = RoundState(
-                number,
+                round_number,
                 members=frozenset(record.learner_id for record in members),
                 member_records={record.learner_id: record for record in members},
                 quorum=quorum,
@@ -142,16 +142,20 @@ class Intake:
             raise rpc.RequestRefused(
                 grpc.StatusCode.FAILED_PRECONDITION, f"learner {learner_id} was marked absent; register again to take part"
             )
-        if header.round == current.number and current.member_records.get(learner_id) is not record:
+        if header.round == current.round_number and current.member_records.get(learner_id) is not record:
             raise rpc.RequestRefused(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"learner {learner_id} joined during round {current.number} and takes part from round {record.joins_round}",
+                f"learner {learner_id} joined during round {current.round_number} and takes part from round {record.joins_round}",
             )
-        if header.round != current.number or not current.accepting:
+        if header.round != current.round_number or not current.accepting:
             raise rpc.RequestRefused(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"stale update for round {header.round}; the leader is "
-                + (f"collecting round {current.number}" if current.accepting else f"not collecting (round {current.number} closed)"),
+                + (
+                    f"collecting round {current.round_number}"
+                    if current.accepting
+                    else f"not collecting (round {current.round_number} closed)"
+                ),
             )
         limit = self.max_examples(record.num_examples)
         if not 0 < header.num_examples <= limit:
@@ -215,9 +219,10 @@ class Intake:
                 )
             with self._cond:
                 current = self.round
-                if header.round != current.number or not current.accepting:
+                if header.round != current.round_number or not current.accepting:
                     raise rpc.RequestRefused(
-                        grpc.StatusCode.FAILED_PRECONDITION, f"stale update for round {header.round}; round {current.number} is closed"
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"stale update for round {header.round}; round {current.round_number} is closed",
                     )
                 previous = current.digests.get(learner_id)
                 if previous == digest:

@@ -54,22 +54,22 @@ class RunError(Exception):
 
 @dataclass
 class Published:
-    """The global model learners train on in round `number`, encoded once and framed once for every call that sends it."""
+    """The global model learners train on in round `round_number`, encoded once and framed once for every call that sends it."""
 
-    number: int
+    round_number: int
     nbytes: int  # the model's payload size; the payload itself is not kept, only its two framings
     model_chunks: list[bytes]  # GetModel's replies, serialized once (wire.frames)
     model_states: list[bytes]  # the round-start push, serialized once
 
     @classmethod
-    def of(cls, number: int, model: torch.nn.Module, buffers: wire.BufferPool | None = None) -> Published:
-        """Encode a model's state for round `number` (in a buffer from `buffers`, given back once framed)."""
+    def of(cls, round_number: int, model: torch.nn.Module, buffers: wire.BufferPool | None = None) -> Published:
+        """Encode a model's state for round `round_number` (in a buffer from `buffers`, given back once framed)."""
         manifest, payload = wire.encode(model.state_dict(), allocate=buffers.take if buffers is not None else bytearray)
         published = cls(
-            number,
+            round_number,
             len(payload),
-            list(wire.frames(leader_pb2.ModelChunk, manifest, payload, round=number)),
-            list(wire.frames(learner_pb2.ModelState, manifest, payload, round=number)),
+            list(wire.frames(leader_pb2.ModelChunk, manifest, payload, round=round_number)),
+            list(wire.frames(learner_pb2.ModelState, manifest, payload, round=round_number)),
         )
         if buffers is not None:
             buffers.give(payload)  # the frames hold copies
@@ -143,7 +143,7 @@ class Leader:
 
     def _first_round(self) -> int:
         """The round a learner admitted now takes part from (under the lock): the first, or the one after the open round."""
-        return max(self.intake.round.number + 1, self.start_round) if self.started else self.start_round
+        return max(self.intake.round.round_number + 1, self.start_round) if self.started else self.start_round
 
     def membership(self, learner_id: int) -> tuple[bool, str]:
         """Whether a learner is still a member, and what it should know (for Heartbeat)."""
@@ -152,7 +152,7 @@ class Leader:
             return False, f"learner {learner_id} was marked absent; register again to take part"
         if not record.started:
             return True, f"waiting to start with round {record.joins_round}"
-        return True, f"round {self.intake.round.number} in progress"
+        return True, f"round {self.intake.round.round_number} in progress"
 
     def split_examples(self, learner_id: int) -> int:
         """Examples in a learner's data split (0 when learners hold their own data)."""
@@ -187,10 +187,10 @@ class Leader:
             self.wait_for_learners()
             start = time.monotonic()
             self.begin_round(self.open_round(self.start_round))
-            for number in range(self.start_round, config.rounds + 1):
-                metrics = self.close_round(self.collect(number, start), start)
+            for round_number in range(self.start_round, config.rounds + 1):
+                metrics = self.close_round(self.collect(round_number, start), start)
                 self.history.append(metrics)
-                if self._checkpoint_due(number):
+                if self._checkpoint_due(round_number):
                     self.save(metrics)
                 if recorder is not None:
                     recorder.record(metrics)
@@ -202,7 +202,7 @@ class Leader:
                 )
                 logger.info(
                     "round %d/%d: %d learners, train loss %.4f, %s, %.1fs",
-                    number,
+                    round_number,
                     config.rounds,
                     metrics["learners_reported"],
                     metrics["train_loss"],
@@ -230,14 +230,14 @@ class Leader:
             self.started = True
         logger.info("all %d learners registered; starting training", config.learners)
 
-    def open_round(self, number: int) -> RoundState:
-        """Start collecting round `number` from the live learners due to take part in it (a seeded sample of --fraction)."""
+    def open_round(self, round_number: int) -> RoundState:
+        """Start collecting round `round_number` from the live learners due to take part in it (a seeded sample of --fraction)."""
         config = self.config
         with self._cond:
-            available = [record.learner_id for record in self.roster.alive() if record.joins_round <= number]
+            available = [record.learner_id for record in self.roster.alive() if record.joins_round <= round_number]
             count = config.sampled(len(available))
             if count < len(available):
-                generator = torch.Generator().manual_seed(derive_seed(config.seed, "sample", number))
+                generator = torch.Generator().manual_seed(derive_seed(config.seed, "sample", round_number))
                 chosen = torch.randperm(len(available), generator=generator)[:count].tolist()
                 members = frozenset(available[index] for index in chosen)
             else:
@@ -245,7 +245,7 @@ class Leader:
             records = [self.roster.record(learner_id) for learner_id in sorted(members)]
             claims = [self.intake.max_examples(record.num_examples) for record in records]
             return self.intake.open(
-                number, records, config.round_quorum(count), self.strategy.norm_bound(), self.strategy.max_weight(claims)
+                round_number, records, config.round_quorum(count), self.strategy.norm_bound(), self.strategy.max_weight(claims)
             )
 
     def begin_round(self, current: RoundState) -> None:
@@ -271,7 +271,7 @@ class Leader:
                 lambda outcome, record=record: self.roster.mark_absent_on_error(record, "the round's start", outcome.result())
             )
 
-    def collect(self, number: int, run_start: float) -> RoundState:
+    def collect(self, round_number: int, run_start: float) -> RoundState:
         """Wait until every member has reported or is gone, or the round's deadline; the round needs its quorum.
 
         With --round-timeout 0 the deadline is set once the quorum has reported: the rest get
@@ -295,14 +295,14 @@ class Leader:
                     ]
                     self._cond.release()
                     try:
-                        self.roster.probe(due, silent_since, refusals, probe_every, number)
+                        self.roster.probe(due, silent_since, refusals, probe_every, round_number)
                     finally:
                         self._cond.acquire()
                     next_probe = time.monotonic() + probe_every
                 self._check_stop()
                 alive = sum(record.alive for record in current.member_records.values())
                 self.status.show(
-                    f"round {number}/{config.rounds}: {current.reported}/{alive} learners reported, "
+                    f"round {round_number}/{config.rounds}: {current.reported}/{alive} learners reported, "
                     f"{time.monotonic() - run_start:.0f}s elapsed{last}"
                 )
                 if current.reported >= alive or alive < current.quorum:
@@ -318,11 +318,11 @@ class Leader:
             late = [record for record in current.member_records.values() if record.alive and record.learner_id not in current.digests]
         limit = "--round-timeout" if config.round_timeout else "the stragglers' grace after the quorum reported"
         for record in late:  # it missed the deadline: a later update of this round is stale, and it must register again
-            self.roster.mark_absent(record, f"it sent no update for round {number} by the deadline ({limit})")
+            self.roster.mark_absent(record, f"it sent no update for round {round_number} by the deadline ({limit})")
         if current.reported < current.quorum:
             causes = "; ".join(f"learner {learner_id}: {why}" for learner_id, why in sorted(current.lost.items()))
             raise RunError(
-                f"round {number}: {current.reported} of {len(current.members)} learners reported and "
+                f"round {round_number}: {current.reported} of {len(current.members)} learners reported and "
                 f"{current.quorum} are needed (--min-learners); " + (causes or "see the learners' logs")
             )
         return current
@@ -336,28 +336,28 @@ class Leader:
     def close_round(self, finished: RoundState, start: float) -> dict[str, Any]:
         """Aggregate a collected round into the model (or keep the last good one), publish it, open the next round, evaluate."""
         config = self.config
-        number = finished.number
+        round_number = finished.round_number
         try:
             mean = self.strategy.aggregate(finished)
         except ValueError as error:
-            raise RunError(f"round {number}: {error}; the model is unchanged") from None
-        problem = self.strategy.step(number, mean, finished, lambda: self._published.state(self.specs))
+            raise RunError(f"round {round_number}: {error}; the model is unchanged") from None
+        problem = self.strategy.step(round_number, mean, finished, lambda: self._published.state(self.specs))
         round_seconds = time.monotonic() - finished.opened_at
-        self._published = Published.of(number + 1, self.model, self._publish_buffers)
-        if number < config.rounds:
+        self._published = Published.of(round_number + 1, self.model, self._publish_buffers)
+        if round_number < config.rounds:
             # learners start the next round now; this one is evaluated and saved while they train
             # (the model is not touched again before the next collect, which this thread runs after)
-            self.begin_round(self.open_round(number + 1))
+            self.begin_round(self.open_round(round_number + 1))
         if config.recompute_bn:  # after publishing: learners train BatchNorm on batch statistics, not these
-            self.recompute_batchnorm(number)
-        evaluated = number % config.eval_every == 0 or number == config.rounds
+            self.recompute_batchnorm(round_number)
+        evaluated = round_number % config.eval_every == 0 or round_number == config.rounds
         if evaluated:
-            self.status.show(f"round {number}/{config.rounds}: evaluating the new global model")
+            self.status.show(f"round {round_number}/{config.rounds}: evaluating the new global model")
         test_loss, test_accuracy = (self.evaluate() if evaluated else None) or (None, None)
         aggregate_norm = self.strategy.parameter_norm(mean)
         accountant = self.strategy.accountant
         return {
-            "round": number,
+            "round": round_number,
             "wall_time": time.time(),
             "learners_selected": len(finished.members),
             "learners_reported": finished.reported,
@@ -378,12 +378,12 @@ class Leader:
             "elapsed_seconds": time.monotonic() - start,
         }
 
-    def _checkpoint_due(self, number: int) -> bool:
-        """Whether round `number` is written: the last round, on shutdown, every --checkpoint-every rounds, or --checkpoint-seconds after the last write."""
+    def _checkpoint_due(self, round_number: int) -> bool:
+        """Whether round `round_number` is written: the last round, on shutdown, every --checkpoint-every rounds, or --checkpoint-seconds after the last write."""
         config = self.config
-        if number == config.rounds or self.stop_event.is_set():
+        if round_number == config.rounds or self.stop_event.is_set():
             return True
-        if config.checkpoint_every and number % config.checkpoint_every == 0:
+        if config.checkpoint_every and round_number % config.checkpoint_every == 0:
             return True
         return time.monotonic() - self._saved_at >= config.checkpoint_seconds
 
@@ -408,10 +408,10 @@ class Leader:
         """Tell every learner to stop (roster.stop_all)."""
         self.roster.stop_all(reason)
 
-    def recompute_batchnorm(self, number: int) -> None:
+    def recompute_batchnorm(self, round_number: int) -> None:
         """Recompute the global model's BatchNorm statistics from --recompute-bn training images, drawn anew each round."""
         data = self.train_data
-        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "batchnorm", number))
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "batchnorm", round_number))
         chosen = torch.randperm(len(data), generator=generator)[: self.config.recompute_bn]
         batches = (
             normalize(data.images[chosen[first : first + EVAL_BATCH_SIZE]].to(self.device))
@@ -542,7 +542,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         """Count a refused update, log it once per learner per round, and answer with its status."""
         if self.leader.intake.note_rejection(learner_id, code, reason):
             logger.warning(
-                "round %d: refused an update from learner %d (%s): %s", self.leader.intake.round.number, learner_id, code.name, reason
+                "round %d: refused an update from learner %d (%s): %s", self.leader.intake.round.round_number, learner_id, code.name, reason
             )
         context.abort(code, reason)
 

@@ -111,11 +111,11 @@ class Learner:
             self._cond.notify_all()
         return "already training" if already else "training started"
 
-    def offer_state(self, number: int, tensors: dict[str, torch.Tensor], payload: bytearray | None = None) -> None:
+    def offer_state(self, round_number: int, tensors: dict[str, torch.Tensor], payload: bytearray | None = None) -> None:
         """Keep a pushed global model (whose tensors view `payload`) until the round loop takes it."""
         with self._cond:
-            if self._pending is None or number > self._pending[0]:
-                replaced, self._pending = self._pending, (number, tensors, payload)
+            if self._pending is None or round_number > self._pending[0]:
+                replaced, self._pending = self._pending, (round_number, tensors, payload)
                 payload = replaced[2] if replaced is not None else None
             self._cond.notify_all()
         self._give_back(payload)  # the one replaced or not kept: nothing will read it
@@ -284,18 +284,18 @@ class Learner:
     def run(self) -> str:
         """Wait for StartTraining, then train round after round until told to stop; returns the reason."""
         self._wait(lambda: self._started, "StartTraining")
-        number, state, payload = self._get_model()
+        round_number, state, payload = self._get_model()
         try:
             while True:
                 self.model.load_state_dict(state)
                 self._give_back(payload)  # the model holds its own copy now
-                update, num_examples, loss = self._train(number)
+                update, num_examples, loss = self._train(round_number)
                 self._raise_if_stopped()
-                self._send(number, update, num_examples, loss)
+                self._send(round_number, update, num_examples, loss)
                 self.rounds_trained += 1
-                self._wait(lambda: self._pending is not None and self._pending[0] > number, "the next global model")
+                self._wait(lambda: self._pending is not None and self._pending[0] > round_number, "the next global model")
                 with self._cond:
-                    (number, state, payload), self._pending = self._pending, None
+                    (round_number, state, payload), self._pending = self._pending, None
         except Stopped as stop:
             return str(stop)
 
@@ -356,11 +356,11 @@ class Learner:
             raise LearnerError(f"the leader's model does not fit this learner's {self.plan.model}: {error}") from None
         return received.header.round, received.tensors, received.payload
 
-    def _train(self, number: int) -> tuple[dict[str, torch.Tensor], int, float]:
-        """Do round `number`'s local work; returns (update, examples used, mean loss)."""
-        return self.trainer.train(number)
+    def _train(self, round_number: int) -> tuple[dict[str, torch.Tensor], int, float]:
+        """Do round `round_number`'s local work; returns (update, examples used, mean loss)."""
+        return self.trainer.train(round_number)
 
-    def _send(self, number: int, update: dict[str, torch.Tensor], num_examples: int, loss: float) -> None:
+    def _send(self, round_number: int, update: dict[str, torch.Tensor], num_examples: int, loss: float) -> None:
         """AccumulateGradients: stream the update; a stale round is logged, not fatal; a busy or late answer is retried."""
         if self.plan.compression and self.plan.compression != "none":
             parameters = [name for name, _ in self.model.named_parameters()]
@@ -377,7 +377,7 @@ class Learner:
                     manifest,
                     payload,
                     learner_id=self.learner_id,
-                    round=number,
+                    round=round_number,
                     num_examples=num_examples,
                     train_loss=loss,
                 )
@@ -387,17 +387,19 @@ class Learner:
                 except grpc.RpcError as error:
                     self._raise_if_stopped()  # the leader said stop while this update was under way
                     if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                        logger.warning("round %d: update not taken: %s", number, error.details())
+                        logger.warning("round %d: update not taken: %s", round_number, error.details())
                         return
                     # A busy leader, or an answer that came too late: sending the same update again is safe, since
                     # the leader counts an identical update once per round.
                     if error.code() not in RETRIED_SEND_CODES or attempt == SEND_ATTEMPTS:
-                        raise self._call_failed(f"sending the round {number} update", error) from None
-                    logger.warning("round %d: update not taken (%s: %s); sending it again", number, error.code().name, error.details())
+                        raise self._call_failed(f"sending the round {round_number} update", error) from None
+                    logger.warning(
+                        "round %d: update not taken (%s: %s); sending it again", round_number, error.code().name, error.details()
+                    )
                     self._raise_if_stopped_within(SEND_RETRY_PAUSE_S * attempt)
         finally:
             self._send_buffers.give(payload)  # the calls are over: nothing reads the payload any more
-        logger.info("round %d: sent update (%d examples, loss %.4f): %s", number, num_examples, loss, reply.message)
+        logger.info("round %d: sent update (%d examples, loss %.4f): %s", round_number, num_examples, loss, reply.message)
 
 
 class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):

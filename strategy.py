@@ -125,13 +125,13 @@ class Strategy:
         return result
 
     def step(
-        self, number: int, mean: dict[str, torch.Tensor], finished: RoundState, last_good: Callable[[], dict[str, torch.Tensor]]
+        self, round_number: int, mean: dict[str, torch.Tensor], finished: RoundState, last_good: Callable[[], dict[str, torch.Tensor]]
     ) -> str | None:
-        """Apply round `number`'s update to the model; None, or why the result was refused and `last_good()` restored."""
+        """Apply round `round_number`'s update to the model; None, or why the result was refused and `last_good()` restored."""
         config = self.config
         if self.blog_sgd:  # the blog's SGD: --lr is the leader's, on its schedule
             for group in self.optimizer.param_groups:
-                group["lr"] = schedule.round_lr(config.lr, config.lr_schedule, config.warmup_rounds, config.rounds, number)
+                group["lr"] = schedule.round_lr(config.lr, config.lr_schedule, config.warmup_rounds, config.rounds, round_number)
         aggregation.apply_update(self.model, self.optimizer, mean)
         # the lower median of the round's norms: a minority of huge updates cannot raise the next round's bound
         self.norm_reference = statistics.median_low(finished.update_norms)
@@ -143,9 +143,9 @@ class Strategy:
         self.optimizer.state.clear()  # momentum or moments that took in the refused step would replay it
         logger.warning(
             "round %d: refused the new global model (%s); kept the model of round %d and reset the server optimizer's state",
-            number,
+            round_number,
             problem,
-            number - 1,
+            round_number - 1,
         )
         return problem
 

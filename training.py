@@ -34,8 +34,8 @@ def steps_per_round(plan: leader_pb2.TrainingPlan, size: int) -> int:
     return batches_per_epoch(size, plan.batch_size) * plan.local_epochs
 
 
-def round_batches(plan: leader_pb2.TrainingPlan, learner_id: int, size: int, number: int) -> list[torch.Tensor]:
-    """Round `number`'s batches of example indices, a function of (seed, learner id, round) alone.
+def round_batches(plan: leader_pb2.TrainingPlan, learner_id: int, size: int, round_number: int) -> list[torch.Tensor]:
+    """Round `round_number`'s batches of example indices, a function of (seed, learner id, round) alone.
 
     Batches run through seeded shuffles of the data epoch after epoch, continuing across rounds,
     so a restarted learner or leader replays exactly the batches an uninterrupted run would use.
@@ -45,7 +45,7 @@ def round_batches(plan: leader_pb2.TrainingPlan, learner_id: int, size: int, num
     steps = steps_per_round(plan, size)
     batches = []
     order_epoch, order = -1, torch.empty(0, dtype=torch.int64)
-    for step in range((number - 1) * steps, number * steps):
+    for step in range((round_number - 1) * steps, round_number * steps):
         epoch, index = divmod(step, per_epoch)
         if epoch != order_epoch:
             generator = torch.Generator().manual_seed(derive_seed(plan.seed, learner_id, "epoch", epoch))
@@ -88,23 +88,23 @@ class LocalTrainer:
         self.progress = progress
         self._optimizer: torch.optim.SGD | None = None  # kept across rounds with the plan's keep_momentum
 
-    def train(self, number: int) -> tuple[dict[str, torch.Tensor], int, float]:
-        """Do round `number`'s local work; returns (update, examples used, mean loss)."""
+    def train(self, round_number: int) -> tuple[dict[str, torch.Tensor], int, float]:
+        """Do round `round_number`'s local work; returns (update, examples used, mean loss)."""
         plan = self.plan
         model = self.model
         device = self.images.device
         model.train()
-        augment_generator = torch.Generator().manual_seed(derive_seed(plan.seed, self.learner_id, "augment", number))
-        batches = round_batches(plan, self.learner_id, len(self.labels), number)
-        logger.debug("round %d: training on %d local batches", number, len(batches))
+        augment_generator = torch.Generator().manual_seed(derive_seed(plan.seed, self.learner_id, "augment", round_number))
+        batches = round_batches(plan, self.learner_id, len(self.labels), round_number)
+        logger.debug("round %d: training on %d local batches", round_number, len(batches))
         global_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-        lr = schedule.round_lr(plan.lr, plan.lr_schedule or "constant", plan.warmup_rounds, plan.rounds, number)
+        lr = schedule.round_lr(plan.lr, plan.lr_schedule or "constant", plan.warmup_rounds, plan.rounds, round_number)
         optimizer = self._round_optimizer(lr)
         # Summed where the model runs: reading each step's loss would make a GPU step wait for the one before.
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
         examples = 0
         progress = tqdm(
-            batches, desc=f"round {number}", unit="batch", leave=False, disable=None if self.progress else True
+            batches, desc=f"round {round_number}", unit="batch", leave=False, disable=None if self.progress else True
         )  # None: only on a terminal
         for step, indices in enumerate(progress):
             indices = indices.to(device)

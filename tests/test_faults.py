@@ -51,7 +51,7 @@ def test_learner_killed_mid_round_leaves_a_quorum_that_finishes_the_run(tmp_path
         processes = [learner_process(running.address) for _ in range(3)]
         try:
             runner, result = run_in_thread(running.leader)
-            wait_until(lambda: running.leader.intake.round.number == 1)
+            wait_until(lambda: running.leader.intake.round.round_number == 1)
             processes[2].send_signal(signal.SIGKILL)
             runner.join(120)
             assert not runner.is_alive()
@@ -459,7 +459,7 @@ def test_stalled_and_trickling_streams_are_cancelled_and_honest_learners_finish(
         honest = start_learners(running.address, 2)
         runner, result = run_in_thread(leader)
         try:
-            wait_until(lambda: leader.intake.round.number == 1)
+            wait_until(lambda: leader.intake.round.round_number == 1)
             manifest, payload = wire.encode({name: torch.zeros_like(tensor) for name, tensor in leader.model.state_dict().items()})
 
             def silent():  # opens the stream and never sends a message
