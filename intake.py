@@ -38,8 +38,7 @@ class RoundState:
     round_number: int
     accepting: bool = True
     opened_at: float = field(default_factory=time.monotonic)
-    members: frozenset[int] = frozenset()  # learners taking part; a learner that joins mid-round waits for the next
-    # each member's record as the round opened: a newcomer that takes a freed slot mid-round is not a member
+    # each member's record as the round opened: a learner that joins mid-round, even into a freed slot, waits for the next
     member_records: dict[int, LearnerRecord] = field(default_factory=dict)
     quorum: int = 1  # updates the round needs
     norm_bound: float = math.inf  # an update's parameter norm is scaled down to this (--max-norm-ratio)
@@ -54,6 +53,11 @@ class RoundState:
     lost: dict[int, str] = field(default_factory=dict)  # member id -> why it was marked absent during the round
     bytes_in: int = 0
     bytes_out: int = 0
+
+    @property
+    def members(self) -> frozenset[int]:
+        """Ids of the learners taking part."""
+        return frozenset(self.member_records)
 
     @property
     def reported(self) -> int:
@@ -110,7 +114,6 @@ class Intake:
             running = aggregation.UpdateList() if self.keeps_updates else self._running.reset()
             self.round = RoundState(
                 round_number,
-                members=frozenset(record.learner_id for record in members),
                 member_records={record.learner_id: record for record in members},
                 quorum=quorum,
                 running=running,
@@ -271,7 +274,7 @@ class Intake:
             if release is not None:
                 release()
 
-    def note_rejection(self, learner_id: int, code: grpc.StatusCode, reason: str) -> bool:
+    def note_rejection(self, learner_id: int) -> bool:
         """Count a refused update; True the first time this round for this learner (log it then)."""
         with self._cond:
             current = self.round

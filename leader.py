@@ -330,7 +330,7 @@ class Leader:
     def _note_lost(self, learner_id: int, why: str) -> None:
         """A member was marked absent (under the lock): the open round remembers why, for its quorum error."""
         current = self.intake.round
-        if learner_id in current.members and learner_id not in current.digests:
+        if learner_id in current.member_records and learner_id not in current.digests:
             current.lost.setdefault(learner_id, why)
 
     def close_round(self, finished: RoundState, start: float) -> dict[str, Any]:
@@ -540,7 +540,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 
     def _refuse(self, context: grpc.ServicerContext, learner_id: int, code: grpc.StatusCode, reason: str) -> None:
         """Count a refused update, log it once per learner per round, and answer with its status."""
-        if self.leader.intake.note_rejection(learner_id, code, reason):
+        if self.leader.intake.note_rejection(learner_id):
             logger.warning(
                 "round %d: refused an update from learner %d (%s): %s", self.leader.intake.round.round_number, learner_id, code.name, reason
             )

@@ -34,9 +34,6 @@ STOP_TIMEOUT_S = 5.0  # a stop message is tiny; a learner that cannot take it in
 FILL_CHECK_S = 5.0  # the health check of every member once the slots are full, before training starts
 WAIT_SLICE_S = 0.5  # how often a wait for registrations wakes up to check for shutdown
 REVOKED_SESSIONS_KEPT = 4096  # ended sessions remembered, so that a late call from one is told why
-# Health-check answers that say the learner is gone: its port refuses connections, or what answers is not a learner.
-# Any other failure (a deadline, a busy server) may be a learner that is only slow, and --learner-lost-after decides.
-GONE_ANSWERS = (grpc.StatusCode.UNAVAILABLE.name, grpc.StatusCode.UNIMPLEMENTED.name, "it does not serve", "health NOT_SERVING")
 
 
 @dataclass
@@ -309,18 +306,18 @@ class Roster:
 
     # ---- liveness -----------------------------------------------------------------------------------------------
 
-    def health(self, record: LearnerRecord, timeout: float) -> str | None:
+    def health(self, record: LearnerRecord, timeout: float) -> rpc.Unhealthy | None:
         """None when a member's LearnerService answers SERVING within `timeout`, else what it answered."""
         return rpc.health_check(record.channel, timeout, rpc.LEARNER_SERVICE, record.callback_token)
 
-    def check(self, records: list[LearnerRecord], timeout: float) -> list[str | None]:
+    def check(self, records: list[LearnerRecord], timeout: float) -> list[rpc.Unhealthy | None]:
         """health() of several members at once."""
         return list(self._calls.map(lambda record: self.health(record, timeout), records))
 
     def sweep(self) -> None:
         """Check every live member's health (at most one sweep at a time, and not more often than every 2 s).
 
-        A member whose check says it is gone (GONE_ANSWERS) is marked absent, freeing its slot. One that does
+        A member whose check says it is gone (rpc.Unhealthy.gone) is marked absent, freeing its slot. One that does
         not answer in time, or is busy, is left alone: the round's own checks time it out.
         """
         if not self._sweep_lock.acquire(timeout=MEMBER_SWEEP_PROBE_S + REGISTRATION_PROBE_S):
@@ -330,7 +327,7 @@ class Roster:
                 return
             records = self.alive()
             for record, answer in zip(records, self.check(records, MEMBER_SWEEP_PROBE_S), strict=False):
-                if answer is not None and answer.startswith(GONE_ANSWERS):
+                if answer is not None and answer.gone:
                     self.mark_absent(record, f"its health check failed when a newcomer asked for a slot ({answer})")
             self._last_sweep = time.monotonic()
         finally:
@@ -347,7 +344,7 @@ class Roster:
                 refusals.pop(record.learner_id, None)
                 continue
             since = silent_since.setdefault(record.learner_id, now)
-            if answer.startswith(GONE_ANSWERS):
+            if answer.gone:
                 refusals[record.learner_id] = refusals.get(record.learner_id, 0) + 1
             else:
                 refusals.pop(record.learner_id, None)  # silent or busy, perhaps only slow: --learner-lost-after decides

@@ -589,7 +589,23 @@ def is_serving(channel: grpc.Channel, timeout: float = 5.0, service: str = "", t
     return health_check(channel, timeout, service, token) is None
 
 
-def health_check(channel: grpc.Channel, timeout: float = 5.0, service: str = "", token: str | None = None) -> str | None:
+# Health-check failures that say the peer is gone: its port refuses connections, or what answers is not the
+# service asked for. Any other (a deadline, a busy server) may be a peer that is only slow.
+GONE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND})
+
+
+@dataclass(frozen=True)
+class Unhealthy:
+    """A health check that did not answer SERVING: what it answered, and whether that means the peer is gone."""
+
+    reason: str
+    gone: bool
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def health_check(channel: grpc.Channel, timeout: float = 5.0, service: str = "", token: str | None = None) -> Unhealthy | None:
     """None when the peer's health service says it serves `service`, else what it answered instead.
 
     `token` is sent as the caller's session token, so that the peer counts the check as a member's call.
@@ -600,11 +616,12 @@ def health_check(channel: grpc.Channel, timeout: float = 5.0, service: str = "",
             health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=metadata
         )
     except grpc.RpcError as error:
+        gone = error.code() in GONE_CODES
         if error.code() == grpc.StatusCode.NOT_FOUND:
-            return f"it does not serve {service or 'anything'} (NOT_FOUND)"
-        return f"{error.code().name}: {error.details()}"
+            return Unhealthy(f"it does not serve {service or 'anything'} (NOT_FOUND)", gone)
+        return Unhealthy(f"{error.code().name}: {error.details()}", gone)
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        return f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+        return Unhealthy(f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}", gone=True)
     return None
 
 

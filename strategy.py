@@ -135,9 +135,10 @@ class Strategy:
         aggregation.apply_update(self.model, self.optimizer, mean)
         # the lower median of the round's norms: a minority of huge updates cannot raise the next round's bound
         self.norm_reference = statistics.median_low(finished.update_norms)
-        problem = self.model_problem()
+        norm = self.current_model_norm()
+        problem = self.model_problem(norm)
         if problem is None:
-            self.model_norm = self.current_model_norm()
+            self.model_norm = norm
             return None
         self.model.load_state_dict(last_good())
         self.optimizer.state.clear()  # momentum or moments that took in the refused step would replay it
@@ -154,9 +155,8 @@ class Strategy:
         parameters = [parameter.detach() for parameter in self.model.parameters()]
         return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(parameters))))
 
-    def model_problem(self) -> str | None:
-        """Why the model just stepped must not be published (a NaN, an infinity, an exploding norm), or None."""
-        norm = self.current_model_norm()
+    def model_problem(self, norm: float) -> str | None:
+        """Why the model just stepped, of parameter norm `norm`, must not be published (a NaN, an infinity, an exploding norm), or None."""
         buffers = [buffer for buffer in self.model.buffers() if buffer.dtype.is_floating_point]
         buffer_norms = torch.stack(torch._foreach_norm(buffers)).tolist() if buffers else []
         if not math.isfinite(norm) or not all(math.isfinite(value) for value in buffer_norms):

@@ -58,6 +58,7 @@ import wire
 from bench import report as report_file
 from local_federation import free_port
 from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from roster import REGISTRATION_PROBE_S  # how long the leader waits for a registrant to answer its call-back
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every row: tiny data, tiny model, CPU, so that --runs 3 of every row fits in under a quarter of an hour on 2 cores.
@@ -117,7 +118,6 @@ STALL_CLIENT_WINDOW_BYTES = 1024  # a hostile reader's flow-control window: a 46
 # steps per round (default_work)
 DEFAULT_LOCAL_STEPS = 20
 AT_ONCE_S = 1.0  # a refusal "at once" (the caps, a registration naming a port that is no learner) comes within this
-REGISTRATION_PROBE_S = 3.0  # the leader's REGISTRATION_PROBE_S: how long it waits for a registrant to answer its call-back
 
 # learner dropped out and restarted
 DROPOUT_ROUNDS = 16

@@ -507,16 +507,7 @@ def test_a_shutdown_signal_turns_health_not_serving_and_ends_the_run_after_a_com
     try:
         handler = leader_module.handle_shutdown_signals(leader, health)
         learners = start_learners(f"127.0.0.1:{port}", 2)
-        outcome: dict = {}
-
-        def run() -> None:
-            try:
-                leader.run()
-            except leader_module.RunError as error:
-                outcome["error"] = str(error)
-
-        runner = threading.Thread(target=run, daemon=True)
-        runner.start()
+        runner, outcome = run_until_stopped(leader)
         wait_until(lambda: len(leader.history) >= 2)
         handler(signal.SIGTERM, None)
         check = health_pb2_grpc.HealthStub(channel_to(f"127.0.0.1:{port}")).Check(health_pb2.HealthCheckRequest(), timeout=10)
