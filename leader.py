@@ -45,6 +45,7 @@ WAIT_SLICE_S = 0.5  # how often waits wake up to check for shutdown
 HEALTH_PROBE_INTERVAL_S = 5.0  # how often the leader checks the members that have not reported yet
 SERVER_STOP_GRACE_S = 2.0  # calls in flight at shutdown get this long; learners were told to stop first
 MAX_PARALLEL_CALLS = 32  # calls to learners in flight at once (round starts, pushes, health checks)
+MAX_SERVER_THREADS = 256  # the leader's server threads, whatever --learners: a simulation registers 100,000
 AUTO_ROUND_LIMIT_S = 3600.0  # --round-timeout 0: a round whose quorum never reports while members answer ends here
 
 
@@ -259,6 +260,9 @@ class Leader:
 
         def begin(record: LearnerRecord) -> Any:
             metadata = rpc.token_metadata(record.callback_token)
+            if record.pooled:  # its pool fetches the round's model once for all of its learners (GetModel)
+                start = learner_pb2.ModelState(round=current.round_number, fetch=True)
+                return record.stub.SyncModelState(iter([start]), timeout=rpc.CONTROL_TIMEOUT_S, metadata=metadata)
             if record.learner_id in newcomers:
                 return record.stub.StartTraining(learner_pb2.Empty(), timeout=rpc.CONTROL_TIMEOUT_S, metadata=metadata)
             size = published.nbytes
@@ -613,7 +617,8 @@ def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Lea
         lambda server: leader_pb2_grpc.add_LeaderServiceServicer_to_server(LeaderServicer(leader), server),
         config.host,
         config.port,
-        max_workers=max(16, 2 * config.learners + 8),
+        # a round's members stream at once (GetModel, an update); more threads than that only cost memory
+        max_workers=min(MAX_SERVER_THREADS, max(16, 2 * config.learners + 8)),
         reflection_services=[service] if config.reflection else None,
         gate=leader_gate(leader.roster, enrolment_token),
         tls=tls,

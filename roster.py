@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import logging
 import math
 import secrets
@@ -26,6 +28,9 @@ MAX_LOCAL_EXAMPLES = 10**9
 REGISTRATION_PROBE_S = 3.0
 # A full federation checks its members before refusing a newcomer: a short check, at most this often.
 MEMBER_SWEEP_PROBE_S = 2.0
+# A pool (LearnerInfo.pooled) registers thousands of learners at one address; once the address answered a call-back,
+# its registrations in the next seconds are admitted without one each, which would halve a pool's registration rate.
+POOL_CALL_BACK_REUSE_S = 10.0
 MEMBER_SWEEP_INTERVAL_S = 2.0
 # Consecutive health checks a member may refuse (its port closed: the process is gone) before it is marked absent,
 # without waiting out --learner-lost-after, which is for members that go silent (frozen, or cut off).
@@ -48,6 +53,7 @@ class LearnerRecord:
     channel: grpc.Channel
     stub: learner_pb2_grpc.LearnerServiceStub
     joins_round: int  # it gets StartTraining when this round opens, and a pushed model every round after
+    pooled: bool = False  # it shares its address with the other learners of a simulation pool (LearnerInfo.pooled)
     alive: bool = True
     started: bool = False
 
@@ -63,6 +69,51 @@ def call_learner(call: Callable[[LearnerRecord], Any], record: LearnerRecord) ->
     if not reply.success:
         return reply.message
     return None
+
+
+class Channels:
+    """One client channel (and stub) per learner address, shared by the learners of a pool and closed when the last one leaves."""
+
+    def __init__(self, tls: rpc.Tls | None) -> None:
+        self.tls = tls
+        self._lock = threading.Lock()
+        # address -> (channel, its stub, learners using it)
+        self._open: dict[str, tuple[grpc.Channel, learner_pb2_grpc.LearnerServiceStub, int]] = {}
+
+    def take(self, address: str) -> tuple[grpc.Channel, learner_pb2_grpc.LearnerServiceStub]:
+        """The channel to `address` and its stub, opened on first use; give() them back once."""
+        with self._lock:
+            if address in self._open:
+                channel, stub, users = self._open[address]
+            else:
+                channel = rpc.channel(address, self.tls)
+                stub, users = rpc.learner_stub(channel), 0
+            self._open[address] = (channel, stub, users + 1)
+            return channel, stub
+
+    def give(self, address: str) -> None:
+        """A learner at `address` no longer uses its channel; the last one closes it."""
+        with self._lock:
+            if address not in self._open:
+                return
+            channel, stub, users = self._open[address]
+            if users > 1:
+                self._open[address] = (channel, stub, users - 1)
+                return
+            del self._open[address]
+        channel.close()
+
+    def close(self) -> None:
+        """Close every channel."""
+        with self._lock:
+            channels, self._open = [channel for channel, _, _ in self._open.values()], {}
+        for channel in channels:
+            channel.close()
+
+
+def callback_key(callback_token: str) -> bytes:
+    """What the roster indexes a callback secret by: its digest, so that finding a registration takes no timing from the secret."""
+    return hashlib.sha256(callback_token.encode()).digest()
 
 
 class Roster:
@@ -92,6 +143,13 @@ class Roster:
         self._first_round = first_round
         self._records: dict[int, LearnerRecord] = {}
         self._tokens: dict[str, int] = {}
+        self._by_callback: dict[bytes, LearnerRecord] = {}  # live members by callback_key
+        self._absent_slots: list[int] = []
+        self._pools_reported: set[str] = set()  # pool addresses whose learners' absence was logged
+        self._pools_answered: dict[
+            str, float
+        ] = {}  # pool address -> when it last answered a registration's call-back  # heap of slots whose learner is absent, for the next newcomer
+        self.channels = Channels(tls)
         self._revoked: OrderedDict[str, str] = OrderedDict()  # ended session token -> why it ended
         self._sweep_lock = threading.Lock()
         self._last_sweep = -math.inf
@@ -111,6 +169,11 @@ class Roster:
     def alive(self) -> list[LearnerRecord]:
         """The live members, by id."""
         return [record for record in self.records() if record.alive]
+
+    def alive_count(self) -> int:
+        """How many members are live."""
+        with self._cond:
+            return len(self._by_callback)
 
     def learner_for_token(self, token: str | None) -> int | None:
         """The id a session token belongs to, or None."""
@@ -140,22 +203,28 @@ class Roster:
             known = self._alive_record_for(info.callback_token)
             if known is not None:
                 return known, None
-        channel = rpc.channel(info.network_addr, self.tls)
-        failure = rpc.health_check(channel, REGISTRATION_PROBE_S, rpc.LEARNER_SERVICE, info.callback_token)
+        channel, stub = self.channels.take(info.network_addr)
+        failure = None if info.pooled and self._pool_answered(info.network_addr) else self._call_back(channel, info)
         if failure is not None:
-            channel.close()
+            self.channels.give(info.network_addr)
             raise rpc.RequestRefused(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"the leader cannot call this learner back at {info.network_addr} ({failure}): check "
                 "--advertise-address, and that the leader can reach that port",
             )
         try:
-            record, replaced = self._admit(info, channel)
+            record, replaced = self._admit(info, channel, stub)
         except BaseException:
-            channel.close()
+            self.channels.give(info.network_addr)
             raise
         if replaced is None:
-            logger.info("learner %d registered from %s (%d examples)", record.learner_id, info.network_addr, record.num_examples)
+            logger.log(
+                logging.DEBUG if info.pooled else logging.INFO,  # a pool registers thousands: its launcher reports them
+                "learner %d registered from %s (%d examples)",
+                record.learner_id,
+                info.network_addr,
+                record.num_examples,
+            )
         else:
             logger.info(
                 "learner %d's slot taken by %s (%d examples); it takes part from round %d",
@@ -165,6 +234,24 @@ class Roster:
                 record.joins_round,
             )
         return record, replaced
+
+    def _call_back(self, channel: grpc.Channel, info: leader_pb2.LearnerInfo) -> rpc.Unhealthy | None:
+        """The registration's call-back: None when the learner's LearnerService answers SERVING to its secret."""
+        failure = rpc.health_check(channel, REGISTRATION_PROBE_S, rpc.LEARNER_SERVICE, info.callback_token)
+        if failure is None and info.pooled:
+            with self._cond:
+                self._pools_answered[info.network_addr] = time.monotonic()
+        return failure
+
+    def _pool_answered(self, address: str) -> bool:
+        """Whether a pool at `address` answered a call-back in the last POOL_CALL_BACK_REUSE_S seconds.
+
+        Its next registrations are admitted without a call-back each: the address is proven to be a pool, and a
+        learner's own secret is proven at its first round start, whose failure marks it absent like any learner.
+        """
+        with self._cond:
+            answered = self._pools_answered.get(address)
+        return answered is not None and time.monotonic() - answered < POOL_CALL_BACK_REUSE_S
 
     def _check_learner_info(self, info: leader_pb2.LearnerInfo, peer: str) -> None:
         """Refuse a registration whose fields cannot work, before anything is done for it."""
@@ -198,12 +285,12 @@ class Roster:
 
     def _alive_record_for(self, callback_token: str) -> LearnerRecord | None:
         """The live member registered with this callback secret, if any (under the lock)."""
-        for record in self._records.values():
-            if record.alive and rpc.secrets_match(callback_token, record.callback_token):
-                return record
-        return None
+        record = self._by_callback.get(callback_key(callback_token))
+        return record if record is not None and rpc.secrets_match(callback_token, record.callback_token) else None
 
-    def _admit(self, info: leader_pb2.LearnerInfo, channel: grpc.Channel) -> tuple[LearnerRecord, LearnerRecord | None]:
+    def _admit(
+        self, info: leader_pb2.LearnerInfo, channel: grpc.Channel, stub: learner_pb2_grpc.LearnerServiceStub
+    ) -> tuple[LearnerRecord, LearnerRecord | None]:
         """Give a checked registrant a slot: (its record, the absent member it replaced)."""
         with self._cond:
             learner_id = self._free_slot()
@@ -212,7 +299,7 @@ class Roster:
         with self._cond:
             known = self._alive_record_for(info.callback_token)
             if known is not None:  # the same registration, retried while this one was checked
-                channel.close()
+                self.channels.give(info.network_addr)
                 return known, None
             learner_id = self._free_slot()
             if learner_id is None:
@@ -223,8 +310,9 @@ class Roster:
                 )
             replaced = self._records.get(learner_id)
             if replaced is not None:  # the slot of an absent learner: its split and its session go to the newcomer
+                heapq.heappop(self._absent_slots)
                 self._end_session(replaced, "its slot went to a newcomer")
-                replaced.channel.close()
+                self.channels.give(replaced.address)
             record = LearnerRecord(
                 learner_id,
                 info.network_addr,
@@ -232,20 +320,22 @@ class Roster:
                 secrets.token_urlsafe(32),
                 info.num_examples or self._split_examples(learner_id),
                 channel,
-                rpc.learner_stub(channel),
+                stub,
                 self._first_round(),
+                pooled=info.pooled,
             )
             self._records[learner_id] = record
             self._tokens[record.session_token] = learner_id
-            self._cond.notify_all()
+            self._by_callback[callback_key(info.callback_token)] = record
+            if len(self._by_callback) >= self.config.learners:
+                self._cond.notify_all()  # fill() waits for this; waking it at every registration slows registering
         return record, replaced
 
     def _free_slot(self) -> int | None:
         """The id a newcomer gets: the next unused one, else the lowest one whose learner is absent; None when full."""
         if len(self._records) < self.config.learners:
             return len(self._records)
-        absent = [learner_id for learner_id, record in self._records.items() if not record.alive]
-        return min(absent) if absent else None
+        return self._absent_slots[0] if self._absent_slots else None
 
     # ---- leaving ------------------------------------------------------------------------------------------------
 
@@ -255,11 +345,18 @@ class Roster:
             was_alive = record.alive and self._records.get(record.learner_id) is record
             record.alive = False
             if was_alive:
+                self._by_callback.pop(callback_key(record.callback_token), None)
+                heapq.heappush(self._absent_slots, record.learner_id)
                 self._end_session(record, f"marked absent: {why}")
                 self.on_absent(record.learner_id, why)
             self._cond.notify_all()
-        if was_alive:
+        if not was_alive:
+            return
+        if not record.pooled:
             logger.warning("learner %d at %s marked absent: %s", record.learner_id, record.address, why)
+        elif record.address not in self._pools_reported:  # a pool's learners go together: one line for all of them
+            self._pools_reported.add(record.address)
+            logger.warning("learners of the pool at %s marked absent, learner %d first: %s", record.address, record.learner_id, why)
 
     def mark_absent_on_error(self, record: LearnerRecord, what: str, error: str | None) -> None:
         """mark_absent when a call to the learner (`what`) failed with `error`."""
@@ -281,7 +378,7 @@ class Roster:
         """
         while True:
             with self._cond:
-                while len(self.alive()) < self.config.learners:
+                while len(self._by_callback) < self.config.learners:
                     remaining = deadline - time.monotonic()
                     if stopping() or remaining <= 0:
                         return False
@@ -290,7 +387,7 @@ class Roster:
             for record, answer in zip(records, self.check(records, FILL_CHECK_S), strict=True):
                 if answer is not None:
                     self.mark_absent(record, f"it stopped answering before training ({answer}); its slot goes to the next to register")
-            if len(self.alive()) >= self.config.learners:
+            if self.alive_count() >= self.config.learners:
                 return True
 
     def stop_all(self, reason: str) -> None:
@@ -301,7 +398,8 @@ class Roster:
             return record.stub.SyncModelState(iter([message]), timeout=STOP_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token))
 
         records = self.records()
-        for record, error in zip(records, self._calls.map(lambda record: call_learner(stop, record), records), strict=True):
+        called = one_per_pool(records)
+        for record, error in zip(called, self._calls.map(lambda record: call_learner(stop, record), called), strict=True):
             self.mark_absent_on_error(record, "stop", error)
 
     # ---- liveness -----------------------------------------------------------------------------------------------
@@ -311,8 +409,10 @@ class Roster:
         return rpc.health_check(record.channel, timeout, rpc.LEARNER_SERVICE, record.callback_token)
 
     def check(self, records: list[LearnerRecord], timeout: float) -> list[rpc.Unhealthy | None]:
-        """health() of several members at once."""
-        return list(self._calls.map(lambda record: self.health(record, timeout), records))
+        """health() of several members at once; the learners of a pool share one check of their address."""
+        called = one_per_pool(records)
+        answers = dict(zip(map(check_key, called), self._calls.map(lambda record: self.health(record, timeout), called), strict=True))
+        return [answers[check_key(record)] for record in records]
 
     def sweep(self) -> None:
         """Check every live member's health (at most one sweep at a time, and not more often than every 2 s).
@@ -353,6 +453,17 @@ class Roster:
 
     def close(self) -> None:
         """Close the channels to learners."""
-        with self._cond:
-            for record in self._records.values():
-                record.channel.close()
+        self.channels.close()
+
+
+def check_key(record: LearnerRecord) -> str | int:
+    """What one call stands for: a pooled learner's address (its pool answers for all its learners), else its id."""
+    return record.address if record.pooled else record.learner_id
+
+
+def one_per_pool(records: list[LearnerRecord]) -> list[LearnerRecord]:
+    """The records to call: every unpooled learner, and one learner of each pool."""
+    chosen: dict[str | int, LearnerRecord] = {}
+    for record in sorted(records, key=lambda record: not record.alive):  # a live one: the pool still knows its secret
+        chosen.setdefault(check_key(record), record)
+    return list(chosen.values())

@@ -12,18 +12,20 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class LearnerInfo(_message.Message):
-    __slots__ = ("network_addr", "callback_token", "num_examples", "version", "tls")
+    __slots__ = ("network_addr", "callback_token", "num_examples", "version", "tls", "pooled")
     NETWORK_ADDR_FIELD_NUMBER: _ClassVar[int]
     CALLBACK_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TLS_FIELD_NUMBER: _ClassVar[int]
+    POOLED_FIELD_NUMBER: _ClassVar[int]
     network_addr: str
     callback_token: str
     num_examples: int
     version: str
     tls: bool
-    def __init__(self, network_addr: _Optional[str] = ..., callback_token: _Optional[str] = ..., num_examples: _Optional[int] = ..., version: _Optional[str] = ..., tls: _Optional[bool] = ...) -> None: ...
+    pooled: bool
+    def __init__(self, network_addr: _Optional[str] = ..., callback_token: _Optional[str] = ..., num_examples: _Optional[int] = ..., version: _Optional[str] = ..., tls: _Optional[bool] = ..., pooled: _Optional[bool] = ...) -> None: ...
 
 class TrainingPlan(_message.Message):
     __slots__ = ("model", "num_classes", "aggregation", "batch_size", "lr", "momentum", "weight_decay", "local_steps", "local_epochs", "seed", "rounds", "augment", "image_shape", "dataset", "model_fingerprint", "torch_version", "deterministic", "prox_mu", "compression", "topk_ratio", "lr_schedule", "warmup_rounds", "keep_momentum")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import tensors_pb2 as protos_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/learner.proto\x12\x07learner\x1a\x14protos/tensors.proto\"\x07\n\x05\x45mpty\"s\n\nModelState\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12)\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.tensors.TensorManifest\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x0c\n\x04stop\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\'\n\x03\x41\x63k\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2z\n\x0eLearnerService\x12/\n\rStartTraining\x12\x0e.learner.Empty\x1a\x0c.learner.Ack\"\x00\x12\x37\n\x0eSyncModelState\x12\x13.learner.ModelState\x1a\x0c.learner.Ack\"\x00(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/learner.proto\x12\x07learner\x1a\x14protos/tensors.proto\"\x07\n\x05\x45mpty\"\x82\x01\n\nModelState\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12)\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.tensors.TensorManifest\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x0c\n\x04stop\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\r\n\x05\x66\x65tch\x18\x06 \x01(\x08\"\'\n\x03\x41\x63k\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2z\n\x0eLearnerService\x12/\n\rStartTraining\x12\x0e.learner.Empty\x1a\x0c.learner.Ack\"\x00\x12\x37\n\x0eSyncModelState\x12\x13.learner.ModelState\x1a\x0c.learner.Ack\"\x00(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EMPTY']._serialized_start=55
   _globals['_EMPTY']._serialized_end=62
-  _globals['_MODELSTATE']._serialized_start=64
-  _globals['_MODELSTATE']._serialized_end=179
-  _globals['_ACK']._serialized_start=181
-  _globals['_ACK']._serialized_end=220
-  _globals['_LEARNERSERVICE']._serialized_start=222
-  _globals['_LEARNERSERVICE']._serialized_end=344
+  _globals['_MODELSTATE']._serialized_start=65
+  _globals['_MODELSTATE']._serialized_end=195
+  _globals['_ACK']._serialized_start=197
+  _globals['_ACK']._serialized_end=236
+  _globals['_LEARNERSERVICE']._serialized_start=238
+  _globals['_LEARNERSERVICE']._serialized_end=360
 # @@protoc_insertion_point(module_scope)

@@ -11,18 +11,20 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelState(_message.Message):
-    __slots__ = ("chunk", "manifest", "round", "stop", "reason")
+    __slots__ = ("chunk", "manifest", "round", "stop", "reason", "fetch")
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
     chunk: bytes
     manifest: _tensors_pb2.TensorManifest
     round: int
     stop: bool
     reason: str
-    def __init__(self, chunk: _Optional[bytes] = ..., manifest: _Optional[_Union[_tensors_pb2.TensorManifest, _Mapping]] = ..., round: _Optional[int] = ..., stop: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    fetch: bool
+    def __init__(self, chunk: _Optional[bytes] = ..., manifest: _Optional[_Union[_tensors_pb2.TensorManifest, _Mapping]] = ..., round: _Optional[int] = ..., stop: _Optional[bool] = ..., reason: _Optional[str] = ..., fetch: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("success", "message")
