@@ -21,7 +21,7 @@ from model import build_model
 from utils import normalize
 
 BATCH = 128
-MODELS = ("resnet20", "resnet18-cifar", "resnet18")
+MODELS = ("resnet20", "resnet18-cifar", "resnet18", "small-cnn", "tiny-cnn")
 
 
 def step_seconds(model_name: str, channels_last: bool, steps: int) -> list[float]:

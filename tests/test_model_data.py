@@ -29,7 +29,7 @@ def test_models_take_native_32x32_inputs(name, parameters):
 def test_build_model_refuses_unknown_names():
     with pytest.raises(ValueError, match="choose one of resnet18"):
         build_model("evil; import os")
-    assert set(MODELS) == {"resnet18", "resnet18-cifar", "resnet20", "tiny-cnn"}
+    assert set(MODELS) == {"resnet18", "resnet18-cifar", "resnet20", "tiny-cnn", "small-cnn"}
 
 
 def test_split_is_seeded_disjoint_and_complete():
@@ -240,6 +240,7 @@ def test_channels_last_is_chosen_where_it_was_measured_faster_unless_set():
     assert memory_format_for("auto", "resnet20", cpu) == torch.channels_last
     assert memory_format_for("auto", "resnet18-cifar", cpu) == torch.channels_last
     assert memory_format_for("auto", "resnet18", cpu) == torch.contiguous_format  # measured slower at 32x32
+    assert memory_format_for("auto", "small-cnn", cpu) == torch.channels_last
     assert memory_format_for("auto", "resnet20", cuda) == torch.contiguous_format  # not measured there
     assert memory_format_for("on", "resnet18", cpu) == torch.channels_last
     assert memory_format_for("off", "resnet20", cpu) == torch.contiguous_format
