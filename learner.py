@@ -207,22 +207,10 @@ class Learner:
         self._forward = compiled_for_training(self.model, self.device) if self.config.compile else self.model
         self.specs = wire.specs_of(self.model.state_dict())
         self._receive_buffers = wire.BufferPool(wire.payload_bytes(self.specs), keep=RECEIVE_BUFFERS_KEPT)
-        if plan.model_fingerprint and wire.fingerprint(self.specs) != plan.model_fingerprint:
-            raise LearnerError(
-                f"this learner's model.py builds a different {plan.model} than the leader's: install the same release on both"
-            )
-        if plan.torch_version and plan.torch_version.split(".")[:2] != torch.__version__.split(".")[:2]:
-            logger.warning(
-                "the leader runs PyTorch %s, this learner %s: results may differ slightly", plan.torch_version, torch.__version__
-            )
+        check_model(self.specs, plan)
         if self.data is None:
             self.data = self._fetch_data()
-        if len(self.data) == 0:
-            raise LearnerError("this learner has no training examples")
-        if int(self.data.labels.max()) >= plan.num_classes or int(self.data.labels.min()) < 0:
-            raise LearnerError(f"labels fall outside the leader's {plan.num_classes} classes")
-        if tuple(self.data.images.shape[1:]) != tuple(plan.image_shape):
-            raise LearnerError(f"images are {list(self.data.images.shape[1:])}, the leader's model takes {list(plan.image_shape)}")
+        check_data(self.data, plan)
         self.trainer = LocalTrainer(
             plan,
             self.learner_id,
@@ -236,8 +224,7 @@ class Learner:
 
     def _data_specs(self) -> list[wire.TensorSpec]:
         """What GetData must stream: split_examples uint8 images of the plan's shape and as many int64 labels."""
-        count = self.split_examples
-        return [wire.TensorSpec("images", "uint8", (count, *self.plan.image_shape)), wire.TensorSpec("labels", "int64", (count,))]
+        return split_specs(self.split_examples, self.plan)
 
     def _first_message_limit(self) -> int:
         """Most bytes the first message of a stream from the leader may take: a model's or a data split's manifest, a chunk, a header."""
@@ -245,30 +232,12 @@ class Learner:
 
     def _fetch_data(self) -> ImageData:
         """GetData: this learner's split, as uint8 images and int64 labels, exactly as many as registration said."""
-        specs = self._data_specs()
-        size = wire.payload_bytes(specs)
-        if size > MAX_DATA_BYTES:
-            raise LearnerError(f"the leader's data split of {size} bytes exceeds this learner's {MAX_DATA_BYTES}-byte limit")
-        responses = self.stub.GetData(
-            leader_pb2.LearnerDataRequest(learner_id=self.learner_id),
-            timeout=rpc.transfer_timeout(size),
-            metadata=self._metadata(),
-        )
         try:
-            # checked against the split registration announced before anything is allocated; memory is committed as bytes arrive
-            received = wire.receive(responses, max_bytes=size, expected=specs)
+            data, nbytes = fetch_split(self.stub, self.learner_id, self.split_examples, self.plan, self._metadata())
         except grpc.RpcError as error:
             raise self._call_failed("GetData", error) from None
-        except wire.WireError as error:
-            raise LearnerError(f"the leader sent a malformed data split: {error}") from None
-        tensors = received.tensors
-        if set(tensors) != {"images", "labels"} or tensors["images"].dtype != torch.uint8 or tensors["labels"].dtype != torch.int64:
-            raise LearnerError("the leader's data split is not uint8 'images' with int64 'labels'")
-        images, labels = tensors["images"], tensors["labels"]
-        if images.dim() != 4 or labels.shape != (images.shape[0],):
-            raise LearnerError("the leader's data split has inconsistent shapes")
-        logger.info("received %d training examples (%.1f MB)", len(labels), len(received.payload) / 1e6)
-        return ImageData(images, labels, self.plan.num_classes)
+        logger.info("received %d training examples (%.1f MB)", len(data), nbytes / 1e6)
+        return data
 
     def _call_failed(self, what: str, error: grpc.RpcError) -> LearnerError:
         """The error to raise for a failed call: LeaderLost when the leader is unreachable or no longer knows us."""
@@ -400,6 +369,55 @@ class Learner:
         finally:
             self._send_buffers.give(payload)  # the calls are over: nothing reads the payload any more
         logger.info("round %d: sent update (%d examples, loss %.4f): %s", round_number, num_examples, loss, reply.message)
+
+
+def split_specs(count: int, plan: leader_pb2.TrainingPlan) -> list[wire.TensorSpec]:
+    """A data split of `count` examples as GetData streams it: uint8 images of the plan's shape and int64 labels."""
+    return [wire.TensorSpec("images", "uint8", (count, *plan.image_shape)), wire.TensorSpec("labels", "int64", (count,))]
+
+
+def fetch_split(
+    stub: Any, learner_id: int, split_examples: int, plan: leader_pb2.TrainingPlan, metadata: tuple[tuple[str, str], ...]
+) -> tuple[ImageData, int]:
+    """GetData: a learner's split and its size in bytes, checked against the `split_examples` registration announced.
+
+    Nothing is allocated before the stream's manifest matches that split; memory is committed as bytes arrive.
+    Raises grpc.RpcError when the call fails and LearnerError when the split is malformed.
+    """
+    specs = split_specs(split_examples, plan)
+    size = wire.payload_bytes(specs)
+    if size > MAX_DATA_BYTES:
+        raise LearnerError(f"the leader's data split of {size} bytes exceeds this learner's {MAX_DATA_BYTES}-byte limit")
+    responses = stub.GetData(leader_pb2.LearnerDataRequest(learner_id=learner_id), timeout=rpc.transfer_timeout(size), metadata=metadata)
+    try:
+        received = wire.receive(responses, max_bytes=size, expected=specs)
+    except wire.WireError as error:
+        raise LearnerError(f"the leader sent a malformed data split: {error}") from None
+    tensors = received.tensors
+    if set(tensors) != {"images", "labels"} or tensors["images"].dtype != torch.uint8 or tensors["labels"].dtype != torch.int64:
+        raise LearnerError("the leader's data split is not uint8 'images' with int64 'labels'")
+    images, labels = tensors["images"], tensors["labels"]
+    if images.dim() != 4 or labels.shape != (images.shape[0],):
+        raise LearnerError("the leader's data split has inconsistent shapes")
+    return ImageData(images, labels, plan.num_classes), len(received.payload)
+
+
+def check_data(data: ImageData, plan: leader_pb2.TrainingPlan) -> None:
+    """Raise LearnerError unless a learner's examples fit the plan: some examples, labels among its classes, its image shape."""
+    if len(data) == 0:
+        raise LearnerError("this learner has no training examples")
+    if int(data.labels.max()) >= plan.num_classes or int(data.labels.min()) < 0:
+        raise LearnerError(f"labels fall outside the leader's {plan.num_classes} classes")
+    if tuple(data.images.shape[1:]) != tuple(plan.image_shape):
+        raise LearnerError(f"images are {list(data.images.shape[1:])}, the leader's model takes {list(plan.image_shape)}")
+
+
+def check_model(specs: list[wire.TensorSpec], plan: leader_pb2.TrainingPlan) -> None:
+    """Raise LearnerError when this side's model.py builds another network than the leader's; warn once on another PyTorch."""
+    if plan.model_fingerprint and wire.fingerprint(specs) != plan.model_fingerprint:
+        raise LearnerError(f"this learner's model.py builds a different {plan.model} than the leader's: install the same release on both")
+    if plan.torch_version and plan.torch_version.split(".")[:2] != torch.__version__.split(".")[:2]:
+        logger.warning("the leader runs PyTorch %s, this learner %s: results may differ slightly", plan.torch_version, torch.__version__)
 
 
 class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):

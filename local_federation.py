@@ -1,21 +1,36 @@
-"""One command for a whole federation on this machine: the leader plus N learner processes on loopback."""
+"""One command for a whole federation: the leader plus N learners, as processes on loopback or as virtual learners on Ray."""
 
 from __future__ import annotations
 
+import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import rpc
 from config_file import parse_with_config
-from options import build_leader_parser, expand_resume
+from options import build_leader_parser, expand_resume, non_negative_float, positive_float, positive_int
 
 HERE = Path(__file__).resolve().parent
 LEARNER_EXIT_GRACE_S = 30.0  # how long learners get to exit after the leader has
 LEARNER_CONNECT_TIMEOUT_S = 600.0
 LEADER_SETUP_ERROR = 2  # leader.py's exit status for a bad argument, missing data or a busy port  # the leader may spend minutes decoding a large data set before it serves
+ENGINES = ("processes", "ray")
+# flags of this command that leader.py does not take: (flag, whether a value follows)
+LAUNCHER_FLAGS = {
+    "--learner-data-dir": True,
+    "--learner-compile": False,
+    "--engine": True,
+    "--learner-cpus": True,
+    "--learner-gpus": True,
+    "--ray-address": True,
+    "--actors": True,
+    "--examples-per-learner": True,
+}
 
 
 def free_port() -> int:
@@ -50,16 +65,48 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument(
         "--learner-compile", action="store_true", help="start the learners with --compile (torch.compile their training steps)"
     )
+    group.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="processes",
+        help="processes: one learner.py process per learner; ray: virtual learners served by a pool of Ray actors (thousands per machine)",
+    )
+    ray_group = parser.add_argument_group("the Ray engine (--engine ray)")
+    ray_group.add_argument("--learner-cpus", type=positive_float, default=1.0, help="CPUs each Ray actor reserves (its torch threads)")
+    ray_group.add_argument(
+        "--learner-gpus", type=non_negative_float, default=0.0, help="share of a GPU each Ray actor reserves (0.25: four actors per GPU)"
+    )
+    ray_group.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (ray start --head prints it) instead of starting Ray on this machine for the run",
+    )
+    ray_group.add_argument(
+        "--actors", type=positive_int, default=None, help="Ray actors serving the learners (default: as many as the declared shares fit)"
+    )
+    ray_group.add_argument(
+        "--examples-per-learner",
+        type=positive_int,
+        default=50,
+        help="with --data-mode local --dataset synthetic: synthetic examples each virtual learner makes from its index",
+    )
     args = parse_with_config(parser, expand_resume(parser, argv))
     learner_dirs = args.learner_data_dir or []
     if learner_dirs and len(learner_dirs) != args.learners:
         parser.error(f"--learner-data-dir was given {len(learner_dirs)} times for {args.learners} learners")
     if learner_dirs and args.data_mode != "local":
         parser.error("--learner-data-dir needs --data-mode local")
-    leader_argv = [
-        arg for arg in _drop_values(argv, "--learner-data-dir") if not arg.startswith("--learner-data-dir=") and arg != "--learner-compile"
-    ]
+    if args.engine == "ray":
+        if learner_dirs or args.learner_compile:
+            parser.error("--learner-data-dir and --learner-compile work with --engine processes only")
+        if args.data_mode == "local" and args.dataset != "synthetic":
+            parser.error("--engine ray with --data-mode local makes synthetic data: add --dataset synthetic, or use --data-mode split")
+    elif any(flag_given(argv, flag) for flag in ("--learner-cpus", "--learner-gpus", "--ray-address", "--actors")):
+        parser.error("--learner-cpus, --learner-gpus, --ray-address and --actors need --engine ray")
+    leader_argv = drop_flags(argv, LAUNCHER_FLAGS)
     port = args.port or free_port()
+    if args.engine == "ray":
+        return run_on_ray(args, leader_argv, port)
     leader_cmd = [sys.executable, str(HERE / "leader.py"), *leader_argv, "--host", "127.0.0.1", "--port", str(port)]
     threads = learner_threads(args.learners)
     processes: list[subprocess.Popen] = []
@@ -107,16 +154,65 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def _drop_values(argv: list[str], flag: str) -> list[str]:
-    """Remove `flag VALUE` pairs from an argument list."""
+def run_on_ray(args: argparse.Namespace, leader_argv: list[str], port: int) -> int:
+    """Start the leader, then Ray and its pools of virtual learners while the leader loads; wait for the leader to finish."""
+    import ray_engine  # Ray is imported only by the runs that use it
+    from pool import PoolConfig
+
+    if args.tls_cert or args.tls_ca:
+        print("local_federation.py: --engine ray does not take TLS flags yet; its pools call the leader in the clear", file=sys.stderr)
+        return LEADER_SETUP_ERROR
+    on_cluster = args.ray_address is not None
+    # On a cluster the leader listens on every interface, and an enrolment secret keeps strangers out.
+    enrolment_token = rpc.read_enrolment_token(args.token_file) or secrets.token_urlsafe(32)
+    env = {**os.environ, rpc.ENROLMENT_ENV: enrolment_token}
+    host = "0.0.0.0" if on_cluster else "127.0.0.1"
+    leader_process = subprocess.Popen(
+        [sys.executable, str(HERE / "leader.py"), *drop_flags(leader_argv, {"--token-file": True}), "--host", host, "--port", str(port)],
+        env=env,
+    )
+    engine = ray_engine.RayFederation(
+        ray_engine.RayEngineConfig(args.learners, args.learner_cpus, args.learner_gpus, args.ray_address, args.actors or 0)
+    )
+    status = LEADER_SETUP_ERROR
+    try:
+        engine.connect()
+        leader_host = ray_engine.node_address() if on_cluster else "127.0.0.1"
+        pool_config = PoolConfig(
+            leader=f"{leader_host}:{port}",
+            host=host,
+            advertise_host="" if on_cluster else "127.0.0.1",
+            examples_per_learner=args.examples_per_learner if args.data_mode == "local" else 0,
+            connect_timeout=LEARNER_CONNECT_TIMEOUT_S,
+        )
+        engine.start(pool_config, enrolment_token)
+        status = leader_process.wait()
+    except KeyboardInterrupt:
+        status = leader_process.wait()
+    finally:
+        if leader_process.poll() is None:
+            leader_process.send_signal(signal.SIGTERM)  # Ray failed to start: the leader would wait for learners in vain
+            status = leader_process.wait()
+        engine.stop()
+    return status
+
+
+def flag_given(argv: list[str], flag: str) -> bool:
+    """Whether `flag` appears in an argument list, alone or as flag=value."""
+    return any(arg == flag or arg.startswith(f"{flag}=") for arg in argv)
+
+
+def drop_flags(argv: list[str], flags: dict[str, bool]) -> list[str]:
+    """An argument list without `flags` (flag -> whether a value follows it), given alone or as flag=value."""
     result = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg == flag:
-            skip = True
+        name = arg.split("=", 1)[0]
+        if name in flags:
+            skip = flags[name] and "=" not in arg
             continue
         result.append(arg)
     return result

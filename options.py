@@ -554,8 +554,6 @@ def config_problems(config: LeaderConfig) -> list[str]:
         problems.append("--partition applies to the leader's split; with --data-mode local each learner brings its own data")
     if config.recompute_bn and config.data_mode == "local":
         problems.append("--recompute-bn needs training images on the leader; with --data-mode local it has none (use 0)")
-    if config.dataset == "synthetic" and config.data_mode == "local":
-        problems.append("--data-mode local needs real data on the learners: use --dataset cifar10 or imagefolder")
     return problems
 
 

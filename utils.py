@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -151,12 +152,27 @@ def _write_cache(path: Path, images: torch.Tensor) -> None:
 
 def synthetic_dataset(size: int, seed: int, train: bool = True) -> ImageData:
     """Learnable synthetic images: each class is a fixed smooth random pattern (so crops and flips keep it) plus noise."""
+    return _synthetic_images(size, seed, torch.Generator().manual_seed(seed * 2 + (0 if train else 1) + 1))
+
+
+def synthetic_shard(size: int, seed: int, index: int) -> ImageData:
+    """Learner `index`'s own `size` synthetic examples: the classes of synthetic_dataset(seed), labels and noise drawn for it alone."""
+    return _synthetic_images(size, seed, torch.Generator().manual_seed(derive_seed(seed, "synthetic-learner", index)))
+
+
+@functools.lru_cache(maxsize=4)
+def synthetic_prototypes(seed: int) -> torch.Tensor:
+    """The synthetic classes' fixed smooth patterns, float [classes, C, H, W] (kept: a pool makes many learners' data from them)."""
     generator = torch.Generator().manual_seed(seed)
     coarse = 96 + torch.rand((SYNTHETIC_CLASSES, IMAGE_SHAPE[0], 4, 4), generator=generator) * 64
-    prototypes = torch.nn.functional.interpolate(coarse, size=IMAGE_SHAPE[1:], mode="bilinear", align_corners=False)
-    split_generator = torch.Generator().manual_seed(seed * 2 + (0 if train else 1) + 1)
-    labels = torch.randint(0, SYNTHETIC_CLASSES, (size,), generator=split_generator)
-    noise = torch.randn((size, *IMAGE_SHAPE), generator=split_generator) * 60
+    return torch.nn.functional.interpolate(coarse, size=IMAGE_SHAPE[1:], mode="bilinear", align_corners=False)
+
+
+def _synthetic_images(size: int, seed: int, draws: torch.Generator) -> ImageData:
+    """`size` images of the class patterns that `seed` fixes, with labels and noise from `draws`."""
+    prototypes = synthetic_prototypes(seed)
+    labels = torch.randint(0, SYNTHETIC_CLASSES, (size,), generator=draws)
+    noise = torch.randn((size, *IMAGE_SHAPE), generator=draws) * 60
     images = (prototypes[labels] + noise).clamp(0, 255).to(torch.uint8)
     return ImageData(images, labels, SYNTHETIC_CLASSES)
 

@@ -1,0 +1,137 @@
+"""Learners on Ray: pools of virtual learners (pool.py) as Ray actors sized by CPU and GPU shares, here or on a Ray cluster."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+# Ray reads these as it is imported: no usage report from a federation's machines, and every pool's log lines shown
+# (Ray folds lines that differ only in numbers, such as each pool's address, into "repeated" counts).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+import ray  # noqa: E402
+
+from pool import LearnerPool, PoolConfig, run_pool  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+# Ray restarts an actor that dies (a killed process, a lost node) this many times; its learners register again.
+ACTOR_RESTARTS = 5
+# Object store of a Ray instance the run starts itself: the pools keep their learners' state in their own memory
+# and pass nothing through the store, so Ray's default (30% of RAM) would only reserve memory nobody uses.
+LOCAL_OBJECT_STORE_BYTES = 128 << 20
+ACTOR_READY_S = 600.0  # an actor starts a Python with torch: seconds, or minutes on a busy node
+
+
+@dataclass
+class RayEngineConfig:
+    """The Ray engine's settings: how many virtual learners, what each actor reserves, and which cluster."""
+
+    learners: int
+    learner_cpus: float = 1.0  # CPUs each actor reserves; its torch threads follow (at least one)
+    learner_gpus: float = 0.0  # GPU share each actor reserves (0.25: four actors per GPU)
+    ray_address: str | None = None  # None: start a Ray instance for this run and stop it after
+    actors: int = 0  # 0: as many as the cluster's CPUs (and GPUs) hold, at most one per learner
+
+
+class PoolActor:
+    """A Ray actor holding one LearnerPool; Ray restarts it (re-running __init__) when its process dies."""
+
+    def __init__(self, config: PoolConfig, indices: list[int], enrolment_token: str | None, threads: int) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        if not config.advertise_host:  # a cluster: the leader calls the pool back at this node's address
+            config = replace(config, advertise_host=ray.util.get_node_ip_address())
+        self.pool: LearnerPool = run_pool(config, indices, enrolment_token, threads)
+
+    def address(self) -> str:
+        """Where the pool's LearnerService listens."""
+        return self.pool.address
+
+    def stats(self) -> dict[str, Any]:
+        """What the pool did: its process, GetModel calls and updates sent."""
+        return {"pid": os.getpid(), "models_fetched": self.pool.models_fetched, "updates_sent": self.pool.updates_sent}
+
+
+def actor_count(config: RayEngineConfig, resources: dict[str, float]) -> int:
+    """Actors to start: --actors, else as many as the cluster's CPUs (and GPUs) hold at the declared shares, at most one per learner."""
+    if config.actors:
+        return min(config.actors, config.learners)
+    fits = math.floor(resources.get("CPU", 1) / config.learner_cpus) if config.learner_cpus > 0 else config.learners
+    if config.learner_gpus > 0:
+        fits = min(fits, math.floor(resources.get("GPU", 0) / config.learner_gpus))
+    return max(1, min(fits, config.learners))
+
+
+def assign(learners: int, actors: int) -> list[list[int]]:
+    """Virtual learners 0..learners-1 dealt round-robin to `actors` pools, so that a sample draws on every pool alike."""
+    return [list(range(first, learners, actors)) for first in range(actors)]
+
+
+class RayFederation:
+    """The Ray side of a run: joins or starts Ray, starts the pools, and takes them down at the end."""
+
+    def __init__(self, config: RayEngineConfig) -> None:
+        self.config = config
+        self.actors: list[Any] = []
+
+    def connect(self) -> None:
+        """Join --ray-address, or start a Ray instance on this machine for this run."""
+        # workers import pool.py from this checkout: on a cluster every node needs it at the same path
+        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}}
+        if self.config.ray_address:
+            ray.init(address=self.config.ray_address, runtime_env=runtime_env, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env=runtime_env, log_to_driver=True)
+
+    def start(self, pool_config: PoolConfig, enrolment_token: str | None) -> None:
+        """Start the pools: each reserves --learner-cpus and --learner-gpus and serves its share of the virtual learners."""
+        config = self.config
+        count = actor_count(config, ray.cluster_resources())
+        threads = max(1, math.floor(config.learner_cpus))
+        remote = ray.remote(PoolActor).options(
+            num_cpus=config.learner_cpus,
+            num_gpus=config.learner_gpus,
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=ACTOR_RESTARTS,
+        )
+        if config.learner_gpus > 0:
+            pool_config = replace(pool_config, device="cuda")
+        self.actors = [remote.remote(pool_config, indices, enrolment_token, threads) for indices in assign(config.learners, count)]
+        logger.info(
+            "%d virtual learners on %d Ray actors (%g CPU%s each)",
+            config.learners,
+            count,
+            config.learner_cpus,
+            f", {config.learner_gpus:g} GPU" if config.learner_gpus else "",
+        )
+
+    def wait_ready(self, timeout: float = ACTOR_READY_S) -> list[str]:
+        """The pools' addresses once every actor is up."""
+        return ray.get([actor.address.remote() for actor in self.actors], timeout=timeout)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each pool's stats (an actor that cannot answer within seconds is left out)."""
+        ready, _ = ray.wait([actor.stats.remote() for actor in self.actors], num_returns=len(self.actors), timeout=10)
+        return ray.get(ready)
+
+    def stop(self) -> None:
+        """Take the pools down, then stop the Ray instance this run started, or leave the cluster it joined."""
+        if not ray.is_initialized():
+            return
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        started = time.monotonic()
+        ray.shutdown()
+        logger.debug("Ray stopped in %.1fs", time.monotonic() - started)
+
+
+def node_address() -> str:
+    """This machine's address in the Ray cluster, where the cluster's nodes reach the leader."""
+    return ray.util.get_node_ip_address()
