@@ -1,0 +1,162 @@
+"""The Ray engine: virtual learners in pools of Ray actors, on a two-node Ray cluster started on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import ray_engine
+import wire
+from model import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT_S = 280
+
+
+@pytest.fixture(scope="module")
+def cluster_address() -> str:
+    """A Ray cluster of two nodes of one CPU each, on this machine (Ray's test helper)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 << 20})
+    cluster.add_node(num_cpus=1, object_store_memory=100 << 20)
+    cluster.wait_for_nodes()
+    yield cluster.address
+    cluster.shutdown()
+
+
+def federation(run_dir: Path, *flags: str) -> list[str]:
+    """local_federation.py on a synthetic task small enough for a test, writing into run_dir."""
+    return [
+        sys.executable,
+        "local_federation.py",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "tiny-cnn",
+        "--device",
+        "cpu",
+        "--aggregation",
+        "fedavg",
+        "--batch-size",
+        "16",
+        "--local-steps",
+        "3",
+        "--seed",
+        "11",
+        "--quiet",
+        "--run-dir",
+        str(run_dir),
+        *flags,
+    ]
+
+
+def final_weights(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """The round and weights of a run's newest checkpoint."""
+    record, weights = checkpoint.load(checkpoint.latest(run_dir / "checkpoints"))
+    return record["round"], weights
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl, one dict per round."""
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_actors_and_their_learners_follow_the_declared_shares():
+    config = ray_engine.RayEngineConfig(learners=1000, learner_cpus=0.5)
+    assert ray_engine.actor_count(config, {"CPU": 2.0}) == 4
+    assert ray_engine.actor_count(ray_engine.RayEngineConfig(learners=3, learner_cpus=0.5), {"CPU": 2.0}) == 3  # one per learner at most
+    gpu_bound = ray_engine.RayEngineConfig(learners=1000, learner_cpus=1, learner_gpus=0.25)
+    assert ray_engine.actor_count(gpu_bound, {"CPU": 16.0, "GPU": 1.0}) == 4
+    assert ray_engine.assign(7, 3) == [[0, 3, 6], [1, 4], [2, 5]]
+
+
+def test_twenty_virtual_learners_on_two_nodes_end_with_the_process_engines_weights(tmp_path, cluster_address):
+    # kept momentum: round 2 starts from each learner's round-1 momentum, which a pool must keep for each of its learners
+    flags = ["--learners", "20", "--rounds", "2", "--deterministic", "--keep-momentum", "--momentum", "0.9", "--checkpoint-every", "1"]
+    on_ray = subprocess.run(
+        federation(tmp_path / "ray", *flags, "--engine", "ray", "--ray-address", cluster_address),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert on_ray.returncode == 0, on_ray.stderr[-3000:]
+    processes = subprocess.run(federation(tmp_path / "processes", *flags), cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert processes.returncode == 0, processes.stderr[-3000:]
+
+    ray_round, ray_weights = final_weights(tmp_path / "ray")
+    process_round, process_weights = final_weights(tmp_path / "processes")
+    assert ray_round == process_round == 2
+    assert ray_weights.keys() == process_weights.keys()
+    for name in ray_weights:
+        assert torch.equal(ray_weights[name], process_weights[name]), name
+
+    # every learner reported in both rounds; each of the 2 pools fetched each round's model once, where 20
+    # processes were sent it 20 times
+    model_bytes = wire.payload_bytes(wire.specs_of(build_model("tiny-cnn").state_dict()))
+    for ray_round_metrics, process_round_metrics in zip(metrics(tmp_path / "ray"), metrics(tmp_path / "processes"), strict=True):
+        assert ray_round_metrics["learners_reported"] == process_round_metrics["learners_reported"] == 20
+        assert ray_round_metrics["bytes_out"] == 2 * model_bytes
+        assert process_round_metrics["bytes_out"] == 20 * model_bytes
+
+
+def pool_actor_pids() -> list[int]:
+    """Processes Ray titled as PoolActor workers."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if command.startswith(b"ray::PoolActor"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_an_actor_killed_mid_run_is_restarted_and_its_learners_take_part_again(tmp_path, cluster_address):
+    run_dir = tmp_path / "run"
+    rounds = 12
+    # 20 learners, all in every round; enough local work that the run lasts beyond an actor's restart
+    flags = ["--learners", "20", "--rounds", str(rounds), "--local-steps", "40", "--checkpoint-every", "1"]
+    launcher = subprocess.Popen(
+        federation(run_dir, *flags, "--engine", "ray", "--ray-address", cluster_address),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while len(metrics(run_dir)) < 1:  # the leader's own record: round 1 is done
+            assert launcher.poll() is None and time.monotonic() < deadline, "round 1 did not complete"
+            time.sleep(0.1)  # polling a file the run writes
+        while len(pool_actor_pids()) != 2:  # an earlier run's actors may still be exiting
+            assert time.monotonic() < deadline, pool_actor_pids()
+            time.sleep(0.1)
+        os.kill(pool_actor_pids()[0], signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert launcher.returncode == 0, output[-3000:]
+    history = metrics(run_dir)
+    assert [record["round"] for record in history] == list(range(1, rounds + 1))
+    # the killed pool's learners were lost, the leader went on, and after Ray restarted the actor they took part again
+    lost_at = next(index for index, record in enumerate(history) if record["learners_reported"] < 20)
+    assert history[lost_at]["learners_reported"] >= 10
+    assert any(record["learners_reported"] == 20 for record in history[lost_at + 1 :]), [r["learners_reported"] for r in history]
+    assert output.count("learners registered") == 3, output[-3000:]  # two pools, and the restarted one again
