@@ -354,7 +354,7 @@ class Leader:
             self.begin_round(self.open_round(round_number + 1))
         if config.recompute_bn:  # after publishing: learners train BatchNorm on batch statistics, not these
             self.recompute_batchnorm(round_number)
-        evaluated = round_number % config.eval_every == 0 or round_number == config.rounds
+        evaluated = config.eval_every > 0 and (round_number % config.eval_every == 0 or round_number == config.rounds)
         if evaluated:
             self.status.show(f"round {round_number}/{config.rounds}: evaluating the new global model")
         test_loss, test_accuracy = (self.evaluate() if evaluated else None) or (None, None)
@@ -693,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
         history = leader.run(recorder)
         if history:
             final = history[-1]
-            logger.info("done: %d rounds, test accuracy %.2f%%; results in %s", len(history), 100 * final["test_accuracy"], run_dir)
+            accuracy = "not evaluated" if final["test_accuracy"] is None else f"test accuracy {100 * final['test_accuracy']:.2f}%"
+            logger.info("done: %d rounds, %s; results in %s", len(history), accuracy, run_dir)
     except (RunError, OSError) as error:  # OSError: a checkpoint or metrics write failed
         health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         leader.status.clear()

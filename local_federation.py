@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import rpc
@@ -155,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_on_ray(args: argparse.Namespace, leader_argv: list[str], port: int) -> int:
-    """Start the leader, then Ray and its pools of virtual learners while the leader loads; wait for the leader to finish."""
-    import ray_engine  # Ray is imported only by the runs that use it
+    """Run the leader in this process while a thread starts Ray and the pools of virtual learners; then take Ray down.
+
+    The leader shares this process with Ray's driver, which saves a Python with PyTorch (about 600 MB) per run.
+    """
+    import leader  # PyTorch and Ray are imported only by the runs that use them
+    import ray_engine
     from pool import PoolConfig
 
     if args.tls_cert or args.tls_ca:
@@ -165,35 +170,44 @@ def run_on_ray(args: argparse.Namespace, leader_argv: list[str], port: int) -> i
     on_cluster = args.ray_address is not None
     # On a cluster the leader listens on every interface, and an enrolment secret keeps strangers out.
     enrolment_token = rpc.read_enrolment_token(args.token_file) or secrets.token_urlsafe(32)
-    env = {**os.environ, rpc.ENROLMENT_ENV: enrolment_token}
+    os.environ[rpc.ENROLMENT_ENV] = enrolment_token
     host = "0.0.0.0" if on_cluster else "127.0.0.1"
-    leader_process = subprocess.Popen(
-        [sys.executable, str(HERE / "leader.py"), *drop_flags(leader_argv, {"--token-file": True}), "--host", host, "--port", str(port)],
-        env=env,
-    )
     engine = ray_engine.RayFederation(
         ray_engine.RayEngineConfig(args.learners, args.learner_cpus, args.learner_gpus, args.ray_address, args.actors or 0)
     )
-    status = LEADER_SETUP_ERROR
-    try:
-        engine.connect()
-        leader_host = ray_engine.node_address() if on_cluster else "127.0.0.1"
-        pool_config = PoolConfig(
-            leader=f"{leader_host}:{port}",
-            host=host,
-            advertise_host="" if on_cluster else "127.0.0.1",
-            examples_per_learner=args.examples_per_learner if args.data_mode == "local" else 0,
-            connect_timeout=LEARNER_CONNECT_TIMEOUT_S,
-        )
-        engine.start(pool_config, enrolment_token)
-        status = leader_process.wait()
-    except KeyboardInterrupt:
-        status = leader_process.wait()
-    finally:
-        if leader_process.poll() is None:
-            leader_process.send_signal(signal.SIGTERM)  # Ray failed to start: the leader would wait for learners in vain
-            status = leader_process.wait()
+    failure: list[str] = []
+    finished = threading.Event()
+
+    def start_learners() -> None:
+        # One thread starts Ray, waits for the run to end and stops Ray: the processes Ray starts here are killed when
+        # the thread that started them ends (PR_SET_PDEATHSIG)
+        try:
+            engine.connect()
+            leader_host = ray_engine.node_address() if on_cluster else "127.0.0.1"
+            pool_config = PoolConfig(
+                leader=f"{leader_host}:{port}",
+                host=host,
+                advertise_host="" if on_cluster else "127.0.0.1",
+                examples_per_learner=args.examples_per_learner if args.data_mode == "local" else 0,
+                connect_timeout=LEARNER_CONNECT_TIMEOUT_S,
+            )
+            engine.start(pool_config, enrolment_token)
+        except (ConnectionError, RuntimeError, ValueError) as error:  # what ray.init raises for a cluster it cannot join
+            failure.append(f"local_federation.py: could not start the learners on Ray: {error}")
+            os.kill(os.getpid(), signal.SIGTERM)  # the leader stops waiting for learners that will not come
+        finished.wait()
         engine.stop()
+
+    ray_thread = threading.Thread(target=start_learners, name="ray", daemon=True)
+    ray_thread.start()
+    try:
+        status = leader.main([*drop_flags(leader_argv, {"--token-file": True}), "--host", host, "--port", str(port)])
+    finally:
+        finished.set()
+        ray_thread.join()
+    if failure:
+        print(failure[0], file=sys.stderr)
+        return LEADER_SETUP_ERROR
     return status
 
 

@@ -498,9 +498,10 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
     )
     add(
         "--eval-every",
-        type=positive_int,
+        type=non_negative_int,
         default=defaults.eval_every,
-        help="evaluate the global model on the test set every this many rounds (and after the last)",
+        help="evaluate the global model on the test set every this many rounds and after the last (0: never, as in a "
+        "simulation that measures only training)",
     )
     add(
         "--tensorboard",

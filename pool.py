@@ -204,8 +204,8 @@ class LearnerPool:
     def _warm_up(self) -> None:
         """Train a throwaway copy of the model for one round while the other learners register.
 
-        A process's first round costs seconds that later ones do not (PyTorch imports its compiler on the first
-        optimizer, and builds its convolution kernels on the first step); paid here, they stay out of round 1.
+        A process's first training step costs far more than later ones (PyTorch picks and builds its convolution
+        kernels); paid here, it stays out of round 1.
         """
         plan = leader_pb2.TrainingPlan()
         plan.CopyFrom(self.plan)
@@ -453,8 +453,6 @@ def run_pool(config: PoolConfig, indices: list[int], enrolment_token: str | None
     """Start a pool serving learners `indices` and run it on a thread of its own; returns the pool (its `done` event ends with it)."""
     if threads:
         torch.set_num_threads(threads)
-    # PyTorch imports its compiler on a process's first optimizer (seconds): here, while the pool registers
-    threading.Thread(target=lambda: torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), daemon=True).start()
     pool = LearnerPool(config, indices, enrolment_token)
 
     def work() -> None:

@@ -62,6 +62,42 @@ def add_proximal_gradient(model: torch.nn.Module, global_state: dict[str, torch.
                 parameter.grad.add_(parameter - global_state[name], alpha=mu)
 
 
+class LocalSGD:
+    """SGD with momentum and weight decay exactly as torch.optim.SGD computes it on one tensor at a time (no dampening,
+    no Nesterov), without torch.optim: its first use imports PyTorch's compiler, 1.7 s and 150 MB in every learner."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float) -> None:
+        self.parameters = list(parameters)
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.momentum_buffers: list[torch.Tensor | None] = [None] * len(self.parameters)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop every parameter's gradient."""
+        for parameter in self.parameters:
+            parameter.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One step: p -= lr * buf, where buf = momentum * buf + (grad + weight_decay * p), starting from the first gradient."""
+        for index, parameter in enumerate(self.parameters):
+            if parameter.grad is None:
+                continue
+            grad = parameter.grad
+            if self.weight_decay != 0:
+                grad = grad.add(parameter, alpha=self.weight_decay)
+            if self.momentum != 0:
+                buffer = self.momentum_buffers[index]
+                if buffer is None:
+                    buffer = torch.clone(grad).detach()
+                    self.momentum_buffers[index] = buffer
+                else:
+                    buffer.mul_(self.momentum).add_(grad)
+                grad = buffer
+            parameter.add_(grad, alpha=-self.lr)
+
+
 class LocalTrainer:
     """Trains one learner's model on its split, round after round, as the plan says; keeps momentum across rounds if asked."""
 
@@ -86,7 +122,7 @@ class LocalTrainer:
         self.labels = labels
         self.memory_format = memory_format
         self.progress = progress
-        self._optimizer: torch.optim.SGD | None = None  # kept across rounds with the plan's keep_momentum
+        self._optimizer: LocalSGD | None = None  # kept across rounds with the plan's keep_momentum
 
     def train(self, round_number: int) -> tuple[dict[str, torch.Tensor], int, float]:
         """Do round `round_number`'s local work; returns (update, examples used, mean loss)."""
@@ -127,14 +163,13 @@ class LocalTrainer:
             update = aggregation.model_delta(global_state, model)
         return update, examples, total_loss.item() / examples
 
-    def _round_optimizer(self, lr: float) -> torch.optim.SGD:
+    def _round_optimizer(self, lr: float) -> LocalSGD:
         """A round's SGD at `lr`: a fresh one, or with keep_momentum the one kept from earlier rounds.
 
         A kept optimizer still steps the same parameter tensors: loading a global model copies into them.
         """
         plan = self.plan
         if not plan.keep_momentum or self._optimizer is None:
-            self._optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
-        for group in self._optimizer.param_groups:
-            group["lr"] = lr
+            self._optimizer = LocalSGD(list(self.model.parameters()), lr, plan.momentum, plan.weight_decay)
+        self._optimizer.lr = lr
         return self._optimizer

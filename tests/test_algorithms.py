@@ -220,3 +220,22 @@ def test_learning_rate_schedule_by_hand():
     assert [round_lr(0.1, "constant", 0, 3, number) for number in (1, 2, 3)] == [0.1, 0.1, 0.1]
     with pytest.raises(ValueError, match="unknown schedule"):
         round_lr(0.1, "linear", 0, 3, 1)
+
+
+def test_the_learners_sgd_steps_exactly_as_torch_optim_sgd():
+    from training import LocalSGD
+
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(5, 3)
+    ours = torch.nn.Linear(5, 3)
+    ours.load_state_dict(reference.state_dict())
+    torch_sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    local_sgd = LocalSGD(list(ours.parameters()), lr=0.1, momentum=0.9, weight_decay=0.01)
+    for step in range(4):
+        inputs = torch.randn(8, 5, generator=torch.Generator().manual_seed(step))
+        for model, optimizer in ((reference, torch_sgd), (ours, local_sgd)):
+            optimizer.zero_grad(set_to_none=True)
+            model(inputs).square().sum().backward()
+            optimizer.step()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, ours.state_dict()[name]), name  # bit for bit, momentum and weight decay included
