@@ -581,14 +581,21 @@ def leader_gate(roster: Roster, enrolment_token: str | None) -> rpc.Gate:
     return rpc.Gate(rpc.LEADER_SERVICE, check)
 
 
-def serve(config: LeaderConfig, enrolment_token: str | None = None) -> tuple[Leader, grpc.Server, int, Any]:
-    """Load data, build the leader and start its server; returns (leader, server, port, health)."""
+def serve(
+    config: LeaderConfig, enrolment_token: str | None = None, stop_event: threading.Event | None = None
+) -> tuple[Leader, grpc.Server, int, Any]:
+    """Load data, build the leader and start its server; returns (leader, server, port, health).
+
+    Setting `stop_event` (when given) stops the leader as a signal does: a launcher's way to end the run.
+    """
     test_data = load_dataset(config.dataset, config.data_dir, train=False, seed=config.seed)
     train_data = load_dataset(config.dataset, config.data_dir, train=True, seed=config.seed) if config.data_mode == "split" else None
     tls = rpc.Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
     if tls is not None and not tls.serving:
         raise ValueError("--tls-ca on the leader needs --tls-cert and --tls-key too")
     leader = Leader(config, test_data, train_data, tls)
+    if stop_event is not None:
+        leader.stop_event = stop_event
     leader.roster.trusts_registrants = enrolment_token is not None or (tls is not None and tls.ca is not None)
     if checkpoint.remove_partial_writes(Path(config.checkpoint_dir)):
         logger.info("removed partly written checkpoint files left by an earlier run in %s", config.checkpoint_dir)
@@ -657,8 +664,8 @@ def handle_shutdown_signals(leader: Leader, health: Any) -> Callable[[int, Any],
     return on_signal
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run a federation from the command line."""
+def main(argv: list[str] | None = None, stop_event: threading.Event | None = None) -> int:
+    """Run a federation from the command line (setting `stop_event` stops it, as Ctrl-C does)."""
     config, verbose, enrolment_token = parse_leader_config(argv)
     run_dir = Path(config.run_dir)
     setup_logging("leader", verbose, config.quiet, run_dir / "leader.log")
@@ -666,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        leader, server, port, health = serve(config, enrolment_token)
+        leader, server, port, health = serve(config, enrolment_token, stop_event)
         leader.status.keep_logs_apart()
         recorder = Recorder(run_dir, dataclasses.asdict(config), config.tensorboard, keep_rounds_before=leader.start_round)
         if leader.resumed_metrics is not None:

@@ -12,9 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-import rpc
-from config_file import parse_with_config
-from options import build_leader_parser, expand_resume, non_negative_float, positive_float, positive_int
+from config_file import flag_value, parse_with_config
 
 HERE = Path(__file__).resolve().parent
 LEARNER_EXIT_GRACE_S = 30.0  # how long learners get to exit after the leader has
@@ -49,6 +47,25 @@ def learner_threads(learners: int, cores: int | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Start the leader with the given leader flags, then --learners learners, and wait for the run to end."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Ray takes seconds to start: with --engine ray it starts now, while this process imports PyTorch
+    ray_thread = RayThread(flag_value(argv, "--ray-address")) if flag_value(argv, "--engine") == "ray" else None
+    try:
+        return launch(argv, ray_thread)
+    except SystemExit as exit:
+        if ray_thread is not None:  # a bad flag, or --help, said its piece: Ray, starting for nothing, ends with the process
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exit.code if isinstance(exit.code, int) else LEADER_SETUP_ERROR)
+        raise
+    finally:
+        if ray_thread is not None:
+            ray_thread.finish()
+
+
+def launch(argv: list[str], ray_thread: RayThread | None) -> int:
+    """Parse the flags, then run the federation with the chosen engine."""
+    from options import build_leader_parser, expand_resume, non_negative_float, positive_float, positive_int
+
     parser = build_leader_parser(
         prog="local_federation.py", description="Run a leader and its learners on this machine. Takes every leader.py flag."
     )
@@ -107,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     leader_argv = drop_flags(argv, LAUNCHER_FLAGS)
     port = args.port or free_port()
     if args.engine == "ray":
-        return run_on_ray(args, leader_argv, port)
+        return run_on_ray(args, leader_argv, port, ray_thread or RayThread(args.ray_address))
     leader_cmd = [sys.executable, str(HERE / "leader.py"), *leader_argv, "--host", "127.0.0.1", "--port", str(port)]
     threads = learner_threads(args.learners)
     processes: list[subprocess.Popen] = []
@@ -155,13 +172,59 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def run_on_ray(args: argparse.Namespace, leader_argv: list[str], port: int) -> int:
-    """Run the leader in this process while a thread starts Ray and the pools of virtual learners; then take Ray down.
+class RayThread:
+    """Ray's side of a run, on a thread of its own: joins or starts Ray at once, starts the pools when told, and stops Ray
+    once the pools have stopped or the run is over.
+
+    One thread does it all because the processes Ray starts are killed when the thread that started them ends.
+    """
+
+    def __init__(self, ray_address: str | None) -> None:
+        self.ray_address = ray_address
+        self.failure: str | None = None
+        self.on_failure = threading.Event()  # set when Ray could not start: the leader stops waiting for learners
+        self._pools: list[tuple] = []
+        self._pools_given = threading.Event()
+        self._run_over = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ray", daemon=True)
+        self._thread.start()
+
+    def start_pools(self, engine_config: object, pool_config: object, enrolment_token: str) -> None:
+        """Start the pools of virtual learners once Ray is up."""
+        self._pools.append((engine_config, pool_config, enrolment_token))
+        self._pools_given.set()
+
+    def finish(self) -> None:
+        """The run is over: stop Ray (if the pools have not already let it go) and wait for it."""
+        self._run_over.set()
+        self._pools_given.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import ray_engine
+
+        engine = ray_engine.RayFederation(self.ray_address)
+        try:
+            engine.connect()
+            self._pools_given.wait()
+            if self._pools and not self._run_over.is_set():
+                engine.start(*self._pools[0])
+                engine.wait_finished(self._run_over)  # Ray goes down while the leader writes its results
+        except (ConnectionError, RuntimeError, ValueError) as error:  # what ray.init raises for a cluster it cannot join
+            self.failure = f"local_federation.py: could not start the learners on Ray: {error}"
+            self.on_failure.set()
+        finally:
+            engine.stop()
+
+
+def run_on_ray(args: argparse.Namespace, leader_argv: list[str], port: int, ray_thread: RayThread) -> int:
+    """Run the leader in this process while `ray_thread` starts the pools of virtual learners; then let Ray go.
 
     The leader shares this process with Ray's driver, which saves a Python with PyTorch (about 600 MB) per run.
     """
-    import leader  # PyTorch and Ray are imported only by the runs that use them
+    import leader
     import ray_engine
+    import rpc
     from pool import PoolConfig
 
     if args.tls_cert or args.tls_ca:
@@ -172,41 +235,21 @@ def run_on_ray(args: argparse.Namespace, leader_argv: list[str], port: int) -> i
     enrolment_token = rpc.read_enrolment_token(args.token_file) or secrets.token_urlsafe(32)
     os.environ[rpc.ENROLMENT_ENV] = enrolment_token
     host = "0.0.0.0" if on_cluster else "127.0.0.1"
-    engine = ray_engine.RayFederation(
-        ray_engine.RayEngineConfig(args.learners, args.learner_cpus, args.learner_gpus, args.ray_address, args.actors or 0)
+    pool_config = PoolConfig(
+        leader=f"{ray_engine.node_address() if on_cluster else '127.0.0.1'}:{port}",
+        host=host,
+        advertise_host="" if on_cluster else "127.0.0.1",  # "": each node's own address
+        examples_per_learner=args.examples_per_learner if args.data_mode == "local" else 0,
+        connect_timeout=LEARNER_CONNECT_TIMEOUT_S,
     )
-    failure: list[str] = []
-    finished = threading.Event()
-
-    def start_learners() -> None:
-        # One thread starts Ray, waits for the run to end and stops Ray: the processes Ray starts here are killed when
-        # the thread that started them ends (PR_SET_PDEATHSIG)
-        try:
-            engine.connect()
-            leader_host = ray_engine.node_address() if on_cluster else "127.0.0.1"
-            pool_config = PoolConfig(
-                leader=f"{leader_host}:{port}",
-                host=host,
-                advertise_host="" if on_cluster else "127.0.0.1",
-                examples_per_learner=args.examples_per_learner if args.data_mode == "local" else 0,
-                connect_timeout=LEARNER_CONNECT_TIMEOUT_S,
-            )
-            engine.start(pool_config, enrolment_token)
-        except (ConnectionError, RuntimeError, ValueError) as error:  # what ray.init raises for a cluster it cannot join
-            failure.append(f"local_federation.py: could not start the learners on Ray: {error}")
-            os.kill(os.getpid(), signal.SIGTERM)  # the leader stops waiting for learners that will not come
-        finished.wait()
-        engine.stop()
-
-    ray_thread = threading.Thread(target=start_learners, name="ray", daemon=True)
-    ray_thread.start()
-    try:
-        status = leader.main([*drop_flags(leader_argv, {"--token-file": True}), "--host", host, "--port", str(port)])
-    finally:
-        finished.set()
-        ray_thread.join()
-    if failure:
-        print(failure[0], file=sys.stderr)
+    engine_config = ray_engine.RayEngineConfig(args.learners, args.learner_cpus, args.learner_gpus, args.actors or 0)
+    ray_thread.start_pools(engine_config, pool_config, enrolment_token)
+    status = leader.main(
+        [*drop_flags(leader_argv, {"--token-file": True}), "--host", host, "--port", str(port)], stop_event=ray_thread.on_failure
+    )
+    ray_thread.finish()
+    if ray_thread.failure is not None:
+        print(ray_thread.failure, file=sys.stderr)
         return LEADER_SETUP_ERROR
     return status
 

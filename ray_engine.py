@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Ray reads these as it is imported: no usage report from a federation's machines, and every pool's log lines shown
 # (Ray folds lines that differ only in numbers, such as each pool's address, into "repeated" counts).
@@ -16,7 +17,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 import ray  # noqa: E402
 
-from pool import LearnerPool, PoolConfig, run_pool  # noqa: E402
+if TYPE_CHECKING:  # pool.py imports PyTorch, which the launcher's Ray thread need not wait for
+    from pool import LearnerPool, PoolConfig
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +28,9 @@ ACTOR_RESTARTS = 5
 # Object store of a Ray instance the run starts itself: the pools keep their learners' state in their own memory
 # and pass nothing through the store, so Ray's default (30% of RAM) would only reserve memory nobody uses.
 LOCAL_OBJECT_STORE_BYTES = 128 << 20
+ACTOR_CALLS = 4
+FINISHED_POLL_S = 1.0  # how long one finished() call waits in the actor
+ACTOR_CALL_MARGIN_S = 10.0  # beyond that, for the answer to come back from a busy node
 ACTOR_READY_S = 600.0  # an actor starts a Python with torch: seconds, or minutes on a busy node
 
 
@@ -36,7 +41,6 @@ class RayEngineConfig:
     learners: int
     learner_cpus: float = 1.0  # CPUs each actor reserves; its torch threads follow (at least one)
     learner_gpus: float = 0.0  # GPU share each actor reserves (0.25: four actors per GPU)
-    ray_address: str | None = None  # None: start a Ray instance for this run and stop it after
     actors: int = 0  # 0: as many as the cluster's CPUs (and GPUs) hold, at most one per learner
 
 
@@ -44,6 +48,8 @@ class PoolActor:
     """A Ray actor holding one LearnerPool; Ray restarts it (re-running __init__) when its process dies."""
 
     def __init__(self, config: PoolConfig, indices: list[int], enrolment_token: str | None, threads: int) -> None:
+        from pool import run_pool
+
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         if not config.advertise_host:  # a cluster: the leader calls the pool back at this node's address
             config = replace(config, advertise_host=ray.util.get_node_ip_address())
@@ -52,6 +58,10 @@ class PoolActor:
     def address(self) -> str:
         """Where the pool's LearnerService listens."""
         return self.pool.address
+
+    def finished(self, timeout: float) -> bool:
+        """Whether the pool has stopped (the leader told it to), waiting up to `timeout` seconds."""
+        return self.pool.done.wait(timeout)
 
     def stats(self) -> dict[str, Any]:
         """What the pool did: its process, GetModel calls and updates sent."""
@@ -76,22 +86,21 @@ def assign(learners: int, actors: int) -> list[list[int]]:
 class RayFederation:
     """The Ray side of a run: joins or starts Ray, starts the pools, and takes them down at the end."""
 
-    def __init__(self, config: RayEngineConfig) -> None:
-        self.config = config
+    def __init__(self, ray_address: str | None = None) -> None:
+        self.ray_address = ray_address  # None: start a Ray instance for this run and stop it after
         self.actors: list[Any] = []
 
     def connect(self) -> None:
         """Join --ray-address, or start a Ray instance on this machine for this run."""
         # workers import pool.py from this checkout: on a cluster every node needs it at the same path
         runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}}
-        if self.config.ray_address:
-            ray.init(address=self.config.ray_address, runtime_env=runtime_env, log_to_driver=True)
+        if self.ray_address:
+            ray.init(address=self.ray_address, runtime_env=runtime_env, log_to_driver=True)
         else:
             ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env=runtime_env, log_to_driver=True)
 
-    def start(self, pool_config: PoolConfig, enrolment_token: str | None) -> None:
+    def start(self, config: RayEngineConfig, pool_config: PoolConfig, enrolment_token: str | None) -> None:
         """Start the pools: each reserves --learner-cpus and --learner-gpus and serves its share of the virtual learners."""
-        config = self.config
         count = actor_count(config, ray.cluster_resources())
         threads = max(1, math.floor(config.learner_cpus))
         remote = ray.remote(PoolActor).options(
@@ -99,6 +108,7 @@ class RayFederation:
             num_gpus=config.learner_gpus,
             max_restarts=ACTOR_RESTARTS,
             max_task_retries=ACTOR_RESTARTS,
+            max_concurrency=ACTOR_CALLS,  # finished() waits on one thread while address() or stats() answer
         )
         if config.learner_gpus > 0:
             pool_config = replace(pool_config, device="cuda")
@@ -114,6 +124,16 @@ class RayFederation:
     def wait_ready(self, timeout: float = ACTOR_READY_S) -> list[str]:
         """The pools' addresses once every actor is up."""
         return ray.get([actor.address.remote() for actor in self.actors], timeout=timeout)
+
+    def wait_finished(self, run_over: threading.Event) -> None:
+        """Return once every pool has stopped, or `run_over` is set: Ray can go down while the leader writes its results."""
+        while not run_over.is_set():
+            answers = [actor.finished.remote(FINISHED_POLL_S) for actor in self.actors]
+            try:
+                if all(ray.get(answers, timeout=FINISHED_POLL_S + ACTOR_CALL_MARGIN_S)):
+                    return
+            except (ray.exceptions.RayError, TimeoutError):  # an actor restarting: ask again
+                run_over.wait(FINISHED_POLL_S)
 
     def stats(self) -> list[dict[str, Any]]:
         """Each pool's stats (an actor that cannot answer within seconds is left out)."""
