@@ -94,10 +94,17 @@ class RayFederation:
         """Join --ray-address, or start a Ray instance on this machine for this run."""
         # workers import pool.py from this checkout: on a cluster every node needs it at the same path
         runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}}
+        quiet = logging.ERROR  # Ray's own notices: the leader's log says what started where
         if self.ray_address:
-            ray.init(address=self.ray_address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=self.ray_address, runtime_env=runtime_env, log_to_driver=True, logging_level=quiet)
         else:
-            ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(
+                include_dashboard=False,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                runtime_env=runtime_env,
+                log_to_driver=True,
+                logging_level=quiet,
+            )
 
     def start(self, config: RayEngineConfig, pool_config: PoolConfig, enrolment_token: str | None) -> None:
         """Start the pools: each reserves --learner-cpus and --learner-gpus and serves its share of the virtual learners."""

@@ -126,8 +126,8 @@ class MemorySampler:
         return self.peak_bytes
 
 
-def run_ours(learners: int, run_dir: Path) -> dict:
-    """One run of local_federation.py --engine ray on the workload; its figures."""
+def run_ours(learners: int, learner_cpus: float, run_dir: Path) -> dict:
+    """One run of local_federation.py --engine ray on the workload, each actor reserving `learner_cpus`; its figures."""
     marker = secrets.token_hex(8)
     command = [
         sys.executable,
@@ -138,6 +138,8 @@ def run_ours(learners: int, run_dir: Path) -> dict:
         str(learners),
         "--fraction",
         fraction_for(learners),
+        "--learner-cpus",
+        str(learner_cpus),
         *WORKLOAD,
         "--run-dir",
         str(run_dir),
@@ -219,27 +221,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--learners", type=int, nargs="+", default=[100, 1000, 10000], help="the N values")
     parser.add_argument("--runs", type=int, default=3, help="repetitions of the whole sweep")
+    parser.add_argument("--once", type=int, nargs="*", default=[], help="N values run once each after the sweep (100000)")
     parser.add_argument("--flower-python", default=None, help="python of the venv holding flwr[simulation]==1.42.0 (none: ours only)")
     parser.add_argument("--harness", type=Path, default=DEFAULT_HARNESS, help="the flower-sim anchor's folder")
     parser.add_argument("--out", default=None, help="also write the report to this Markdown file")
     args = parser.parse_args(argv)
 
-    settings = [("ours", None)]
+    # (label, engine, CPUs per client or actor): each engine's default and its other setting
+    settings = [("ours, 1 CPU per actor (default: 2 actors)", "ours", 1.0), ("ours, 2 CPUs per actor (1 actor)", "ours", 2.0)]
     if args.flower_python:
-        settings = [("flower default (2 CPUs per client)", None), ("flower 1 CPU per client", 1), *settings]
+        settings = [
+            ("Flower, default 2 CPUs per client (1 actor)", "flower", 2),
+            ("Flower, 1 CPU per client (2 actors)", "flower", 1),
+            *settings,
+        ]
     results: dict[tuple[int, str], list[dict]] = {}
+    sweep = [(repetition, learners) for repetition in range(1, args.runs + 1) for learners in args.learners]
+    sweep += [(1, learners) for learners in args.once]
     with tempfile.TemporaryDirectory(prefix="simulation-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
-        for repetition in range(1, args.runs + 1):
-            for learners in args.learners:
-                for label, client_cpus in settings:
-                    name = f"n{learners}-{'ours' if label == 'ours' else f'flower-{client_cpus or 2}cpu'}-r{repetition}"
-                    if label == "ours":
-                        figures = run_ours(learners, scratch / name)
-                    else:
-                        figures = run_flower(args.flower_python, args.harness, learners, client_cpus, scratch, name)
-                    results.setdefault((learners, label), []).append(figures)
-                    print(f"{name}: {json.dumps(figures)}", file=sys.stderr, flush=True)
+        for repetition, learners in sweep:
+            for label, engine, cpus in settings:
+                if learners in args.once and cpus != settings[0 if engine == "flower" else -2][2]:
+                    continue  # a once-only N runs each engine's default alone
+                name = f"n{learners}-{engine}-{cpus:g}cpu-r{repetition}"
+                if engine == "ours":
+                    figures = run_ours(learners, cpus, scratch / name)
+                else:
+                    figures = run_flower(args.flower_python, args.harness, learners, None if cpus == 2 else cpus, scratch, name)
+                results.setdefault((learners, label), []).append(figures)
+                print(f"{name}: {json.dumps(figures)}", file=sys.stderr, flush=True)
 
     lines = [
         f"# Simulation: {SAMPLED} of N virtual learners per round, {ROUNDS} rounds, small-cnn, 50 synthetic images each",
@@ -249,8 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         "| N | engine | round 1 s | s per round (rounds 2-3) | launch to exit s | peak memory GiB | completed |",
         "|---|---|---|---|---|---|---|",
     ]
-    for learners in args.learners:
-        for label, _ in settings:
+    for learners in [*args.learners, *args.once]:
+        for label, _, _ in settings:
+            if (learners, label) not in results:
+                continue
             runs = results[(learners, label)]
             lines.append(
                 f"| {learners:,} | {label} | {span([r['round1_s'] for r in runs], 2)} | {span([r['round_s'] for r in runs], 3)} | "
@@ -258,15 +271,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"{sum(r['completed'] for r in runs)}/{len(runs)} |"
             )
     if args.flower_python:
-        lines += ["", "| N | ours / Flower's best: s per round | launch to exit | peak memory |", "|---|---|---|---|"]
-        for learners in args.learners:
-            ours = results[(learners, "ours")]
-            flower = [results[(learners, label)] for label, _ in settings[:2]]
+        lines += [
+            "",
+            "Ours against Flower, each engine at its best setting for that figure (median of the runs):",
+            "",
+            "| N | s per round | launch to exit | peak memory |",
+            "|---|---|---|---|",
+        ]
+        for learners in [*args.learners, *args.once]:
 
-            def ratio(key: str, ours: list[dict] = ours, flower: list[list[dict]] = flower) -> str:
-                best = min((value for value in (median([r[key] for r in runs]) for runs in flower) if value is not None), default=None)
-                mine = median([r[key] for r in ours])
-                return f"{mine / best:.2f}x" if best and mine is not None else "-"
+            def ratio(key: str, learners: int = learners) -> str:
+                def best(engine: str) -> float | None:
+                    medians = [
+                        median([r[key] for r in results.get((learners, label), [])]) for label, kind, _ in settings if kind == engine
+                    ]
+                    return min((value for value in medians if value is not None), default=None)
+
+                mine, theirs = best("ours"), best("flower")
+                return f"{mine / theirs:.2f}x" if mine is not None and theirs else "-"
 
             lines.append(f"| {learners:,} | {ratio('round_s')} | {ratio('total_s')} | {ratio('peak_gib')} |")
     print("\n".join(lines))
