@@ -108,7 +108,14 @@ class RayFederation:
 
     def start(self, config: RayEngineConfig, pool_config: PoolConfig, enrolment_token: str | None) -> None:
         """Start the pools: each reserves --learner-cpus and --learner-gpus and serves its share of the virtual learners."""
-        count = actor_count(config, ray.cluster_resources())
+        resources = ray.cluster_resources()
+        if config.learner_gpus > 0 and not resources.get("GPU"):
+            raise ValueError(
+                f"--learner-gpus {config.learner_gpus:g} asks for GPUs, and this Ray cluster has none: drop it, or add GPU nodes"
+            )
+        if config.learner_cpus > resources.get("CPU", 0):
+            raise ValueError(f"--learner-cpus {config.learner_cpus:g} is more than this Ray cluster's {resources.get('CPU', 0):g} CPUs")
+        count = actor_count(config, resources)
         threads = max(1, math.floor(config.learner_cpus))
         remote = ray.remote(PoolActor).options(
             num_cpus=config.learner_cpus,

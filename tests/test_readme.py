@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -54,6 +55,12 @@ def test_every_readme_command_is_one_this_file_runs():
         "python leader.py --learners 2 --model resnet20 --aggregation fedavg --rounds 20",
         "python learner.py --leader LEADER_HOST:10134",
         "python local_federation.py --resume runs/RUN --rounds 40",
+        "python local_federation.py --engine ray --learners 1000 --fraction 0.01 --dataset synthetic --data-mode local --model small-cnn "
+        "--aggregation fedavg --batch-size 10 --local-steps 5 --momentum 0 --rounds 3",
+        "ray start --head --port 6379",
+        "ray start --address HEAD_HOST:6379",
+        "python local_federation.py --engine ray --ray-address HEAD_HOST:6379 --learners 100 --fraction 0.1 --model resnet20 "
+        "--aggregation fedavg --partition dirichlet --alpha 0.3 --rounds 50",
     }
     assert set(commands()) == known
     assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
@@ -137,6 +144,34 @@ def test_resume_and_the_checkpoint_snippet_work_from_the_readme(tmp_path):
     loaded = run([sys.executable, str(script)], cwd=script.parent, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert int(loaded.stdout.split()[-1]) == 11642  # tiny-cnn's parameters
+
+
+def test_the_ray_simulation_runs_as_written(tmp_path):
+    (command,) = [line for line in commands() if "--engine ray --learners 1000" in line]
+    result = run([*python_command(command), "--run-dir", str(tmp_path / "run")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [entry["learners_reported"] for entry in metrics(tmp_path / "run")] == [10, 10, 10]
+
+
+def test_the_ray_cluster_commands_run_on_this_machine(tmp_path):
+    import ray
+
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    start_head, join = [shlex.split(line) for line in commands() if line.startswith("ray start")]
+    (launch,) = [line for line in commands() if "--ray-address HEAD_HOST" in line]
+    port = str(free_port())
+    head = f"{ray.util.get_node_ip_address()}:{port}"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        started = run([ray_cli, *start_head[1:-1], port], env=env)
+        assert started.returncode == 0, started.stderr[-3000:]
+        joined = run([ray_cli, *[arg.replace("HEAD_HOST:6379", head) for arg in join[1:]]], env=env)
+        assert joined.returncode == 0, joined.stderr[-3000:]
+        result = run([*python_command(launch.replace("HEAD_HOST:6379", head)), *SMALL, "--run-dir", str(tmp_path / "run")], env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert [entry["learners_reported"] for entry in metrics(tmp_path / "run")] == [10]
+    finally:
+        run([ray_cli, "stop", "--force"], env=env)
 
 
 @pytest.mark.parametrize("command", ["leader.py", "learner.py", "local_federation.py"])
