@@ -57,10 +57,11 @@ def test_every_readme_command_is_one_this_file_runs():
         "python local_federation.py --resume runs/RUN --rounds 40",
         "python local_federation.py --engine ray --learners 1000 --fraction 0.01 --dataset synthetic --data-mode local --model small-cnn "
         "--aggregation fedavg --batch-size 10 --local-steps 5 --momentum 0 --rounds 3",
-        "ray start --head --port 6379",
-        "ray start --address HEAD_HOST:6379",
-        "python local_federation.py --engine ray --ray-address HEAD_HOST:6379 --learners 100 --fraction 0.1 --model resnet20 "
-        "--aggregation fedavg --partition dirichlet --alpha 0.3 --rounds 50",
+        "RAY_AUTH_MODE=token ray start --head --port 6379",
+        "ray get-auth-token",
+        "RAY_AUTH_MODE=token RAY_AUTH_TOKEN=TOKEN ray start --address HEAD_HOST:6379",
+        "RAY_AUTH_MODE=token python local_federation.py --engine ray --ray-address HEAD_HOST:6379 --learners 100 --fraction 0.1 "
+        "--model resnet20 --aggregation fedavg --partition dirichlet --alpha 0.3 --rounds 50",
     }
     assert set(commands()) == known
     assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
@@ -153,25 +154,45 @@ def test_the_ray_simulation_runs_as_written(tmp_path):
     assert [entry["learners_reported"] for entry in metrics(tmp_path / "run")] == [10, 10, 10]
 
 
+def with_environment(command: str, values: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """A README line that may start with VAR=VALUE settings: (its arguments, the environment it runs in), placeholders filled."""
+    for placeholder, value in values.items():
+        command = command.replace(placeholder, value)
+    args = shlex.split(command)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    while "=" in args[0]:
+        name, value = args.pop(0).split("=", 1)
+        env[name] = value
+    tools = {"ray": str(Path(sys.executable).parent / "ray"), "python": sys.executable}  # the ones beside this interpreter
+    return [tools.get(args[0], args[0]), *args[1:]], env
+
+
+def run_line(line: str, values: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
+    """Run a README line (with its VAR=VALUE settings and placeholders filled), extra arguments appended."""
+    args, env = with_environment(line, values)
+    return run([*args, *extra], env=env)
+
+
 def test_the_ray_cluster_commands_run_on_this_machine(tmp_path):
     import ray
 
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    start_head, join = [shlex.split(line) for line in commands() if line.startswith("ray start")]
-    (launch,) = [line for line in commands() if "--ray-address HEAD_HOST" in line]
+    cluster_lines = [line for line in commands() if line.split()[0].startswith("RAY_AUTH_MODE") or line.startswith("ray ")]
+    start_head, print_token, join, launch = cluster_lines
     port = str(free_port())
-    head = f"{ray.util.get_node_ip_address()}:{port}"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    values = {"HEAD_HOST:6379": f"{ray.util.get_node_ip_address()}:{port}", "--port 6379": f"--port {port}"}
     try:
-        started = run([ray_cli, *start_head[1:-1], port], env=env)
+        started = run_line(start_head, values)
         assert started.returncode == 0, started.stderr[-3000:]
-        joined = run([ray_cli, *[arg.replace("HEAD_HOST:6379", head) for arg in join[1:]]], env=env)
+        token = run_line(print_token, values)
+        assert token.returncode == 0, token.stderr[-3000:]
+        values["TOKEN"] = token.stdout.split()[-1]
+        joined = run_line(join, values)
         assert joined.returncode == 0, joined.stderr[-3000:]
-        result = run([*python_command(launch.replace("HEAD_HOST:6379", head)), *SMALL, "--run-dir", str(tmp_path / "run")], env=env)
+        result = run_line(launch, values, *SMALL, "--run-dir", str(tmp_path / "run"))
         assert result.returncode == 0, result.stderr[-3000:]
         assert [entry["learners_reported"] for entry in metrics(tmp_path / "run")] == [10]
     finally:
-        run([ray_cli, "stop", "--force"], env=env)
+        run([str(Path(sys.executable).parent / "ray"), "stop", "--force"])
 
 
 @pytest.mark.parametrize("command", ["leader.py", "learner.py", "local_federation.py"])
