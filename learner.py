@@ -452,18 +452,23 @@ def rejoin_pause(attempt: int, draw: float) -> float:
     return ceiling * (0.5 + draw / 2)
 
 
-def learner_gate(learner: Learner) -> rpc.Gate:
-    """Only the leader holding this learner's callback secret may start it or push a model, checked before any handler runs."""
+def callback_gate(owns: Callable[[str], bool], stranger: str) -> rpc.Gate:
+    """A LearnerService's gate: only calls carrying a callback secret it `owns` reach a handler; others are told `stranger`."""
 
     def check(method: str, metadata: Any) -> rpc.Refusal | None:
         token = rpc.metadata_value(metadata, rpc.TOKEN_METADATA_KEY)
         if token is None:
             return grpc.StatusCode.UNAUTHENTICATED, f"missing {rpc.TOKEN_METADATA_KEY}"
-        if not rpc.secrets_match(token, learner.callback_token):
-            return grpc.StatusCode.PERMISSION_DENIED, "token does not belong to this learner's leader"
+        if not owns(token):
+            return grpc.StatusCode.PERMISSION_DENIED, stranger
         return None
 
     return rpc.Gate(rpc.LEARNER_SERVICE, check)
+
+
+def learner_gate(learner: Learner) -> rpc.Gate:
+    """Only the leader holding this learner's callback secret may start it or push a model, checked before any handler runs."""
+    return callback_gate(lambda token: rpc.secrets_match(token, learner.callback_token), "token does not belong to this learner's leader")
 
 
 def advertise_address_for(config: LearnerConfig, port: int) -> str:
@@ -527,17 +532,37 @@ def main(argv: list[str] | None = None) -> int:
 
 def create_server(learner: Learner, host: str, port: int, tls: rpc.Tls | None = None) -> tuple[grpc.Server, int, Any]:
     """Start the learner's server for `learner` on host:port; returns (server, port, health)."""
-    limits = rpc.CallLimits(is_member=lambda token: rpc.secrets_match(token, learner.callback_token), max_stranger_calls=MAX_STRANGER_CALLS)
+    return serve_learner_service(
+        LearnerServicer(learner),
+        learner_gate(learner),
+        lambda token: rpc.secrets_match(token, learner.callback_token),
+        learner._first_message_limit,
+        host,
+        port,
+        tls,
+    )
+
+
+def serve_learner_service(
+    servicer: learner_pb2_grpc.LearnerServiceServicer,
+    gate: rpc.Gate,
+    is_member: Callable[[str], bool],
+    first_message_limit: Callable[[], int],
+    host: str,
+    port: int,
+    tls: rpc.Tls | None = None,
+) -> tuple[grpc.Server, int, Any]:
+    """Start a LearnerService (a learner's, or a pool's) on host:port: its gate, call limits, and pushed models checked for size."""
     return rpc.create_server(
-        lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server),
+        lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(servicer, server),
         host,
         port,
         max_workers=SERVER_THREADS,
-        gate=learner_gate(learner),
+        gate=gate,
         tls=tls,
-        limits=limits,
+        limits=rpc.CallLimits(is_member=is_member, max_stranger_calls=MAX_STRANGER_CALLS),
         request_deserializers={
-            f"/{rpc.LEARNER_SERVICE}/SyncModelState": wire.chunk_deserializer(learner_pb2.ModelState, learner._first_message_limit)
+            f"/{rpc.LEARNER_SERVICE}/SyncModelState": wire.chunk_deserializer(learner_pb2.ModelState, first_message_limit)
         },
         health_services=[rpc.LEARNER_SERVICE],
     )

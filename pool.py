@@ -27,7 +27,7 @@ import torch
 import compression
 import rpc
 import wire
-from learner import LeaderLost, LearnerError, check_data, check_model, fetch_split
+from learner import LeaderLost, LearnerError, callback_gate, check_data, check_model, fetch_split, serve_learner_service
 from model import build_model, memory_format_for
 from protos import leader_pb2, learner_pb2, learner_pb2_grpc
 from training import LocalTrainer
@@ -41,7 +41,6 @@ REGISTER_CONCURRENCY = 8
 REGISTER_ATTEMPT_S = 10.0  # one registration; the leader calls the pool back (up to 3 s) before it answers
 REGISTER_RETRY_S = 0.2  # pause before retrying a busy refusal, drawn from 1-2x this so that pools do not retry in step
 FULL_RETRY_S = 2.0  # pause before asking a full federation again
-SERVER_THREADS = 8  # the leader calls a pool once per sampled learner per round, and health-checks it
 HEARTBEAT_INTERVAL_S = 5.0  # an idle pool checks this often that the leader still counts its learners as members
 SEND_ATTEMPTS = 3  # an update refused as busy or answered late is sent again, as learner.py does
 SEND_RETRY_PAUSE_S = 1.0
@@ -417,36 +416,14 @@ class PoolServicer(learner_pb2_grpc.LearnerServiceServicer):
         return learner_pb2.Ack(success=True, message=f"round {first.round} queued")
 
 
-def pool_gate(pool: LearnerPool) -> rpc.Gate:
-    """Only the leader holding one of the pool's callback secrets may start its learners or stop the pool."""
-
-    def check(method: str, metadata: Any) -> rpc.Refusal | None:
-        token = rpc.metadata_value(metadata, rpc.TOKEN_METADATA_KEY)
-        if token is None:
-            return grpc.StatusCode.UNAUTHENTICATED, f"missing {rpc.TOKEN_METADATA_KEY}"
-        if pool.learner_for(token) is None:
-            return grpc.StatusCode.PERMISSION_DENIED, "token does not belong to a learner of this pool"
-        return None
-
-    return rpc.Gate(rpc.LEARNER_SERVICE, check)
-
-
 def create_server(pool: LearnerPool, host: str, port: int, tls: rpc.Tls | None = None) -> tuple[grpc.Server, int, Any]:
-    """Start the pool's LearnerService on host:port; returns (server, port, health)."""
-    limits = rpc.CallLimits(is_member=lambda token: pool.learner_for(token) is not None, max_stranger_calls=2)
-    return rpc.create_server(
-        lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(PoolServicer(pool), server),
-        host,
-        port,
-        max_workers=SERVER_THREADS,
-        gate=pool_gate(pool),
-        tls=tls,
-        limits=limits,
-        request_deserializers={
-            f"/{rpc.LEARNER_SERVICE}/SyncModelState": wire.chunk_deserializer(learner_pb2.ModelState, pool._first_message_limit)
-        },
-        health_services=[rpc.LEARNER_SERVICE],
-    )
+    """Start the pool's LearnerService on host:port, open only to the leader holding one of its learners' secrets."""
+
+    def owns(token: str) -> bool:
+        return pool.learner_for(token) is not None
+
+    gate = callback_gate(owns, "token does not belong to a learner of this pool")
+    return serve_learner_service(PoolServicer(pool), gate, owns, pool._first_message_limit, host, port, tls)
 
 
 def run_pool(config: PoolConfig, indices: list[int], enrolment_token: str | None = None, threads: int | None = None) -> LearnerPool:
