@@ -96,8 +96,6 @@ class LearnerPool:
         self.model: torch.nn.Module | None = None
         self.specs: list[wire.TensorSpec] | None = None
         self.memory_format = torch.contiguous_format
-        self.models_fetched = 0  # GetModel calls: one per round the pool trains in, however many of its learners train
-        self.updates_sent = 0
         self._lock = threading.Lock()
         self._by_token: dict[str, VirtualLearner] = {}  # callback secret -> learner, for the gate and the handlers
         self._jobs: queue.Queue[tuple[VirtualLearner, int] | None] = queue.Queue()  # (learner, round) to train; None: stop
@@ -322,7 +320,6 @@ class LearnerPool:
             received = wire.receive(responses, max_bytes=model_bytes, expected=self.specs)
         except wire.WireError as error:
             raise LearnerError(f"the leader's model does not fit this pool's {self.plan.model}: {error}") from None
-        self.models_fetched += 1
         self._model_round, self._state = received.header.round, received.tensors
         return self._state if self._model_round == round_number else None
 
@@ -361,7 +358,6 @@ class LearnerPool:
             )
             try:
                 self.stub.AccumulateGradients(messages, timeout=rpc.transfer_timeout(len(payload)), metadata=learner.metadata())
-                self.updates_sent += 1
                 return
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the round closed without it

@@ -28,15 +28,14 @@ ACTOR_RESTARTS = 5
 # Object store of a Ray instance the run starts itself: the pools keep their learners' state in their own memory
 # and pass nothing through the store, so Ray's default (30% of RAM) would only reserve memory nobody uses.
 LOCAL_OBJECT_STORE_BYTES = 128 << 20
-ACTOR_CALLS = 4
+ACTOR_CALLS = 2  # an actor answers finished() while Ray may still be delivering an earlier one
 FINISHED_POLL_S = 1.0  # how long one finished() call waits in the actor
 ACTOR_CALL_MARGIN_S = 10.0  # beyond that, for the answer to come back from a busy node
-ACTOR_READY_S = 600.0  # an actor starts a Python with torch: seconds, or minutes on a busy node
 
 
 @dataclass
 class RayEngineConfig:
-    """The Ray engine's settings: how many virtual learners, what each actor reserves, and which cluster."""
+    """The Ray engine's settings: how many virtual learners, what each actor reserves, and how many actors."""
 
     learners: int
     learner_cpus: float = 1.0  # CPUs each actor reserves; its torch threads follow (at least one)
@@ -55,17 +54,9 @@ class PoolActor:
             config = replace(config, advertise_host=ray.util.get_node_ip_address())
         self.pool: LearnerPool = run_pool(config, indices, enrolment_token, threads)
 
-    def address(self) -> str:
-        """Where the pool's LearnerService listens."""
-        return self.pool.address
-
     def finished(self, timeout: float) -> bool:
         """Whether the pool has stopped (the leader told it to), waiting up to `timeout` seconds."""
         return self.pool.done.wait(timeout)
-
-    def stats(self) -> dict[str, Any]:
-        """What the pool did: its process, GetModel calls and updates sent."""
-        return {"pid": os.getpid(), "models_fetched": self.pool.models_fetched, "updates_sent": self.pool.updates_sent}
 
 
 def actor_count(config: RayEngineConfig, resources: dict[str, float]) -> int:
@@ -122,7 +113,7 @@ class RayFederation:
             num_gpus=config.learner_gpus,
             max_restarts=ACTOR_RESTARTS,
             max_task_retries=ACTOR_RESTARTS,
-            max_concurrency=ACTOR_CALLS,  # finished() waits on one thread while address() or stats() answer
+            max_concurrency=ACTOR_CALLS,
         )
         if config.learner_gpus > 0:
             pool_config = replace(pool_config, device="cuda")
@@ -135,10 +126,6 @@ class RayFederation:
             f", {config.learner_gpus:g} GPU" if config.learner_gpus else "",
         )
 
-    def wait_ready(self, timeout: float = ACTOR_READY_S) -> list[str]:
-        """The pools' addresses once every actor is up."""
-        return ray.get([actor.address.remote() for actor in self.actors], timeout=timeout)
-
     def wait_finished(self, run_over: threading.Event) -> None:
         """Return once every pool has stopped, or `run_over` is set: Ray can go down while the leader writes its results."""
         while not run_over.is_set():
@@ -148,11 +135,6 @@ class RayFederation:
                     return
             except (ray.exceptions.RayError, TimeoutError):  # an actor restarting: ask again
                 run_over.wait(FINISHED_POLL_S)
-
-    def stats(self) -> list[dict[str, Any]]:
-        """Each pool's stats (an actor that cannot answer within seconds is left out)."""
-        ready, _ = ray.wait([actor.stats.remote() for actor in self.actors], num_returns=len(self.actors), timeout=10)
-        return ray.get(ready)
 
     def stop(self) -> None:
         """Take the pools down, then stop the Ray instance this run started, or leave the cluster it joined."""

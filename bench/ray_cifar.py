@@ -4,8 +4,8 @@ The Ray engine runs the federation itself: 100 virtual learners on 2 actors, for
 every --eval-every rounds; the report gives its test accuracy by round and its seconds per round. The
 process engine cannot hold 100 learners here (a PyTorch process each), so it runs the same round instead:
 10 learner processes, all of them in every round, each doing the same local work (--local-steps batches of
---batch-size), for a few rounds. Seconds per round are compared over rounds without evaluation, round 1 left
-out (it includes each learner's first data transfer and first step), and so are rounds that ran beside an evaluation.
+--batch-size), for a few rounds. Seconds per round are compared over rounds without evaluation; left out are
+round 1 (each learner's first data transfer and first step) and the rounds that ran beside an evaluation.
 
     python -m bench.ray_cifar --data-dir DIR --rounds 40 --out docs/ray-cifar.md
 """
