@@ -68,7 +68,7 @@ def test_every_readme_command_is_one_this_file_runs():
 
 
 def test_the_offline_quickstart_learns(tmp_path):
-    (command,) = [line for line in commands() if "--dataset synthetic" in line]
+    (command,) = [line for line in commands() if "--dataset synthetic --model tiny-cnn" in line]
     result = run([*python_command(command), "--run-dir", str(tmp_path / "run")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert metrics(tmp_path / "run")[-1]["test_accuracy"] > 0.9
