@@ -11,13 +11,18 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from config_file import flag_value, parse_with_config
 
+if TYPE_CHECKING:  # imported where they are used: they bring PyTorch and Ray, which a bad flag need not wait for
+    from pool import PoolConfig
+    from ray_engine import RayEngineConfig
+
 HERE = Path(__file__).resolve().parent
 LEARNER_EXIT_GRACE_S = 30.0  # how long learners get to exit after the leader has
-LEARNER_CONNECT_TIMEOUT_S = 600.0
-LEADER_SETUP_ERROR = 2  # leader.py's exit status for a bad argument, missing data or a busy port  # the leader may spend minutes decoding a large data set before it serves
+LEARNER_CONNECT_TIMEOUT_S = 600.0  # the leader may spend minutes decoding a large data set before it serves
+LEADER_SETUP_ERROR = 2  # leader.py's exit status for a bad argument, missing data or a busy port
 ENGINES = ("processes", "ray")
 # flags of this command that leader.py does not take: (flag, whether a value follows)
 LAUNCHER_FLAGS = {
@@ -183,13 +188,13 @@ class RayThread:
         self.ray_address = ray_address
         self.failure: str | None = None
         self.on_failure = threading.Event()  # set when Ray could not start: the leader stops waiting for learners
-        self._pools: list[tuple] = []
+        self._pools: list[tuple[RayEngineConfig, PoolConfig, str]] = []
         self._pools_given = threading.Event()
         self._run_over = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ray", daemon=True)
         self._thread.start()
 
-    def start_pools(self, engine_config: object, pool_config: object, enrolment_token: str) -> None:
+    def start_pools(self, engine_config: RayEngineConfig, pool_config: PoolConfig, enrolment_token: str) -> None:
         """Start the pools of virtual learners once Ray is up."""
         self._pools.append((engine_config, pool_config, enrolment_token))
         self._pools_given.set()
