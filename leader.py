@@ -85,7 +85,14 @@ class Published:
 class Leader:
     """The federation's coordinator: holds the global model and runs rounds through its roster, intake and strategy."""
 
-    def __init__(self, config: LeaderConfig, test_data: ImageData, train_data: ImageData | None, tls: rpc.Tls | None = None) -> None:
+    def __init__(
+        self,
+        config: LeaderConfig,
+        test_data: ImageData,
+        train_data: ImageData | None,
+        tls: rpc.Tls | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         self.test_data = test_data
@@ -100,7 +107,7 @@ class Leader:
             if train_data is not None
             else None
         )
-        self.stop_event = threading.Event()
+        self.stop_event = stop_event or threading.Event()  # set by a signal (or by a launcher) to wind the run down
         self.status = StatusLine(enabled=False if config.quiet else None)
         self.history: list[dict[str, Any]] = []
         self.started = False  # training has begun: a newcomer joins the round after the open one
@@ -593,9 +600,7 @@ def serve(
     tls = rpc.Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
     if tls is not None and not tls.serving:
         raise ValueError("--tls-ca on the leader needs --tls-cert and --tls-key too")
-    leader = Leader(config, test_data, train_data, tls)
-    if stop_event is not None:
-        leader.stop_event = stop_event
+    leader = Leader(config, test_data, train_data, tls, stop_event)
     leader.roster.trusts_registrants = enrolment_token is not None or (tls is not None and tls.ca is not None)
     if checkpoint.remove_partial_writes(Path(config.checkpoint_dir)):
         logger.info("removed partly written checkpoint files left by an earlier run in %s", config.checkpoint_dir)

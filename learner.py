@@ -331,44 +331,70 @@ class Learner:
 
     def _send(self, round_number: int, update: dict[str, torch.Tensor], num_examples: int, loss: float) -> None:
         """AccumulateGradients: stream the update; a stale round is logged, not fatal; a busy or late answer is retried."""
-        if self.plan.compression and self.plan.compression != "none":
-            parameters = [name for name, _ in self.model.named_parameters()]
-            update = compression.compress(
-                update, self.plan.compression, self.plan.topk_ratio, sparse_names=parameters, residual=self._residual
-            )
+        update = compress_for_plan(update, self.plan, self.model, self._residual)
         if self._send_buffers is None:
             self._send_buffers = wire.BufferPool(wire.payload_bytes(wire.specs_of(update)), keep=1)
         manifest, payload = wire.encode(update, allocate=self._send_buffers.take)
+
+        def before_retry(error: grpc.RpcError, pause: float) -> None:
+            self._raise_if_stopped()  # the leader said stop while this update was under way
+            logger.warning("round %d: update not taken (%s: %s); sending it again", round_number, error.code().name, error.details())
+            self._raise_if_stopped_within(pause)
+
+        header = {"learner_id": self.learner_id, "round": round_number, "num_examples": num_examples, "train_loss": loss}
         try:
-            for attempt in range(1, SEND_ATTEMPTS + 1):
-                messages = wire.frames(
-                    leader_pb2.GradientData,
-                    manifest,
-                    payload,
-                    learner_id=self.learner_id,
-                    round=round_number,
-                    num_examples=num_examples,
-                    train_loss=loss,
-                )
-                try:
-                    reply = self.stub.AccumulateGradients(messages, timeout=rpc.transfer_timeout(len(payload)), metadata=self._metadata())
-                    break
-                except grpc.RpcError as error:
-                    self._raise_if_stopped()  # the leader said stop while this update was under way
-                    if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                        logger.warning("round %d: update not taken: %s", round_number, error.details())
-                        return
-                    # A busy leader, or an answer that came too late: sending the same update again is safe, since
-                    # the leader counts an identical update once per round.
-                    if error.code() not in RETRIED_SEND_CODES or attempt == SEND_ATTEMPTS:
-                        raise self._call_failed(f"sending the round {round_number} update", error) from None
-                    logger.warning(
-                        "round %d: update not taken (%s: %s); sending it again", round_number, error.code().name, error.details()
-                    )
-                    self._raise_if_stopped_within(SEND_RETRY_PAUSE_S * attempt)
+            reply = send_update(self.stub, manifest, payload, header, self._metadata(), before_retry)
+        except UpdateNotTaken as refusal:
+            self._raise_if_stopped()
+            logger.warning("round %d: update not taken: %s", round_number, refusal)
+            return
+        except grpc.RpcError as error:
+            self._raise_if_stopped()
+            raise self._call_failed(f"sending the round {round_number} update", error) from None
         finally:
             self._send_buffers.give(payload)  # the calls are over: nothing reads the payload any more
         logger.info("round %d: sent update (%d examples, loss %.4f): %s", round_number, num_examples, loss, reply.message)
+
+
+class UpdateNotTaken(Exception):
+    """The leader refused an update as not for the open round (FAILED_PRECONDITION); the message is its reason."""
+
+
+def send_update(
+    stub: Any,
+    manifest: Any,
+    payload: bytearray,
+    header: dict[str, Any],
+    metadata: tuple[tuple[str, str], ...],
+    before_retry: Callable[[grpc.RpcError, float], None],
+) -> leader_pb2.Ack:
+    """AccumulateGradients for one update (header: GradientData's fields), sent again when the leader is busy or answers late.
+
+    Sending the same update again is safe: the leader counts an identical update once per round. Before each retry
+    `before_retry(error, pause)` runs and waits `pause` seconds (or raises to give up). Raises UpdateNotTaken when the
+    round closed without it, and the last grpc.RpcError when retrying cannot help.
+    """
+    for attempt in range(1, SEND_ATTEMPTS + 1):
+        messages = wire.frames(leader_pb2.GradientData, manifest, payload, **header)
+        try:
+            return stub.AccumulateGradients(messages, timeout=rpc.transfer_timeout(len(payload)), metadata=metadata)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise UpdateNotTaken(error.details()) from None
+            if error.code() not in RETRIED_SEND_CODES or attempt == SEND_ATTEMPTS:
+                raise
+            before_retry(error, SEND_RETRY_PAUSE_S * attempt)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def compress_for_plan(
+    update: dict[str, torch.Tensor], plan: leader_pb2.TrainingPlan, model: torch.nn.Module, residual: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """An update as the plan's --compression sends it (top-k keeps what it leaves out in `residual` for the next round)."""
+    if not plan.compression or plan.compression == "none":
+        return update
+    parameters = [name for name, _ in model.named_parameters()]
+    return compression.compress(update, plan.compression, plan.topk_ratio, sparse_names=parameters, residual=residual)
 
 
 def split_specs(count: int, plan: leader_pb2.TrainingPlan) -> list[wire.TensorSpec]:

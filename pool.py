@@ -24,10 +24,20 @@ from typing import Any
 import grpc
 import torch
 
-import compression
 import rpc
 import wire
-from learner import LeaderLost, LearnerError, callback_gate, check_data, check_model, fetch_split, serve_learner_service
+from learner import (
+    LeaderLost,
+    LearnerError,
+    UpdateNotTaken,
+    callback_gate,
+    check_data,
+    check_model,
+    compress_for_plan,
+    fetch_split,
+    send_update,
+    serve_learner_service,
+)
 from model import build_model, memory_format_for
 from protos import leader_pb2, learner_pb2, learner_pb2_grpc
 from training import LocalTrainer
@@ -42,9 +52,8 @@ REGISTER_ATTEMPT_S = 10.0  # one registration; the leader calls the pool back (u
 REGISTER_RETRY_S = 0.2  # pause before retrying a busy refusal, drawn from 1-2x this so that pools do not retry in step
 FULL_RETRY_S = 2.0  # pause before asking a full federation again
 HEARTBEAT_INTERVAL_S = 5.0  # an idle pool checks this often that the leader still counts its learners as members
-SEND_ATTEMPTS = 3  # an update refused as busy or answered late is sent again, as learner.py does
-SEND_RETRY_PAUSE_S = 1.0
 OUTBOX_SIZE = 2  # trained updates waiting to be sent
+SENDER_EXIT_S = 4.0  # a send's retries pause 1 + 2 s (learner.send_update); then the sender is left to exit alone
 
 
 @dataclass
@@ -278,11 +287,7 @@ class LearnerPool:
             update, num_examples, loss = trainer.train(round_number)
             if not self.plan.keep_momentum and self.config.examples_per_learner:
                 learner.trainer = None  # nothing kept: synthetic data is made again faster than it is stored
-            plan = self.plan
-            if plan.compression and plan.compression != "none":
-                parameters = [name for name, _ in self.model.named_parameters()]
-                update = compression.compress(update, plan.compression, plan.topk_ratio, sparse_names=parameters, residual=learner.residual)
-            manifest, payload = wire.encode(update)
+            manifest, payload = wire.encode(compress_for_plan(update, self.plan, self.model, learner.residual))
             # sent while the next learner trains: the leader's answer takes a few ms that the worker need not wait
             self._outbox.put((learner, round_number, manifest, payload, num_examples, loss))
         except grpc.RpcError as error:
@@ -346,32 +351,17 @@ class LearnerPool:
 
     def _send(self, learner: VirtualLearner, round_number: int, manifest: Any, payload: bytearray, num_examples: int, loss: float) -> None:
         """AccumulateGradients for one learner; a stale round is dropped, a busy or late answer retried."""
-        for attempt in range(1, SEND_ATTEMPTS + 1):
-            messages = wire.frames(
-                leader_pb2.GradientData,
-                manifest,
-                payload,
-                learner_id=learner.learner_id,
-                round=round_number,
-                num_examples=num_examples,
-                train_loss=loss,
-            )
-            try:
-                self.stub.AccumulateGradients(messages, timeout=rpc.transfer_timeout(len(payload)), metadata=learner.metadata())
-                return
-            except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the round closed without it
-                    logger.info("learner %d, round %d: update not taken: %s", learner.index, round_number, error.details())
-                    return
-                if error.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED) or attempt == SEND_ATTEMPTS:
-                    raise
-                self._stopped.wait(SEND_RETRY_PAUSE_S * attempt)
+        header = {"learner_id": learner.learner_id, "round": round_number, "num_examples": num_examples, "train_loss": loss}
+        try:
+            send_update(self.stub, manifest, payload, header, learner.metadata(), lambda error, pause: self._stopped.wait(pause))
+        except UpdateNotTaken as refusal:  # the round closed without it
+            logger.info("learner %d, round %d: update not taken: %s", learner.index, round_number, refusal)
 
     def close(self) -> None:
         """Stop serving and close the channel to the leader."""
         self._stopped.set()
         self._outbox.put(None)
-        self._sender.join(timeout=SEND_ATTEMPTS * SEND_RETRY_PAUSE_S + 1)
+        self._sender.join(timeout=SENDER_EXIT_S)
         self._registering.shutdown(wait=False, cancel_futures=True)
         self.server.stop(grace=1).wait()
         self.channel.close()
