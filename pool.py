@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 # (rpc.CallLimits) and refuses the rest as busy; more in flight only trades answers for refusals.
 REGISTER_CONCURRENCY = 8
 REGISTER_ATTEMPT_S = 10.0  # one registration; the leader calls the pool back (up to 3 s) before it answers
+CALL_BACK_ATTEMPTS = 5  # registrations of one learner whose call-back failed (FAILED_PRECONDITION) before the pool gives up
 REGISTER_RETRY_S = 0.2  # pause before retrying a busy refusal, drawn from 1-2x this so that pools do not retry in step
 FULL_RETRY_S = 2.0  # pause before asking a full federation again
 HEARTBEAT_INTERVAL_S = 5.0  # an idle pool checks this often that the leader still counts its learners as members
@@ -171,6 +172,7 @@ class LearnerPool:
             pooled=True,
         )
         deadline = time.monotonic() + self.config.connect_timeout
+        call_backs_failed = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stopped.is_set():
@@ -184,6 +186,12 @@ class LearnerPool:
                 if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # busy, or full until a slot frees
                     pause = FULL_RETRY_S if "full" in (error.details() or "") else REGISTER_RETRY_S
                     self._stopped.wait(min(remaining, pause * (1 + random.random())))
+                    continue
+                if error.code() == grpc.StatusCode.FAILED_PRECONDITION and call_backs_failed < CALL_BACK_ATTEMPTS - 1:
+                    # The pool's own server is up, so a call-back that failed most likely timed out on a busy machine;
+                    # a leader that cannot reach this node at all still fails every attempt, and the pool stops.
+                    call_backs_failed += 1
+                    self._stopped.wait(min(remaining, REGISTER_RETRY_S * (1 + random.random())))
                     continue
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise LearnerError(f"the leader refused registration: {error.details()}") from None
