@@ -128,9 +128,9 @@ def pool_actor_pids() -> list[int]:
 
 def test_an_actor_killed_mid_run_is_restarted_and_its_learners_take_part_again(tmp_path, cluster_address):
     run_dir = tmp_path / "run"
-    rounds = 12
-    # 20 learners, all in every round; enough local work that the run lasts beyond an actor's restart
-    flags = ["--learners", "20", "--rounds", str(rounds), "--local-steps", "40", "--checkpoint-every", "1"]
+    # more rounds than the test needs: it stops the run itself once the restarted pool's learners have taken part,
+    # so the run lasts as long as the restart takes on this machine, however fast or busy it is
+    flags = ["--learners", "20", "--rounds", "100000", "--checkpoint-every", "1"]
     launcher = subprocess.Popen(
         federation(run_dir, *flags, "--engine", "ray", "--ray-address", cluster_address),
         cwd=ROOT,
@@ -147,16 +147,28 @@ def test_an_actor_killed_mid_run_is_restarted_and_its_learners_take_part_again(t
             assert time.monotonic() < deadline, pool_actor_pids()
             time.sleep(0.1)
         os.kill(pool_actor_pids()[0], signal.SIGKILL)
+        while not rejoined(metrics(run_dir)):
+            assert launcher.poll() is None and time.monotonic() < deadline, [r["learners_reported"] for r in metrics(run_dir)]
+            time.sleep(0.1)
+        launcher.send_signal(signal.SIGTERM)  # as Ctrl-C: the leader saves the last round and stops the learners
         output, _ = launcher.communicate(timeout=RUN_TIMEOUT_S)
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-    assert launcher.returncode == 0, output[-3000:]
+    assert launcher.returncode == 130, output[-3000:]  # stopped by the signal, not by a failure
     history = metrics(run_dir)
-    assert [record["round"] for record in history] == list(range(1, rounds + 1))
-    # the killed pool's learners were lost, the leader went on, and after Ray restarted the actor they took part again
+    assert [record["round"] for record in history] == list(range(1, len(history) + 1))
+    # the killed pool's learners were lost, the leader went on with the other pool's, and they took part again
     lost_at = next(index for index, record in enumerate(history) if record["learners_reported"] < 20)
     assert history[lost_at]["learners_reported"] >= 10
-    assert any(record["learners_reported"] == 20 for record in history[lost_at + 1 :]), [r["learners_reported"] for r in history]
     assert output.count("learners registered") == 3, output[-3000:]  # two pools, and the restarted one again
+    saved_round, _ = final_weights(run_dir)
+    assert saved_round == history[-1]["round"]
+
+
+def rejoined(history: list[dict]) -> bool:
+    """Whether a round with all 20 learners followed one with fewer."""
+    reported = [record["learners_reported"] for record in history]
+    lost = [index for index, count in enumerate(reported) if count < 20]
+    return bool(lost) and 20 in reported[lost[0] + 1 :]
