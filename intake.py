@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import torch
 
 import aggregation
@@ -20,6 +21,8 @@ import wire
 from options import LeaderConfig
 from protos import leader_pb2
 from roster import LearnerRecord, Roster
+from secagg import MASKED_TENSOR
+from secure_rounds import SecureRound
 
 UPDATE_BUFFERS_KEPT = 2  # update buffers kept for reuse between uploads: about as many as arrive at once on 2 cores
 # accepted updates waiting for the summing thread; each holds its buffer, so the queue is bounded (a full one holds
@@ -44,8 +47,9 @@ class RoundState:
     norm_bound: float = math.inf  # an update's parameter norm is scaled down to this (--max-norm-ratio)
     max_weight: float = math.inf  # the most weight one update's examples give it (--max-weight-ratio)
     running: aggregation.RunningMean | aggregation.UpdateList = field(default_factory=aggregation.RunningMean)
+    secure: SecureRound | None = None  # under --secure-aggregation: the round's stages and its sum of masked updates
     sums: list[Future] = field(default_factory=list)  # accepted updates' additions to `running`, done or pending
-    digests: dict[int, tuple[float, ...]] = field(default_factory=dict)  # learner id -> its accepted update's digest
+    digests: dict[int, tuple[float, ...] | bytes] = field(default_factory=dict)  # learner id -> its accepted update's digest
     losses: list[float] = field(default_factory=list)
     update_norms: list[float] = field(default_factory=list)
     rejected: dict[int, int] = field(default_factory=dict)  # learner id -> refused updates this round
@@ -93,12 +97,17 @@ class Intake:
         self.variance_names = variance_names
         self.roster = roster
         self._cond = cond
-        # what an update looks like on the wire under --compression, checked before any of its bytes are read
-        self.update_specs = compression.wire_specs(specs, config.compression, config.topk_ratio, sparse_names=parameter_names)
+        # what an update looks like on the wire (under --compression, or masked), checked before any of its bytes are read
+        if config.secure_aggregation:
+            masked_length = sum(spec_numel(spec) for spec in specs if wire.DTYPES[spec.dtype].is_floating_point) + 1
+            self.update_specs = [wire.TensorSpec(MASKED_TENSOR, "int32", (masked_length,))]
+        else:
+            self.update_specs = compression.wire_specs(specs, config.compression, config.topk_ratio, sparse_names=parameter_names)
         self.update_bytes = wire.payload_bytes(self.update_specs)
         # updates are summed as they arrive unless a rule needs them all at once (median, Krum, --deterministic);
         # a summed or refused update's buffer is free again, and a kept one saves the page faults of a fresh one
-        self.keeps_updates = config.rule != "mean" or config.deterministic
+        # (a masked sum is exact integer arithmetic: its order never matters)
+        self.keeps_updates = (config.rule != "mean" or config.deterministic) and not config.secure_aggregation
         self.buffers = wire.BufferPool(self.update_bytes, keep=UPDATE_BUFFERS_KEPT)
         self.round = RoundState(0, accepting=False)
         self._running = aggregation.RunningMean()  # one float64 sum for every round, reset rather than reallocated
@@ -106,7 +115,13 @@ class Intake:
         self._sum_slots = threading.BoundedSemaphore(MAX_PENDING_SUMS)
 
     def open(
-        self, round_number: int, members: list[LearnerRecord], quorum: int, norm_bound: float = math.inf, max_weight: float = math.inf
+        self,
+        round_number: int,
+        members: list[LearnerRecord],
+        quorum: int,
+        norm_bound: float = math.inf,
+        max_weight: float = math.inf,
+        secure: SecureRound | None = None,
     ) -> RoundState:
         """Start taking round `round_number`'s updates from `members` (under the lock: the last round's sums are over first)."""
         with self._cond:
@@ -119,6 +134,7 @@ class Intake:
                 running=running,
                 norm_bound=norm_bound,
                 max_weight=max_weight,
+                secure=secure,
             )
             self._cond.notify_all()
             return self.round
@@ -193,6 +209,8 @@ class Intake:
         wait for a summing slot that would outlast it is refused instead (RESOURCE_EXHAUSTED, not taken).
         `unweighted` gives every update weight 1 (DP-FedAvg: one learner's influence is bounded by the clip alone).
         """
+        if self.config.secure_aggregation:
+            return self._accept_masked(learner_id, header, tensors[MASKED_TENSOR], release)
         known_norms = known_norms or {}
         holds_slot = queued = False
         try:
@@ -255,6 +273,42 @@ class Intake:
                     release()
         return f"update for round {header.round} accepted"
 
+    def _accept_masked(
+        self, learner_id: int, header: leader_pb2.GradientData, tensor: torch.Tensor, release: Callable[[], None] | None
+    ) -> str:
+        """Add a masked update to the round's modular sum, once per learner per round: it can be checked for nothing but its
+        shape and its sender, and summing it is cheap enough to do at once."""
+        try:
+            masked = tensor.numpy().view(np.uint32)
+            digest = SecureRound.digest(masked)
+            with self._cond:
+                current = self.round
+                if header.round != current.round_number or not current.accepting:
+                    raise rpc.RequestRefused(
+                        grpc.StatusCode.FAILED_PRECONDITION, f"stale update for round {header.round}; round {current.round_number} is closed"
+                    )
+                if current.secure is None or not current.secure.may_send(learner_id):
+                    raise rpc.RequestRefused(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"learner {learner_id} was not told whom to mask against in round {header.round}: its update cannot be unmasked",
+                    )
+                previous = current.digests.get(learner_id)
+                if previous == digest:
+                    return f"duplicate of the accepted update for round {header.round}; counted once"
+                if previous is not None:
+                    raise rpc.RequestRefused(
+                        grpc.StatusCode.ALREADY_EXISTS, f"learner {learner_id} already sent a different update for round {header.round}"
+                    )
+                current.secure.add(learner_id, masked)
+                current.digests[learner_id] = digest
+                current.losses.append(header.train_loss)
+                current.bytes_in += self.update_bytes
+                self._cond.notify_all()
+        finally:
+            if release is not None:
+                release()
+        return f"masked update for round {header.round} accepted"
+
     def _add_to_sum(
         self,
         running: aggregation.RunningMean | aggregation.UpdateList,
@@ -290,6 +344,11 @@ class Intake:
     def close(self) -> None:
         """Stop the summing thread."""
         self._summing.shutdown(wait=False, cancel_futures=True)
+
+
+def spec_numel(spec: wire.TensorSpec) -> int:
+    """Entries of a tensor of this spec."""
+    return math.prod(spec.shape)
 
 
 def tensor_norm(tensor: torch.Tensor) -> float:

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2
 
 import checkpoint
 import rpc
+import secagg
 import wire
 from cli import StatusLine, setup_logging
 from intake import Intake, RoundState
@@ -35,7 +36,8 @@ from options import STRAGGLER_GRACE_FACTOR, STRAGGLER_GRACE_MIN_S, LeaderConfig,
 from protos import leader_pb2, leader_pb2_grpc, learner_pb2
 from recorder import Recorder, TensorBoardMissing
 from roster import LearnerRecord, Roster, call_learner
-from strategy import Strategy
+from secure_rounds import SecureRound
+from strategy import FIRST_ROUND_NORM_RATIO, Strategy
 from utils import IMAGE_SHAPE, DataError, ImageData, derive_seed, load_dataset, normalize, resolve_device, split_by
 
 logger = logging.getLogger(__name__)
@@ -121,6 +123,8 @@ class Leader:
         self.strategy = Strategy(config, self.model, Path(config.checkpoint_dir) if config.checkpoint_dir else None)
         self.intake = Intake(config, self.specs, self.strategy.parameter_names, variance_names, self.roster, self._cond)
         self.roster.on_absent = self._note_lost
+        # secure aggregation: every entry of a learner's update lies within this bound (its parameters' L2 norm included)
+        self.secagg_bound = config.clip_norm or FIRST_ROUND_NORM_RATIO * self.strategy.model_norm
         self._publish_buffers = wire.BufferPool(self.model_bytes, keep=1)  # each round's model is encoded here, then framed
         self._published = Published.of(1, self.model)
         self._saved_round = 0  # the last round on disk
@@ -252,9 +256,27 @@ class Leader:
                 members = frozenset(available)
             records = [self.roster.record(learner_id) for learner_id in sorted(members)]
             claims = [self.intake.max_examples(record.num_examples) for record in records]
-            return self.intake.open(
-                round_number, records, config.round_quorum(count), self.strategy.norm_bound(), self.strategy.max_weight(claims)
-            )
+            max_weight = self.strategy.max_weight(claims)
+            quorum = config.round_quorum(count)
+            secure = None
+            if config.secure_aggregation:
+                neighbours, threshold = secagg.round_parameters(len(records), config.secagg_neighbours, config.secagg_threshold)
+                quorum = max(quorum, threshold)
+                # an update's weight is its examples over this cap, so that the leader learns only the round's total weight
+                weight_cap = 0.0 if self.strategy.unweighted else min(float(max(claims)), max_weight)
+                secure = SecureRound(
+                    round_number,
+                    records,
+                    neighbours,
+                    threshold,
+                    self.secagg_bound,
+                    weight_cap,
+                    derive_seed(config.seed, "secagg", round_number),
+                    self.intake.update_specs[0].shape[0],
+                    self.roster,
+                    self._calls,
+                )
+            return self.intake.open(round_number, records, quorum, self.strategy.norm_bound(), max_weight, secure)
 
     def begin_round(self, current: RoundState) -> None:
         """Start the newcomers (they fetch the model with GetModel) and push the new global model to the rest."""
@@ -281,6 +303,8 @@ class Leader:
             self._calls.submit(call_learner, begin, record).add_done_callback(
                 lambda outcome, record=record: self.roster.mark_absent_on_error(record, "the round's start", outcome.result())
             )
+        if current.secure is not None:  # its key stages run while the learners train
+            current.secure.start()
 
     def collect(self, round_number: int, run_start: float) -> RoundState:
         """Wait until every member has reported or is gone, or the round's deadline; the round needs its quorum.
@@ -349,8 +373,10 @@ class Leader:
         config = self.config
         round_number = finished.round_number
         try:
+            if finished.secure is not None:  # the model is still the round's: the masked buffers' changes are from it
+                finished.running = finished.secure.unmask(self.model.state_dict(), self.strategy.parameter_names)
             mean = self.strategy.aggregate(finished)
-        except ValueError as error:
+        except ValueError as error:  # secagg.SecAggError among them
             raise RunError(f"round {round_number}: {error}; the model is unchanged") from None
         problem = self.strategy.step(round_number, mean, finished, lambda: self._published.state(self.specs))
         round_seconds = time.monotonic() - finished.opened_at
@@ -367,6 +393,8 @@ class Leader:
         test_loss, test_accuracy = (self.evaluate() if evaluated else None) or (None, None)
         aggregate_norm = self.strategy.parameter_norm(mean)
         accountant = self.strategy.accountant
+        secure = finished.secure
+        norms = finished.update_norms  # none under secure aggregation: the leader never sees an update
         return {
             "round": round_number,
             "wall_time": time.time(),
@@ -376,15 +404,20 @@ class Leader:
             "train_loss": sum(finished.losses) / len(finished.losses),
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
-            "bytes_in": finished.bytes_in,
-            "bytes_out": finished.bytes_out,
-            "update_norm_mean": sum(finished.update_norms) / len(finished.update_norms),
-            "update_norm_max": max(finished.update_norms),
+            "bytes_in": finished.bytes_in + (secure.bytes_in if secure is not None else 0),
+            "bytes_out": finished.bytes_out + (secure.bytes_out if secure is not None else 0),
+            "update_norm_mean": sum(norms) / len(norms) if norms else None,
+            "update_norm_max": max(norms) if norms else None,
             "updates_rejected": sum(finished.rejected.values()),
             "updates_clipped": finished.clipped,
             "model_rejected": problem is not None,
             "aggregate_norm": aggregate_norm if aggregate_norm < float("inf") else None,
             **({"dp_epsilon": accountant.epsilon()} if accountant is not None else {}),
+            **(
+                {"secagg_setup_seconds": secure.setup_seconds, "secagg_unmask_seconds": secure.unmask_seconds}
+                if secure is not None
+                else {}
+            ),
             "round_seconds": round_seconds,
             "elapsed_seconds": time.monotonic() - start,
         }
@@ -467,6 +500,7 @@ def training_plan(config: LeaderConfig, num_classes: int, specs: list[wire.Tenso
         topk_ratio=config.topk_ratio,
         lr_schedule=config.lr_schedule,
         warmup_rounds=config.warmup_rounds,
+        secure_aggregation=config.secure_aggregation,
     )
 
 

@@ -25,6 +25,7 @@ from cli import setup_logging
 from model import build_model, compiled_for_training, memory_format_for
 from options import LearnerConfig, parse_learner_config
 from protos import leader_pb2, learner_pb2, learner_pb2_grpc
+from secagg_learner import SecAggParty, refuse
 from training import LocalTrainer
 from utils import DataError, ImageData, load_dataset, resolve_device
 
@@ -52,6 +53,9 @@ RECEIVE_BUFFERS_KEPT = 2  # one being read into the model, one for a model pushe
 # learners whose leader restarted do not all register in the same instant.
 REJOIN_BACKOFF_S = 1.0
 REJOIN_BACKOFF_MAX_S = 30.0
+# Secure aggregation: how long a trained update waits for the leader's third stage (whom to mask against), which
+# the leader runs while learners train; past it the round went on without this learner.
+SECAGG_COLLECT_WAIT_S = 120.0
 
 
 class LearnerError(Exception):
@@ -100,6 +104,7 @@ class Learner:
         self._stop_reason: str | None = None
         self._residual: dict[str, torch.Tensor] = {}  # topk's error feedback: what earlier rounds left unsent
         self._send_buffers: wire.BufferPool | None = None  # one update buffer, reused: a fresh one pays its page faults
+        self.secagg = SecAggParty()  # under secure aggregation: this learner's side of each round's stages
 
     # ---- calls from the leader (through LearnerServicer) ----------------------
 
@@ -118,6 +123,7 @@ class Learner:
                 replaced, self._pending = self._pending, (round_number, tensors, payload)
                 payload = replaced[2] if replaced is not None else None
             self._cond.notify_all()
+        self.secagg.wake()  # an update still waiting for its round's masking partners will not get them now
         self._give_back(payload)  # the one replaced or not kept: nothing will read it
 
     def receive_buffer(self, size: int) -> bytearray:
@@ -134,6 +140,7 @@ class Learner:
         with self._cond:
             self._stop_reason = reason or "told to stop"
             self._cond.notify_all()
+        self.secagg.wake()
 
     # ---- the learner's own work ------------------------------------------------
 
@@ -257,10 +264,12 @@ class Learner:
         try:
             while True:
                 self.model.load_state_dict(state)
+                # secure aggregation sends buffers as changes from the round's model: keep it past the buffer's reuse
+                round_state = {name: tensor.clone() for name, tensor in state.items()} if self.plan.secure_aggregation else None
                 self._give_back(payload)  # the model holds its own copy now
                 update, num_examples, loss = self._train(round_number)
                 self._raise_if_stopped()
-                self._send(round_number, update, num_examples, loss)
+                self._send(round_number, update, num_examples, loss, round_state)
                 self.rounds_trained += 1
                 self._wait(lambda: self._pending is not None and self._pending[0] > round_number, "the next global model")
                 with self._cond:
@@ -325,13 +334,39 @@ class Learner:
             raise LearnerError(f"the leader's model does not fit this learner's {self.plan.model}: {error}") from None
         return received.header.round, received.tensors, received.payload
 
+    def _superseded(self, round_number: int) -> Callable[[], bool]:
+        """Whether the learner is stopping or a later round's model has come: a wait for round `round_number` is over."""
+
+        def over() -> bool:
+            pending = self._pending
+            return self._stop_reason is not None or (pending is not None and pending[0] > round_number)
+
+        return over
+
     def _train(self, round_number: int) -> tuple[dict[str, torch.Tensor], int, float]:
         """Do round `round_number`'s local work; returns (update, examples used, mean loss)."""
         return self.trainer.train(round_number)
 
-    def _send(self, round_number: int, update: dict[str, torch.Tensor], num_examples: int, loss: float) -> None:
-        """AccumulateGradients: stream the update; a stale round is logged, not fatal; a busy or late answer is retried."""
-        update = compress_for_plan(update, self.plan, self.model, self._residual)
+    def _send(
+        self,
+        round_number: int,
+        update: dict[str, torch.Tensor],
+        num_examples: int,
+        loss: float,
+        round_state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """AccumulateGradients: stream the update (masked under secure aggregation); a stale round is logged, not fatal; a
+        busy or late answer is retried."""
+        if self.plan.secure_aggregation:
+            current = self.secagg.wait_collected(round_number, self._superseded(round_number), SECAGG_COLLECT_WAIT_S)
+            self._raise_if_stopped()
+            if current is None:
+                logger.warning("round %d: not among the round's secure aggregation (the leader went on without it); update not sent", round_number)
+                return
+            parameters = [name for name, _ in self.model.named_parameters()]
+            update = self.secagg.masked_update(current, update, round_state, parameters, num_examples)
+        else:
+            update = compress_for_plan(update, self.plan, self.model, self._residual)
         if self._send_buffers is None:
             self._send_buffers = wire.BufferPool(wire.payload_bytes(wire.specs_of(update)), keep=1)
         manifest, payload = wire.encode(update, allocate=self._send_buffers.take)
@@ -470,6 +505,18 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model state refused: {error}")
         self.learner.offer_state(received.header.round, received.tensors, received.payload)
         return learner_pb2.Ack(success=True, message=f"model for round {received.header.round} received")
+
+    def AdvertiseKeys(self, request: learner_pb2.SecAggSetup, context: grpc.ServicerContext) -> learner_pb2.SecAggPublicKeys:
+        return refuse(context, lambda: self.learner.secagg.advertise_keys(request, self.learner.learner_id))
+
+    def ShareKeys(self, request: learner_pb2.SecAggNeighbourKeys, context: grpc.ServicerContext) -> learner_pb2.SecAggShares:
+        return refuse(context, lambda: self.learner.secagg.share_keys(request))
+
+    def CollectMasked(self, request: learner_pb2.SecAggCollection, context: grpc.ServicerContext) -> learner_pb2.Ack:
+        return refuse(context, lambda: self.learner.secagg.collect(request))
+
+    def Unmask(self, request: learner_pb2.SecAggUnmaskRequest, context: grpc.ServicerContext) -> learner_pb2.SecAggRevealedShares:
+        return refuse(context, lambda: self.learner.secagg.unmask(request))
 
 
 def rejoin_pause(attempt: int, draw: float) -> float:

@@ -90,6 +90,9 @@ class LeaderConfig:
     join_timeout: float = 600.0
     round_timeout: float = 0.0  # 0: fitted to the round (STRAGGLER_GRACE_FACTOR)
     eval_every: int = 1
+    secure_aggregation: bool = False  # SecAgg+: the leader learns only each round's sum
+    secagg_neighbours: int = 0  # 0: secagg.default_neighbours (O(log n))
+    secagg_threshold: int = 0  # 0: a majority of the neighbours
     recompute_bn: int = 0  # training images the leader recomputes BatchNorm statistics from after averaging; 0: none
     learner_lost_after: float = 30.0
     max_update_norm: float = 0.0  # 0: no fixed bound
@@ -411,6 +414,28 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
     )
     add("--dp-delta", type=fraction, default=defaults.dp_delta, help="DP-FedAvg: the delta at which the epsilon spent is reported")
     add(
+        "--secure-aggregation",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.secure_aggregation,
+        help="SecAgg+: learners mask their updates so that the leader learns only each round's sum, even when some "
+        "drop out; learners clip their own updates to --clip-norm (0: twice the model's initial norm); needs --rule "
+        "mean and 3 or more learners per round, and turns the leader's per-update norm checks off",
+    )
+    add(
+        "--secagg-neighbours",
+        type=non_negative_int,
+        default=defaults.secagg_neighbours,
+        help="secure aggregation: learners each one shares its secrets and masks with (0: 2*ceil(1.5*log2 n) for a "
+        "round of n, everyone else when n is small)",
+    )
+    add(
+        "--secagg-threshold",
+        type=non_negative_int,
+        default=defaults.secagg_threshold,
+        help="secure aggregation: neighbours' shares that rebuild a learner's secret; fewer surviving neighbours "
+        "abort the round, and that many colluding with the leader could unmask one (0: a majority of the neighbours)",
+    )
+    add(
         "--recompute-bn",
         type=non_negative_int,
         default=defaults.recompute_bn,
@@ -525,6 +550,9 @@ def parse_leader_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bo
         parser.error(str(error))
     if config.min_learners > config.learners:
         parser.error(f"--min-learners {config.min_learners} exceeds --learners {config.learners}")
+    if config.secure_aggregation and config.max_norm_ratio == LeaderConfig.max_norm_ratio:
+        # the default bound reads each update's norm, which secure aggregation hides: learners clip their own instead
+        config = dataclasses.replace(config, max_norm_ratio=0.0)
     for problem in config_problems(config):
         parser.error(problem)
     return config, verbose, enrolment_token
@@ -555,6 +583,28 @@ def config_problems(config: LeaderConfig) -> list[str]:
         problems.append("--partition applies to the leader's split; with --data-mode local each learner brings its own data")
     if config.recompute_bn and config.data_mode == "local":
         problems.append("--recompute-bn needs training images on the leader; with --data-mode local it has none (use 0)")
+    if config.secure_aggregation:
+        problems += secure_aggregation_problems(config, per_round)
+    return problems
+
+
+def secure_aggregation_problems(config: LeaderConfig, per_round: int) -> list[str]:
+    """What --secure-aggregation cannot work with: anything that must see each update, or too few learners to hide one."""
+    problems = []
+    hidden = "secure aggregation hides each update from the leader"
+    if config.rule != "mean":
+        problems.append(f"--rule {config.rule} needs every update, and {hidden}: use --rule mean, or drop --secure-aggregation")
+    if config.max_update_norm or config.max_norm_ratio:
+        problems.append(
+            f"--max-update-norm and --max-norm-ratio check each update's norm, and {hidden}: drop them (learners clip "
+            "their own updates to --clip-norm)"
+        )
+    if config.compression != "none":
+        problems.append(f"--compression {config.compression} does not apply: masked updates are 32-bit integers; drop it")
+    if per_round < 3:
+        problems.append(f"--secure-aggregation needs 3 or more learners per round ({per_round} here): with 2, each learns the other's update")
+    if config.secagg_threshold and config.secagg_neighbours and config.secagg_threshold > config.secagg_neighbours:
+        problems.append(f"--secagg-threshold {config.secagg_threshold} exceeds --secagg-neighbours {config.secagg_neighbours}")
     return problems
 
 

@@ -134,7 +134,8 @@ class Strategy:
                 group["lr"] = schedule.round_lr(config.lr, config.lr_schedule, config.warmup_rounds, config.rounds, round_number)
         aggregation.apply_update(self.model, self.optimizer, mean)
         # the lower median of the round's norms: a minority of huge updates cannot raise the next round's bound
-        self.norm_reference = statistics.median_low(finished.update_norms)
+        if finished.update_norms:  # none under secure aggregation
+            self.norm_reference = statistics.median_low(finished.update_norms)
         norm = self.current_model_norm()
         problem = self.model_problem(norm)
         if problem is None:

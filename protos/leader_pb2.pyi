@@ -28,7 +28,7 @@ class LearnerInfo(_message.Message):
     def __init__(self, network_addr: _Optional[str] = ..., callback_token: _Optional[str] = ..., num_examples: _Optional[int] = ..., version: _Optional[str] = ..., tls: _Optional[bool] = ..., pooled: _Optional[bool] = ...) -> None: ...
 
 class TrainingPlan(_message.Message):
-    __slots__ = ("model", "num_classes", "aggregation", "batch_size", "lr", "momentum", "weight_decay", "local_steps", "local_epochs", "seed", "rounds", "augment", "image_shape", "dataset", "model_fingerprint", "torch_version", "deterministic", "prox_mu", "compression", "topk_ratio", "lr_schedule", "warmup_rounds", "keep_momentum")
+    __slots__ = ("model", "num_classes", "aggregation", "batch_size", "lr", "momentum", "weight_decay", "local_steps", "local_epochs", "seed", "rounds", "augment", "image_shape", "dataset", "model_fingerprint", "torch_version", "deterministic", "prox_mu", "compression", "topk_ratio", "lr_schedule", "warmup_rounds", "keep_momentum", "secure_aggregation")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class TrainingPlan(_message.Message):
     LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     WARMUP_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     KEEP_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_classes: int
     aggregation: str
@@ -75,7 +76,8 @@ class TrainingPlan(_message.Message):
     lr_schedule: str
     warmup_rounds: int
     keep_momentum: bool
-    def __init__(self, model: _Optional[str] = ..., num_classes: _Optional[int] = ..., aggregation: _Optional[str] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ..., augment: _Optional[bool] = ..., image_shape: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., torch_version: _Optional[str] = ..., deterministic: _Optional[bool] = ..., prox_mu: _Optional[float] = ..., compression: _Optional[str] = ..., topk_ratio: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_rounds: _Optional[int] = ..., keep_momentum: _Optional[bool] = ...) -> None: ...
+    secure_aggregation: bool
+    def __init__(self, model: _Optional[str] = ..., num_classes: _Optional[int] = ..., aggregation: _Optional[str] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ..., augment: _Optional[bool] = ..., image_shape: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., torch_version: _Optional[str] = ..., deterministic: _Optional[bool] = ..., prox_mu: _Optional[float] = ..., compression: _Optional[str] = ..., topk_ratio: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_rounds: _Optional[int] = ..., keep_momentum: _Optional[bool] = ..., secure_aggregation: _Optional[bool] = ...) -> None: ...
 
 class AckWithMetadata(_message.Message):
     __slots__ = ("success", "message", "learner_id", "max_learners", "plan", "session_token", "joins_round", "split_examples")

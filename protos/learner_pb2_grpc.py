@@ -45,6 +45,26 @@ class LearnerServiceStub:
                 request_serializer=protos_dot_learner__pb2.ModelState.SerializeToString,
                 response_deserializer=protos_dot_learner__pb2.Ack.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/learner.LearnerService/AdvertiseKeys',
+                request_serializer=protos_dot_learner__pb2.SecAggSetup.SerializeToString,
+                response_deserializer=protos_dot_learner__pb2.SecAggPublicKeys.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/learner.LearnerService/ShareKeys',
+                request_serializer=protos_dot_learner__pb2.SecAggNeighbourKeys.SerializeToString,
+                response_deserializer=protos_dot_learner__pb2.SecAggShares.FromString,
+                _registered_method=True)
+        self.CollectMasked = channel.unary_unary(
+                '/learner.LearnerService/CollectMasked',
+                request_serializer=protos_dot_learner__pb2.SecAggCollection.SerializeToString,
+                response_deserializer=protos_dot_learner__pb2.Ack.FromString,
+                _registered_method=True)
+        self.Unmask = channel.unary_unary(
+                '/learner.LearnerService/Unmask',
+                request_serializer=protos_dot_learner__pb2.SecAggUnmaskRequest.SerializeToString,
+                response_deserializer=protos_dot_learner__pb2.SecAggRevealedShares.FromString,
+                _registered_method=True)
 
 
 class LearnerServiceServicer:
@@ -70,6 +90,50 @@ class LearnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation (TrainingPlan.secure_aggregation; SecAgg+, see secagg.py).
+        The leader calls these four in order in every round while the learner
+        trains; each is answered at once. A call out of order, for another round,
+        or carrying keys or shares that do not fit fails FAILED_PRECONDITION or
+        INVALID_ARGUMENT with the reason, and the learner sends no update that round.
+
+        Stage 1: the round's cohort is fixed; the learner makes two fresh X25519
+        key pairs for this round and answers with their public halves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Stage 2: the leader relays the public keys of the learner's neighbours;
+        the learner answers with, for each of them, Shamir shares of its self-mask
+        seed and of its mask key, encrypted so that only that neighbour can read
+        them (ChaCha20-Poly1305 under a key agreed by X25519 for this round).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectMasked(self, request, context):
+        """Stage 3: the leader names the neighbours whose shares it holds and relays
+        their shares for this learner. The learner masks its update against
+        exactly those neighbours and sends it with AccumulateGradients (one int32
+        tensor "masked"; see GradientData).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmask(self, request, context):
+        """Stage 4: the leader names which of those neighbours sent an update and
+        which dropped out; the learner reveals its share of each sender's self-mask
+        seed and of each dropped one's mask key. It answers once per round, and
+        refuses (FAILED_PRECONDITION) a request naming a neighbour both ways.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +146,26 @@ def add_LearnerServiceServicer_to_server(servicer, server):
                     servicer.SyncModelState,
                     request_deserializer=protos_dot_learner__pb2.ModelState.FromString,
                     response_serializer=protos_dot_learner__pb2.Ack.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=protos_dot_learner__pb2.SecAggSetup.FromString,
+                    response_serializer=protos_dot_learner__pb2.SecAggPublicKeys.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=protos_dot_learner__pb2.SecAggNeighbourKeys.FromString,
+                    response_serializer=protos_dot_learner__pb2.SecAggShares.SerializeToString,
+            ),
+            'CollectMasked': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectMasked,
+                    request_deserializer=protos_dot_learner__pb2.SecAggCollection.FromString,
+                    response_serializer=protos_dot_learner__pb2.Ack.SerializeToString,
+            ),
+            'Unmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmask,
+                    request_deserializer=protos_dot_learner__pb2.SecAggUnmaskRequest.FromString,
+                    response_serializer=protos_dot_learner__pb2.SecAggRevealedShares.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +223,114 @@ class LearnerService:
             '/learner.LearnerService/SyncModelState',
             protos_dot_learner__pb2.ModelState.SerializeToString,
             protos_dot_learner__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/learner.LearnerService/AdvertiseKeys',
+            protos_dot_learner__pb2.SecAggSetup.SerializeToString,
+            protos_dot_learner__pb2.SecAggPublicKeys.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/learner.LearnerService/ShareKeys',
+            protos_dot_learner__pb2.SecAggNeighbourKeys.SerializeToString,
+            protos_dot_learner__pb2.SecAggShares.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectMasked(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/learner.LearnerService/CollectMasked',
+            protos_dot_learner__pb2.SecAggCollection.SerializeToString,
+            protos_dot_learner__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/learner.LearnerService/Unmask',
+            protos_dot_learner__pb2.SecAggUnmaskRequest.SerializeToString,
+            protos_dot_learner__pb2.SecAggRevealedShares.FromString,
             options,
             channel_credentials,
             insecure,

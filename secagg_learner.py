@@ -1,0 +1,131 @@
+"""A learner's side of secure aggregation: its answers to the leader's four SecAgg+ stage calls, and its masked update.
+
+learner.py and pool.py hold one SecAggParty per (virtual) learner; the protocol itself is secagg.py's.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+
+import grpc
+import numpy as np
+import torch
+
+import rpc
+import secagg
+from protos import learner_pb2
+
+
+class SecAggParty:
+    """One learner's secure-aggregation state: the newest round it was set up for, and its answers to the stage calls.
+
+    Stage calls come from the leader's threads while the learner trains; `masked_update` waits for stage 3.
+    Each answer raises rpc.RequestRefused with the status to send when a call does not fit.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._round: secagg.LearnerRound | None = None
+        self.weight_cap = 0.0
+
+    def advertise_keys(self, request: learner_pb2.SecAggSetup, learner_id: int) -> learner_pb2.SecAggPublicKeys:
+        """Stage 1: fresh keys for the round."""
+        if request.learner_id != learner_id:
+            raise rpc.RequestRefused(grpc.StatusCode.PERMISSION_DENIED, f"this is learner {learner_id}, not {request.learner_id}")
+        with self._cond:
+            if self._round is not None and request.round <= self._round.round_number:
+                raise rpc.RequestRefused(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} is not after round {self._round.round_number}, already set up"
+                )
+            if not (request.weight_cap >= 0 and np.isfinite(request.weight_cap)):
+                raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, f"weight_cap must be finite and not negative, got {request.weight_cap}")
+            try:
+                self._round = secagg.LearnerRound(request.round, learner_id, request.cohort_size, request.threshold, request.bound)
+            except secagg.SecAggError as error:
+                raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+            self.weight_cap = request.weight_cap
+            mask_key, share_key = self._round.public_keys()
+            self._cond.notify_all()
+        return learner_pb2.SecAggPublicKeys(mask_key=mask_key, share_key=share_key)
+
+    def share_keys(self, request: learner_pb2.SecAggNeighbourKeys) -> learner_pb2.SecAggShares:
+        """Stage 2: encrypted shares for each neighbour."""
+        keys = {neighbour.learner_id: (neighbour.mask_key, neighbour.share_key) for neighbour in request.neighbours}
+        if len(keys) != len(request.neighbours):
+            raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, "a neighbour is named twice")
+        encrypted = self._apply(request.round, lambda current: current.share_keys(keys))
+        return learner_pb2.SecAggShares(shares=[learner_pb2.EncryptedShare(learner_id=peer, ciphertext=share) for peer, share in encrypted.items()])
+
+    def collect(self, request: learner_pb2.SecAggCollection) -> learner_pb2.Ack:
+        """Stage 3: the neighbours to mask against, and their shares for this learner."""
+        shares = {share.learner_id: share.ciphertext for share in request.shares}
+        if len(shares) != len(request.shares):
+            raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, "two shares from the same neighbour")
+        self._apply(request.round, lambda current: current.collect(list(shares), shares))
+        return learner_pb2.Ack(success=True, message=f"masking against {len(shares)} neighbours in round {request.round}")
+
+    def unmask(self, request: learner_pb2.SecAggUnmaskRequest) -> learner_pb2.SecAggRevealedShares:
+        """Stage 4: the shares of the senders' self-mask seeds and of the dropped ones' mask keys; once per round."""
+        revealed = self._apply(request.round, lambda current: current.reveal(list(request.survivors), list(request.dropped)))
+        return learner_pb2.SecAggRevealedShares(
+            shares=[learner_pb2.RevealedShare(learner_id=peer, self_seed=is_seed, value=value) for peer, is_seed, value in revealed]
+        )
+
+    def _apply(self, round_number: int, step: Callable[[secagg.LearnerRound], object]) -> object:
+        """Run a stage on the round's state, under the lock; round mismatches and protocol errors become refusals."""
+        with self._cond:
+            current = self._round
+            if current is None or current.round_number != round_number:
+                where = "no round" if current is None else f"round {current.round_number}"
+                raise rpc.RequestRefused(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_number} was not set up here ({where} is)")
+            try:
+                result = step(current)
+            except secagg.RevealRefused as error:
+                raise rpc.RequestRefused(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from None
+            except secagg.SecAggError as error:
+                raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+            self._cond.notify_all()
+            return result
+
+    def wait_collected(self, round_number: int, give_up: Callable[[], bool], timeout: float) -> secagg.LearnerRound | None:
+        """The round's state once stage 3 set whom to mask against; None when `give_up()` or `timeout` comes first."""
+
+        def ready() -> bool:
+            current = self._round
+            return give_up() or (current is not None and (current.round_number > round_number or current.included is not None))
+
+        with self._cond:
+            self._cond.wait_for(ready, timeout=timeout)
+            current = self._round
+            if current is None or current.round_number != round_number or current.included is None:
+                return None
+            return current
+
+    def wake(self) -> None:
+        """Wake a wait (the learner is stopping, or a later round began)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def masked_update(
+        self,
+        current: secagg.LearnerRound,
+        update: Mapping[str, torch.Tensor],
+        round_state: Mapping[str, torch.Tensor],
+        parameter_names: list[str],
+        num_examples: int,
+    ) -> dict[str, torch.Tensor]:
+        """An update as secure aggregation sends it: clipped, weighted, quantized and masked, as one int32 tensor."""
+        weight = min(num_examples, self.weight_cap) / self.weight_cap if self.weight_cap else 1.0
+        vector = secagg.encode_update(update, round_state, parameter_names, current.bound, weight)
+        return {secagg.MASKED_TENSOR: torch.from_numpy(current.mask(vector).view(np.int32))}
+
+
+
+def refuse(context: grpc.ServicerContext, call: Callable[[], object]) -> object:
+    """Run a stage's answer, or abort the call with the refusal's status."""
+    try:
+        return call()
+    except rpc.RequestRefused as refusal:
+        context.abort(refusal.code, str(refusal))
+
