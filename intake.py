@@ -285,7 +285,8 @@ class Intake:
                 current = self.round
                 if header.round != current.round_number or not current.accepting:
                     raise rpc.RequestRefused(
-                        grpc.StatusCode.FAILED_PRECONDITION, f"stale update for round {header.round}; round {current.round_number} is closed"
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"stale update for round {header.round}; round {current.round_number} is closed",
                     )
                 if current.secure is None or not current.secure.may_send(learner_id):
                     raise rpc.RequestRefused(

@@ -414,9 +414,7 @@ class Leader:
             "aggregate_norm": aggregate_norm if aggregate_norm < float("inf") else None,
             **({"dp_epsilon": accountant.epsilon()} if accountant is not None else {}),
             **(
-                {"secagg_setup_seconds": secure.setup_seconds, "secagg_unmask_seconds": secure.unmask_seconds}
-                if secure is not None
-                else {}
+                {"secagg_setup_seconds": secure.setup_seconds, "secagg_unmask_seconds": secure.unmask_seconds} if secure is not None else {}
             ),
             "round_seconds": round_seconds,
             "elapsed_seconds": time.monotonic() - start,

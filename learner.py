@@ -25,7 +25,7 @@ from cli import setup_logging
 from model import build_model, compiled_for_training, memory_format_for
 from options import LearnerConfig, parse_learner_config
 from protos import leader_pb2, learner_pb2, learner_pb2_grpc
-from secagg_learner import SecAggParty, refuse
+from secagg_learner import SecAggParty, masked_tensors, refuse
 from training import LocalTrainer
 from utils import DataError, ImageData, load_dataset, resolve_device
 
@@ -358,13 +358,15 @@ class Learner:
         """AccumulateGradients: stream the update (masked under secure aggregation); a stale round is logged, not fatal; a
         busy or late answer is retried."""
         if self.plan.secure_aggregation:
-            current = self.secagg.wait_collected(round_number, self._superseded(round_number), SECAGG_COLLECT_WAIT_S)
+            current = self.secagg.wait_for(round_number, True, self._superseded(round_number), SECAGG_COLLECT_WAIT_S)
             self._raise_if_stopped()
             if current is None:
-                logger.warning("round %d: not among the round's secure aggregation (the leader went on without it); update not sent", round_number)
+                logger.warning(
+                    "round %d: not among the round's secure aggregation (the leader went on without it); update not sent", round_number
+                )
                 return
             parameters = [name for name, _ in self.model.named_parameters()]
-            update = self.secagg.masked_update(current, update, round_state, parameters, num_examples)
+            update = masked_tensors(current, self.secagg.encode(current, update, round_state, parameters, num_examples))
         else:
             update = compress_for_plan(update, self.plan, self.model, self._residual)
         if self._send_buffers is None:

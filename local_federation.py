@@ -34,6 +34,7 @@ LAUNCHER_FLAGS = {
     "--ray-address": True,
     "--actors": True,
     "--examples-per-learner": True,
+    "--simulate-dropout": True,
 }
 
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch(argv: list[str], ray_thread: RayThread | None) -> int:
     """Parse the flags, then run the federation with the chosen engine."""
-    from options import build_leader_parser, expand_resume, non_negative_float, positive_float, positive_int
+    from options import build_leader_parser, expand_resume, non_negative_float, positive_float, positive_int, probability_below_one
 
     parser = build_leader_parser(
         prog="local_federation.py", description="Run a leader and its learners on this machine. Takes every leader.py flag."
@@ -113,6 +114,15 @@ def launch(argv: list[str], ray_thread: RayThread | None) -> int:
         default=50,
         help="with --data-mode local --dataset synthetic: synthetic examples each virtual learner makes from its index",
     )
+    ray_group.add_argument(
+        "--simulate-dropout",
+        type=probability_below_one,
+        default=0.0,
+        metavar="P",
+        help="each round each virtual learner drops out with probability P (seeded): it fails the leader's call as a "
+        "learner that is gone would, without training, and registers again (under --secure-aggregation after the "
+        "round's key stages, the costly case); 0: none",
+    )
     args = parse_with_config(parser, expand_resume(parser, argv))
     learner_dirs = args.learner_data_dir or []
     if learner_dirs and len(learner_dirs) != args.learners:
@@ -124,8 +134,8 @@ def launch(argv: list[str], ray_thread: RayThread | None) -> int:
             parser.error("--learner-data-dir and --learner-compile work with --engine processes only")
         if args.data_mode == "local" and args.dataset != "synthetic":
             parser.error("--engine ray with --data-mode local makes synthetic data: add --dataset synthetic, or use --data-mode split")
-    elif any(flag_given(argv, flag) for flag in ("--learner-cpus", "--learner-gpus", "--ray-address", "--actors")):
-        parser.error("--learner-cpus, --learner-gpus, --ray-address and --actors need --engine ray")
+    elif any(flag_given(argv, flag) for flag in ("--learner-cpus", "--learner-gpus", "--ray-address", "--actors", "--simulate-dropout")):
+        parser.error("--learner-cpus, --learner-gpus, --ray-address, --actors and --simulate-dropout need --engine ray")
     leader_argv = drop_flags(argv, LAUNCHER_FLAGS)
     port = args.port or free_port()
     if args.engine == "ray":
@@ -246,6 +256,8 @@ def run_on_ray(args: argparse.Namespace, leader_argv: list[str], port: int, ray_
         advertise_host="" if on_cluster else "127.0.0.1",  # "": each node's own address
         examples_per_learner=args.examples_per_learner if args.data_mode == "local" else 0,
         connect_timeout=LEARNER_CONNECT_TIMEOUT_S,
+        dropout=args.simulate_dropout,
+        seed=args.seed,
     )
     engine_config = ray_engine.RayEngineConfig(args.learners, args.learner_cpus, args.learner_gpus, args.actors or 0)
     ray_thread.start_pools(engine_config, pool_config, enrolment_token)

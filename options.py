@@ -206,6 +206,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def probability_below_one(text: str) -> float:
+    """A float in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 # ---- groups both roles share --------------------------------------------------------------------------------------
 
 
@@ -602,7 +610,9 @@ def secure_aggregation_problems(config: LeaderConfig, per_round: int) -> list[st
     if config.compression != "none":
         problems.append(f"--compression {config.compression} does not apply: masked updates are 32-bit integers; drop it")
     if per_round < 3:
-        problems.append(f"--secure-aggregation needs 3 or more learners per round ({per_round} here): with 2, each learns the other's update")
+        problems.append(
+            f"--secure-aggregation needs 3 or more learners per round ({per_round} here): with 2, each learns the other's update"
+        )
     if config.secagg_threshold and config.secagg_neighbours and config.secagg_threshold > config.secagg_neighbours:
         problems.append(f"--secagg-threshold {config.secagg_threshold} exceeds --secagg-neighbours {config.secagg_neighbours}")
     return problems

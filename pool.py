@@ -40,6 +40,7 @@ from learner import (
 )
 from model import build_model, memory_format_for
 from protos import leader_pb2, learner_pb2, learner_pb2_grpc
+from secagg_learner import SecAggParty, masked_tensors, refuse
 from training import LocalTrainer
 from utils import resolve_device, synthetic_shard
 
@@ -55,6 +56,9 @@ FULL_RETRY_S = 2.0  # pause before asking a full federation again
 HEARTBEAT_INTERVAL_S = 5.0  # an idle pool checks this often that the leader still counts its learners as members
 OUTBOX_SIZE = 2  # trained updates waiting to be sent
 SENDER_EXIT_S = 4.0  # a send's retries pause 1 + 2 s (learner.send_update); then the sender is left to exit alone
+# Secure aggregation: a trained learner waits this long for its round's first stage (the bound and weight it encodes
+# its update with) and then for the third (whom to mask against); the leader runs them as the round starts.
+SECAGG_STAGE_WAIT_S = 120.0
 
 
 @dataclass
@@ -71,6 +75,10 @@ class PoolConfig:
     examples_per_learner: int = 0
     connect_timeout: float = 600.0
     leader_lost_after: float = 30.0
+    # simulated dropouts: each round each learner drops out with this probability (seeded by `seed`, its index and the
+    # round), after the round's key stages under secure aggregation, and without training either way
+    dropout: float = 0.0
+    seed: int = 0
 
 
 @dataclass
@@ -85,6 +93,7 @@ class VirtualLearner:
     trainer: LocalTrainer | None = None  # kept between rounds when it holds something worth keeping
     residual: dict[str, torch.Tensor] = field(default_factory=dict)  # topk's error feedback
     rounds_trained: int = 0
+    secagg: SecAggParty = field(default_factory=SecAggParty)  # its side of each round's secure aggregation
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The metadata of this learner's calls to the leader."""
@@ -284,8 +293,19 @@ class LearnerPool:
         except LearnerError as error:
             logger.warning("learner %d: %s", learner.index, error)
 
+    def drops_out(self, learner: VirtualLearner, round_number: int) -> bool:
+        """Whether a learner drops out of a round (simulated dropouts, PoolConfig.dropout)."""
+        draw = random.Random(f"dropout-{self.config.seed}-{learner.index}-{round_number}").random()
+        return draw < self.config.dropout
+
+    def drop_out(self, learner: VirtualLearner) -> None:
+        """A learner dropped out: the leader marks it absent as its call fails, and it registers again."""
+        self._registering.submit(self._register_again, learner)
+
     def _train_and_send(self, learner: VirtualLearner, round_number: int) -> None:
         """Train one learner's round on that round's model and hand its update to the sender; a failed call loses that update only."""
+        if self.config.dropout and self.drops_out(learner, round_number):
+            return
         try:
             state = self._model_for(learner, round_number)
             if state is None:
@@ -295,6 +315,11 @@ class LearnerPool:
             update, num_examples, loss = trainer.train(round_number)
             if not self.plan.keep_momentum and self.config.examples_per_learner:
                 learner.trainer = None  # nothing kept: synthetic data is made again faster than it is stored
+            if self.plan.secure_aggregation:
+                vector = self._encode_secure(learner, round_number, update, state, num_examples)
+                if vector is not None:
+                    self._outbox.put((learner, round_number, None, vector, num_examples, loss))
+                return
             manifest, payload = wire.encode(compress_for_plan(update, self.plan, self.model, learner.residual))
             # sent while the next learner trains: the leader's answer takes a few ms that the worker need not wait
             self._outbox.put((learner, round_number, manifest, payload, num_examples, loss))
@@ -302,6 +327,18 @@ class LearnerPool:
             self._call_failed(learner, round_number, error)
         except LearnerError as error:  # a malformed model or split from the leader: this round's update is lost
             logger.error("learner %d, round %d: %s", learner.index, round_number, error)
+
+    def _encode_secure(
+        self, learner: VirtualLearner, round_number: int, update: dict[str, torch.Tensor], state: dict[str, torch.Tensor], num_examples: int
+    ) -> Any:
+        """Under secure aggregation: the update weighed and bounded as the round's first stage says (a copy: the model's
+        buffers change with the next learner), or None when the round went on without this learner."""
+        current = learner.secagg.wait_for(round_number, False, self._stopped.is_set, SECAGG_STAGE_WAIT_S)
+        if current is None:
+            logger.info("learner %d, round %d: not among the round's secure aggregation; update not sent", learner.index, round_number)
+            return None
+        parameters = [name for name, _ in self.model.named_parameters()]
+        return learner.secagg.encode(current, update, state, parameters, num_examples)
 
     def _call_failed(self, learner: VirtualLearner, round_number: int, error: grpc.RpcError) -> None:
         """A call for one learner failed: register it again if its session ended, else note the lost update."""
@@ -357,8 +394,18 @@ class LearnerPool:
         )
         return learner.trainer
 
-    def _send(self, learner: VirtualLearner, round_number: int, manifest: Any, payload: bytearray, num_examples: int, loss: float) -> None:
-        """AccumulateGradients for one learner; a stale round is dropped, a busy or late answer retried."""
+    def _send(self, learner: VirtualLearner, round_number: int, manifest: Any, payload: Any, num_examples: int, loss: float) -> None:
+        """AccumulateGradients for one learner; a stale round is dropped, a busy or late answer retried.
+
+        Under secure aggregation `manifest` is None and `payload` the encoded update, masked here once the round's third
+        stage has said whom to mask against.
+        """
+        if manifest is None:
+            current = learner.secagg.wait_for(round_number, True, self._stopped.is_set, SECAGG_STAGE_WAIT_S)
+            if current is None:
+                logger.info("learner %d, round %d: not among the round's secure aggregation; update not sent", learner.index, round_number)
+                return
+            manifest, payload = wire.encode(masked_tensors(current, payload))
         header = {"learner_id": learner.learner_id, "round": round_number, "num_examples": num_examples, "train_loss": loss}
         try:
             send_update(self.stub, manifest, payload, header, learner.metadata(), lambda error, pause: self._stopped.wait(pause))
@@ -406,8 +453,33 @@ class PoolServicer(learner_pb2_grpc.LearnerServiceServicer):
         if not first.fetch:  # a pushed model: the pool takes each round's model from GetModel, so only the round is read
             for _ in itertools.chain([first], request_iterator):
                 pass
+        if not self.pool.plan.secure_aggregation and self.pool.config.dropout and self.pool.drops_out(learner, first.round):
+            self._drop_out(learner, context)
         self.pool.start_round(learner, first.round)
         return learner_pb2.Ack(success=True, message=f"round {first.round} queued")
+
+    def _drop_out(self, learner: VirtualLearner, context: grpc.ServicerContext) -> None:
+        """Fail the leader's call as a learner that is gone would, and have it register again."""
+        self.pool.drop_out(learner)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "simulated dropout")
+
+    def AdvertiseKeys(self, request: learner_pb2.SecAggSetup, context: grpc.ServicerContext) -> learner_pb2.SecAggPublicKeys:
+        learner = self._learner(context)
+        return refuse(context, lambda: learner.secagg.advertise_keys(request, learner.learner_id))
+
+    def ShareKeys(self, request: learner_pb2.SecAggNeighbourKeys, context: grpc.ServicerContext) -> learner_pb2.SecAggShares:
+        learner = self._learner(context)
+        return refuse(context, lambda: learner.secagg.share_keys(request))
+
+    def CollectMasked(self, request: learner_pb2.SecAggCollection, context: grpc.ServicerContext) -> learner_pb2.Ack:
+        learner = self._learner(context)
+        if self.pool.config.dropout and self.pool.drops_out(learner, request.round):  # after sharing its keys: the costly case
+            self._drop_out(learner, context)
+        return refuse(context, lambda: learner.secagg.collect(request))
+
+    def Unmask(self, request: learner_pb2.SecAggUnmaskRequest, context: grpc.ServicerContext) -> learner_pb2.SecAggRevealedShares:
+        learner = self._learner(context)
+        return refuse(context, lambda: learner.secagg.unmask(request))
 
 
 def create_server(pool: LearnerPool, host: str, port: int, tls: rpc.Tls | None = None) -> tuple[grpc.Server, int, Any]:

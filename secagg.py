@@ -336,7 +336,9 @@ class LearnerRound:
         for peer, ciphertext in shares.items():
             if len(ciphertext) != ENCRYPTED_SHARE_BYTES:
                 raise SecAggError(f"learner {peer}'s share is {len(ciphertext)} bytes, not {ENCRYPTED_SHARE_BYTES}")
-            key = _derive(self.share_private.exchange(self.neighbours[peer].share_key), "secagg-share", self.round_number, peer, self.learner_id)
+            key = _derive(
+                self.share_private.exchange(self.neighbours[peer].share_key), "secagg-share", self.round_number, peer, self.learner_id
+            )
             try:
                 plaintext = ChaCha20Poly1305(key).decrypt(ZERO_NONCE, ciphertext, _share_aad(self.round_number, peer, self.learner_id))
             except InvalidTag:
@@ -451,7 +453,9 @@ class LeaderRound:
         dropped = sorted(peer for peer in peers if peer not in senders)
         return survivors, dropped
 
-    def add_revealed(self, holder: int, shares: Sequence[tuple[int, bool, bytes]], survivors: Sequence[int], dropped: Sequence[int]) -> None:
+    def add_revealed(
+        self, holder: int, shares: Sequence[tuple[int, bool, bytes]], survivors: Sequence[int], dropped: Sequence[int]
+    ) -> None:
         """Take the shares a survivor revealed, checked against what it was asked for."""
         point = share_point(holder)
         asked = {(peer, True) for peer in survivors if peer != holder} | {(peer, False) for peer in dropped}
@@ -475,7 +479,9 @@ class LeaderRound:
             np.subtract(total, expand_mask(seed, total.size), out=total)
         dropped = set(self.shares) - senders  # every sender masked against each neighbour whose shares it was given
         for owner in sorted(dropped):
-            private = X25519PrivateKey.from_private_bytes(combine_shares(self._enough(self.revealed_keys.get(owner, {}), owner, "mask key")))
+            private = X25519PrivateKey.from_private_bytes(
+                combine_shares(self._enough(self.revealed_keys.get(owner, {}), owner, "mask key"))
+            )
             for peer in self.shares[owner]:
                 if peer in senders:
                     peer_key = load_public(self.keys[peer][0], f"learner {peer}'s mask key")

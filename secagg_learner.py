@@ -36,10 +36,13 @@ class SecAggParty:
         with self._cond:
             if self._round is not None and request.round <= self._round.round_number:
                 raise rpc.RequestRefused(
-                    grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} is not after round {self._round.round_number}, already set up"
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"round {request.round} is not after round {self._round.round_number}, already set up",
                 )
             if not (request.weight_cap >= 0 and np.isfinite(request.weight_cap)):
-                raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, f"weight_cap must be finite and not negative, got {request.weight_cap}")
+                raise rpc.RequestRefused(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"weight_cap must be finite and not negative, got {request.weight_cap}"
+                )
             try:
                 self._round = secagg.LearnerRound(request.round, learner_id, request.cohort_size, request.threshold, request.bound)
             except secagg.SecAggError as error:
@@ -55,7 +58,9 @@ class SecAggParty:
         if len(keys) != len(request.neighbours):
             raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, "a neighbour is named twice")
         encrypted = self._apply(request.round, lambda current: current.share_keys(keys))
-        return learner_pb2.SecAggShares(shares=[learner_pb2.EncryptedShare(learner_id=peer, ciphertext=share) for peer, share in encrypted.items()])
+        return learner_pb2.SecAggShares(
+            shares=[learner_pb2.EncryptedShare(learner_id=peer, ciphertext=share) for peer, share in encrypted.items()]
+        )
 
     def collect(self, request: learner_pb2.SecAggCollection) -> learner_pb2.Ack:
         """Stage 3: the neighbours to mask against, and their shares for this learner."""
@@ -88,38 +93,42 @@ class SecAggParty:
             self._cond.notify_all()
             return result
 
-    def wait_collected(self, round_number: int, give_up: Callable[[], bool], timeout: float) -> secagg.LearnerRound | None:
-        """The round's state once stage 3 set whom to mask against; None when `give_up()` or `timeout` comes first."""
+    def wait_for(self, round_number: int, collected: bool, give_up: Callable[[], bool], timeout: float) -> secagg.LearnerRound | None:
+        """The round's state once stage 1 (or with `collected`, stage 3: whom to mask against) is over; None when
+        `give_up()` or `timeout` comes first, or a later round began."""
+
+        def reached(current: secagg.LearnerRound | None) -> bool:
+            return current is not None and current.round_number == round_number and (not collected or current.included is not None)
 
         def ready() -> bool:
             current = self._round
-            return give_up() or (current is not None and (current.round_number > round_number or current.included is not None))
+            return give_up() or reached(current) or (current is not None and current.round_number > round_number)
 
         with self._cond:
             self._cond.wait_for(ready, timeout=timeout)
-            current = self._round
-            if current is None or current.round_number != round_number or current.included is None:
-                return None
-            return current
+            return self._round if reached(self._round) else None
 
     def wake(self) -> None:
         """Wake a wait (the learner is stopping, or a later round began)."""
         with self._cond:
             self._cond.notify_all()
 
-    def masked_update(
+    def encode(
         self,
         current: secagg.LearnerRound,
         update: Mapping[str, torch.Tensor],
         round_state: Mapping[str, torch.Tensor],
         parameter_names: list[str],
         num_examples: int,
-    ) -> dict[str, torch.Tensor]:
-        """An update as secure aggregation sends it: clipped, weighted, quantized and masked, as one int32 tensor."""
+    ) -> np.ndarray:
+        """An update as secure aggregation weighs and bounds it (secagg.encode_update), before masking; a copy of `update`."""
         weight = min(num_examples, self.weight_cap) / self.weight_cap if self.weight_cap else 1.0
-        vector = secagg.encode_update(update, round_state, parameter_names, current.bound, weight)
-        return {secagg.MASKED_TENSOR: torch.from_numpy(current.mask(vector).view(np.int32))}
+        return secagg.encode_update(update, round_state, parameter_names, current.bound, weight)
 
+
+def masked_tensors(current: secagg.LearnerRound, vector: np.ndarray) -> dict[str, torch.Tensor]:
+    """An encoded update masked for the round, as the one int32 tensor GradientData carries."""
+    return {secagg.MASKED_TENSOR: torch.from_numpy(current.mask(vector).view(np.int32))}
 
 
 def refuse(context: grpc.ServicerContext, call: Callable[[], object]) -> object:
@@ -128,4 +137,3 @@ def refuse(context: grpc.ServicerContext, call: Callable[[], object]) -> object:
         return call()
     except rpc.RequestRefused as refusal:
         context.abort(refusal.code, str(refusal))
-

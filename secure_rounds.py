@@ -28,6 +28,7 @@ from roster import LearnerRecord, Roster
 
 logger = logging.getLogger(__name__)
 
+
 class UnmaskedSum:
     """A round's unmasked sum of weighted updates, read as the weighted mean update (what RunningMean.mean gives)."""
 
@@ -113,7 +114,9 @@ class SecureRound:
                 keys = self.protocol.neighbour_keys(learner_id)
                 return learner_pb2.SecAggNeighbourKeys(
                     round=self.round_number,
-                    neighbours=[learner_pb2.NeighbourKeys(learner_id=peer, mask_key=mask, share_key=share) for peer, (mask, share) in keys.items()],
+                    neighbours=[
+                        learner_pb2.NeighbourKeys(learner_id=peer, mask_key=mask, share_key=share) for peer, (mask, share) in keys.items()
+                    ],
                 )
 
             def take_shares(learner_id: int, reply: learner_pb2.SecAggShares) -> None:
@@ -153,7 +156,9 @@ class SecureRound:
 
         def call(learner_id: int) -> Any:
             record = self.records[learner_id]
-            return method(record.stub)(requests[learner_id], timeout=rpc.CONTROL_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token))
+            return method(record.stub)(
+                requests[learner_id], timeout=rpc.CONTROL_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token)
+            )
 
         pending = {self._calls.submit(call, learner_id): learner_id for learner_id in requests}
         answered = set()
