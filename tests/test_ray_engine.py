@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -172,3 +174,27 @@ def rejoined(history: list[dict]) -> bool:
     reported = [record["learners_reported"] for record in history]
     lost = [index for index, count in enumerate(reported) if count < 20]
     return bool(lost) and 20 in reported[lost[0] + 1 :]
+
+
+def test_secure_aggregation_on_ray_unmasks_rounds_whose_learners_drop_out_after_the_key_stages(tmp_path, cluster_address):
+    run_dir = tmp_path / "run"
+    dropout, learners, seed = 0.2, 20, 11
+    flags = ["--learners", str(learners), "--rounds", "3", "--secure-aggregation", "--simulate-dropout", str(dropout), "--eval-every", "0"]
+    result = subprocess.run(
+        federation(run_dir, *flags, "--engine", "ray", "--ray-address", cluster_address),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = metrics(run_dir)
+    assert [record["round"] for record in history] == [1, 2, 3]
+    # every learner is a member of round 1; those whose seeded draw falls below the rate drop out of it after
+    # sharing their keys, and the leader removes their masks from the others' updates
+    drops = sum(random.Random(f"dropout-{seed}-{index}-1").random() < dropout for index in range(learners))
+    assert 0 < drops < learners // 2
+    assert history[0]["learners_selected"] == learners
+    assert history[0]["learners_reported"] == learners - drops
+    assert "simulated dropout" in result.stderr
+    assert all(record["secagg_unmask_seconds"] > 0 and math.isfinite(record["train_loss"]) for record in history)
