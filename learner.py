@@ -39,7 +39,7 @@ REGISTER_ATTEMPT_S = 5.0
 # Pause between registrations refused for now (a full federation, a busy leader): drawn from 1-2x this, so that
 # learners refused together do not all come back in the same instant.
 REGISTER_RETRY_S = 2.0
-SERVER_THREADS = 8  # the leader needs at most four at once (start, push, health check, stop)
+SERVER_THREADS = 8  # the leader needs at most a few at once (start, push, health check, a secure-aggregation stage, stop)
 MAX_STRANGER_CALLS = 2  # calls without this learner's callback secret in flight at once (health checks, reflection)
 HEARTBEAT_INTERVAL_S = 5.0  # how often a waiting learner checks that the leader still counts it as a member
 # An update refused as busy (RESOURCE_EXHAUSTED) or answered too late (DEADLINE_EXCEEDED) is sent again, up to this
@@ -53,9 +53,6 @@ RECEIVE_BUFFERS_KEPT = 2  # one being read into the model, one for a model pushe
 # learners whose leader restarted do not all register in the same instant.
 REJOIN_BACKOFF_S = 1.0
 REJOIN_BACKOFF_MAX_S = 30.0
-# Secure aggregation: how long a trained update waits for the leader's third stage (whom to mask against), which
-# the leader runs while learners train; past it the round went on without this learner.
-SECAGG_COLLECT_WAIT_S = 120.0
 
 
 class LearnerError(Exception):
@@ -104,7 +101,7 @@ class Learner:
         self._stop_reason: str | None = None
         self._residual: dict[str, torch.Tensor] = {}  # topk's error feedback: what earlier rounds left unsent
         self._send_buffers: wire.BufferPool | None = None  # one update buffer, reused: a fresh one pays its page faults
-        self.secagg = SecAggParty()  # under secure aggregation: this learner's side of each round's stages
+        self.secagg = SecAggParty(self._cond)  # under secure aggregation: this learner's side of each round's stages
 
     # ---- calls from the leader (through LearnerServicer) ----------------------
 
@@ -123,7 +120,6 @@ class Learner:
                 replaced, self._pending = self._pending, (round_number, tensors, payload)
                 payload = replaced[2] if replaced is not None else None
             self._cond.notify_all()
-        self.secagg.wake()  # an update still waiting for its round's masking partners will not get them now
         self._give_back(payload)  # the one replaced or not kept: nothing will read it
 
     def receive_buffer(self, size: int) -> bytearray:
@@ -140,7 +136,6 @@ class Learner:
         with self._cond:
             self._stop_reason = reason or "told to stop"
             self._cond.notify_all()
-        self.secagg.wake()
 
     # ---- the learner's own work ------------------------------------------------
 
@@ -335,11 +330,11 @@ class Learner:
         return received.header.round, received.tensors, received.payload
 
     def _superseded(self, round_number: int) -> Callable[[], bool]:
-        """Whether the learner is stopping or a later round's model has come: a wait for round `round_number` is over."""
+        """Whether a later round has begun (its model or its secure aggregation came): a wait for round `round_number` is over."""
 
         def over() -> bool:
             pending = self._pending
-            return self._stop_reason is not None or (pending is not None and pending[0] > round_number)
+            return (pending is not None and pending[0] > round_number) or self.secagg.newest_round() > round_number
 
         return over
 
@@ -358,8 +353,12 @@ class Learner:
         """AccumulateGradients: stream the update (masked under secure aggregation); a stale round is logged, not fatal; a
         busy or late answer is retried."""
         if self.plan.secure_aggregation:
-            current = self.secagg.wait_for(round_number, True, self._superseded(round_number), SECAGG_COLLECT_WAIT_S)
-            self._raise_if_stopped()
+            # the leader runs stage 3 as the round starts; waiting heartbeats, so a session the leader ended ends the wait
+            superseded = self._superseded(round_number)
+            self._wait(
+                lambda: superseded() or self.secagg.reached(round_number, collected=True) is not None, "the round's masking partners"
+            )
+            current = self.secagg.reached(round_number, collected=True)
             if current is None:
                 logger.warning(
                     "round %d: not among the round's secure aggregation (the leader went on without it); update not sent", round_number
@@ -626,13 +625,14 @@ def serve_learner_service(
     host: str,
     port: int,
     tls: rpc.Tls | None = None,
+    threads: int = SERVER_THREADS,
 ) -> tuple[grpc.Server, int, Any]:
     """Start a LearnerService (a learner's, or a pool's) on host:port: its gate, call limits, and pushed models checked for size."""
     return rpc.create_server(
         lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(servicer, server),
         host,
         port,
-        max_workers=SERVER_THREADS,
+        max_workers=threads,
         gate=gate,
         tls=tls,
         limits=rpc.CallLimits(is_member=is_member, max_stranger_calls=MAX_STRANGER_CALLS),

@@ -56,9 +56,7 @@ FULL_RETRY_S = 2.0  # pause before asking a full federation again
 HEARTBEAT_INTERVAL_S = 5.0  # an idle pool checks this often that the leader still counts its learners as members
 OUTBOX_SIZE = 2  # trained updates waiting to be sent
 SENDER_EXIT_S = 4.0  # a send's retries pause 1 + 2 s (learner.send_update); then the sender is left to exit alone
-# Secure aggregation: a trained learner waits this long for its round's first stage (the bound and weight it encodes
-# its update with) and then for the third (whom to mask against); the leader runs them as the round starts.
-SECAGG_STAGE_WAIT_S = 120.0
+POOL_SERVER_THREADS = 16  # the leader makes up to 32 calls at once (round starts, secure aggregation's stages), all to pools
 
 
 @dataclass
@@ -94,6 +92,9 @@ class VirtualLearner:
     residual: dict[str, torch.Tensor] = field(default_factory=dict)  # topk's error feedback
     rounds_trained: int = 0
     secagg: SecAggParty = field(default_factory=SecAggParty)  # its side of each round's secure aggregation
+    # under secure aggregation, a trained update waiting for its round's third stage: (round, update, round's model,
+    # examples, loss); sent once the leader says whom to mask against, else replaced by the learner's next round
+    parked: tuple | None = None
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The metadata of this learner's calls to the leader."""
@@ -315,10 +316,10 @@ class LearnerPool:
             update, num_examples, loss = trainer.train(round_number)
             if not self.plan.keep_momentum and self.config.examples_per_learner:
                 learner.trainer = None  # nothing kept: synthetic data is made again faster than it is stored
-            if self.plan.secure_aggregation:
-                vector = self._encode_secure(learner, round_number, update, state, num_examples)
-                if vector is not None:
-                    self._outbox.put((learner, round_number, None, vector, num_examples, loss))
+            if self.plan.secure_aggregation:  # copied: the model's buffers change with the next learner
+                with self._lock:
+                    learner.parked = (round_number, {name: tensor.clone() for name, tensor in update.items()}, state, num_examples, loss)
+                self.offer_secure(learner)
                 return
             manifest, payload = wire.encode(compress_for_plan(update, self.plan, self.model, learner.residual))
             # sent while the next learner trains: the leader's answer takes a few ms that the worker need not wait
@@ -328,17 +329,15 @@ class LearnerPool:
         except LearnerError as error:  # a malformed model or split from the leader: this round's update is lost
             logger.error("learner %d, round %d: %s", learner.index, round_number, error)
 
-    def _encode_secure(
-        self, learner: VirtualLearner, round_number: int, update: dict[str, torch.Tensor], state: dict[str, torch.Tensor], num_examples: int
-    ) -> Any:
-        """Under secure aggregation: the update weighed and bounded as the round's first stage says (a copy: the model's
-        buffers change with the next learner), or None when the round went on without this learner."""
-        current = learner.secagg.wait_for(round_number, False, self._stopped.is_set, SECAGG_STAGE_WAIT_S)
-        if current is None:
-            logger.info("learner %d, round %d: not among the round's secure aggregation; update not sent", learner.index, round_number)
-            return None
-        parameters = [name for name, _ in self.model.named_parameters()]
-        return learner.secagg.encode(current, update, state, parameters, num_examples)
+    def offer_secure(self, learner: VirtualLearner) -> None:
+        """Hand a parked update to the sender once its round's third stage has come (from the worker or the stage call)."""
+        with self._lock:
+            parked = learner.parked
+            if parked is None or learner.secagg.reached(parked[0], collected=True) is None:
+                return
+            learner.parked = None
+        round_number, update, state, num_examples, loss = parked
+        self._outbox.put((learner, round_number, None, (update, state), num_examples, loss))
 
     def _call_failed(self, learner: VirtualLearner, round_number: int, error: grpc.RpcError) -> None:
         """A call for one learner failed: register it again if its session ended, else note the lost update."""
@@ -397,15 +396,17 @@ class LearnerPool:
     def _send(self, learner: VirtualLearner, round_number: int, manifest: Any, payload: Any, num_examples: int, loss: float) -> None:
         """AccumulateGradients for one learner; a stale round is dropped, a busy or late answer retried.
 
-        Under secure aggregation `manifest` is None and `payload` the encoded update, masked here once the round's third
-        stage has said whom to mask against.
+        Under secure aggregation `manifest` is None and `payload` holds the update and its round's model: it is encoded
+        and masked here, on the sender thread, while the worker trains the next learner.
         """
         if manifest is None:
-            current = learner.secagg.wait_for(round_number, True, self._stopped.is_set, SECAGG_STAGE_WAIT_S)
+            current = learner.secagg.reached(round_number, collected=True)
             if current is None:
-                logger.info("learner %d, round %d: not among the round's secure aggregation; update not sent", learner.index, round_number)
-                return
-            manifest, payload = wire.encode(masked_tensors(current, payload))
+                return  # a later round has begun: the leader closed this one without it
+            update, state = payload
+            parameters = [name for name, _ in self.model.named_parameters()]
+            vector = learner.secagg.encode(current, update, state, parameters, num_examples)
+            manifest, payload = wire.encode(masked_tensors(current, vector))
         header = {"learner_id": learner.learner_id, "round": round_number, "num_examples": num_examples, "train_loss": loss}
         try:
             send_update(self.stub, manifest, payload, header, learner.metadata(), lambda error, pause: self._stopped.wait(pause))
@@ -475,7 +476,9 @@ class PoolServicer(learner_pb2_grpc.LearnerServiceServicer):
         learner = self._learner(context)
         if self.pool.config.dropout and self.pool.drops_out(learner, request.round):  # after sharing its keys: the costly case
             self._drop_out(learner, context)
-        return refuse(context, lambda: learner.secagg.collect(request))
+        reply = refuse(context, lambda: learner.secagg.collect(request))
+        self.pool.offer_secure(learner)  # its update may be trained already
+        return reply
 
     def Unmask(self, request: learner_pb2.SecAggUnmaskRequest, context: grpc.ServicerContext) -> learner_pb2.SecAggRevealedShares:
         learner = self._learner(context)
@@ -489,7 +492,7 @@ def create_server(pool: LearnerPool, host: str, port: int, tls: rpc.Tls | None =
         return pool.learner_for(token) is not None
 
     gate = callback_gate(owns, "token does not belong to a learner of this pool")
-    return serve_learner_service(PoolServicer(pool), gate, owns, pool._first_message_limit, host, port, tls)
+    return serve_learner_service(PoolServicer(pool), gate, owns, pool._first_message_limit, host, port, tls, threads=POOL_SERVER_THREADS)
 
 
 def run_pool(config: PoolConfig, indices: list[int], enrolment_token: str | None = None, threads: int | None = None) -> LearnerPool:

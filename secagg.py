@@ -163,19 +163,29 @@ def pair_mask_key(private: X25519PrivateKey, peer_public: X25519PublicKey, round
     return _derive(private.exchange(peer_public), "secagg-pair-mask", round_number, min(a, b), max(a, b))
 
 
-def expand_mask(key: bytes, length: int) -> np.ndarray:
-    """`length` pseudo-random uint32 values from a 32-byte key (AES-256 in counter mode over zeros)."""
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(COUNTER_BLOCK)).encryptor()
-    return np.frombuffer(encryptor.update(bytes(4 * length)) + encryptor.finalize(), dtype=np.uint32)
+class MaskGenerator:
+    """Expands mask keys into masks of `length` uint32 values (AES-256 in counter mode over zeros), reusing its buffers:
+    a fresh megabyte costs more in page faults than the cipher takes to fill it."""
 
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self._zeros = bytes(4 * length)
+        self._out = bytearray(4 * length + 16)  # update_into wants a block of slack
 
-def add_pair_mask(total: np.ndarray, key: bytes, own_id: int, peer_id: int, sign: int = 1) -> None:
-    """Add (sign=1) or remove (sign=-1) in place the pairwise mask learner `own_id` applied for `peer_id`: the lower id adds it, the higher subtracts it."""
-    mask = expand_mask(key, total.size)
-    if (own_id < peer_id) == (sign > 0):
-        np.add(total, mask, out=total)
-    else:
-        np.subtract(total, mask, out=total)
+    def expand(self, key: bytes) -> np.ndarray:
+        """The mask of a 32-byte key; a view valid until the next call."""
+        encryptor = Cipher(algorithms.AES(key), modes.CTR(COUNTER_BLOCK)).encryptor()
+        encryptor.update_into(self._zeros, self._out)
+        return np.frombuffer(self._out, dtype=np.uint32, count=self.length)
+
+    def add(self, total: np.ndarray, key: bytes, sign: int = 1) -> None:
+        """Add (sign 1) or subtract (sign -1) the mask of `key` to `total` in place, modulo 2**32."""
+        (np.add if sign > 0 else np.subtract)(total, self.expand(key), out=total)
+
+    def add_pair(self, total: np.ndarray, key: bytes, own_id: int, peer_id: int, sign: int = 1) -> None:
+        """Add (sign 1) or remove (sign -1) the pairwise mask learner `own_id` applied for `peer_id`: the lower id adds it,
+        the higher subtracts it, so that the pair's two masks cancel in the sum."""
+        self.add(total, key, sign if own_id < peer_id else -sign)
 
 
 def _share_aad(round_number: int, sender: int, receiver: int) -> bytes:
@@ -360,10 +370,11 @@ class LearnerRound:
         if not np.isfinite(vector).all() or float(np.abs(vector).max(initial=0.0)) > limit:
             raise SecAggError(f"an update entry lies outside [-{limit:g}, {limit:g}] or is not finite")
         masked = quantize(vector, fixed_point_scale(limit, self.cohort))
-        np.add(masked, expand_mask(self.self_seed, masked.size), out=masked)
+        masks = MaskGenerator(masked.size)
+        masks.add(masked, self.self_seed)
         for peer in self.included:
             key = pair_mask_key(self.mask_private, self.neighbours[peer].mask_key, self.round_number, self.learner_id, peer)
-            add_pair_mask(masked, key, self.learner_id, peer)
+            masks.add_pair(masked, key, self.learner_id, peer)
         return masked
 
     def reveal(self, survivors: Sequence[int], dropped: Sequence[int]) -> list[tuple[int, bool, bytes]]:
@@ -474,9 +485,10 @@ class LeaderRound:
         fewer than `threshold` shares of a secret came back."""
         if len(senders) < self.threshold:
             raise SecAggError(f"{len(senders)} learners sent masked updates; the threshold is {self.threshold}")
+        masks = MaskGenerator(total.size)
         for owner in sorted(senders):
             seed = combine_shares(self._enough(self.revealed.get(owner, {}), owner, "self-mask seed"))
-            np.subtract(total, expand_mask(seed, total.size), out=total)
+            masks.add(total, seed, sign=-1)
         dropped = set(self.shares) - senders  # every sender masked against each neighbour whose shares it was given
         for owner in sorted(dropped):
             private = X25519PrivateKey.from_private_bytes(
@@ -485,7 +497,7 @@ class LeaderRound:
             for peer in self.shares[owner]:
                 if peer in senders:
                     peer_key = load_public(self.keys[peer][0], f"learner {peer}'s mask key")
-                    add_pair_mask(total, pair_mask_key(private, peer_key, self.round_number, owner, peer), peer, owner, sign=-1)
+                    masks.add_pair(total, pair_mask_key(private, peer_key, self.round_number, owner, peer), peer, owner, sign=-1)
         return total
 
     def _enough(self, shares: dict[int, int], owner: int, what: str) -> dict[int, int]:

@@ -24,8 +24,8 @@ class SecAggParty:
     Each answer raises rpc.RequestRefused with the status to send when a call does not fit.
     """
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
+    def __init__(self, cond: threading.Condition | None = None) -> None:
+        self._cond = cond or threading.Condition()  # the learner's own, so that its waits wake when a stage comes
         self._round: secagg.LearnerRound | None = None
         self.weight_cap = 0.0
 
@@ -93,25 +93,18 @@ class SecAggParty:
             self._cond.notify_all()
             return result
 
-    def wait_for(self, round_number: int, collected: bool, give_up: Callable[[], bool], timeout: float) -> secagg.LearnerRound | None:
-        """The round's state once stage 1 (or with `collected`, stage 3: whom to mask against) is over; None when
-        `give_up()` or `timeout` comes first, or a later round began."""
-
-        def reached(current: secagg.LearnerRound | None) -> bool:
-            return current is not None and current.round_number == round_number and (not collected or current.included is not None)
-
-        def ready() -> bool:
+    def reached(self, round_number: int, collected: bool) -> secagg.LearnerRound | None:
+        """The round's state once stage 1 (or with `collected`, stage 3: whom to mask against) is over for it, else None."""
+        with self._cond:
             current = self._round
-            return give_up() or reached(current) or (current is not None and current.round_number > round_number)
+            if current is None or current.round_number != round_number or (collected and current.included is None):
+                return None
+            return current
 
+    def newest_round(self) -> int:
+        """The newest round set up here (0: none)."""
         with self._cond:
-            self._cond.wait_for(ready, timeout=timeout)
-            return self._round if reached(self._round) else None
-
-    def wake(self) -> None:
-        """Wake a wait (the learner is stopping, or a later round began)."""
-        with self._cond:
-            self._cond.notify_all()
+            return 0 if self._round is None else self._round.round_number
 
     def encode(
         self,
