@@ -25,6 +25,7 @@ import grpc
 import torch
 
 import rpc
+import secagg
 import wire
 from learner import (
     LeaderLost,
@@ -127,6 +128,7 @@ class LearnerPool:
         self._registering = ThreadPoolExecutor(max_workers=REGISTER_CONCURRENCY, thread_name_prefix="pool-register")
         # updates waiting for the sender thread; bounded, so that a slow leader holds up training rather than memory
         self._outbox: queue.Queue[tuple | None] = queue.Queue(maxsize=OUTBOX_SIZE)
+        self._masks: secagg.MaskGenerator | None = None  # the sender's, kept: fresh megabytes cost page faults every update
         self._sender = threading.Thread(target=self._send_updates, name="pool-send", daemon=True)
         self._sender.start()
         self.server, self.port, _ = create_server(self, config.host, 0, tls)
@@ -406,7 +408,9 @@ class LearnerPool:
             update, state = payload
             parameters = [name for name, _ in self.model.named_parameters()]
             vector = learner.secagg.encode(current, update, state, parameters, num_examples)
-            manifest, payload = wire.encode(masked_tensors(current, vector))
+            if self._masks is None or self._masks.length != vector.size:
+                self._masks = secagg.MaskGenerator(vector.size)
+            manifest, payload = wire.encode(masked_tensors(current, vector, self._masks))
         header = {"learner_id": learner.learner_id, "round": round_number, "num_examples": num_examples, "train_loss": loss}
         try:
             send_update(self.stub, manifest, payload, header, learner.metadata(), lambda error, pause: self._stopped.wait(pause))

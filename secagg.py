@@ -196,8 +196,10 @@ def _share_aad(round_number: int, sender: int, receiver: int) -> bytes:
 
 
 def quantize(values: np.ndarray, scale: float) -> np.ndarray:
-    """float64 values as fixed-point integers modulo 2**32 (rounded to the nearest step of 1/scale)."""
-    return np.rint(values * scale).astype(np.int64).astype(np.uint32)
+    """float64 values as fixed-point integers modulo 2**32 (rounded to the nearest step of 1/scale); scales `values` in place."""
+    np.multiply(values, scale, out=values)
+    np.rint(values, out=values)
+    return values.astype(np.int64).astype(np.uint32)
 
 
 def dequantize(total: np.ndarray, scale: float) -> np.ndarray:
@@ -231,19 +233,31 @@ def encode_update(
         raise SecAggError(f"an update's weight factor must be in (0, 1], got {weight}")
     parameters = set(parameter_names)
     names = vector_names(round_state)
-    norm = math.sqrt(sum(float(update[name].to(torch.float64).square().sum()) for name in names if name in parameters))
+    vector = np.empty(sum(round_state[name].numel() for name in names) + 1)
+    squares = 0.0
+    offset = 0
+    for name in names:  # written into one float64 vector: no intermediate copies
+        part = vector[offset : offset + round_state[name].numel()]
+        part[:] = update[name].detach().reshape(-1).numpy()
+        if name in parameters:
+            squares += float(np.dot(part, part))
+        else:
+            np.subtract(part, round_state[name].reshape(-1).numpy(), out=part)
+            np.clip(part, -bound, bound, out=part)
+        offset += part.size
+    norm = math.sqrt(squares)
     if not math.isfinite(norm):
         raise SecAggError(f"the update's parameter norm is {norm}")
-    shrink = bound / norm if norm > bound else 1.0
-    parts = []
-    for name in names:
-        tensor = update[name].detach().to(torch.float64).reshape(-1)
-        if name in parameters:
-            parts.append(tensor * (shrink * weight))
-        else:
-            parts.append((tensor - round_state[name].to(torch.float64).reshape(-1)).clamp(-bound, bound) * weight)
-    parts.append(torch.tensor([weight], dtype=torch.float64))
-    return torch.cat(parts).numpy()
+    if norm > bound:
+        offset = 0
+        for name in names:
+            size = round_state[name].numel()
+            if name in parameters:
+                vector[offset : offset + size] *= bound / norm
+            offset += size
+    vector[:-1] *= weight
+    vector[-1] = weight
+    return vector
 
 
 def decode_mean(total: np.ndarray, round_state: Mapping[str, torch.Tensor], parameter_names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -297,6 +311,13 @@ class LearnerRound:
     included: list[int] | None = None  # neighbours whose shares the leader holds (the Collect stage), masked against
     held: dict[int, tuple[int, int]] = field(default_factory=dict)  # neighbour -> its (self-seed share, mask-key share) for us
     revealed: bool = False
+    share_secrets: dict[int, bytes] = field(default_factory=dict)  # neighbour -> the X25519 agreement of the share keys
+
+    def _agreed(self, peer: int, share_key: X25519PublicKey) -> bytes:
+        """The share keys' agreement with a neighbour, computed once for both directions."""
+        if peer not in self.share_secrets:
+            self.share_secrets[peer] = self.share_private.exchange(share_key)
+        return self.share_secrets[peer]
 
     def __post_init__(self) -> None:
         if not 1 <= self.threshold <= self.cohort or self.cohort < 2:
@@ -326,7 +347,7 @@ class LearnerRound:
         for peer, keys in neighbours.items():
             point = share_point(peer)
             plaintext = seed_shares[point].to_bytes(SHARE_VALUE_BYTES, "big") + key_shares[point].to_bytes(SHARE_VALUE_BYTES, "big")
-            key = _derive(self.share_private.exchange(keys.share_key), "secagg-share", self.round_number, self.learner_id, peer)
+            key = _derive(self._agreed(peer, keys.share_key), "secagg-share", self.round_number, self.learner_id, peer)
             encrypted[peer] = ChaCha20Poly1305(key).encrypt(ZERO_NONCE, plaintext, _share_aad(self.round_number, self.learner_id, peer))
         self.neighbours = neighbours
         return encrypted
@@ -362,15 +383,17 @@ class LearnerRound:
         self.included = sorted(included)
         self.held = held
 
-    def mask(self, vector: np.ndarray) -> np.ndarray:
-        """A float64 weighted update (entries within the bound) as the uint32 vector the leader may see: quantized and masked."""
+    def mask(self, vector: np.ndarray, masks: MaskGenerator | None = None) -> np.ndarray:
+        """A float64 weighted update (entries within the bound) as the uint32 vector the leader may see: quantized and
+        masked. Consumes `vector`; `masks` (of its length) may be one kept from an earlier round."""
         if self.included is None:
             raise SecAggError(f"round {self.round_number}: the cohort is not fixed yet")
         limit = entry_bound(self.bound)
-        if not np.isfinite(vector).all() or float(np.abs(vector).max(initial=0.0)) > limit:
+        if not (float(vector.min(initial=0.0)) >= -limit and float(vector.max(initial=0.0)) <= limit):  # NaN fails both
             raise SecAggError(f"an update entry lies outside [-{limit:g}, {limit:g}] or is not finite")
         masked = quantize(vector, fixed_point_scale(limit, self.cohort))
-        masks = MaskGenerator(masked.size)
+        if masks is None or masks.length != masked.size:
+            masks = MaskGenerator(masked.size)
         masks.add(masked, self.self_seed)
         for peer in self.included:
             key = pair_mask_key(self.mask_private, self.neighbours[peer].mask_key, self.round_number, self.learner_id, peer)

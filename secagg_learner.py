@@ -119,9 +119,9 @@ class SecAggParty:
         return secagg.encode_update(update, round_state, parameter_names, current.bound, weight)
 
 
-def masked_tensors(current: secagg.LearnerRound, vector: np.ndarray) -> dict[str, torch.Tensor]:
-    """An encoded update masked for the round, as the one int32 tensor GradientData carries."""
-    return {secagg.MASKED_TENSOR: torch.from_numpy(current.mask(vector).view(np.int32))}
+def masked_tensors(current: secagg.LearnerRound, vector: np.ndarray, masks: secagg.MaskGenerator | None = None) -> dict[str, torch.Tensor]:
+    """An encoded update masked for the round, as the one int32 tensor GradientData carries (`masks`: a kept generator)."""
+    return {secagg.MASKED_TENSOR: torch.from_numpy(current.mask(vector, masks).view(np.int32))}
 
 
 def refuse(context: grpc.ServicerContext, call: Callable[[], object]) -> object:

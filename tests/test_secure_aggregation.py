@@ -47,7 +47,7 @@ def unmask(leader, learners, updates, senders, answering):
     """Stages 3-4: the senders' masked sum, the shares of those `answering`, and the unmasked sum as floats."""
     total = np.zeros(LENGTH, dtype=np.uint32)
     for member in senders:
-        np.add(total, learners[member].mask(updates[member]), out=total)
+        np.add(total, learners[member].mask(updates[member].copy()), out=total)
     for member in answering:
         survivors, dropped = leader.unmask_request(member, set(senders))
         leader.add_revealed(member, learners[member].reveal(survivors, dropped), survivors, dropped)
