@@ -331,6 +331,10 @@ class LearnerPool:
         except LearnerError as error:  # a malformed model or split from the leader: this round's update is lost
             logger.error("learner %d, round %d: %s", learner.index, round_number, error)
 
+    def offer_secure_later(self, learner: VirtualLearner) -> None:
+        """offer_secure on another thread: a stage call must not wait for room in the outbox."""
+        self._registering.submit(self.offer_secure, learner)
+
     def offer_secure(self, learner: VirtualLearner) -> None:
         """Hand a parked update to the sender once its round's third stage has come (from the worker or the stage call)."""
         with self._lock:
@@ -481,7 +485,7 @@ class PoolServicer(learner_pb2_grpc.LearnerServiceServicer):
         if self.pool.config.dropout and self.pool.drops_out(learner, request.round):  # after sharing its keys: the costly case
             self._drop_out(learner, context)
         reply = refuse(context, lambda: learner.secagg.collect(request))
-        self.pool.offer_secure(learner)  # its update may be trained already
+        self.pool.offer_secure_later(learner)  # its update may be trained already
         return reply
 
     def Unmask(self, request: learner_pb2.SecAggUnmaskRequest, context: grpc.ServicerContext) -> learner_pb2.SecAggRevealedShares:

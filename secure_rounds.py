@@ -129,16 +129,15 @@ class SecureRound:
 
             def collection(learner_id: int) -> learner_pb2.SecAggCollection:
                 _, shares = self.protocol.collection_for(learner_id)
+                with self._lock:  # before the call: its update may arrive before the leader has read the answer
+                    self.protocol.included.add(learner_id)
                 return learner_pb2.SecAggCollection(
                     round=self.round_number,
                     shares=[learner_pb2.EncryptedShare(learner_id=peer, ciphertext=share) for peer, share in shares.items()],
                 )
 
-            def included(learner_id: int, reply: Any) -> None:
-                with self._lock:
-                    self.protocol.included.add(learner_id)
-
-            self._stage("CollectMasked", sorted(self.protocol.shares), collection, lambda stub: stub.CollectMasked, included)
+            # one that fails the call is marked absent, and the round refuses its update as it refuses any absent learner's
+            self._stage("CollectMasked", sorted(self.protocol.shares), collection, lambda stub: stub.CollectMasked, lambda *_: None)
         finally:
             self.setup_seconds = time.monotonic() - started
             self.ready.set()

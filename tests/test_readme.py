@@ -52,6 +52,8 @@ def test_every_readme_command_is_one_this_file_runs():
         "pip install -r requirements.txt && python local_federation.py --model resnet20 --aggregation fedavg --batch-size 64 --lr 0.05 --rounds 5",
         "pip install -r requirements.txt && python -m pytest",  # .ci/run runs exactly this
         "python local_federation.py --dataset synthetic --model tiny-cnn --aggregation fedavg --local-steps 20 --rounds 5",
+        "python local_federation.py --dataset synthetic --model tiny-cnn --aggregation fedavg --local-steps 20 --rounds 5 --learners 4 "
+        "--secure-aggregation",
         "python leader.py --learners 2 --model resnet20 --aggregation fedavg --rounds 20",
         "python learner.py --leader LEADER_HOST:10134",
         "python local_federation.py --resume runs/RUN --rounds 40",
@@ -68,10 +70,23 @@ def test_every_readme_command_is_one_this_file_runs():
 
 
 def test_the_offline_quickstart_learns(tmp_path):
-    (command,) = [line for line in commands() if "--dataset synthetic --model tiny-cnn" in line]
+    (command,) = [
+        line
+        for line in commands()
+        if line.endswith("--dataset synthetic --model tiny-cnn --aggregation fedavg --local-steps 20 --rounds 5")
+    ]
     result = run([*python_command(command), "--run-dir", str(tmp_path / "run")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert metrics(tmp_path / "run")[-1]["test_accuracy"] > 0.9
+
+
+def test_the_secure_aggregation_example_learns_while_the_leader_sees_only_sums(tmp_path):
+    (command,) = [line for line in commands() if line.endswith("--secure-aggregation")]
+    result = run([*python_command(command), "--run-dir", str(tmp_path / "run")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = metrics(tmp_path / "run")
+    assert history[-1]["test_accuracy"] > 0.9
+    assert all(entry["learners_reported"] == 4 and entry["update_norm_mean"] is None for entry in history)  # no update was read
 
 
 def test_the_main_job_runs_on_a_small_data_set(tmp_path):
