@@ -210,6 +210,8 @@ class LearnerPool:
         with self._lock:
             if learner.learner_id != reply.learner_id:
                 learner.trainer = None  # another slot: another split, and its own seeds
+            learner.secagg = SecAggParty()  # a new session: a restarted leader may count rounds from an earlier one
+            learner.parked = None
             learner.learner_id = reply.learner_id
             learner.session_token = reply.session_token
             learner.split_examples = reply.split_examples

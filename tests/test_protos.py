@@ -58,4 +58,12 @@ def test_blog_field_numbers_are_kept():
         assert numbers(message) == {"success": 1, "message": 2}
     service = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"]
     assert [m.name for m in service.methods][:4] == ["RegisterLearner", "GetModel", "GetData", "AccumulateGradients"]
-    assert [m.name for m in learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].methods] == ["StartTraining", "SyncModelState"]
+    # the blog's two first; secure aggregation's four stages after them
+    assert [m.name for m in learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].methods] == [
+        "StartTraining",
+        "SyncModelState",
+        "AdvertiseKeys",
+        "ShareKeys",
+        "CollectMasked",
+        "Unmask",
+    ]
