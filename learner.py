@@ -222,6 +222,7 @@ class Learner:
             self.data.labels.to(self.device),
             self.memory_format,
             progress=self.config.progress and not self.config.quiet,
+            slowdown=self.config.slowdown,
         )
 
     def _data_specs(self) -> list[wire.TensorSpec]:

@@ -140,6 +140,7 @@ class LearnerConfig:
     quiet: bool = False
     channels_last: str = "auto"
     compile: bool = False
+    slowdown: float = 1.0  # 1: full speed
 
 
 class Parser(argparse.ArgumentParser):
@@ -203,6 +204,14 @@ def fraction(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def at_least_one(text: str) -> float:
+    """A float of 1 or more."""
+    value = float(text)
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
     return value
 
 
@@ -699,6 +708,14 @@ def build_learner_parser() -> Parser:
         action="store_true",
         help="compile the training step with torch.compile (on CUDA also as a CUDA graph), for GPUs where launching "
         "kernels bounds the step; the first round pays the compile time",
+    )
+    add(
+        "--slowdown",
+        type=at_least_one,
+        default=defaults.slowdown,
+        metavar="FACTOR",
+        help="a straggler on purpose, for tests and benchmarks: pause after each training step so that it takes FACTOR "
+        "times as long (1: full speed)",
     )
 
     group = parser.add_argument_group("faults and timeouts")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -111,6 +112,9 @@ class LocalTrainer:
         labels: torch.Tensor,
         memory_format: torch.memory_format,
         progress: bool,
+        slowdown: float = 1.0,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.plan = plan
         self.learner_id = learner_id
@@ -122,6 +126,11 @@ class LocalTrainer:
         self.labels = labels
         self.memory_format = memory_format
         self.progress = progress
+        # a straggler on purpose (learner.py --slowdown): each step is followed by a pause of (slowdown - 1) times its
+        # own duration, so that it takes `slowdown` times as long; `clock` and `sleep` are the time it is measured in
+        self.slowdown = slowdown
+        self._clock = clock
+        self._sleep = sleep
         self._optimizer: LocalSGD | None = None  # kept across rounds with the plan's keep_momentum
 
     def train(self, round_number: int) -> tuple[dict[str, torch.Tensor], int, float]:
@@ -143,6 +152,7 @@ class LocalTrainer:
             batches, desc=f"round {round_number}", unit="batch", leave=False, disable=None if self.progress else True
         )  # None: only on a terminal
         for step, indices in enumerate(progress):
+            started = self._clock() if self.slowdown > 1 else 0.0
             indices = indices.to(device)
             inputs = training_inputs(self.images, indices, augment_generator if plan.augment else None, self.memory_format)
             optimizer.zero_grad(set_to_none=True)
@@ -154,6 +164,10 @@ class LocalTrainer:
                 optimizer.step()
             total_loss += loss.detach().double() * len(indices)
             examples += len(indices)
+            if self.slowdown > 1:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # the step's kernels are done: its time is real, not its launch's
+                self._sleep((self.slowdown - 1) * (self._clock() - started))
             if not progress.disable and step % PROGRESS_EVERY == 0:
                 progress.set_postfix(loss=f"{total_loss.item() / examples:.3f}", refresh=False)
         progress.close()

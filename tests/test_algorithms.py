@@ -239,3 +239,35 @@ def test_the_learners_sgd_steps_exactly_as_torch_optim_sgd():
             optimizer.step()
     for name, tensor in reference.state_dict().items():
         assert torch.equal(tensor, ours.state_dict()[name]), name  # bit for bit, momentum and weight decay included
+
+
+def test_a_slowed_learner_pauses_after_each_step_for_its_factor_less_one_times_the_step():
+    from leader import training_plan
+    from model import build_model
+    from training import LocalTrainer
+
+    config = leader_config(Path("unused"), aggregation="fedavg", local_steps=3, batch_size=4)
+    model = build_model("tiny-cnn")
+    plan = training_plan(config, 10, [])
+    data = utils.load_dataset("synthetic", None, train=True, seed=0)
+    ticks = iter([10.0, 10.5, 20.0, 20.25, 30.0, 31.0])  # each step's start and end: 0.5 s, 0.25 s, 1 s
+    pauses: list[float] = []
+    trainer = LocalTrainer(
+        plan,
+        0,
+        model,
+        model,
+        data.images[:40],
+        data.labels[:40],
+        torch.contiguous_format,
+        False,
+        slowdown=4.0,
+        clock=lambda: next(ticks),
+        sleep=pauses.append,
+    )
+    trainer.train(1)
+    assert pauses == [1.5, 0.75, 3.0]  # 3 times each step: every step takes 4 times as long
+
+    unslowed: list[float] = []
+    LocalTrainer(plan, 0, model, model, data.images[:40], data.labels[:40], torch.contiguous_format, False, sleep=unslowed.append).train(2)
+    assert unslowed == []

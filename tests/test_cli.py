@@ -123,6 +123,8 @@ def test_sigterm_on_the_leader_stops_learners_cleanly(tmp_path):
 def test_learner_errors_are_one_line():
     result = run("learner.py", "--leader", "no-port-here")
     assert result.returncode == 2 and "is not a host:port address" in result.stderr
+    result = run("learner.py", "--slowdown", "0.5")
+    assert result.returncode == 2 and "--slowdown: must be 1 or more, got 0.5" in result.stderr
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
