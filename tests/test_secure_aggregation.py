@@ -4,6 +4,7 @@ rounds with real leaders and learners that end where plain averaging does while 
 from __future__ import annotations
 
 import copy
+import math
 
 import grpc
 import numpy as np
@@ -409,6 +410,28 @@ def test_too_few_shares_at_unmasking_abort_the_round_and_keep_the_model(tmp_path
     assert after_round_one["round"] == 1 and len(running.leader.history) == 1
     for name, tensor in published.items():  # the model learners were sent for round 2 is the one the leader still holds
         assert torch.equal(model[name], tensor), name
+
+
+def test_a_learner_that_vanishes_after_sending_still_counts_once_its_neighbours_reveal_its_seed(tmp_path, monkeypatch):
+    unmask_call = SecAggParty.unmask
+    vanished: list[int] = []
+
+    def one_gone_in_round_two(self, request):
+        if request.round == 2 and self._round.learner_id == 4:  # sent its round-2 update, then never answers
+            vanished.append(4)
+            raise rpc.RequestRefused(grpc.StatusCode.UNAVAILABLE, "gone")
+        return unmask_call(self, request)
+
+    monkeypatch.setattr(SecAggParty, "unmask", one_gone_in_round_two)
+    config = leader_config(tmp_path, learners=5, rounds=2, aggregation="fedavg", local_steps=1, secure_aggregation=True, max_norm_ratio=0.0)
+    with running_leader(config) as running:
+        learners = start_learners(running.address, 5)
+        history = running.leader.run()
+    join_all(learners)
+    assert vanished == [4]
+    # its update is in round 2's sum: its self mask was rebuilt from its 4 neighbours' shares (3 are needed)
+    assert [entry["learners_reported"] for entry in history] == [5, 5]
+    assert all(math.isfinite(entry["train_loss"]) for entry in history)
 
 
 # ---- the command line -----------------------------------------------------------------------------------------------
