@@ -240,18 +240,9 @@ class Intake:
                 )
             with self._cond:
                 current = self.round
-                if header.round != current.round_number or not current.accepting:
-                    raise rpc.RequestRefused(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"stale update for round {header.round}; round {current.round_number} is closed",
-                    )
-                previous = current.digests.get(learner_id)
-                if previous == digest:
-                    return f"duplicate of the accepted update for round {header.round}; counted once"
-                if previous is not None:
-                    raise rpc.RequestRefused(
-                        grpc.StatusCode.ALREADY_EXISTS, f"learner {learner_id} already sent a different update for round {header.round}"
-                    )
+                duplicate = self._first_of_round(current, learner_id, header, digest)
+                if duplicate is not None:
+                    return duplicate
                 weight = 1.0 if unweighted else min(float(header.num_examples), current.max_weight)
                 clip = min(self.config.clip_norm or math.inf, current.norm_bound)
                 clip = clip if norm > clip else math.inf  # an update within its bounds is summed as it came
@@ -273,6 +264,24 @@ class Intake:
                     release()
         return f"update for round {header.round} accepted"
 
+    @staticmethod
+    def _first_of_round(
+        current: RoundState, learner_id: int, header: leader_pb2.GradientData, digest: tuple[float, ...] | bytes
+    ) -> str | None:
+        """Under the lock: refuse an update for a closed round or a second, different one; the answer to an identical retry, or None."""
+        if header.round != current.round_number or not current.accepting:
+            raise rpc.RequestRefused(
+                grpc.StatusCode.FAILED_PRECONDITION, f"stale update for round {header.round}; round {current.round_number} is closed"
+            )
+        previous = current.digests.get(learner_id)
+        if previous == digest:
+            return f"duplicate of the accepted update for round {header.round}; counted once"
+        if previous is not None:
+            raise rpc.RequestRefused(
+                grpc.StatusCode.ALREADY_EXISTS, f"learner {learner_id} already sent a different update for round {header.round}"
+            )
+        return None
+
     def _accept_masked(
         self, learner_id: int, header: leader_pb2.GradientData, tensor: torch.Tensor, release: Callable[[], None] | None
     ) -> str:
@@ -283,22 +292,13 @@ class Intake:
             digest = SecureRound.digest(masked)
             with self._cond:
                 current = self.round
-                if header.round != current.round_number or not current.accepting:
-                    raise rpc.RequestRefused(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"stale update for round {header.round}; round {current.round_number} is closed",
-                    )
+                duplicate = self._first_of_round(current, learner_id, header, digest)
+                if duplicate is not None:
+                    return duplicate
                 if current.secure is None or not current.secure.may_send(learner_id):
                     raise rpc.RequestRefused(
                         grpc.StatusCode.FAILED_PRECONDITION,
                         f"learner {learner_id} was not told whom to mask against in round {header.round}: its update cannot be unmasked",
-                    )
-                previous = current.digests.get(learner_id)
-                if previous == digest:
-                    return f"duplicate of the accepted update for round {header.round}; counted once"
-                if previous is not None:
-                    raise rpc.RequestRefused(
-                        grpc.StatusCode.ALREADY_EXISTS, f"learner {learner_id} already sent a different update for round {header.round}"
                     )
                 current.secure.add(learner_id, masked)
                 current.digests[learner_id] = digest
