@@ -99,7 +99,7 @@ class Intake:
         self._cond = cond
         # what an update looks like on the wire (under --compression, or masked), checked before any of its bytes are read
         if config.secure_aggregation:
-            masked_length = sum(spec_numel(spec) for spec in specs if wire.DTYPES[spec.dtype].is_floating_point) + 1
+            masked_length = sum(spec.numel for spec in specs if wire.DTYPES[spec.dtype].is_floating_point) + 1
             self.update_specs = [wire.TensorSpec(MASKED_TENSOR, "int32", (masked_length,))]
         else:
             self.update_specs = compression.wire_specs(specs, config.compression, config.topk_ratio, sparse_names=parameter_names)
@@ -345,11 +345,6 @@ class Intake:
     def close(self) -> None:
         """Stop the summing thread."""
         self._summing.shutdown(wait=False, cancel_futures=True)
-
-
-def spec_numel(spec: wire.TensorSpec) -> int:
-    """Entries of a tensor of this spec."""
-    return math.prod(spec.shape)
 
 
 def tensor_norm(tensor: torch.Tensor) -> float:

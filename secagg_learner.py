@@ -20,7 +20,8 @@ from protos import learner_pb2
 class SecAggParty:
     """One learner's secure-aggregation state: the newest round it was set up for, and its answers to the stage calls.
 
-    Stage calls come from the leader's threads while the learner trains; `masked_update` waits for stage 3.
+    Stage calls come from the leader's threads while the learner trains; `reached` tells whether a round has got as
+    far as a masked update needs.
     Each answer raises rpc.RequestRefused with the status to send when a call does not fit.
     """
 

@@ -85,10 +85,6 @@ class SecureRound:
         """Run stages 1-3 on their own thread."""
         self._thread.start()
 
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Wait for stages 1-3 to end."""
-        return self.ready.wait(timeout)
-
     def _prepare(self) -> None:
         started = time.monotonic()
         try:

@@ -62,9 +62,14 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     @property
+    def numel(self) -> int:
+        """Entries of the tensor."""
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
         """Size of the tensor's raw bytes."""
-        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+        return self.numel * DTYPES[self.dtype].itemsize
 
 
 def payload_bytes(specs: Sequence[TensorSpec]) -> int:
