@@ -28,6 +28,18 @@ def shards(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(normalize(data.images[part]), data.labels[part]) for part in split_iid(len(data), 2, seed)]
 
 
+def train_locally(initial: dict[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
+    """What one fedavg learner trains: the tiny CNN from `initial`, `steps` full-batch SGD steps with the tests' settings."""
+    local = build_model("tiny-cnn")
+    local.load_state_dict(initial)
+    optimizer = torch.optim.SGD(local.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(local(inputs), labels).backward()
+        optimizer.step()
+    return local.state_dict()
+
+
 def run_federation(tmp_path, learner_flags=None, **overrides):
     config = leader_config(tmp_path, seed=SEED, batch_size=SHARD, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **overrides)
     with running_leader(config) as running:
@@ -66,16 +78,7 @@ def test_fedavg_round_equals_average_of_independently_trained_models(tmp_path, l
     steps = 3  # the reference trains in the default memory format, uncompiled: neither may change the result
     config, initial, final, history = run_federation(tmp_path, learner_flags, aggregation="fedavg", local_steps=steps, rounds=1)
 
-    trained = []
-    for inputs, labels in shards(SEED):
-        local = build_model("tiny-cnn")
-        local.load_state_dict(initial)
-        optimizer = torch.optim.SGD(local.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        for _ in range(steps):
-            optimizer.zero_grad()
-            F.cross_entropy(local(inputs), labels).backward()
-            optimizer.step()
-        trained.append(local.state_dict())
+    trained = [train_locally(initial, inputs, labels, steps) for inputs, labels in shards(SEED)]
 
     for name in initial:
         expected = (trained[0][name] + trained[1][name]) / 2

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from test_round import LR, MOMENTUM, SEED, WEIGHT_DECAY, train_locally
 
 import aggregation
 import rpc
@@ -19,7 +19,6 @@ import secure_rounds
 import wire
 from conftest import join_all, leader_config, running_leader, start_learners
 from learner import Learner, LearnerConfig, create_server
-from model import build_model
 from options import parse_leader_config
 from protos import learner_pb2, learner_pb2_grpc
 from secagg_learner import SecAggParty
@@ -293,8 +292,6 @@ def test_a_share_replayed_from_an_earlier_round_is_refused_over_the_wire(learner
 
 # ---- whole rounds -------------------------------------------------------------------------------------------------
 
-SEED = 3
-LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 0.001
 SHARD = 1000  # batch size: each learner's batch is its whole shard
 
 
@@ -334,18 +331,9 @@ def test_a_secure_fedavg_round_equals_the_weighted_average_and_the_leader_sees_o
     assert join_all(learners) == [0] * count
 
     data = load_dataset("synthetic", None, train=True, seed=SEED)
-    trained, sizes = [], []
-    for part in split_iid(len(data), count, SEED):
-        inputs, labels = normalize(data.images[part]), data.labels[part]
-        local = build_model("tiny-cnn")
-        local.load_state_dict(initial)
-        optimizer = torch.optim.SGD(local.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        for _ in range(steps):
-            optimizer.zero_grad()
-            F.cross_entropy(local(inputs), labels).backward()
-            optimizer.step()
-        trained.append(local.state_dict())
-        sizes.append(len(part))
+    parts = split_iid(len(data), count, SEED)
+    trained = [train_locally(initial, normalize(data.images[part]), data.labels[part], steps) for part in parts]
+    sizes = [len(part) for part in parts]
     assert history[0]["learners_reported"] == count
     for name in initial:
         expected = sum(size * model[name] for size, model in zip(sizes, trained, strict=True)) / sum(sizes)
