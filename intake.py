@@ -16,6 +16,7 @@ import torch
 
 import aggregation
 import compression
+import fedbuff
 import rpc
 import wire
 from options import LeaderConfig
@@ -49,7 +50,8 @@ class RoundState:
     running: aggregation.RunningMean | aggregation.UpdateList = field(default_factory=aggregation.RunningMean)
     secure: SecureRound | None = None  # under --secure-aggregation: the round's stages and its sum of masked updates
     sums: list[Future] = field(default_factory=list)  # accepted updates' additions to `running`, done or pending
-    digests: dict[int, tuple[float, ...] | bytes] = field(default_factory=dict)  # learner id -> its accepted update's digest
+    # learner id (fedbuff: (learner id, job number)) -> its accepted update's digest
+    digests: dict[int | tuple[int, int], tuple[float, ...] | bytes] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     update_norms: list[float] = field(default_factory=list)
     rejected: dict[int, int] = field(default_factory=dict)  # learner id -> refused updates this round
@@ -57,6 +59,12 @@ class RoundState:
     lost: dict[int, str] = field(default_factory=dict)  # member id -> why it was marked absent during the round
     bytes_in: int = 0
     bytes_out: int = 0
+    # fedbuff: each accepted update's staleness (aggregations its model lags behind this one), updates refused as too
+    # stale, and the updates' summed weights before and after their staleness discount
+    staleness: list[int] = field(default_factory=list)
+    stale: int = 0
+    example_weight: float = 0.0
+    discounted_weight: float = 0.0
 
     @property
     def members(self) -> frozenset[int]:
@@ -67,6 +75,12 @@ class RoundState:
     def reported(self) -> int:
         """Updates accepted so far (answered, though perhaps not yet summed)."""
         return len(self.digests)
+
+    @property
+    def staleness_discount(self) -> float:
+        """fedbuff: the buffer's step as a share of the same updates' step had none been stale (FedBuff divides the
+        discounted sum by the updates' own weights); 1 in synchronous rounds."""
+        return self.discounted_weight / self.example_weight if self.example_weight else 1.0
 
     def summed(self) -> aggregation.RunningMean | aggregation.UpdateList:
         """The running sum (or kept updates) once every accepted update is in it; raises what adding one raised."""
@@ -110,6 +124,9 @@ class Intake:
         self.keeps_updates = (config.rule != "mean" or config.deterministic) and not config.secure_aggregation
         self.buffers = wire.BufferPool(self.update_bytes, keep=UPDATE_BUFFERS_KEPT)
         self.round = RoundState(0, accepting=False)
+        # fedbuff: who trains on which version; the buffers filled and waiting for the leader to apply them, by round
+        self.jobs = fedbuff.Jobs(config.training_slots(), config.staleness_limit()) if config.aggregation == "fedbuff" else None
+        self.filled: dict[int, RoundState] = {}
         self._running = aggregation.RunningMean()  # one float64 sum for every round, reset rather than reallocated
         self._summing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-sum")
         self._sum_slots = threading.BoundedSemaphore(MAX_PENDING_SUMS)
@@ -126,18 +143,33 @@ class Intake:
         """Start taking round `round_number`'s updates from `members` (under the lock: the last round's sums are over first)."""
         with self._cond:
             futures.wait(self.round.sums)  # the sum is reset below: the last round's additions must be over
-            running = aggregation.UpdateList() if self.keeps_updates else self._running.reset()
             self.round = RoundState(
                 round_number,
                 member_records={record.learner_id: record for record in members},
                 quorum=quorum,
-                running=running,
+                running=self._fresh_sum(),
                 norm_bound=norm_bound,
                 max_weight=max_weight,
                 secure=secure,
             )
             self._cond.notify_all()
             return self.round
+
+    def _fresh_sum(self) -> aggregation.RunningMean | aggregation.UpdateList:
+        """An empty sum for a new round (under the lock): the one float64 sum reused, or in fedbuff a new one (the filled
+        buffer before it may not be applied yet)."""
+        if self.keeps_updates:
+            return aggregation.UpdateList()
+        return aggregation.RunningMean() if self.jobs is not None else self._running.reset()
+
+    def _buffer_filled(self, full: RoundState) -> None:
+        """fedbuff (under the lock): a buffer has its updates; keep it for the leader and open the next at once."""
+        full.accepting = False
+        self.filled[full.round_number] = full
+        self.round = RoundState(
+            full.round_number + 1, quorum=full.quorum, running=self._fresh_sum(), norm_bound=full.norm_bound, max_weight=full.max_weight
+        )
+        self._cond.notify_all()
 
     def max_examples(self, registered: int) -> int:
         """Most examples one update can stand for, so that no learner outweighs the rest by claiming more."""
@@ -161,12 +193,15 @@ class Intake:
             raise rpc.RequestRefused(
                 grpc.StatusCode.FAILED_PRECONDITION, f"learner {learner_id} was marked absent; register again to take part"
             )
-        if header.round == current.round_number and current.member_records.get(learner_id) is not record:
+        if self.jobs is not None:
+            with self._cond:
+                self._check_job(self.round, learner_id, header.round)
+        elif header.round == current.round_number and current.member_records.get(learner_id) is not record:
             raise rpc.RequestRefused(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"learner {learner_id} joined during round {current.round_number} and takes part from round {record.joins_round}",
             )
-        if header.round != current.round_number or not current.accepting:
+        elif header.round != current.round_number or not current.accepting:
             raise rpc.RequestRefused(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"stale update for round {header.round}; the leader is "
@@ -181,6 +216,17 @@ class Intake:
             raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, f"num_examples must be in 1..{limit}, got {header.num_examples}")
         if not math.isfinite(header.train_loss):
             raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, "train_loss is not finite")
+
+    def _check_job(self, current: RoundState, learner_id: int, number: int, digest: object = None) -> tuple[str | None, int]:
+        """fedbuff (under the lock): refuse an update that is not for the learner's job or is too stale (counted); with its
+        digest, take it: (None, its staleness), or (the answer to an identical retry, 0)."""
+        try:
+            if digest is None:
+                return None, self.jobs.check(learner_id, number, current.round_number) or 0
+            return self.jobs.finish(learner_id, number, digest, current.round_number)
+        except fedbuff.StaleUpdate:
+            current.stale += 1
+            raise
 
     def unpack(self, received: wire.Received) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """A received update as the model's dense tensors (decompressed under --compression), with the norms known so far."""
@@ -240,21 +286,35 @@ class Intake:
                 )
             with self._cond:
                 current = self.round
-                duplicate = self._first_of_round(current, learner_id, header, digest)
+                if self.jobs is None:
+                    duplicate, staleness, key = self._first_of_round(current, learner_id, header, digest), 0, learner_id
+                else:
+                    duplicate, staleness = self._check_job(current, learner_id, header.round, digest)
+                    key = (learner_id, header.round)
                 if duplicate is not None:
                     return duplicate
-                weight = 1.0 if unweighted else min(float(header.num_examples), current.max_weight)
+                base_weight = 1.0 if unweighted else min(float(header.num_examples), current.max_weight)
+                weight = base_weight * fedbuff.staleness_weight(staleness)
                 clip = min(self.config.clip_norm or math.inf, current.norm_bound)
                 clip = clip if norm > clip else math.inf  # an update within its bounds is summed as it came
                 if norm > current.norm_bound:
                     current.clipped += 1
                 # queued under the lock, while the round accepts: closing it (accepting = False) fixes the list of sums
-                current.sums.append(self._summing.submit(self._add_to_sum, current.running, tensors, weight, learner_id, release, clip))
+                # kept updates (median, Krum) go by sender, or in fedbuff by arrival: a learner may send two to one buffer
+                order = learner_id if self.jobs is None else len(current.digests)
+                current.sums.append(self._summing.submit(self._add_to_sum, current.running, tensors, weight, order, release, clip))
                 queued = True  # from here the summing thread frees the slot and the buffer
-                current.digests[learner_id] = digest
+                current.digests[key] = digest
                 current.losses.append(header.train_loss)
                 current.update_norms.append(norm)
                 current.bytes_in += self.update_bytes
+                if self.jobs is not None:
+                    current.member_records.setdefault(learner_id, self.roster.record(learner_id))
+                    current.staleness.append(staleness)
+                    current.example_weight += base_weight
+                    current.discounted_weight += weight
+                    if current.reported >= current.quorum:
+                        self._buffer_filled(current)
                 self._cond.notify_all()
         finally:
             if not queued:
@@ -262,7 +322,7 @@ class Intake:
                     self._sum_slots.release()
                 if release is not None:
                     release()
-        return f"update for round {header.round} accepted"
+        return f"update for {'job' if self.jobs is not None else 'round'} {header.round} accepted"
 
     @staticmethod
     def _first_of_round(

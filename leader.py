@@ -26,6 +26,7 @@ import torch
 from grpc_health.v1 import health_pb2
 
 import checkpoint
+import fedbuff
 import rpc
 import secagg
 import wire
@@ -77,6 +78,12 @@ class Published:
         if buffers is not None:
             buffers.give(payload)  # the frames hold copies
         return published
+
+    def for_job(self, frames: list[bytes], message_type: type, number: int) -> list[bytes]:
+        """fedbuff: the model's frames (`model_chunks` or `model_states`) numbered for a learner's job instead of the round."""
+        first = message_type.FromString(frames[0])  # one chunk parsed and written again; the rest are shared
+        first.round = number
+        return [first.SerializeToString(), *frames[1:]]
 
     def state(self, specs: list[wire.TensorSpec]) -> dict[str, torch.Tensor]:
         """The published model's tensors, decoded from its frames (to go back to it after a refused round)."""
@@ -187,6 +194,15 @@ class Leader:
         """The current global model, encoded."""
         return self._published
 
+    def model_chunks_for(self, learner_id: int) -> tuple[list[bytes], int]:
+        """GetModel's replies for a learner and the model's size: in fedbuff numbered for its job, which trains on this version."""
+        with self._cond:
+            published = self._published
+            if self.intake.jobs is None:
+                return published.model_chunks, published.nbytes
+            job = self.intake.jobs.bind(learner_id, published.round_number)
+        return published.for_job(published.model_chunks, leader_pb2.ModelChunk, job.number), published.nbytes
+
     # ---- the round loop -----------------------------------------------------------------------------------------
 
     def run(self, recorder: Recorder | None = None) -> list[dict[str, Any]]:
@@ -198,9 +214,13 @@ class Leader:
         try:
             self.wait_for_learners()
             start = time.monotonic()
-            self.begin_round(self.open_round(self.start_round))
+            if self.intake.jobs is not None:
+                self.open_buffer(self.start_round)
+            else:
+                self.begin_round(self.open_round(self.start_round))
             for round_number in range(self.start_round, config.rounds + 1):
-                metrics = self.close_round(self.collect(round_number, start), start)
+                finished = self.collect_buffer(round_number, start) if self.intake.jobs is not None else self.collect(round_number, start)
+                metrics = self.close_round(finished, start)
                 self.history.append(metrics)
                 if self._checkpoint_due(round_number):
                     self.save(metrics)
@@ -277,6 +297,92 @@ class Leader:
                     self._calls,
                 )
             return self.intake.open(round_number, records, quorum, self.strategy.norm_bound(), max_weight, secure)
+
+    def open_buffer(self, round_number: int) -> None:
+        """fedbuff: start taking updates into the buffer that makes round `round_number`, and give the learners their jobs."""
+        with self._cond:
+            claims = [self.intake.max_examples(record.num_examples) for record in self.roster.alive()]
+            self.intake.open(round_number, [], self.config.buffered_updates(), self.strategy.norm_bound(), self.strategy.max_weight(claims))
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """fedbuff: give training jobs to learners waiting their turn while --concurrency allows, on the current model.
+
+        Held while a filled buffer waits to be applied: the learners it frees train on the model it makes.
+        """
+        jobs = self.intake.jobs
+        if jobs is None:
+            return
+        with self._cond:
+            published = self._published
+            if not self.started or self.intake.round.round_number != published.round_number or self.stop_event.is_set():
+                return
+            given = jobs.assign(self.roster.alive())
+            starts = []
+            for record, job in given:
+                fetches = not record.started  # a newcomer is started and fetches its model (GetModel), which binds the job
+                record.started = True
+                if not fetches:
+                    job.version = published.round_number
+                starts.append((record, job, fetches))
+
+        def begin(record: LearnerRecord, job: fedbuff.Job, fetches: bool) -> Any:
+            metadata = rpc.token_metadata(record.callback_token)
+            if fetches:
+                return record.stub.StartTraining(learner_pb2.Empty(), timeout=rpc.CONTROL_TIMEOUT_S, metadata=metadata)
+            states = published.for_job(published.model_states, learner_pb2.ModelState, job.number)
+            reply = record.stub.SyncModelState(iter(states), timeout=rpc.transfer_timeout(published.nbytes), metadata=metadata)
+            self.intake.count_bytes_out(published.nbytes)
+            return reply
+
+        for record, job, fetches in starts:
+            self._calls.submit(
+                call_learner, lambda record, job=job, fetches=fetches: begin(record, job, fetches), record
+            ).add_done_callback(
+                lambda outcome, record=record: self.roster.mark_absent_on_error(record, "a training job's start", outcome.result())
+            )
+
+    def collect_buffer(self, round_number: int, run_start: float) -> RoundState:
+        """fedbuff: wait until round `round_number`'s buffer has its updates, checking on the learners that train meanwhile.
+
+        The run ends (RunError) when no learner has been able to train for --join-timeout.
+        """
+        config = self.config
+        jobs = self.intake.jobs
+        accuracies = [entry["test_accuracy"] for entry in self.history if entry["test_accuracy"] is not None]
+        last = f", last accuracy {100 * accuracies[-1]:.2f}%" if accuracies else ""
+        probe_every = min(HEALTH_PROBE_INTERVAL_S, config.learner_lost_after / 3)
+        next_probe = time.monotonic() + probe_every
+        silent_since: dict[int, float] = {}
+        refusals: dict[int, int] = {}
+        idle_since: float | None = None
+        with self._cond:
+            while round_number not in self.intake.filled:
+                if time.monotonic() >= next_probe:
+                    due = [record for record in jobs.training() if record.alive]
+                    self._cond.release()
+                    try:
+                        self.roster.probe(due, silent_since, refusals, probe_every, round_number)
+                    finally:
+                        self._cond.acquire()
+                    next_probe = time.monotonic() + probe_every
+                self._check_stop()
+                self.dispatch()
+                training = len(jobs.training())
+                current = self.intake.round
+                self.status.show(
+                    f"round {round_number}/{config.rounds}: {current.reported}/{current.quorum} updates buffered, "
+                    f"{training} learners training, {time.monotonic() - run_start:.0f}s elapsed{last}"
+                )
+                now = time.monotonic()
+                idle_since = None if training else (idle_since or now)
+                if idle_since is not None and now - idle_since >= config.join_timeout:
+                    raise RunError(
+                        f"round {round_number}: no learner trained for {config.join_timeout:.0f}s (--join-timeout); "
+                        f"start more with: python learner.py --leader HOST:{config.port}"
+                    )
+                self._cond.wait(min(WAIT_SLICE_S, max(0.0, next_probe - now)))
+            return self.intake.filled.pop(round_number)
 
     def begin_round(self, current: RoundState) -> None:
         """Start the newcomers (they fetch the model with GetModel) and push the new global model to the rest."""
@@ -365,7 +471,10 @@ class Leader:
     def _note_lost(self, learner_id: int, why: str) -> None:
         """A member was marked absent (under the lock): the open round remembers why, for its quorum error."""
         current = self.intake.round
-        if learner_id in current.member_records and learner_id not in current.digests:
+        if self.intake.jobs is not None:
+            self.intake.jobs.drop(learner_id)  # its slot is free for the next in line (dispatched by the waiting loop)
+            self._cond.notify_all()
+        elif learner_id in current.member_records and learner_id not in current.digests:
             current.lost.setdefault(learner_id, why)
 
     def close_round(self, finished: RoundState, start: float) -> dict[str, Any]:
@@ -381,7 +490,12 @@ class Leader:
         problem = self.strategy.step(round_number, mean, finished, lambda: self._published.state(self.specs))
         round_seconds = time.monotonic() - finished.opened_at
         self._published = Published.of(round_number + 1, self.model, self._publish_buffers)
-        if round_number < config.rounds:
+        if self.intake.jobs is not None:
+            with self._cond:  # the buffer filling now is bounded by this round's norms, as the next round would be
+                self.intake.round.norm_bound = self.strategy.norm_bound()
+            if round_number < config.rounds:
+                self.dispatch()  # the learners the filled buffer freed train on the model it made
+        elif round_number < config.rounds:
             # learners start the next round now; this one is evaluated and saved while they train
             # (the model is not touched again before the next collect, which this thread runs after)
             self.begin_round(self.open_round(round_number + 1))
@@ -395,12 +509,13 @@ class Leader:
         accountant = self.strategy.accountant
         secure = finished.secure
         norms = finished.update_norms  # none under secure aggregation: the leader never sees an update
+        buffered = self.intake.jobs is not None  # fedbuff: the round's members are the learners whose updates filled its buffer
         return {
             "round": round_number,
             "wall_time": time.time(),
             "learners_selected": len(finished.members),
-            "learners_reported": finished.reported,
-            "learners_dropped": len(finished.members) - finished.reported,
+            "learners_reported": len(finished.members) if buffered else finished.reported,
+            "learners_dropped": 0 if buffered else len(finished.members) - finished.reported,
             "train_loss": sum(finished.losses) / len(finished.losses),
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
@@ -413,6 +528,17 @@ class Leader:
             "model_rejected": problem is not None,
             "aggregate_norm": aggregate_norm if aggregate_norm < float("inf") else None,
             **({"dp_epsilon": accountant.epsilon()} if accountant is not None else {}),
+            **(
+                {
+                    "updates_buffered": finished.reported,
+                    "staleness_mean": sum(finished.staleness) / len(finished.staleness),
+                    "staleness_max": max(finished.staleness),
+                    "updates_stale": finished.stale,
+                    "learners_training_max": self.intake.jobs.most_training,
+                }
+                if buffered
+                else {}
+            ),
             **(
                 {"secagg_setup_seconds": secure.setup_seconds, "secagg_unmask_seconds": secure.unmask_seconds} if secure is not None else {}
             ),
@@ -531,10 +657,13 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         )
 
     def GetModel(self, request: leader_pb2.Empty, context: grpc.ServicerContext) -> Iterator[leader_pb2.ModelChunk]:
-        self._caller(context)
-        published = self.leader.published()
-        yield from published.model_chunks
-        self.leader.intake.count_bytes_out(published.nbytes)
+        learner_id = self._caller(context)
+        try:
+            chunks, nbytes = self.leader.model_chunks_for(learner_id)
+        except rpc.RequestRefused as error:
+            context.abort(error.code, str(error))
+        yield from chunks
+        self.leader.intake.count_bytes_out(nbytes)
 
     def GetData(self, request: leader_pb2.LearnerDataRequest, context: grpc.ServicerContext) -> Iterator[leader_pb2.DataChunk]:
         learner_id = self._caller(context)
@@ -579,6 +708,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         finally:
             if received is not None and not intake.keeps_updates:
                 intake.buffers.give(received.payload)  # refused before accept: nothing views it now
+            self.leader.dispatch()  # fedbuff: the job is over, taken or refused; the learner's next turn may come
         return leader_pb2.Ack(success=True, message=message)
 
     def _refuse(self, context: grpc.ServicerContext, learner_id: int, code: grpc.StatusCode, reason: str) -> None:

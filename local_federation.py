@@ -132,6 +132,8 @@ def launch(argv: list[str], ray_thread: RayThread | None) -> int:
     if args.engine == "ray":
         if learner_dirs or args.learner_compile:
             parser.error("--learner-data-dir and --learner-compile work with --engine processes only")
+        if args.aggregation == "fedbuff":
+            parser.error("--engine ray runs pools that train one round's model at a time; fedbuff needs --engine processes")
         if args.data_mode == "local" and args.dataset != "synthetic":
             parser.error("--engine ray with --data-mode local makes synthetic data: add --dataset synthetic, or use --data-mode split")
     elif any(flag_given(argv, flag) for flag in ("--learner-cpus", "--learner-gpus", "--ray-address", "--actors", "--simulate-dropout")):

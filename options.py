@@ -28,7 +28,12 @@ from utils import DATASETS, PARTITIONS
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10134  # the blog's port
-AGGREGATIONS = ("fedsgd", "fedavg")
+AGGREGATIONS = ("fedsgd", "fedavg", "fedbuff")
+LOCAL_TRAINING = ("fedavg", "fedbuff")  # learners train locally and report their model's change
+# fedbuff's default buffer: half of the learners training at once, and no more than FedBuff's paper found enough at scale
+FEDBUFF_DEFAULT_MAX_BUFFER = 10
+# fedbuff's default --max-staleness: this many times the staleness of updates from learners that all train at one pace
+STALENESS_LIMIT_FACTOR = 4
 DATA_MODES = ("split", "local")
 # --round-timeout 0: once the quorum has reported, the rest get this factor of the time it took, and at least
 # the floor; before that, health checks find the members that are gone.
@@ -91,6 +96,9 @@ class LeaderConfig:
     round_timeout: float = 0.0  # 0: fitted to the round (STRAGGLER_GRACE_FACTOR)
     eval_every: int = 1
     secure_aggregation: bool = False  # SecAgg+: the leader learns only each round's sum
+    buffer_size: int = 0  # fedbuff: updates per aggregation; 0: half of --concurrency, at most FEDBUFF_DEFAULT_MAX_BUFFER
+    max_staleness: int = 0  # fedbuff: 0: STALENESS_LIMIT_FACTOR times the staleness of learners that train at one pace
+    concurrency: int = 0  # fedbuff: learners training at once; 0: every learner
     secagg_neighbours: int = 0  # 0: secagg.default_neighbours (O(log n))
     secagg_threshold: int = 0  # 0: a majority of the neighbours
     recompute_bn: int = 0  # training images the leader recomputes BatchNorm statistics from after averaging; 0: none
@@ -113,6 +121,18 @@ class LeaderConfig:
         if self.min_learners:
             return max(1, min(self.min_learners, members))
         return max(1, math.ceil(members / 2))
+
+    def training_slots(self) -> int:
+        """fedbuff: learners that may train at once (--concurrency, or every learner)."""
+        return self.concurrency or self.learners
+
+    def buffered_updates(self) -> int:
+        """fedbuff: updates each aggregation takes (--buffer-size, or half the training slots up to FEDBUFF_DEFAULT_MAX_BUFFER)."""
+        return self.buffer_size or min(FEDBUFF_DEFAULT_MAX_BUFFER, math.ceil(self.training_slots() / 2))
+
+    def staleness_limit(self) -> int:
+        """fedbuff: the most aggregations an update may lag behind (--max-staleness, or a multiple of the usual lag)."""
+        return self.max_staleness or STALENESS_LIMIT_FACTOR * math.ceil(self.training_slots() / self.buffered_updates())
 
     def sampled(self, available: int) -> int:
         """Learners asked to take part in a round when `available` could: --fraction of them, at least --min-learners."""
@@ -313,7 +333,9 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
         choices=AGGREGATIONS,
         default=defaults.aggregation,
         help="fedsgd: one batch per learner, the leader averages gradients and takes an SGD step; "
-        "fedavg: learners train locally, the leader averages their model deltas",
+        "fedavg: learners train locally, the leader averages their model deltas; "
+        "fedbuff: fedavg without rounds to wait for: learners train continuously and every --buffer-size updates, "
+        "each discounted by how many versions old its model is, make the next model (stragglers stop setting the pace)",
     )
     add("--batch-size", type=positive_int, default=defaults.batch_size, help="examples per local batch")
     add("--lr", type=float, default=defaults.lr, help="SGD learning rate (the leader's in fedsgd, the learners' in fedavg)")
@@ -326,8 +348,30 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
     add("--warmup-rounds", type=non_negative_int, default=defaults.warmup_rounds, help="rounds over which --lr ramps up linearly")
     add("--momentum", type=float, default=defaults.momentum, help="SGD momentum (same side as --lr)")
     add("--weight-decay", type=float, default=defaults.weight_decay, help="SGD weight decay (same side as --lr)")
-    add("--local-steps", type=int, default=defaults.local_steps, help="fedavg: local batches per round (0: use --local-epochs)")
-    add("--local-epochs", type=positive_int, default=defaults.local_epochs, help="fedavg: local epochs per round")
+    add("--local-steps", type=int, default=defaults.local_steps, help="fedavg, fedbuff: local batches per round (0: use --local-epochs)")
+    add("--local-epochs", type=positive_int, default=defaults.local_epochs, help="fedavg, fedbuff: local epochs per round")
+    add(
+        "--buffer-size",
+        type=non_negative_int,
+        default=defaults.buffer_size,
+        metavar="K",
+        help=f"fedbuff: updates that make one aggregation, which counts as a round (0: half of --concurrency, at most "
+        f"{FEDBUFF_DEFAULT_MAX_BUFFER})",
+    )
+    add(
+        "--max-staleness",
+        type=non_negative_int,
+        default=defaults.max_staleness,
+        help="fedbuff: refuse an update trained on a model more than this many aggregations old (0: "
+        f"{STALENESS_LIMIT_FACTOR} times concurrency / buffer size, rounded up)",
+    )
+    add(
+        "--concurrency",
+        type=non_negative_int,
+        default=defaults.concurrency,
+        help="fedbuff: learners training at once; the rest wait their turn, so that fast learners cannot flood the buffer "
+        "(0: every learner)",
+    )
     add(
         "--prox-mu",
         type=non_negative_float,
@@ -567,6 +611,11 @@ def parse_leader_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bo
         parser.error(str(error))
     if config.min_learners > config.learners:
         parser.error(f"--min-learners {config.min_learners} exceeds --learners {config.learners}")
+    if config.concurrency > config.learners:
+        parser.error(f"--concurrency {config.concurrency} exceeds --learners {config.learners}")
+    if config.aggregation == "fedbuff" and not config.checkpoint_every and config.checkpoint_seconds == LeaderConfig.checkpoint_seconds:
+        # aggregations come every few seconds and nothing replays them: a crash then loses at most the buffer
+        config = dataclasses.replace(config, checkpoint_every=1)
     if config.secure_aggregation and config.max_norm_ratio == LeaderConfig.max_norm_ratio:
         # the default bound reads each update's norm, which secure aggregation hides: learners clip their own instead
         config = dataclasses.replace(config, max_norm_ratio=0.0)
@@ -578,7 +627,7 @@ def parse_leader_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bo
 def config_problems(config: LeaderConfig) -> list[str]:
     """Combinations of settings that cannot work, each as a message naming the flags."""
     problems = []
-    per_round = config.sampled(config.learners)
+    per_round = config.buffered_updates() if config.aggregation == "fedbuff" else config.sampled(config.learners)
     if config.rule in ("krum", "multi-krum") and per_round <= 2 * config.byzantine + 2:
         problems.append(
             f"--rule {config.rule} needs more than 2*f + 2 learners per round: "
@@ -594,14 +643,38 @@ def config_problems(config: LeaderConfig) -> list[str]:
         problems.append(f"--server-opt {config.server_opt} takes its momentum from --server-beta1; leave --server-momentum at 0")
     if config.server_opt != "sgd" and config.server_lr <= 0:
         problems.append(f"--server-opt {config.server_opt} needs --server-lr > 0")
-    if config.keep_momentum and config.aggregation != "fedavg":
-        problems.append("--keep-momentum applies to fedavg's local SGD; in fedsgd the leader's optimizer keeps the momentum")
+    if config.keep_momentum and config.aggregation not in LOCAL_TRAINING:
+        problems.append("--keep-momentum applies to local SGD (fedavg, fedbuff); in fedsgd the leader's optimizer keeps the momentum")
     if config.partition != "iid" and config.data_mode == "local":
         problems.append("--partition applies to the leader's split; with --data-mode local each learner brings its own data")
     if config.recompute_bn and config.data_mode == "local":
         problems.append("--recompute-bn needs training images on the leader; with --data-mode local it has none (use 0)")
+    if config.aggregation == "fedbuff":
+        problems += fedbuff_problems(config)
+    elif config.buffer_size or config.max_staleness or config.concurrency:
+        problems.append("--buffer-size, --max-staleness and --concurrency apply to --aggregation fedbuff only")
     if config.secure_aggregation:
         problems += secure_aggregation_problems(config, per_round)
+    return problems
+
+
+def fedbuff_problems(config: LeaderConfig) -> list[str]:
+    """What --aggregation fedbuff cannot work with: anything that needs a cohort of learners trained in step."""
+    problems = []
+    if config.secure_aggregation:
+        problems.append(
+            "--secure-aggregation masks a cohort's updates that only cancel in their sum, and fedbuff has no cohort: "
+            "use --aggregation fedavg for secure aggregation"
+        )
+    if config.fraction < 1 or config.min_learners:
+        problems.append("--fraction and --min-learners choose a round's cohort; fedbuff has none: use --concurrency")
+    if config.deterministic:
+        problems.append("--deterministic replays rounds; in fedbuff the order updates arrive in is the algorithm: drop it")
+    if config.lr_schedule != "constant" or config.warmup_rounds:
+        problems.append(
+            "--lr-schedule and --warmup-rounds follow rounds that every learner trains in; fedbuff's learners train "
+            "at their own pace: use a constant --lr (and --server-opt to adapt the leader's step)"
+        )
     return problems
 
 

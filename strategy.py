@@ -45,7 +45,8 @@ class Strategy:
         self.checkpoint_dir = checkpoint_dir
         self.optimizer = self._server_optimizer()
         # the share of learners in each round, --min-learners included (Poisson sampling at this rate is the accountant's model)
-        sampling_rate = config.sampled(config.learners) / config.learners
+        # (fedbuff has no sampling: every aggregation may hold any learner's update, so none is assumed)
+        sampling_rate = 1.0 if config.aggregation == "fedbuff" else config.sampled(config.learners) / config.learners
         self.accountant = (
             privacy.PrivacyAccountant(config.dp_noise_multiplier, sampling_rate, config.dp_delta) if config.dp_noise_multiplier else None
         )
@@ -114,6 +115,10 @@ class Strategy:
         else:
             settings = aggregation.RuleSettings(trim=config.trim, byzantine=config.byzantine)
             result = running.aggregate(lambda updates, weights: aggregation.RULES[config.rule](updates, weights, settings))
+        discount = finished.staleness_discount
+        if discount != 1.0:  # fedbuff: stale updates count for less, and the step shrinks with them (sensitivity included)
+            for name in self.parameter_names:
+                result[name] = result[name] * discount
         if self.accountant is not None:
             std = privacy.gaussian_noise_std(config.clip_norm, config.dp_noise_multiplier, running.count)
             for name in self.parameter_names:  # fresh OS randomness: noise anyone could regenerate from --seed protects nothing

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 import aggregation
 import schedule
+from options import LOCAL_TRAINING
 from protos import leader_pb2
 from utils import derive_seed, training_inputs
 
@@ -158,7 +159,7 @@ class LocalTrainer:
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(self.forward(inputs), self.labels[indices])
             loss.backward()
-            if plan.aggregation == "fedavg":
+            if plan.aggregation in LOCAL_TRAINING:
                 if plan.prox_mu:
                     add_proximal_gradient(model, global_state, plan.prox_mu)
                 optimizer.step()
