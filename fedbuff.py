@@ -61,6 +61,11 @@ class Jobs:
         """The learners holding a job."""
         return [state.record for state in self._learners.values() if state.current is not None]
 
+    def job_of(self, learner_id: int) -> Job | None:
+        """The job a learner holds, if any."""
+        state = self._learners.get(learner_id)
+        return state.current if state is not None else None
+
     def assign(self, alive: list[LearnerRecord]) -> list[tuple[LearnerRecord, Job]]:
         """Give jobs to learners waiting their turn while slots are free; a learner not seen before joins the line's end."""
         for record in alive:

@@ -78,8 +78,8 @@ class RoundState:
 
     @property
     def staleness_discount(self) -> float:
-        """fedbuff: the buffer's step as a share of the same updates' step had none been stale (FedBuff divides the
-        discounted sum by the updates' own weights); 1 in synchronous rounds."""
+        """fedbuff: the updates' summed weights after their staleness discount over those before it (1 in synchronous rounds):
+        what turns the buffer's weighted mean into FedBuff's discounted sum over the updates' own weights."""
         return self.discounted_weight / self.example_weight if self.example_weight else 1.0
 
     def summed(self) -> aggregation.RunningMean | aggregation.UpdateList:

@@ -232,11 +232,17 @@ class Leader:
                     if metrics["test_accuracy"] is None
                     else f"test loss {metrics['test_loss']:.4f}, test accuracy {100 * metrics['test_accuracy']:.2f}%"
                 )
+                reporters = (
+                    f"{metrics['updates_buffered']} updates from {metrics['learners_reported']} learners "
+                    f"(staleness up to {metrics['staleness_max']})"
+                    if "updates_buffered" in metrics
+                    else f"{metrics['learners_reported']} learners"
+                )
                 logger.info(
-                    "round %d/%d: %d learners, train loss %.4f, %s, %.1fs",
+                    "round %d/%d: %s, train loss %.4f, %s, %.1fs",
                     round_number,
                     config.rounds,
-                    metrics["learners_reported"],
+                    reporters,
                     metrics["train_loss"],
                     evaluation,
                     metrics["round_seconds"],
@@ -315,7 +321,8 @@ class Leader:
             return
         with self._cond:
             published = self._published
-            if not self.started or self.intake.round.round_number != published.round_number or self.stop_event.is_set():
+            waiting = self.intake.round.round_number != published.round_number  # a filled buffer is being applied
+            if not self.started or waiting or published.round_number > self.config.rounds or self.stop_event.is_set():
                 return
             given = jobs.assign(self.roster.alive())
             starts = []

@@ -375,7 +375,9 @@ class Learner:
 
         def before_retry(error: grpc.RpcError, pause: float) -> None:
             self._raise_if_stopped()  # the leader said stop while this update was under way
-            logger.warning("round %d: update not taken (%s: %s); sending it again", round_number, error.code().name, error.details())
+            logger.warning(
+                "%s %d: update not taken (%s: %s); sending it again", self._unit(), round_number, error.code().name, error.details()
+            )
             self._raise_if_stopped_within(pause)
 
         header = {"learner_id": self.learner_id, "round": round_number, "num_examples": num_examples, "train_loss": loss}
@@ -383,14 +385,18 @@ class Learner:
             reply = send_update(self.stub, manifest, payload, header, self._metadata(), before_retry)
         except UpdateNotTaken as refusal:
             self._raise_if_stopped()
-            logger.warning("round %d: update not taken: %s", round_number, refusal)
+            logger.warning("%s %d: update not taken: %s", self._unit(), round_number, refusal)
             return
         except grpc.RpcError as error:
             self._raise_if_stopped()
-            raise self._call_failed(f"sending the round {round_number} update", error) from None
+            raise self._call_failed(f"sending the {self._unit()} {round_number} update", error) from None
         finally:
             self._send_buffers.give(payload)  # the calls are over: nothing reads the payload any more
-        logger.info("round %d: sent update (%d examples, loss %.4f): %s", round_number, num_examples, loss, reply.message)
+        logger.info("%s %d: sent update (%d examples, loss %.4f): %s", self._unit(), round_number, num_examples, loss, reply.message)
+
+    def _unit(self) -> str:
+        """What the leader numbers this learner's work by: rounds, or under fedbuff its own training jobs."""
+        return "job" if self.plan.aggregation == "fedbuff" else "round"
 
 
 class UpdateNotTaken(Exception):

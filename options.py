@@ -668,6 +668,11 @@ def fedbuff_problems(config: LeaderConfig) -> list[str]:
         )
     if config.fraction < 1 or config.min_learners:
         problems.append("--fraction and --min-learners choose a round's cohort; fedbuff has none: use --concurrency")
+    if config.round_timeout:
+        problems.append(
+            "--round-timeout bounds a round's wait for its members, and fedbuff waits for none: drop it (health checks "
+            "find learners that are gone, --learner-lost-after those that go silent)"
+        )
     if config.deterministic:
         problems.append("--deterministic replays rounds; in fedbuff the order updates arrive in is the algorithm: drop it")
     if config.lr_schedule != "constant" or config.warmup_rounds:

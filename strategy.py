@@ -115,10 +115,11 @@ class Strategy:
         else:
             settings = aggregation.RuleSettings(trim=config.trim, byzantine=config.byzantine)
             result = running.aggregate(lambda updates, weights: aggregation.RULES[config.rule](updates, weights, settings))
-        discount = finished.staleness_discount
-        if discount != 1.0:  # fedbuff: stale updates count for less, and the step shrinks with them (sensitivity included)
+        if self.unweighted and finished.staleness_discount != 1.0:
+            # fedbuff under DP: the buffer's mean is over its count, as FedBuff's is, so that a stale update's discount
+            # shrinks the step instead of enlarging the others' share: no update moves the model more than clip / count
             for name in self.parameter_names:
-                result[name] = result[name] * discount
+                result[name] = result[name] * finished.staleness_discount
         if self.accountant is not None:
             std = privacy.gaussian_noise_std(config.clip_norm, config.dp_noise_multiplier, running.count)
             for name in self.parameter_names:  # fresh OS randomness: noise anyone could regenerate from --seed protects nothing

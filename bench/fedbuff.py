@@ -9,6 +9,7 @@ evaluation, writing every round; then the checkpoint first written after each --
 10,000 test images, and the time to each target is the elapsed time of the first evaluated checkpoint at or above it.
 
     python -m bench.fedbuff --data-dir DIR --out docs/fedbuff.md
+    python -m bench.fedbuff --data-dir DIR --earlier runs.jsonl   # reuse runs printed before (one JSON line each)
     python -m bench.fedbuff --data-dir DIR --straggler-minutes 1 --plain-minutes 1 --grid 20   # a quick check
 """
 
@@ -34,7 +35,7 @@ from utils import load_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 LEARNERS = 4
-TARGETS = (0.30, 0.40, 0.45, 0.50, 0.55, 0.60)
+TARGETS = (0.40, 0.50, 0.55, 0.60, 0.65)
 STOP_GRACE_S = 120
 
 
@@ -109,36 +110,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--grid", type=float, default=30.0, help="seconds between evaluated checkpoints")
+    parser.add_argument("--earlier", default=None, help="JSON lines this benchmark printed: those runs are reported, not run again")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
     test_data = load_dataset("imagefolder", args.data_dir, train=False)
     torch.set_num_threads(2)
     results: dict[tuple[bool, str], list[tuple[int, float, float, float]]] = {}
+    commits: dict[tuple[bool, str], str] = {}
+    if args.earlier:
+        for line in Path(args.earlier).read_text().splitlines():
+            earlier = json.loads(line)
+            key = (earlier["straggler"], earlier["aggregation"])
+            results[key], commits[key] = [tuple(point) for point in earlier["points"]], earlier["commit"]
     with tempfile.TemporaryDirectory(prefix="fedbuff-bench-") as scratch:
         for straggler in (True, False):
             minutes = args.straggler_minutes if straggler else args.plain_minutes
             for aggregation in ("fedavg", "fedbuff"):
+                if (straggler, aggregation) in results:
+                    continue
                 run_dir = Path(scratch) / f"{aggregation}-{'straggler' if straggler else 'plain'}"
                 run(args, run_dir, aggregation, straggler, minutes)
                 results[(straggler, aggregation)] = evaluated(args, run_dir, test_data, minutes)
-                print(json.dumps({"straggler": straggler, "aggregation": aggregation, "points": results[(straggler, aggregation)]}))
+                commits[(straggler, aggregation)] = provenance.commit()
+                line = {"straggler": straggler, "aggregation": aggregation, "commit": commits[(straggler, aggregation)]}
+                print(json.dumps({**line, "points": results[(straggler, aggregation)]}), flush=True)
+    results = {key: results[key] for key in sorted(results, key=lambda key: (not key[0], key[1]))}
 
     lines = [
         f"# fedbuff against synchronous fedavg: 4 learners, ResNet-20 on CIFAR-10, one slowed {args.slowdown:g}x",
-        f"machine: {provenance.machine()}; commit {provenance.commit()}; one run per row, one after the other",
+        f"machine: {provenance.machine()}; one run per row, one after the other, alone on the machine",
         f"each job {args.local_steps} steps of batch {args.batch_size} at lr {args.lr:g}; {args.straggler_minutes:g} min of training "
         f"with the straggler, {args.plain_minutes:g} min without; checkpoints evaluated every {args.grid:g} s",
         "",
-        "| learners | aggregation | rounds | end accuracy | " + " | ".join(f"time to {100 * target:.0f}%" for target in TARGETS) + " |",
-        "|---|---|---|---|" + "---|" * len(TARGETS),
+        "| learners | aggregation | commit | rounds | end accuracy | "
+        + " | ".join(f"time to {100 * target:.0f}%" for target in TARGETS)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(TARGETS),
     ]
     for (straggler, aggregation), points in results.items():
         label = f"one {args.slowdown:g}x slower" if straggler else "all at one pace"
         times = [first_at(points, target) for target in TARGETS]
         end = f"{100 * points[-1][2]:.2f}%" if points else "-"
         lines.append(
-            f"| {label} | {aggregation} | {points[-1][0] if points else 0} | {end} | "
+            f"| {label} | {aggregation} | {commits[(straggler, aggregation)]} | {points[-1][0] if points else 0} | {end} | "
             + " | ".join("-" if seconds is None else f"{seconds:.0f} s" for seconds in times)
             + " |"
         )

@@ -42,6 +42,21 @@ def run_in_thread(leader) -> tuple[threading.Thread, dict]:
     return runner, result
 
 
+def run_until_stopped(leader) -> tuple[threading.Thread, dict]:
+    """leader.run() in a daemon thread for a run ended by stop_event; the RunError it then raises lands in the dict."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["history"] = leader.run()
+        except leader_module.RunError as error:
+            outcome["error"] = str(error)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    return runner, outcome
+
+
 def wait_until(condition, timeout: float = 60.0) -> None:
     """Poll in-process state until `condition` holds; fail after `timeout` seconds (a generous outer bound)."""
     deadline = time.monotonic() + timeout

@@ -27,6 +27,7 @@ from conftest import (
     learner_process,
     register_client,
     run_in_thread,
+    run_until_stopped,
     running_leader,
     start_learners,
     wait_until,
@@ -222,21 +223,6 @@ def test_a_learner_that_dies_before_training_is_replaced_by_the_next_to_register
         runner.join(60)
         assert result["history"][0]["learners_reported"] == 2
         assert {record.address for record in leader.roster.records()}.isdisjoint({gone.address})
-
-
-def run_until_stopped(leader) -> tuple[threading.Thread, dict]:
-    """leader.run() in a daemon thread for a run ended by stop_event; the RunError it then raises lands in the dict."""
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["history"] = leader.run()
-        except leader_module.RunError as error:
-            outcome["error"] = str(error)
-
-    runner = threading.Thread(target=run, daemon=True)
-    runner.start()
-    return runner, outcome
 
 
 def test_a_frozen_learner_misses_the_round_has_its_late_update_refused_and_rejoins(tmp_path):

@@ -54,6 +54,7 @@ def test_every_readme_command_is_one_this_file_runs():
         "python local_federation.py --dataset synthetic --model tiny-cnn --aggregation fedavg --local-steps 20 --rounds 5",
         "python local_federation.py --dataset synthetic --model tiny-cnn --aggregation fedavg --local-steps 20 --rounds 5 --learners 4 "
         "--secure-aggregation",
+        "python local_federation.py --dataset synthetic --model tiny-cnn --aggregation fedbuff --local-steps 20 --rounds 20 --learners 4",
         "python leader.py --learners 2 --model resnet20 --aggregation fedavg --rounds 20",
         "python learner.py --leader LEADER_HOST:10134",
         "python local_federation.py --resume runs/RUN --rounds 40",
@@ -87,6 +88,17 @@ def test_the_secure_aggregation_example_learns_while_the_leader_sees_only_sums(t
     history = metrics(tmp_path / "run")
     assert history[-1]["test_accuracy"] > 0.9
     assert all(entry["learners_reported"] == 4 and entry["update_norm_mean"] is None for entry in history)  # no update was read
+
+
+def test_the_fedbuff_example_learns_with_its_defaults(tmp_path):
+    (command,) = [line for line in commands() if "--aggregation fedbuff" in line]
+    result = run([*python_command(command), "--run-dir", str(tmp_path / "run")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = metrics(tmp_path / "run")
+    assert [entry["round"] for entry in history] == list(range(1, 21))
+    assert all(entry["updates_buffered"] == 2 for entry in history)  # the default buffer: half of the 4 learners
+    assert history[-1]["test_accuracy"] > 0.9
+    assert len(list((tmp_path / "run" / "checkpoints").glob("round-*.json"))) == 3  # one per aggregation, the last 3 kept
 
 
 def test_the_main_job_runs_on_a_small_data_set(tmp_path):

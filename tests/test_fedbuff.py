@@ -1,0 +1,372 @@
+"""Asynchronous rounds (fedbuff): staleness weights by hand, the buffer, --max-staleness, --concurrency, a lost learner, resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+import checkpoint
+import plots
+import rpc
+import training
+import wire
+from conftest import (
+    ROOT,
+    join_all,
+    leader_config,
+    learner_process,
+    run_in_thread,
+    run_until_stopped,
+    running_leader,
+    start_learners,
+    wait_until,
+)
+from intake import Intake
+from options import LeaderConfig, parse_leader_config
+from protos import leader_pb2
+from strategy import Strategy
+
+# ---- the buffer's arithmetic, driven by hand ------------------------------------------------------------------------
+
+
+@dataclass
+class Member:
+    """What the intake reads of a learner's record."""
+
+    learner_id: int
+    num_examples: int = 100
+    alive: bool = True
+
+
+class Members:
+    """The roster, as far as the intake asks it."""
+
+    def __init__(self, count: int) -> None:
+        self.records = [Member(learner_id) for learner_id in range(count)]
+
+    def record(self, learner_id: int) -> Member:
+        return self.records[learner_id]
+
+
+class OneTensor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+
+
+def buffered_intake(**overrides: object) -> tuple[Intake, Members, LeaderConfig]:
+    config = LeaderConfig(**{"aggregation": "fedbuff", "learners": 3, "buffer_size": 2, "max_norm_ratio": 0, **overrides})
+    members = Members(3)
+    intake = Intake(config, [wire.TensorSpec("w", "float32", (2,))], ["w"], [], members, threading.Condition())
+    intake.open(1, [], config.buffered_updates())
+    return intake, members, config
+
+
+def send(intake: Intake, learner_id: int, job: int, examples: int, values: tuple[float, float]) -> str:
+    header = leader_pb2.GradientData(learner_id=learner_id, round=job, num_examples=examples, train_loss=1.0)
+    intake.check_header(learner_id, header)
+    return intake.accept(learner_id, header, {"w": torch.tensor(values)})
+
+
+def start_jobs(intake: Intake, members: Members, version: int) -> dict[int, int]:
+    """Give the waiting learners their jobs on model `version`, as a push would: learner id -> job number."""
+    given = intake.jobs.assign(members.records)
+    return {record.learner_id: intake.jobs.bind(record.learner_id, version).number for record, _ in given}
+
+
+def test_staleness_weights_and_the_buffer_for_a_scripted_arrival_order():
+    intake, members, config = buffered_intake()
+    assert start_jobs(intake, members, version=1) == {0: 1, 1: 1, 2: 1}
+
+    send(intake, 0, 1, 10, (1.0, 0.0))  # A, on version 1, into buffer 1: staleness 0
+    assert intake.round.round_number == 1 and not intake.filled  # one update is not a buffer of two
+    send(intake, 1, 1, 30, (0.0, 1.0))  # B fills buffer 1
+    assert intake.round.round_number == 2 and list(intake.filled) == [1]
+    first = intake.filled.pop(1)
+    assert first.staleness == [0, 0] and first.reported == 2
+
+    # buffer 1 is applied: version 2. A and B wait their turn again and train on it; C still trains on version 1
+    assert start_jobs(intake, members, version=2) == {0: 2, 1: 2}
+    send(intake, 2, 1, 20, (4.0, 0.0))  # C: version 1 into buffer 2, staleness 1
+    send(intake, 0, 2, 10, (0.0, 2.0))  # A: version 2 into buffer 2, staleness 0; the buffer is full
+    second = intake.filled.pop(2)
+    assert second.staleness == [1, 0]
+    assert intake.round.round_number == 3
+
+    strategy = Strategy(config, OneTensor())
+    mean = strategy.aggregate(first)
+    assert torch.allclose(
+        mean["w"].double(), torch.tensor([10 / 40, 30 / 40], dtype=torch.float64)
+    )  # nothing stale: fedavg's weighted mean
+    mean = strategy.aggregate(second)
+    c_weight = 20 / math.sqrt(2)  # examples times 1/sqrt(1 + staleness 1)
+    expected = torch.tensor([c_weight * 4.0, 10 * 2.0], dtype=torch.float64) / (c_weight + 10)  # the weighted mean
+    assert torch.allclose(mean["w"].double(), expected, atol=1e-6)
+    assert second.staleness_discount == pytest.approx((c_weight + 10) / 30)
+
+
+def test_under_dp_a_stale_update_shrinks_the_buffers_step():
+    intake, members, config = buffered_intake(clip_norm=10.0, dp_noise_multiplier=1e-9)  # noise too small to see
+    start_jobs(intake, members, version=1)
+    send(intake, 0, 1, 10, (1.0, 0.0))
+    send(intake, 1, 1, 30, (0.0, 1.0))
+    intake.filled.clear()
+    start_jobs(intake, members, version=2)
+    send(intake, 2, 1, 20, (4.0, 0.0))  # staleness 1
+    send(intake, 0, 2, 10, (0.0, 2.0))  # staleness 0
+    mean = Strategy(config, OneTensor()).aggregate(intake.filled.pop(2))
+    # DP-FedAvg weighs updates alike; FedBuff's sum over the count: each update moves the model by at most clip / 2
+    expected = torch.tensor([4.0 / math.sqrt(2), 2.0], dtype=torch.float64) / 2
+    assert torch.allclose(mean["w"].double(), expected, atol=1e-6)
+
+
+def test_an_update_older_than_max_staleness_is_refused_counted_and_its_learner_goes_on():
+    intake, members, _ = buffered_intake(max_staleness=1)
+    start_jobs(intake, members, version=1)
+    send(intake, 0, 1, 10, (1.0, 0.0))
+    send(intake, 1, 1, 10, (1.0, 0.0))  # buffer 1 full
+    intake.filled.clear()
+    start_jobs(intake, members, version=2)
+    send(intake, 0, 2, 10, (1.0, 0.0))
+    send(intake, 1, 2, 10, (1.0, 0.0))  # buffer 2 full: C's version-1 model is now 2 aggregations behind buffer 3
+    with pytest.raises(rpc.RequestRefused) as refused:
+        send(intake, 2, 1, 10, (1.0, 0.0))
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "trained on model version 1, 2 aggregations before" in str(refused.value) and "--max-staleness 1" in str(refused.value)
+    assert intake.round.stale == 1 and intake.round.reported == 0
+    assert start_jobs(intake, members, version=3)[2] == 2  # C trains again, on the newest model
+
+
+def test_a_retried_update_counts_once_and_a_different_second_one_is_refused():
+    intake, members, _ = buffered_intake(buffer_size=3)
+    start_jobs(intake, members, version=1)
+    send(intake, 0, 1, 10, (1.0, 0.0))
+    assert "duplicate" in send(intake, 0, 1, 10, (1.0, 0.0))
+    assert intake.round.reported == 1
+    with pytest.raises(rpc.RequestRefused) as refused:
+        send(intake, 0, 1, 10, (2.0, 0.0))
+    assert refused.value.code == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(rpc.RequestRefused) as refused:
+        send(intake, 1, 7, 10, (1.0, 0.0))  # no such job
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# ---- the command line -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--secure-aggregation"], "fedbuff has no cohort"),
+        (["--fraction", "0.5"], "fedbuff has none: use --concurrency"),
+        (["--deterministic"], "the order updates arrive in is the algorithm"),
+        (["--lr-schedule", "cosine"], "fedbuff's learners train at their own pace"),
+        (["--concurrency", "5"], "--concurrency 5 exceeds --learners 4"),
+        (["--round-timeout", "60"], "fedbuff waits for none"),
+    ],
+)
+def test_fedbuff_refuses_what_needs_a_cohort_in_one_line(capsys, flags, message):
+    with pytest.raises(SystemExit) as caught:
+        parse_leader_config(["--aggregation", "fedbuff", "--learners", "4", *flags, "--run-dir", "unused"])
+    assert caught.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) <= 2
+
+
+def test_fedbuff_defaults(tmp_path):
+    config, _, _ = parse_leader_config(["--aggregation", "fedbuff", "--learners", "4", "--run-dir", str(tmp_path / "run")])
+    # all four train, two updates make an aggregation, an update may lag 4 * 4/2 aggregations, every one is written
+    assert (config.training_slots(), config.buffered_updates(), config.staleness_limit(), config.checkpoint_every) == (4, 2, 8, 1)
+    with pytest.raises(SystemExit):
+        parse_leader_config(["--buffer-size", "3", "--run-dir", str(tmp_path / "sync")])  # a fedbuff flag without fedbuff
+
+
+def test_the_ray_engine_refuses_fedbuff_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "local_federation.py", "--engine", "ray", "--aggregation", "fedbuff"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "fedbuff needs --engine processes" in result.stderr
+
+
+# ---- real federations ------------------------------------------------------------------------------------------------
+
+
+class TrainingWatch:
+    """Wraps LocalTrainer.train in every in-process learner: counts those inside it at once, and can hold one."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, probe: bool = False) -> None:
+        self.cond = threading.Condition()
+        self.inside = 0
+        self.most = 0
+        self.trained: dict[int, int] = {}  # learner id -> jobs trained
+        self.hold: int | None = None  # this learner's first job waits for `release`
+        self.held = threading.Event()
+        self.release = threading.Event()
+        original = training.LocalTrainer.train
+
+        def train(trainer: training.LocalTrainer, round_number: int):
+            if trainer.learner_id == self.hold and round_number == 1:
+                self.held.set()
+                assert self.release.wait(120), "the test never released the held learner"
+            with self.cond:
+                self.inside += 1
+                self.most = max(self.most, self.inside)
+                self.cond.notify_all()
+                if probe:  # a leader that let more than 2 train at once would have them all inside here within this bound
+                    self.cond.wait_for(lambda: self.inside > 2, timeout=0.5)
+            try:
+                return original(trainer, round_number)
+            finally:
+                with self.cond:
+                    self.inside -= 1
+                    self.trained[trainer.learner_id] = self.trained.get(trainer.learner_id, 0) + 1
+
+        monkeypatch.setattr(training.LocalTrainer, "train", train)
+
+
+def test_with_concurrency_2_of_4_learners_never_more_than_2_train_and_all_take_turns(tmp_path, monkeypatch):
+    watch = TrainingWatch(monkeypatch, probe=True)
+    config = leader_config(tmp_path, aggregation="fedbuff", learners=4, concurrency=2, rounds=6, local_steps=2, batch_size=16)
+    with running_leader(config) as running:
+        learners = start_learners(running.address, 4)
+        history = running.leader.run()
+    assert join_all(learners) == [0, 0, 0, 0]
+    assert watch.most == 2  # two at once, never three
+    assert sorted(watch.trained) == [0, 1, 2, 3]  # the other two waited their turn and had it
+    assert [entry["updates_buffered"] for entry in history] == [1] * 6  # the default buffer: half of 2
+    assert history[-1]["learners_training_max"] == 2
+
+
+def test_a_stale_update_is_refused_over_the_wire_and_its_learner_trains_again(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    watch = TrainingWatch(monkeypatch)
+    config = leader_config(tmp_path, aggregation="fedbuff", learners=3, buffer_size=1, max_staleness=1, rounds=10000, local_steps=2)
+    with running_leader(config) as running:
+        leader = running.leader
+        first = start_learners(running.address, 1)
+        wait_until(lambda: len(leader.roster.alive()) == 1)
+        watch.hold = 0  # the first to register is learner 0: its first job waits while the others go on
+        others = start_learners(running.address, 2)
+        runner, outcome = run_until_stopped(leader)
+        assert watch.held.wait(60)
+        wait_until(lambda: len(leader.history) >= 3, timeout=120)  # version 4: learner 0's version-1 model is 3 behind
+        watch.release.set()
+        wait_until(lambda: watch.trained.get(0, 0) >= 2, timeout=120)  # refused, then given a newer model, and trained on it
+        wait_until(lambda: any(entry["updates_stale"] for entry in leader.history), timeout=120)
+        leader.stop_event.set()
+        runner.join(60)
+        assert outcome["error"] == "leader shutting down"
+        leader.stop_learners("the test has seen what it checks")
+    assert join_all(first + others) == [0, 0, 0]
+    refusals = [record.getMessage() for record in caplog.records if record.name == "leader" and "refused an update" in record.getMessage()]
+    assert any("from learner 0 (FAILED_PRECONDITION): stale update: trained on model version 1" in line for line in refusals)
+    assert sum(entry["updates_stale"] for entry in leader.history) >= 1
+    assert any("job 1: update not taken: stale update" in record.getMessage() for record in caplog.records if record.name == "learner")
+
+
+def test_a_learner_killed_mid_training_costs_only_its_update(tmp_path):
+    # one training slot: the run cannot go on unless the killed learner's slot comes back
+    config = leader_config(tmp_path, aggregation="fedbuff", learners=3, concurrency=1, rounds=4, local_steps=20, learner_lost_after=6)
+    fast: list[subprocess.Popen] = []
+    with running_leader(config) as running:
+        leader = running.leader
+        slow = learner_process(running.address, "--slowdown", "20")
+        try:
+            wait_until(lambda: len(leader.roster.alive()) == 1)  # learner 0, first in line
+            fast = [learner_process(running.address) for _ in range(2)]
+            runner, result = run_in_thread(leader)
+
+            def training_its_job() -> bool:
+                job = leader.intake.jobs.job_of(0)  # read without the leader's lock: one attribute, and polled again
+                return job is not None and job.version == 1
+
+            wait_until(training_its_job, timeout=120)  # its model sent: it trains, 20 times slower than it could
+            slow.send_signal(signal.SIGKILL)
+            runner.join(180)
+            assert "history" in result, "the run did not finish"
+            for process in fast:
+                assert process.wait(timeout=60) == 0, process.stderr.read()[-2000:]
+        finally:
+            for process in [slow, *fast]:
+                if process.poll() is None:
+                    process.kill()
+    history = result["history"]
+    assert [entry["round"] for entry in history] == [1, 2, 3, 4]
+    assert all(entry["updates_buffered"] == 1 for entry in history)
+    assert not leader.roster.record(0).alive  # found gone, and its slot went to the next in line
+
+
+def test_the_leader_killed_resumes_from_the_last_applied_version(tmp_path):
+    from local_federation import free_port
+
+    port = free_port()
+    run_dir = tmp_path / "run"
+    common = ["--dataset", "synthetic", "--model", "tiny-cnn", "--device", "cpu", "--learners", "3", "--aggregation", "fedbuff"]
+    common += ["--local-steps", "5", "--rounds", "12", "--no-augment"]
+    leader_cmd = [sys.executable, "leader.py", *common, "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(run_dir)]
+    extra = ["--leader-lost-after", "3", "--connect-timeout", "60"]
+    leader = subprocess.Popen(leader_cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    learners = [learner_process(f"127.0.0.1:{port}", *extra) for _ in range(3)]
+    logged = 0
+    try:
+        for line in leader.stderr:
+            if "round 3/12" in line:
+                logged = 3
+                leader.send_signal(signal.SIGKILL)
+                break
+        leader.wait(timeout=30)
+        committed = checkpoint.load(checkpoint.latest(run_dir / "checkpoints"))[0]["round"]
+        assert logged == 3 and committed >= logged  # written every aggregation by default: the crash lost at most the buffer
+        resumed = subprocess.run(
+            [sys.executable, "leader.py", "--resume", str(run_dir), "--join-timeout", "60"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resuming after round {committed}" in resumed.stderr
+        for process in learners:
+            assert process.wait(timeout=60) == 0, process.stderr.read()[-2000:]
+    finally:
+        for process in [leader, *learners]:
+            if process.poll() is None:
+                process.kill()
+    rounds = [record["round"] for record in plots.read_metrics(run_dir)]
+    assert rounds == list(range(1, 13))  # each aggregation once, none replayed or skipped
+    assert checkpoint.load(checkpoint.latest(run_dir / "checkpoints"))[0]["round"] == 12
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(rule="median", compression="int8"),
+        dict(clip_norm=1.0, dp_noise_multiplier=0.5),
+    ],
+    ids=["median-int8", "dp"],
+)
+def test_rules_compression_and_dp_apply_to_the_buffer(tmp_path, overrides):
+    config = leader_config(tmp_path, aggregation="fedbuff", learners=3, buffer_size=3, rounds=3, local_steps=2, **overrides)
+    with running_leader(config) as running:
+        learners = start_learners(running.address, 3)
+        history = running.leader.run()
+        update_bytes = running.leader.intake.update_bytes
+        model_bytes = running.leader.model_bytes
+    assert join_all(learners) == [0, 0, 0]
+    assert [entry["updates_buffered"] for entry in history] == [3, 3, 3]
+    assert all(entry["bytes_in"] == 3 * update_bytes for entry in history)
+    if "compression" in overrides:
+        assert update_bytes < model_bytes / 3  # int8 on the wire: a quarter of float32, plus scales
+    else:
+        epsilons = [entry["dp_epsilon"] for entry in history]
+        assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]  # every aggregation spends privacy
