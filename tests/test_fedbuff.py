@@ -72,10 +72,10 @@ def buffered_intake(**overrides: object) -> tuple[Intake, Members, LeaderConfig]
     return intake, members, config
 
 
-def send(intake: Intake, learner_id: int, job: int, examples: int, values: tuple[float, float]) -> str:
+def send(intake: Intake, learner_id: int, job: int, examples: int, values: tuple[float, float], unweighted: bool = False) -> str:
     header = leader_pb2.GradientData(learner_id=learner_id, round=job, num_examples=examples, train_loss=1.0)
     intake.check_header(learner_id, header)
-    return intake.accept(learner_id, header, {"w": torch.tensor(values)})
+    return intake.accept(learner_id, header, {"w": torch.tensor(values)}, unweighted=unweighted)
 
 
 def start_jobs(intake: Intake, members: Members, version: int) -> dict[int, int]:
@@ -122,8 +122,8 @@ def test_under_dp_a_stale_update_shrinks_the_buffers_step():
     send(intake, 1, 1, 30, (0.0, 1.0))
     intake.filled.clear()
     start_jobs(intake, members, version=2)
-    send(intake, 2, 1, 20, (4.0, 0.0))  # staleness 1
-    send(intake, 0, 2, 10, (0.0, 2.0))  # staleness 0
+    send(intake, 2, 1, 20, (4.0, 0.0), unweighted=True)  # staleness 1
+    send(intake, 0, 2, 10, (0.0, 2.0), unweighted=True)  # staleness 0
     mean = Strategy(config, OneTensor()).aggregate(intake.filled.pop(2))
     # DP-FedAvg weighs updates alike; FedBuff's sum over the count: each update moves the model by at most clip / 2
     expected = torch.tensor([4.0 / math.sqrt(2), 2.0], dtype=torch.float64) / 2
