@@ -110,7 +110,8 @@ def test_staleness_weights_and_the_buffer_for_a_scripted_arrival_order():
     )  # nothing stale: fedavg's weighted mean
     mean = strategy.aggregate(second)
     c_weight = 20 / math.sqrt(2)  # examples times 1/sqrt(1 + staleness 1)
-    expected = torch.tensor([c_weight * 4.0, 10 * 2.0], dtype=torch.float64) / (c_weight + 10)  # the weighted mean
+    # FedBuff: the discounted sum over the updates' own weights, so that a stale buffer takes a smaller step
+    expected = torch.tensor([c_weight * 4.0, 10 * 2.0], dtype=torch.float64) / (20 + 10)
     assert torch.allclose(mean["w"].double(), expected, atol=1e-6)
     assert second.staleness_discount == pytest.approx((c_weight + 10) / 30)
 
