@@ -143,17 +143,18 @@ def main(argv: list[str] | None = None) -> int:
         f"each job {args.local_steps} steps of batch {args.batch_size} at lr {args.lr:g}; {args.straggler_minutes:g} min of training "
         f"with the straggler, {args.plain_minutes:g} min without; checkpoints evaluated every {args.grid:g} s",
         "",
-        "| learners | aggregation | commit | rounds | end accuracy | "
+        "| learners | aggregation | commit | rounds | end accuracy | last 3 evaluated | "
         + " | ".join(f"time to {100 * target:.0f}%" for target in TARGETS)
         + " |",
-        "|---|---|---|---|---|" + "---|" * len(TARGETS),
+        "|---|---|---|---|---|---|" + "---|" * len(TARGETS),
     ]
     for (straggler, aggregation), points in results.items():
         label = f"one {args.slowdown:g}x slower" if straggler else "all at one pace"
         times = [first_at(points, target) for target in TARGETS]
         end = f"{100 * points[-1][2]:.2f}%" if points else "-"
+        last = f"{100 * sum(point[2] for point in points[-3:]) / len(points[-3:]):.2f}%" if points else "-"
         lines.append(
-            f"| {label} | {aggregation} | {commits[(straggler, aggregation)]} | {points[-1][0] if points else 0} | {end} | "
+            f"| {label} | {aggregation} | {commits[(straggler, aggregation)]} | {points[-1][0] if points else 0} | {end} | {last} | "
             + " | ".join("-" if seconds is None else f"{seconds:.0f} s" for seconds in times)
             + " |"
         )
