@@ -185,7 +185,7 @@ def test_fedprox_and_fedopt_rounds_run_and_adam_state_is_checkpointed(tmp_path):
         (["--rule", "trimmed-mean", "--trim", "0.5"], "--trim must be in [0, 0.5)"),
         (["--fraction", "0"], "--fraction: must be in (0, 1]"),
         (["--recompute-bn", "1000", "--data-mode", "local"], "--recompute-bn needs training images on the leader"),
-        (["--keep-momentum", "--aggregation", "fedsgd"], "--keep-momentum applies to fedavg's local SGD"),
+        (["--keep-momentum", "--aggregation", "fedsgd"], "--keep-momentum applies to local SGD (fedavg, fedbuff)"),
     ],
 )
 def test_impossible_algorithm_settings_get_one_line_errors(flags, message):
