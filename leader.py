@@ -367,11 +367,7 @@ class Leader:
             while round_number not in self.intake.filled:
                 if time.monotonic() >= next_probe:
                     due = [record for record in jobs.training() if record.alive]
-                    self._cond.release()
-                    try:
-                        self.roster.probe(due, silent_since, refusals, probe_every, round_number)
-                    finally:
-                        self._cond.acquire()
+                    self._probe_unlocked(due, silent_since, refusals, probe_every, round_number)
                     next_probe = time.monotonic() + probe_every
                 self._check_stop()
                 self.dispatch()
@@ -441,11 +437,7 @@ class Leader:
                     due = [
                         record for record in current.member_records.values() if record.alive and record.learner_id not in current.digests
                     ]
-                    self._cond.release()
-                    try:
-                        self.roster.probe(due, silent_since, refusals, probe_every, round_number)
-                    finally:
-                        self._cond.acquire()
+                    self._probe_unlocked(due, silent_since, refusals, probe_every, round_number)
                     next_probe = time.monotonic() + probe_every
                 self._check_stop()
                 alive = sum(record.alive for record in current.member_records.values())
@@ -474,6 +466,16 @@ class Leader:
                 f"{current.quorum} are needed (--min-learners); " + (causes or "see the learners' logs")
             )
         return current
+
+    def _probe_unlocked(
+        self, due: list[LearnerRecord], silent_since: dict[int, float], refusals: dict[int, int], timeout: float, round_number: int
+    ) -> None:
+        """Health-check `due` (roster.probe) with the leader's lock released for the wait; called under the lock."""
+        self._cond.release()
+        try:
+            self.roster.probe(due, silent_since, refusals, timeout, round_number)
+        finally:
+            self._cond.acquire()
 
     def _note_lost(self, learner_id: int, why: str) -> None:
         """A member was marked absent (under the lock): the open round remembers why, for its quorum error."""
