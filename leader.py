@@ -91,6 +91,35 @@ class Published:
         return wire.receive(messages, max_bytes=self.nbytes, expected=specs).tensors
 
 
+class MemberChecks:
+    """The health checks a wait makes of the learners it depends on, every few seconds, with the leader's lock released."""
+
+    def __init__(self, roster: Roster, cond: threading.Condition, learner_lost_after: float, round_number: int) -> None:
+        self.roster = roster
+        self._cond = cond
+        self.round_number = round_number
+        self.every = min(HEALTH_PROBE_INTERVAL_S, learner_lost_after / 3)
+        self._next = time.monotonic() + self.every
+        self._silent_since: dict[int, float] = {}
+        self._refusals: dict[int, int] = {}
+
+    def run_if_due(self, due: Callable[[], list[LearnerRecord]]) -> None:
+        """Under the lock: once the interval has passed, check the learners `due()` names (roster.probe) outside it."""
+        if time.monotonic() < self._next:
+            return
+        records = due()
+        self._cond.release()  # a check waits on the network
+        try:
+            self.roster.probe(records, self._silent_since, self._refusals, self.every, self.round_number)
+        finally:
+            self._cond.acquire()
+        self._next = time.monotonic() + self.every
+
+    def seconds_to_next(self) -> float:
+        """How long a wait may sleep before the next check is due."""
+        return max(0.0, self._next - time.monotonic())
+
+
 class Leader:
     """The federation's coordinator: holds the global model and runs rounds through its roster, intake and strategy."""
 
@@ -334,20 +363,26 @@ class Leader:
                 starts.append((record, job, fetches))
 
         def begin(record: LearnerRecord, job: fedbuff.Job, fetches: bool) -> Any:
-            metadata = rpc.token_metadata(record.callback_token)
-            if fetches:
-                return record.stub.StartTraining(learner_pb2.Empty(), timeout=rpc.CONTROL_TIMEOUT_S, metadata=metadata)
-            states = published.for_job(published.model_states, learner_pb2.ModelState, job.number)
-            reply = record.stub.SyncModelState(iter(states), timeout=rpc.transfer_timeout(published.nbytes), metadata=metadata)
-            self.intake.count_bytes_out(published.nbytes)
-            return reply
+            states = None if fetches else published.for_job(published.model_states, learner_pb2.ModelState, job.number)
+            return self._start(record, states, published.nbytes)
 
         for record, job, fetches in starts:
-            self._calls.submit(
-                call_learner, lambda record, job=job, fetches=fetches: begin(record, job, fetches), record
-            ).add_done_callback(
-                lambda outcome, record=record: self.roster.mark_absent_on_error(record, "a training job's start", outcome.result())
-            )
+            self._call_in_background(record, functools.partial(begin, job=job, fetches=fetches), "a training job's start")
+
+    def _start(self, record: LearnerRecord, states: list[bytes] | None, nbytes: int) -> Any:
+        """Start a learner on its work: StartTraining for a newcomer (it fetches the model), else the model pushed to it."""
+        metadata = rpc.token_metadata(record.callback_token)
+        if states is None:
+            return record.stub.StartTraining(learner_pb2.Empty(), timeout=rpc.CONTROL_TIMEOUT_S, metadata=metadata)
+        reply = record.stub.SyncModelState(iter(states), timeout=rpc.transfer_timeout(nbytes), metadata=metadata)
+        self.intake.count_bytes_out(nbytes)
+        return reply
+
+    def _call_in_background(self, record: LearnerRecord, call: Callable[[LearnerRecord], Any], what: str) -> None:
+        """Make a call to a learner without waiting for it (a slow learner must not hold up the others); a failure marks it absent."""
+        self._calls.submit(call_learner, call, record).add_done_callback(
+            lambda outcome: self.roster.mark_absent_on_error(record, what, outcome.result())
+        )
 
     def collect_buffer(self, round_number: int, run_start: float) -> RoundState:
         """fedbuff: wait until round `round_number`'s buffer has its updates, checking on the learners that train meanwhile.
@@ -356,19 +391,12 @@ class Leader:
         """
         config = self.config
         jobs = self.intake.jobs
-        accuracies = [entry["test_accuracy"] for entry in self.history if entry["test_accuracy"] is not None]
-        last = f", last accuracy {100 * accuracies[-1]:.2f}%" if accuracies else ""
-        probe_every = min(HEALTH_PROBE_INTERVAL_S, config.learner_lost_after / 3)
-        next_probe = time.monotonic() + probe_every
-        silent_since: dict[int, float] = {}
-        refusals: dict[int, int] = {}
+        last = self._last_accuracy()
+        checks = MemberChecks(self.roster, self._cond, config.learner_lost_after, round_number)
         idle_since: float | None = None
         with self._cond:
             while round_number not in self.intake.filled:
-                if time.monotonic() >= next_probe:
-                    due = [record for record in jobs.training() if record.alive]
-                    self._probe_unlocked(due, silent_since, refusals, probe_every, round_number)
-                    next_probe = time.monotonic() + probe_every
+                checks.run_if_due(lambda: [record for record in jobs.training() if record.alive])
                 self._check_stop()
                 self.dispatch()
                 training = len(jobs.training())
@@ -384,7 +412,7 @@ class Leader:
                         f"round {round_number}: no learner trained for {config.join_timeout:.0f}s (--join-timeout); "
                         f"start more with: python learner.py --leader HOST:{config.port}"
                     )
-                self._cond.wait(min(WAIT_SLICE_S, max(0.0, next_probe - now)))
+                self._cond.wait(min(WAIT_SLICE_S, checks.seconds_to_next()))
             return self.intake.filled.pop(round_number)
 
     def begin_round(self, current: RoundState) -> None:
@@ -397,21 +425,14 @@ class Leader:
                 record.started = True
 
         def begin(record: LearnerRecord) -> Any:
-            metadata = rpc.token_metadata(record.callback_token)
             if record.pooled:  # its pool fetches the round's model once for all of its learners (GetModel)
                 start = learner_pb2.ModelState(round=current.round_number, fetch=True)
+                metadata = rpc.token_metadata(record.callback_token)
                 return record.stub.SyncModelState(iter([start]), timeout=rpc.CONTROL_TIMEOUT_S, metadata=metadata)
-            if record.learner_id in newcomers:
-                return record.stub.StartTraining(learner_pb2.Empty(), timeout=rpc.CONTROL_TIMEOUT_S, metadata=metadata)
-            size = published.nbytes
-            reply = record.stub.SyncModelState(iter(published.model_states), timeout=rpc.transfer_timeout(size), metadata=metadata)
-            self.intake.count_bytes_out(size)
-            return reply
+            return self._start(record, None if record.learner_id in newcomers else published.model_states, published.nbytes)
 
-        for record in records:  # not awaited: a learner that is slow to take the model must not hold up the others
-            self._calls.submit(call_learner, begin, record).add_done_callback(
-                lambda outcome, record=record: self.roster.mark_absent_on_error(record, "the round's start", outcome.result())
-            )
+        for record in records:
+            self._call_in_background(record, begin, "the round's start")
         if current.secure is not None:  # its key stages run while the learners train
             current.secure.start()
 
@@ -423,22 +444,17 @@ class Leader:
         """
         config = self.config
         deadline = time.monotonic() + (config.round_timeout or AUTO_ROUND_LIMIT_S)
-        accuracies = [entry["test_accuracy"] for entry in self.history if entry["test_accuracy"] is not None]
-        last = f", last accuracy {100 * accuracies[-1]:.2f}%" if accuracies else ""
-        probe_every = min(HEALTH_PROBE_INTERVAL_S, config.learner_lost_after / 3)
-        next_probe = time.monotonic() + probe_every
-        silent_since: dict[int, float] = {}
-        refusals: dict[int, int] = {}
+        last = self._last_accuracy()
+        checks = MemberChecks(self.roster, self._cond, config.learner_lost_after, round_number)
         graced = bool(config.round_timeout)
         with self._cond:
             current = self.intake.round
             while True:
-                if time.monotonic() >= next_probe:
-                    due = [
+                checks.run_if_due(
+                    lambda: [
                         record for record in current.member_records.values() if record.alive and record.learner_id not in current.digests
                     ]
-                    self._probe_unlocked(due, silent_since, refusals, probe_every, round_number)
-                    next_probe = time.monotonic() + probe_every
+                )
                 self._check_stop()
                 alive = sum(record.alive for record in current.member_records.values())
                 self.status.show(
@@ -453,7 +469,7 @@ class Leader:
                     deadline = min(deadline, now + max(STRAGGLER_GRACE_MIN_S, STRAGGLER_GRACE_FACTOR * (now - current.opened_at)))
                 if now >= deadline:
                     break
-                self._cond.wait(min(deadline - now, WAIT_SLICE_S, max(0.0, next_probe - now)))
+                self._cond.wait(min(deadline - now, WAIT_SLICE_S, checks.seconds_to_next()))
             current.accepting = False
             late = [record for record in current.member_records.values() if record.alive and record.learner_id not in current.digests]
         limit = "--round-timeout" if config.round_timeout else "the stragglers' grace after the quorum reported"
@@ -467,15 +483,10 @@ class Leader:
             )
         return current
 
-    def _probe_unlocked(
-        self, due: list[LearnerRecord], silent_since: dict[int, float], refusals: dict[int, int], timeout: float, round_number: int
-    ) -> None:
-        """Health-check `due` (roster.probe) with the leader's lock released for the wait; called under the lock."""
-        self._cond.release()
-        try:
-            self.roster.probe(due, silent_since, refusals, timeout, round_number)
-        finally:
-            self._cond.acquire()
+    def _last_accuracy(self) -> str:
+        """The status line's note of the last evaluated accuracy, if any."""
+        accuracies = [entry["test_accuracy"] for entry in self.history if entry["test_accuracy"] is not None]
+        return f", last accuracy {100 * accuracies[-1]:.2f}%" if accuracies else ""
 
     def _note_lost(self, learner_id: int, why: str) -> None:
         """A member was marked absent (under the lock): the open round remembers why, for its quorum error."""
