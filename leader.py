@@ -31,15 +31,18 @@ import rpc
 import secagg
 import wire
 from cli import StatusLine, setup_logging
+from federated_eval import FederatedEvaluation
+from federated_eval import describe as describe_evaluation
 from intake import Intake, RoundState
-from model import build_model, evaluate, recompute_batchnorm
+from model import recompute_batchnorm
 from options import STRAGGLER_GRACE_FACTOR, STRAGGLER_GRACE_MIN_S, LeaderConfig, parse_leader_config
 from protos import leader_pb2, leader_pb2_grpc, learner_pb2
 from recorder import Recorder, TensorBoardMissing
 from roster import LearnerRecord, Roster, call_learner
 from secure_rounds import SecureRound
 from strategy import FIRST_ROUND_NORM_RATIO, Strategy
-from utils import IMAGE_SHAPE, DataError, ImageData, derive_seed, load_dataset, normalize, resolve_device, split_by
+from task import Task, TaskError, builtin_task, evaluate, load_task
+from utils import IMAGE_SHAPE, DataError, Examples, derive_seed, resolve_device, split_by
 
 logger = logging.getLogger(__name__)
 
@@ -126,18 +129,21 @@ class Leader:
     def __init__(
         self,
         config: LeaderConfig,
-        test_data: ImageData,
-        train_data: ImageData | None,
+        test_data: Examples | None,
+        train_data: Examples | None,
         tls: rpc.Tls | None = None,
         stop_event: threading.Event | None = None,
+        task: Task | None = None,
     ) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.test_data = test_data
+        self.test_data = test_data  # None: the leader has no test set of its own (the learners evaluate)
         self.train_data = train_data
-        self.num_classes = test_data.num_classes
+        described = test_data if test_data is not None else train_data
+        self.num_classes = described.num_classes if described is not None else 0
+        self.task = task or builtin_task(config.model, config.dataset, self.num_classes, config.seed)
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, self.num_classes).to(self.device)
+        self.model = self.task.model().to(self.device)
         self.specs = wire.specs_of(self.model.state_dict())
         self.model_bytes = wire.payload_bytes(self.specs)
         self.shards = (
@@ -159,20 +165,32 @@ class Leader:
         self.strategy = Strategy(config, self.model, Path(config.checkpoint_dir) if config.checkpoint_dir else None)
         self.intake = Intake(config, self.specs, self.strategy.parameter_names, variance_names, self.roster, self._cond)
         self.roster.on_absent = self._note_lost
+        self.learners_evaluate = config.eval_every > 0 and (
+            config.evaluation in ("learners", "both") or (config.evaluation == "auto" and test_data is None)
+        )
+        self.federated_evaluation = FederatedEvaluation(self.roster, self._calls, config.evaluation_learners, config.seed)
         # secure aggregation: every entry of a learner's update lies within this bound (its parameters' L2 norm included)
         self.secagg_bound = config.clip_norm or FIRST_ROUND_NORM_RATIO * self.strategy.model_norm
         self._publish_buffers = wire.BufferPool(self.model_bytes, keep=1)  # each round's model is encoded here, then framed
         self._published = Published.of(1, self.model)
         self._saved_round = 0  # the last round on disk
         self._saved_at = time.monotonic()
-        self.plan = training_plan(config, self.num_classes, self.specs)
+        self.plan = training_plan(config, self.task, self.num_classes, self.specs, self.learners_evaluate)
+        self.roster.expected_task = (self.plan.task, self.plan.model_fingerprint)
+        # what GetData streams: each tensor of the training set with the example count left off
+        self.split_layout = (
+            []
+            if train_data is None
+            else wire.specs_of(dict(zip(train_data.tensor_names(), (t[0] for t in train_data.tensors), strict=True)))
+        )
 
     def restore(self, json_path: Path) -> int:
         """Continue from a checkpoint: global model, server optimizer state and round. Returns its round."""
         record, weights = checkpoint.load(json_path)
-        if record["config"]["model"] != self.config.model or record["num_classes"] != self.num_classes:
+        saved = record["config"].get("task") or record["config"]["model"]
+        if saved != (self.config.task or self.config.model) or record["num_classes"] != self.num_classes:
             raise ValueError(
-                f"{json_path} holds a {record['config']['model']} with {record['num_classes']} classes, not this run's {self.config.model}"
+                f"{json_path} holds a {saved} with {record['num_classes']} classes, not this run's {self.config.task or self.config.model}"
             )
         self.model.load_state_dict(weights)
         # every noised model made before the stop spent privacy, the rounds after this checkpoint included
@@ -210,10 +228,9 @@ class Leader:
         """Bytes of the largest data split GetData streams (0 when learners hold their own data)."""
         if self.train_data is None or self.shards is None:
             return 0
-        per_example = self.train_data.images[0].numel() * self.train_data.images.element_size() + self.train_data.labels.element_size()
-        return max(len(shard) for shard in self.shards) * per_example
+        return max(len(shard) for shard in self.shards) * wire.payload_bytes(self.split_layout)
 
-    def data_for(self, learner_id: int) -> ImageData:
+    def data_for(self, learner_id: int) -> Examples:
         """A learner's split of the training set."""
         if self.train_data is None or self.shards is None:
             raise rpc.RequestRefused(grpc.StatusCode.FAILED_PRECONDITION, "this leader holds no training data (--data-mode local)")
@@ -256,11 +273,7 @@ class Leader:
                 if recorder is not None:
                     recorder.record(metrics)
                 self.status.clear()
-                evaluation = (
-                    "not evaluated"
-                    if metrics["test_accuracy"] is None
-                    else f"test loss {metrics['test_loss']:.4f}, test accuracy {100 * metrics['test_accuracy']:.2f}%"
-                )
+                evaluation = describe_evaluation(metrics)
                 reporters = (
                     f"{metrics['updates_buffered']} updates from {metrics['learners_reported']} learners "
                     f"(staleness up to {metrics['staleness_max']})"
@@ -524,7 +537,8 @@ class Leader:
         evaluated = config.eval_every > 0 and (round_number % config.eval_every == 0 or round_number == config.rounds)
         if evaluated:
             self.status.show(f"round {round_number}/{config.rounds}: evaluating the new global model")
-        test_loss, test_accuracy = (self.evaluate() if evaluated else None) or (None, None)
+        central = (self.evaluate() if evaluated and self.test_data is not None else None) or {}
+        federated = self.evaluate_on_learners(finished) if evaluated and self.learners_evaluate else {}
         aggregate_norm = self.strategy.parameter_norm(mean)
         accountant = self.strategy.accountant
         secure = finished.secure
@@ -537,8 +551,10 @@ class Leader:
             "learners_reported": len(finished.members) if buffered else finished.reported,
             "learners_dropped": 0 if buffered else len(finished.members) - finished.reported,
             "train_loss": sum(finished.losses) / len(finished.losses),
-            "test_loss": test_loss,
-            "test_accuracy": test_accuracy,
+            "test_loss": central.get("loss"),
+            "test_accuracy": central.get("accuracy"),
+            **{f"test_{name}": value for name, value in central.items() if name not in ("loss", "accuracy")},
+            **federated,
             "bytes_in": finished.bytes_in + (secure.bytes_in if secure is not None else 0),
             "bytes_out": finished.bytes_out + (secure.bytes_out if secure is not None else 0),
             "update_norm_mean": sum(norms) / len(norms) if norms else None,
@@ -602,14 +618,22 @@ class Leader:
         generator = torch.Generator().manual_seed(derive_seed(self.config.seed, "batchnorm", round_number))
         chosen = torch.randperm(len(data), generator=generator)[: self.config.recompute_bn]
         batches = (
-            normalize(data.images[chosen[first : first + EVAL_BATCH_SIZE]].to(self.device))
+            self.task.make_batch(data.tensors, chosen[first : first + EVAL_BATCH_SIZE], None, torch.contiguous_format)[0]
             for first in range(0, len(chosen), EVAL_BATCH_SIZE)
         )
         recompute_batchnorm(self.model, batches)
 
-    def evaluate(self) -> tuple[float, float] | None:
-        """Test loss and accuracy of the global model; None when shutdown interrupts it."""
-        return evaluate(self.model, self.test_data, self.device, EVAL_BATCH_SIZE, stop=self.stop_event.is_set)
+    def evaluate(self) -> dict[str, float] | None:
+        """Test loss and the task's metrics of the global model on the leader's test set; None when shutdown interrupts it."""
+        return evaluate(self.model, self.task, self.test_data, self.device, EVAL_BATCH_SIZE, stop=self.stop_event.is_set)
+
+    def evaluate_on_learners(self, finished: RoundState) -> dict[str, float | int]:
+        """The learners that reported in `finished` evaluate the model it made on their own test data (federated_eval)."""
+        reporters = {key if isinstance(key, int) else key[0] for key in finished.digests}
+        # a simulation pool's learners hold no data of their own to evaluate on
+        records = [record for learner_id, record in finished.member_records.items() if learner_id in reporters and not record.pooled]
+        states = self._published.for_job(self._published.model_states, learner_pb2.ModelState, finished.round_number)
+        return self.federated_evaluation.run(records, finished.round_number, states, self._published.nbytes, self.stop_event.is_set)
 
     def close(self) -> None:
         """Close the channels to learners and let calls in flight finish."""
@@ -618,10 +642,14 @@ class Leader:
         self.roster.close()
 
 
-def training_plan(config: LeaderConfig, num_classes: int, specs: list[wire.TensorSpec]) -> leader_pb2.TrainingPlan:
+def training_plan(
+    config: LeaderConfig, task: Task, num_classes: int, specs: list[wire.TensorSpec], learners_evaluate: bool = False
+) -> leader_pb2.TrainingPlan:
     """The training plan the leader sends every learner at registration: what to build and how to train it."""
     return leader_pb2.TrainingPlan(
-        model=config.model,
+        model=task.name,
+        task="" if task.builtin else task.name,
+        learners_evaluate=learners_evaluate,
         num_classes=num_classes,
         aggregation=config.aggregation,
         batch_size=config.batch_size,
@@ -633,7 +661,7 @@ def training_plan(config: LeaderConfig, num_classes: int, specs: list[wire.Tenso
         seed=config.seed,
         rounds=config.rounds,
         augment=config.augment,
-        image_shape=IMAGE_SHAPE,
+        image_shape=IMAGE_SHAPE if task.builtin else (),
         dataset=config.dataset,
         model_fingerprint=wire.fingerprint(specs),
         torch_version=torch.__version__,
@@ -674,6 +702,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             session_token=record.session_token,
             joins_round=record.joins_round,
             split_examples=self.leader.split_examples(record.learner_id),
+            split_layout=[wire.spec_message(spec) for spec in self.leader.split_layout],
         )
 
     def GetModel(self, request: leader_pb2.Empty, context: grpc.ServicerContext) -> Iterator[leader_pb2.ModelChunk]:
@@ -693,7 +722,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             data = self.leader.data_for(learner_id)
         except rpc.RequestRefused as error:
             context.abort(error.code, str(error))
-        manifest, payload = wire.encode({"images": data.images, "labels": data.labels})
+        manifest, payload = wire.encode(dict(zip(data.tensor_names(), data.tensors, strict=True)))
         yield from wire.frames(leader_pb2.DataChunk, manifest, payload)
 
     def AccumulateGradients(self, request_iterator: Iterator[leader_pb2.GradientData], context: grpc.ServicerContext) -> leader_pb2.Ack:
@@ -770,6 +799,24 @@ def leader_gate(roster: Roster, enrolment_token: str | None) -> rpc.Gate:
     return rpc.Gate(rpc.LEADER_SERVICE, check)
 
 
+def leader_test_data(config: LeaderConfig, task: Task) -> Examples | None:
+    """The leader's own test set, or None where the learners evaluate instead (--evaluation learners, or auto without one)
+    or nothing is evaluated (--eval-every 0).
+
+    A built-in model's classes are counted from its data, so a built-in task always loads its test set.
+    """
+    if (config.evaluation == "learners" or config.eval_every == 0) and not task.builtin:
+        return None
+    try:
+        return task.test_data(config.data_dir)
+    except (TaskError, DataError, OSError) as error:
+        missing = not isinstance(error, TaskError) or isinstance(error.__cause__, OSError | DataError)  # not a broken task
+        if config.evaluation != "auto" or task.builtin or not missing:
+            raise
+        logger.info("the leader has no test data of its own (%s): the learners evaluate on theirs", error)
+        return None
+
+
 def serve(
     config: LeaderConfig, enrolment_token: str | None = None, stop_event: threading.Event | None = None
 ) -> tuple[Leader, grpc.Server, int, Any]:
@@ -777,12 +824,13 @@ def serve(
 
     Setting `stop_event` (when given) stops the leader as a signal does: a launcher's way to end the run.
     """
-    test_data = load_dataset(config.dataset, config.data_dir, train=False, seed=config.seed)
-    train_data = load_dataset(config.dataset, config.data_dir, train=True, seed=config.seed) if config.data_mode == "split" else None
+    task = load_task(config.task) if config.task else builtin_task(config.model, config.dataset, 0, config.seed)
+    test_data = leader_test_data(config, task)
+    train_data = task.train_data(config.data_dir) if config.data_mode == "split" else None
     tls = rpc.Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
     if tls is not None and not tls.serving:
         raise ValueError("--tls-ca on the leader needs --tls-cert and --tls-key too")
-    leader = Leader(config, test_data, train_data, tls, stop_event)
+    leader = Leader(config, test_data, train_data, tls, stop_event, None if task.builtin else task)
     leader.roster.trusts_registrants = enrolment_token is not None or (tls is not None and tls.ca is not None)
     if checkpoint.remove_partial_writes(Path(config.checkpoint_dir)):
         logger.info("removed partly written checkpoint files left by an earlier run in %s", config.checkpoint_dir)
@@ -865,7 +913,7 @@ def main(argv: list[str] | None = None, stop_event: threading.Event | None = Non
         recorder = Recorder(run_dir, dataclasses.asdict(config), config.tensorboard, keep_rounds_before=leader.start_round)
         if leader.resumed_metrics is not None:
             recorder.ensure_recorded(leader.resumed_metrics)
-    except (DataError, OSError, ValueError, TensorBoardMissing) as error:
+    except (DataError, TaskError, OSError, ValueError, TensorBoardMissing) as error:
         print(f"leader: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

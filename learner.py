@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import os
@@ -22,17 +23,20 @@ import compression
 import rpc
 import wire
 from cli import setup_logging
-from model import build_model, compiled_for_training, memory_format_for
+from model import compiled_for_training, memory_format_for
 from options import LearnerConfig, parse_learner_config
 from protos import leader_pb2, learner_pb2, learner_pb2_grpc
 from secagg_learner import SecAggParty, masked_tensors, refuse
+from task import Task, TaskError, builtin_task, evaluate, load_task
 from training import LocalTrainer
-from utils import DataError, ImageData, load_dataset, resolve_device
+from utils import DataError, Examples, load_dataset, resolve_device
 
 logger = logging.getLogger(__name__)
 
 # Largest data split a learner accepts from GetData.
 MAX_DATA_BYTES = 8 << 30
+MAX_DATA_TENSORS = 16  # tensors per example a data split may declare (inputs and the target)
+EVAL_BATCH_SIZE = 1000  # examples per batch when this learner evaluates a global model on its own test data
 # One registration attempt, after which the learner says it is waiting; the leader calls this learner back (up to
 # 3 s) before it answers, and a retried registration gets the same identity.
 REGISTER_ATTEMPT_S = 5.0
@@ -72,8 +76,15 @@ class Stopped(Exception):
 class Learner:
     """One learner's state: its model, its data and the round it is in."""
 
-    def __init__(self, config: LearnerConfig, enrolment_token: str | None = None, tls: rpc.Tls | None = None) -> None:
+    def __init__(
+        self, config: LearnerConfig, enrolment_token: str | None = None, tls: rpc.Tls | None = None, task: Task | None = None
+    ) -> None:
         self.config = config
+        # the user's task (--task), or None to follow the leader's built-in model; its model is built now, so that
+        # registration can name the task and its manifest's digest
+        self.user_task = task
+        self.task: Task | None = None  # what this learner trains, once the plan came
+        self._task_model = task.model() if task is not None else None
         self.tls = tls
         self._enrolment_metadata = ((rpc.ENROLMENT_METADATA_KEY, enrolment_token),) if enrolment_token else ()
         self.device = resolve_device(config.device)
@@ -88,9 +99,17 @@ class Learner:
         self.learner_id = -1
         self.split_examples = 0  # examples of the split the leader sends (GetData); 0 with local data
         self.plan: leader_pb2.TrainingPlan | None = None
-        self.data: ImageData | None = None
+        self.data: Examples | None = None
+        # a client's script trains on data it holds itself (client.py): the examples it declares, 0 for learner.py
+        self.own_examples = 0
+        self.split_layout: list[wire.TensorSpec] = []  # what GetData streams, one example each (AckWithMetadata.split_layout)
+        self.test_data: Examples | None = None  # held-out data, loaded when the leader asks learners to evaluate
+        self._eval_model: torch.nn.Module | None = None  # a second model, so that evaluating never touches the one training
+        self._eval_lock = threading.Lock()
         self.trainer: LocalTrainer | None = None  # the round's local work, once prepared
         self.rounds_trained = 0
+        self.rounds_started = 0
+        self.round_state: dict[str, torch.Tensor] | None = None  # the round's global model, where kept (rounds())
         self._session_token = ""
         self._cond = threading.Condition()
         self._started = False
@@ -144,9 +163,11 @@ class Learner:
         info = leader_pb2.LearnerInfo(
             network_addr=advertise_address,
             callback_token=self.callback_token,
-            num_examples=len(self.data) if self.data is not None else 0,
+            num_examples=len(self.data) if self.data is not None else self.own_examples,
             version=rpc.PROTOCOL_VERSION,
             tls=self.tls is not None and self.tls.serving,
+            task=self.user_task.name if self.user_task is not None else "",
+            model_fingerprint=wire.fingerprint(wire.specs_of(self._task_model.state_dict())) if self._task_model is not None else "",
         )
         deadline = time.monotonic() + self.config.connect_timeout
         attempts = 0
@@ -186,6 +207,7 @@ class Learner:
                     raise LearnerError(f"the leader refused registration: {error.details()}") from None
         self.learner_id = reply.learner_id
         self.split_examples = reply.split_examples
+        self.split_layout = layout_specs(reply.split_layout)
         self.plan = reply.plan
         self._session_token = reply.session_token
         joins = f", joining from round {reply.joins_round}" if reply.joins_round > 1 else ""
@@ -199,17 +221,28 @@ class Learner:
             joins,
         )
 
-    def prepare(self) -> None:
-        """Build the model the plan names and fetch the data split when the leader holds the data."""
+    def prepare(self, train: bool = True) -> None:
+        """Build the model the plan names and fetch the data split when the leader holds the data.
+
+        With `train` False (a client's own loop trains, client.py) only the model, its checks and the held-out data are
+        prepared.
+        """
         plan = self.plan
         if plan.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: an op without such a kernel still runs
+        task = self.user_task or builtin_task(plan.model, plan.dataset, plan.num_classes, plan.seed)
+        self.task = task
         self.memory_format = memory_format_for(self.config.channels_last, plan.model, self.device)
-        self.model = build_model(plan.model, plan.num_classes).to(self.device, memory_format=self.memory_format)
+        model = self._task_model if self._task_model is not None else task.model()
+        self.model = model.to(self.device, memory_format=self.memory_format)
         self._forward = compiled_for_training(self.model, self.device) if self.config.compile else self.model
         self.specs = wire.specs_of(self.model.state_dict())
         self._receive_buffers = wire.BufferPool(wire.payload_bytes(self.specs), keep=RECEIVE_BUFFERS_KEPT)
         check_model(self.specs, plan)
+        if plan.learners_evaluate:
+            self.test_data = self._own_test_data()
+        if not train:
+            return
         if self.data is None:
             self.data = self._fetch_data()
         check_data(self.data, plan)
@@ -218,25 +251,53 @@ class Learner:
             self.learner_id,
             self.model,
             self._forward,
-            self.data.images.to(self.device),
-            self.data.labels.to(self.device),
+            task,
+            tuple(tensor.to(self.device) for tensor in self.data.tensors),
             self.memory_format,
             progress=self.config.progress and not self.config.quiet,
             slowdown=self.config.slowdown,
         )
 
+    def _own_test_data(self) -> Examples:
+        """This learner's held-out data (its task's test_data(--data-dir)), for the evaluations the leader asks for."""
+        try:
+            data = self.task.test_data(self.config.data_dir)
+        except (TaskError, DataError, OSError) as error:
+            raise LearnerError(f"the leader asks learners to evaluate on their own test data, and this one has none: {error}") from None
+        logger.info("evaluating global models on %d held-out examples of this learner's own", len(data))
+        return data
+
+    def evaluate(self, round_number: int, state: dict[str, torch.Tensor]) -> learner_pb2.EvaluateResult:
+        """Evaluate round `round_number`'s global model (its tensors `state`) on this learner's own test data."""
+        if self.test_data is None:
+            raise LearnerError("this learner holds no test data: the leader's plan did not ask learners to evaluate")
+        with self._eval_lock:  # one evaluation at a time, in a model of its own
+            if self._eval_model is None:  # a copy: a client's task builds no model of its own, it hands over the script's
+                self._eval_model = copy.deepcopy(self.model)
+            self._eval_model.load_state_dict(state)
+            values = evaluate(
+                self._eval_model, self.task, self.test_data, self.device, EVAL_BATCH_SIZE, stop=lambda: self._stop_reason is not None
+            )
+        if values is None:
+            raise LearnerError("stopping: the evaluation was cut short")
+        loss = values.pop("loss")
+        logger.info(
+            "round %d: evaluated the global model on %d own examples: loss %.4f %s", round_number, len(self.test_data), loss, values
+        )
+        return learner_pb2.EvaluateResult(round=round_number, num_examples=len(self.test_data), loss=loss, metrics=values)
+
     def _data_specs(self) -> list[wire.TensorSpec]:
-        """What GetData must stream: split_examples uint8 images of the plan's shape and as many int64 labels."""
-        return split_specs(self.split_examples, self.plan)
+        """What GetData must stream: split_examples examples of the layout registration announced."""
+        return split_specs(self.split_examples, self.split_layout)
 
     def _first_message_limit(self) -> int:
         """Most bytes the first message of a stream from the leader may take: a model's or a data split's manifest, a chunk, a header."""
         return wire.first_message_limit(self.specs if self.specs is not None else self._data_specs() if self.plan is not None else [])
 
-    def _fetch_data(self) -> ImageData:
-        """GetData: this learner's split, as uint8 images and int64 labels, exactly as many as registration said."""
+    def _fetch_data(self) -> Examples:
+        """GetData: this learner's split, exactly as many examples of the layout as registration said."""
         try:
-            data, nbytes = fetch_split(self.stub, self.learner_id, self.split_examples, self.plan, self._metadata())
+            data, nbytes = fetch_split(self.stub, self.learner_id, self.split_examples, self.split_layout, self.plan, self._metadata())
         except grpc.RpcError as error:
             raise self._call_failed("GetData", error) from None
         logger.info("received %d training examples (%.1f MB)", len(data), nbytes / 1e6)
@@ -255,23 +316,41 @@ class Learner:
 
     def run(self) -> str:
         """Wait for StartTraining, then train round after round until told to stop; returns the reason."""
-        self._wait(lambda: self._started, "StartTraining")
-        round_number, state, payload = self._get_model()
         try:
-            while True:
-                self.model.load_state_dict(state)
-                # secure aggregation sends buffers as changes from the round's model: keep it past the buffer's reuse
-                round_state = {name: tensor.clone() for name, tensor in state.items()} if self.plan.secure_aggregation else None
-                self._give_back(payload)  # the model holds its own copy now
+            for round_number in self.rounds():
                 update, num_examples, loss = self._train(round_number)
                 self._raise_if_stopped()
-                self._send(round_number, update, num_examples, loss, round_state)
-                self.rounds_trained += 1
-                self._wait(lambda: self._pending is not None and self._pending[0] > round_number, "the next global model")
-                with self._cond:
-                    (round_number, state, payload), self._pending = self._pending, None
+                self.report(round_number, update, num_examples, loss)
         except Stopped as stop:
+            if self.rounds_started == 0:
+                raise  # told to stop before training: the caller says so
             return str(stop)
+        return self._stop_reason or "told to stop"
+
+    def rounds(self) -> Iterator[int]:
+        """Each round (under fedbuff, each job) this learner takes part in, yielded once its global model is in self.model.
+
+        The caller does the round's work and report()s it; the next round's model is awaited when the caller asks for
+        it. Raises Stopped when the leader says stop (before the first round, or while a round is under way).
+        """
+        self._wait(lambda: self._started, "StartTraining")
+        round_number, state, payload = self._get_model()
+        while True:
+            self.model.load_state_dict(state)
+            # the round's model, kept past the buffer's reuse: secure aggregation sends buffers as changes from it,
+            # and a client's update is the change from it
+            self.round_state = {name: tensor.clone() for name, tensor in state.items()} if self.keeps_round_state() else None
+            self._give_back(payload)  # the model holds its own copy now
+            self.rounds_started += 1
+            yield round_number
+            self.rounds_trained += 1
+            self._wait(lambda: self._pending is not None and self._pending[0] > round_number, "the next global model")
+            with self._cond:
+                (round_number, state, payload), self._pending = self._pending, None
+
+    def keeps_round_state(self) -> bool:
+        """Whether each round's global model is kept beside the trained one (see rounds()): a client's update is the change from it."""
+        return self.plan.secure_aggregation or self.own_examples > 0
 
     def _raise_if_stopped(self) -> None:
         with self._cond:
@@ -343,16 +422,10 @@ class Learner:
         """Do round `round_number`'s local work; returns (update, examples used, mean loss)."""
         return self.trainer.train(round_number)
 
-    def _send(
-        self,
-        round_number: int,
-        update: dict[str, torch.Tensor],
-        num_examples: int,
-        loss: float,
-        round_state: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        """AccumulateGradients: stream the update (masked under secure aggregation); a stale round is logged, not fatal; a
-        busy or late answer is retried."""
+    def report(self, round_number: int, update: dict[str, torch.Tensor], num_examples: int, loss: float) -> None:
+        """AccumulateGradients: stream the round's update (masked under secure aggregation); a stale round is logged, not
+        fatal; a busy or late answer is retried."""
+        round_state = self.round_state
         if self.plan.secure_aggregation:
             # the leader runs stage 3 as the round starts; waiting heartbeats, so a session the leader ended ends the wait
             superseded = self._superseded(round_number)
@@ -440,20 +513,40 @@ def compress_for_plan(
     return compression.compress(update, plan.compression, plan.topk_ratio, sparse_names=parameters, residual=residual)
 
 
-def split_specs(count: int, plan: leader_pb2.TrainingPlan) -> list[wire.TensorSpec]:
-    """A data split of `count` examples as GetData streams it: uint8 images of the plan's shape and int64 labels."""
-    return [wire.TensorSpec("images", "uint8", (count, *plan.image_shape)), wire.TensorSpec("labels", "int64", (count,))]
+def layout_specs(layout: Any) -> list[wire.TensorSpec]:
+    """A data split's announced layout (one example of each tensor) as specs; LearnerError when it cannot be a data set."""
+    specs = [wire.TensorSpec(entry.name, entry.dtype, tuple(entry.shape)) for entry in layout]
+    if len(specs) > MAX_DATA_TENSORS:
+        raise LearnerError(f"the leader's data split declares {len(specs)} tensors per example; at most {MAX_DATA_TENSORS} are taken")
+    if len({spec.name for spec in specs}) != len(specs):
+        raise LearnerError("the leader's data split declares a tensor twice")
+    for spec in specs:
+        if spec.dtype not in wire.DTYPES or any(dim < 0 for dim in spec.shape):
+            raise LearnerError(f"the leader's data split declares {rpc.printable(spec.name, 40)!r} as an unknown dtype or a negative shape")
+    return specs
+
+
+def split_specs(count: int, layout: list[wire.TensorSpec]) -> list[wire.TensorSpec]:
+    """A data split of `count` examples as GetData streams it: each tensor of the layout with the count in front."""
+    return [wire.TensorSpec(spec.name, spec.dtype, (count, *spec.shape)) for spec in layout]
 
 
 def fetch_split(
-    stub: Any, learner_id: int, split_examples: int, plan: leader_pb2.TrainingPlan, metadata: tuple[tuple[str, str], ...]
-) -> tuple[ImageData, int]:
-    """GetData: a learner's split and its size in bytes, checked against the `split_examples` registration announced.
+    stub: Any,
+    learner_id: int,
+    split_examples: int,
+    layout: list[wire.TensorSpec],
+    plan: leader_pb2.TrainingPlan,
+    metadata: tuple[tuple[str, str], ...],
+) -> tuple[Examples, int]:
+    """GetData: a learner's split and its size in bytes, checked against the `split_examples` and layout registration announced.
 
     Nothing is allocated before the stream's manifest matches that split; memory is committed as bytes arrive.
     Raises grpc.RpcError when the call fails and LearnerError when the split is malformed.
     """
-    specs = split_specs(split_examples, plan)
+    if len(layout) < 2:
+        raise LearnerError("the leader announced no data split layout (inputs and a target): is it the same release?")
+    specs = split_specs(split_examples, layout)
     size = wire.payload_bytes(specs)
     if size > MAX_DATA_BYTES:
         raise LearnerError(f"the leader's data split of {size} bytes exceeds this learner's {MAX_DATA_BYTES}-byte limit")
@@ -462,23 +555,21 @@ def fetch_split(
         received = wire.receive(responses, max_bytes=size, expected=specs)
     except wire.WireError as error:
         raise LearnerError(f"the leader sent a malformed data split: {error}") from None
-    tensors = received.tensors
-    if set(tensors) != {"images", "labels"} or tensors["images"].dtype != torch.uint8 or tensors["labels"].dtype != torch.int64:
-        raise LearnerError("the leader's data split is not uint8 'images' with int64 'labels'")
-    images, labels = tensors["images"], tensors["labels"]
-    if images.dim() != 4 or labels.shape != (images.shape[0],):
-        raise LearnerError("the leader's data split has inconsistent shapes")
-    return ImageData(images, labels, plan.num_classes), len(received.payload)
+    data = Examples(tuple(received.tensors[spec.name] for spec in layout), plan.num_classes)
+    data.names = tuple(spec.name for spec in layout)
+    return data, len(received.payload)
 
 
-def check_data(data: ImageData, plan: leader_pb2.TrainingPlan) -> None:
-    """Raise LearnerError unless a learner's examples fit the plan: some examples, labels among its classes, its image shape."""
+def check_data(data: Examples, plan: leader_pb2.TrainingPlan) -> None:
+    """Raise LearnerError unless a learner's examples fit the plan: some examples, class targets among its classes, its image shape."""
     if len(data) == 0:
         raise LearnerError("this learner has no training examples")
-    if int(data.labels.max()) >= plan.num_classes or int(data.labels.min()) < 0:
-        raise LearnerError(f"labels fall outside the leader's {plan.num_classes} classes")
-    if tuple(data.images.shape[1:]) != tuple(plan.image_shape):
-        raise LearnerError(f"images are {list(data.images.shape[1:])}, the leader's model takes {list(plan.image_shape)}")
+    targets = data.targets
+    if plan.num_classes and targets.dim() == 1 and not targets.dtype.is_floating_point:
+        if int(targets.max()) >= plan.num_classes or int(targets.min()) < 0:
+            raise LearnerError(f"labels fall outside the leader's {plan.num_classes} classes")
+    if plan.image_shape and tuple(data.tensors[0].shape[1:]) != tuple(plan.image_shape):
+        raise LearnerError(f"images are {list(data.tensors[0].shape[1:])}, the leader's model takes {list(plan.image_shape)}")
 
 
 def check_model(specs: list[wire.TensorSpec], plan: leader_pb2.TrainingPlan) -> None:
@@ -526,6 +617,19 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     def Unmask(self, request: learner_pb2.SecAggUnmaskRequest, context: grpc.ServicerContext) -> learner_pb2.SecAggRevealedShares:
         return refuse(context, lambda: self.learner.secagg.unmask(request))
 
+    def Evaluate(self, request_iterator: Iterator[learner_pb2.ModelState], context: grpc.ServicerContext) -> learner_pb2.EvaluateResult:
+        specs = self.learner.specs
+        if specs is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "learner has no model yet")
+        try:
+            received = wire.receive(request_iterator, max_bytes=wire.payload_bytes(specs), expected=specs)
+        except wire.WireError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model to evaluate refused: {error}")
+        try:
+            return self.learner.evaluate(received.header.round, received.tensors)
+        except LearnerError as error:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+
 
 def rejoin_pause(attempt: int, draw: float) -> float:
     """Seconds to pause before the `attempt`-th re-registration (0-based), for a uniform `draw` in [0, 1)."""
@@ -569,7 +673,7 @@ def advertise_address_for(config: LearnerConfig, port: int) -> str:
     return f"{own_host}:{port}"
 
 
-def load_local_data(data_dir: str) -> ImageData:
+def load_local_data(data_dir: str) -> Examples:
     """A learner's own training data: an image folder (train/<class>/*) or CIFAR-10 in torchvision's format."""
     root = Path(data_dir)
     kind = "imagefolder" if (root / "train").is_dir() else "cifar10"
@@ -583,11 +687,14 @@ def main(argv: list[str] | None = None) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        local_data = load_local_data(config.data_dir) if config.data_dir else None
+        task = load_task(config.task) if config.task else None
+        local_data = None
+        if config.data_dir:
+            local_data = task.train_data(config.data_dir) if task is not None else load_local_data(config.data_dir)
         attempt = 0
         while True:
             try:
-                return run_session(config, enrolment_token, tls, local_data)
+                return run_session(config, enrolment_token, tls, local_data, task)
             except LeaderLost as error:
                 if not config.rejoin:
                     raise
@@ -600,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as stop:
         logger.info("stopping before training: %s", stop)
         return 0
-    except (LearnerError, DataError, OSError, ValueError) as error:
+    except (LearnerError, TaskError, DataError, OSError, ValueError) as error:
         print(f"learner: {error}", file=sys.stderr)
         return 1
     except grpc.RpcError as error:
@@ -644,15 +751,18 @@ def serve_learner_service(
         tls=tls,
         limits=rpc.CallLimits(is_member=is_member, max_stranger_calls=MAX_STRANGER_CALLS),
         request_deserializers={
-            f"/{rpc.LEARNER_SERVICE}/SyncModelState": wire.chunk_deserializer(learner_pb2.ModelState, first_message_limit)
+            f"/{rpc.LEARNER_SERVICE}/{method}": wire.chunk_deserializer(learner_pb2.ModelState, first_message_limit)
+            for method in ("SyncModelState", "Evaluate")
         },
         health_services=[rpc.LEARNER_SERVICE],
     )
 
 
-def run_session(config: LearnerConfig, enrolment_token: str | None, tls: rpc.Tls | None, local_data: ImageData | None) -> int:
+def run_session(
+    config: LearnerConfig, enrolment_token: str | None, tls: rpc.Tls | None, local_data: Examples | None, task: Task | None = None
+) -> int:
     """One membership of a federation: serve, register, train until told to stop. Raises LeaderLost if the leader goes."""
-    learner = Learner(config, enrolment_token, tls)
+    learner = Learner(config, enrolment_token, tls, task)
     learner.data = local_data
     server, port, _ = create_server(learner, config.host, config.port, tls)
     try:

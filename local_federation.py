@@ -134,8 +134,10 @@ def launch(argv: list[str], ray_thread: RayThread | None) -> int:
             parser.error("--learner-data-dir and --learner-compile work with --engine processes only")
         if args.aggregation == "fedbuff":
             parser.error("--engine ray runs pools that train one round's model at a time; fedbuff needs --engine processes")
-        if args.data_mode == "local" and args.dataset != "synthetic":
+        if args.data_mode == "local" and (args.dataset != "synthetic" or args.task):
             parser.error("--engine ray with --data-mode local makes synthetic data: add --dataset synthetic, or use --data-mode split")
+        if args.evaluation in ("learners", "both"):
+            parser.error("--engine ray's pools do not evaluate on their learners' data yet: use --evaluation leader")
     elif any(flag_given(argv, flag) for flag in ("--learner-cpus", "--learner-gpus", "--ray-address", "--actors", "--simulate-dropout")):
         parser.error("--learner-cpus, --learner-gpus, --ray-address, --actors and --simulate-dropout need --engine ray")
     leader_argv = drop_flags(argv, LAUNCHER_FLAGS)
@@ -165,6 +167,8 @@ def launch(argv: list[str], ray_thread: RayThread | None) -> int:
         ]  # several bars on one terminal overwrite each other; the leader's status line stands in
         if learner_dirs:
             cmd += ["--data-dir", learner_dirs[index]]
+        if args.task:
+            cmd += ["--task", args.task]
         if args.learner_compile:
             cmd.append("--compile")
         if args.token_file:
@@ -260,6 +264,7 @@ def run_on_ray(args: argparse.Namespace, leader_argv: list[str], port: int, ray_
         connect_timeout=LEARNER_CONNECT_TIMEOUT_S,
         dropout=args.simulate_dropout,
         seed=args.seed,
+        task=str(Path(args.task).resolve()) if args.task and args.task.endswith(".py") else args.task,  # actors start elsewhere
     )
     engine_config = ray_engine.RayEngineConfig(args.learners, args.learner_cpus, args.learner_gpus, args.actors or 0)
     ray_thread.start_pools(engine_config, pool_config, enrolment_token)

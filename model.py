@@ -1,4 +1,4 @@
-"""Model architectures both roles build by name (the blog's ResNet-18, CIFAR variants, a tiny CNN), their BatchNorm upkeep and evaluation."""
+"""Model architectures both roles build by name (the blog's ResNet-18, CIFAR variants, a tiny CNN) and their BatchNorm upkeep."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from utils import ImageData, normalize
 
 
 class BasicBlock(nn.Module):
@@ -165,7 +163,7 @@ def compiled_for_training(model: nn.Module, device: torch.device) -> Callable[[t
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default", dynamic=False)
 
 
-def recompute_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+def recompute_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor | tuple[torch.Tensor, ...]]) -> int:
     """Set every BatchNorm layer's running statistics to their average over `batches`, the weights untouched.
 
     Averaged weights do not compute what any of the models they came from computed, so the average of those
@@ -183,34 +181,11 @@ def recompute_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> in
     model.train()
     with torch.no_grad():
         for batch in batches:
-            model(batch)
+            model(*batch) if isinstance(batch, tuple) else model(batch)
     for layer, momentum in zip(layers, momenta, strict=False):
         layer.momentum = momentum
     model.train(training)
     return len(layers)
-
-
-def evaluate(
-    model: nn.Module, data: ImageData, device: torch.device, batch_size: int, stop: Callable[[], bool] = lambda: False
-) -> tuple[float, float] | None:
-    """Mean cross-entropy and accuracy of `model` on `data`; None when `stop()` turns true between batches."""
-    model.eval()
-    total_loss = 0.0
-    correct = 0
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(data), batch_size):
-                if stop():  # a shutdown is not kept waiting for a full pass over the test set
-                    return None
-                images = data.images[start : start + batch_size].to(device)
-                labels = data.labels[start : start + batch_size].to(device)
-                logits = model(normalize(images))
-                total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
-                correct += int((logits.argmax(1) == labels).sum())
-    finally:
-        model.train()
-    count = max(1, len(data))
-    return total_loss / count, correct / count
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:

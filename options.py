@@ -35,6 +35,7 @@ FEDBUFF_DEFAULT_MAX_BUFFER = 10
 # fedbuff's default --max-staleness: this many times the staleness of updates from learners that all train at one pace
 STALENESS_LIMIT_FACTOR = 4
 DATA_MODES = ("split", "local")
+EVALUATIONS = ("auto", "leader", "learners", "both")
 # --round-timeout 0: once the quorum has reported, the rest get this factor of the time it took, and at least
 # the floor; before that, health checks find the members that are gone.
 STRAGGLER_GRACE_FACTOR = 2.0
@@ -51,6 +52,7 @@ class LeaderConfig:
     min_learners: int = 0  # 0: half of each round's learners, rounded up, so that a federation survives losing the rest
     rounds: int = 10
     aggregation: str = "fedsgd"
+    task: str | None = None  # a user's task file or module; None: the built-in --model on --dataset
     model: str = "resnet18"
     dataset: str = "cifar10"
     data_dir: str | None = "data"
@@ -95,6 +97,8 @@ class LeaderConfig:
     join_timeout: float = 600.0
     round_timeout: float = 0.0  # 0: fitted to the round (STRAGGLER_GRACE_FACTOR)
     eval_every: int = 1
+    evaluation: str = "auto"  # auto: the leader on its test set, the learners on theirs where the leader has none
+    evaluation_learners: int = 0  # learners asked to evaluate each time; 0: every member of the round
     secure_aggregation: bool = False  # SecAgg+: the leader learns only each round's sum
     buffer_size: int = 0  # fedbuff: updates per aggregation; 0: half of --concurrency, at most FEDBUFF_DEFAULT_MAX_BUFFER
     max_staleness: int = 0  # fedbuff: 0: STALENESS_LIMIT_FACTOR times the staleness of learners that train at one pace
@@ -147,6 +151,7 @@ class LearnerConfig:
     host: str = "0.0.0.0"
     port: int = 0
     advertise_address: str | None = None
+    task: str | None = None  # the leader's task file or module, held here too; None: the leader's built-in model
     data_dir: str | None = None
     device: str = "auto"
     threads: int = 0
@@ -308,7 +313,14 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
 
     group = parser.add_argument_group("data")
     add = group.add_argument
-    add("--model", choices=list(MODELS), default=defaults.model, help="architecture, built from model.py on both sides")
+    add(
+        "--task",
+        default=defaults.task,
+        metavar="FILE.py|MODULE",
+        help="your own task: a Python file or module defining model(), train_data(data_dir), test_data(data_dir) and "
+        "optionally loss() and metrics(); every learner runs with the same --task (None: the built-in --model on --dataset)",
+    )
+    add("--model", choices=list(MODELS), default=defaults.model, help="built-in architecture, built from model.py on both sides")
     add("--dataset", choices=DATASETS, default=defaults.dataset, help="data set kind")
     add("--data-dir", default=defaults.data_dir, help="where the data set lives (CIFAR-10 downloads here when online)")
     add(
@@ -590,6 +602,19 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
         "simulation that measures only training)",
     )
     add(
+        "--evaluation",
+        choices=EVALUATIONS,
+        default=defaults.evaluation,
+        help="who evaluates the global model: the leader on its test set, the learners on their own test_data (the "
+        "leader records the mean and spread), or both; auto: the leader, or the learners where the leader has no test data",
+    )
+    add(
+        "--evaluation-learners",
+        type=non_negative_int,
+        default=defaults.evaluation_learners,
+        help="learners asked to evaluate each time under --evaluation learners or both (a seeded sample; 0: every member of the round)",
+    )
+    add(
         "--tensorboard",
         action="store_true",
         help="also log metrics for TensorBoard under <run-dir>/tensorboard (needs: pip install tensorboard)",
@@ -768,9 +793,16 @@ def build_learner_parser() -> Parser:
 
     group = parser.add_argument_group("data")
     group.add_argument(
+        "--task",
+        default=defaults.task,
+        metavar="FILE.py|MODULE",
+        help="the leader's --task, which this machine holds too (None: the leader's built-in model)",
+    )
+    group.add_argument(
         "--data-dir",
         default=defaults.data_dir,
-        help="train on local data here (train/<class>/* or CIFAR-10); None means receive a split from the leader",
+        help="train on local data here (your task's train_data(data_dir), or for a built-in model train/<class>/* or "
+        "CIFAR-10); None means receive a split from the leader",
     )
 
     group = parser.add_argument_group("training")

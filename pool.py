@@ -36,12 +36,14 @@ from learner import (
     check_model,
     compress_for_plan,
     fetch_split,
+    layout_specs,
     send_update,
     serve_learner_service,
 )
-from model import build_model, memory_format_for
+from model import memory_format_for
 from protos import leader_pb2, learner_pb2, learner_pb2_grpc
 from secagg_learner import SecAggParty, masked_tensors, refuse
+from task import Task, builtin_task, load_task
 from training import LocalTrainer
 from utils import resolve_device, synthetic_shard
 
@@ -78,6 +80,7 @@ class PoolConfig:
     # round), after the round's key stages under secure aggregation, and without training either way
     dropout: float = 0.0
     seed: int = 0
+    task: str | None = None  # the leader's --task, a file every node holds; None: the leader's built-in model
 
 
 @dataclass
@@ -110,6 +113,10 @@ class LearnerPool:
         self.tls = tls
         self._enrolment_metadata = ((rpc.ENROLMENT_METADATA_KEY, enrolment_token),) if enrolment_token else ()
         self.device = resolve_device(config.device)
+        self.user_task = load_task(config.task) if config.task else None  # None: a built-in one, made from the first plan
+        self.task: Task | None = None  # what the pool trains, once the first plan came
+        self._task_fingerprint = wire.fingerprint(wire.specs_of(self.user_task.model().state_dict())) if self.user_task is not None else ""
+        self.split_layout: list[wire.TensorSpec] = []  # what GetData streams (the same for every learner of a leader)
         self.learners = [VirtualLearner(index) for index in indices]
         self.channel = rpc.channel(config.leader, tls)
         self.stub = rpc.leader_stub(self.channel, self._first_message_limit)
@@ -182,6 +189,8 @@ class LearnerPool:
             version=rpc.PROTOCOL_VERSION,
             tls=self.tls is not None and self.tls.serving,
             pooled=True,
+            task=self.user_task.name if self.user_task is not None else "",
+            model_fingerprint=self._task_fingerprint,
         )
         deadline = time.monotonic() + self.config.connect_timeout
         call_backs_failed = 0
@@ -215,6 +224,7 @@ class LearnerPool:
             learner.learner_id = reply.learner_id
             learner.session_token = reply.session_token
             learner.split_examples = reply.split_examples
+            self.split_layout = layout_specs(reply.split_layout)
             if self.plan is None:
                 self._prepare(reply.plan)
 
@@ -222,12 +232,14 @@ class LearnerPool:
         """Build the pool's one model from the first registration's plan (under the lock)."""
         if plan.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        self.task = self.user_task or builtin_task(plan.model, plan.dataset, plan.num_classes, plan.seed)
         memory_format = memory_format_for("auto", plan.model, self.device)
-        model = build_model(plan.model, plan.num_classes).to(self.device, memory_format=memory_format)
+        model = self.task.model().to(self.device, memory_format=memory_format)
         specs = wire.specs_of(model.state_dict())
         check_model(specs, plan)
         self.plan, self.model, self.specs, self.memory_format = plan, model, specs, memory_format
-        threading.Thread(target=self._warm_up, name="pool-warm-up", daemon=True).start()
+        if self.task.builtin:  # a user's task's data is not known before the first split arrives
+            threading.Thread(target=self._warm_up, name="pool-warm-up", daemon=True).start()
 
     def _warm_up(self) -> None:
         """Train a throwaway copy of the model for one round while the other learners register.
@@ -238,10 +250,10 @@ class LearnerPool:
         plan = leader_pb2.TrainingPlan()
         plan.CopyFrom(self.plan)
         plan.local_steps = 1
-        model = build_model(plan.model, plan.num_classes).to(self.device, memory_format=self.memory_format)
+        model = self.task.model().to(self.device, memory_format=self.memory_format)
         data = synthetic_shard(max(2, plan.batch_size), plan.seed, -1)
-        labels = data.labels % plan.num_classes
-        trainer = LocalTrainer(plan, -1, model, model, data.images.to(self.device), labels.to(self.device), self.memory_format, False)
+        tensors = (data.images.to(self.device), (data.labels % plan.num_classes).to(self.device))
+        trainer = LocalTrainer(plan, -1, model, model, self.task, tensors, self.memory_format, False)
         try:
             trainer.train(1)
         except RuntimeError as error:  # the real round will meet it too, and say so
@@ -387,15 +399,15 @@ class LearnerPool:
         if self.config.examples_per_learner:
             data = synthetic_shard(self.config.examples_per_learner, self.plan.seed, learner.index)
         else:
-            data, _ = fetch_split(self.stub, learner.learner_id, learner.split_examples, self.plan, learner.metadata())
+            data, _ = fetch_split(self.stub, learner.learner_id, learner.split_examples, self.split_layout, self.plan, learner.metadata())
         check_data(data, self.plan)
         learner.trainer = LocalTrainer(
             self.plan,
             learner.learner_id,
             self.model,
             self.model,
-            data.images.to(self.device),
-            data.labels.to(self.device),
+            self.task,
+            tuple(tensor.to(self.device) for tensor in data.tensors),
             self.memory_format,
             progress=False,
         )

@@ -71,6 +71,21 @@ def call_learner(call: Callable[[LearnerRecord], Any], record: LearnerRecord) ->
     return None
 
 
+def task_mismatch(info: leader_pb2.LearnerInfo, task: str, fingerprint: str) -> str | None:
+    """Why a registering learner's task cannot train with this leader's (`task` empty: a built-in model), or None."""
+    theirs = rpc.printable(info.task, 80)
+    if info.task == task and (not task or info.model_fingerprint == fingerprint):
+        return None
+    if not task:
+        return f"this learner holds the task {theirs!r}, this leader trains a built-in model: start the learner without --task, or the leader with --task {theirs}"
+    if not info.task:
+        return f"this leader trains the task {task!r} (model manifest {fingerprint[:12]}): start the learner with --task and the same task file"
+    return (
+        f"this learner holds the task {theirs!r} (model manifest {rpc.printable(info.model_fingerprint, 12)}), this leader trains "
+        f"{task!r} (model manifest {fingerprint[:12]}): give both the same task file"
+    )
+
+
 class Channels:
     """One client channel (and stub) per learner address, shared by the learners of a pool and closed when the last one leaves."""
 
@@ -136,6 +151,7 @@ class Roster:
         self.tls = tls
         # registrants that proved they belong (enrolment secret, client certificate) may advertise any callback address
         self.trusts_registrants = False
+        self.expected_task = ("", "")  # the leader's task name (empty: a built-in model) and its model manifest's digest
         self.on_absent: Callable[[int, str], None] = lambda learner_id, why: None
         self._cond = cond
         self._calls = calls
@@ -260,6 +276,9 @@ class Roster:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"learner speaks protocol {info.version[:16] or '?'}, leader {rpc.PROTOCOL_VERSION}: install the same release on both",
             )
+        mismatch = task_mismatch(info, *self.expected_task)
+        if mismatch is not None:
+            raise rpc.RequestRefused(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
         problem = rpc.callback_problem(info.network_addr, peer, self.trusts_registrants)
         if problem is not None:
             raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, f"network_addr: {problem}")

@@ -31,7 +31,7 @@ LEARNER_SERVICE = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full
 
 # Bumped whenever the protos or the payload layout change incompatibly; a learner
 # with another version is refused at registration.
-PROTOCOL_VERSION = "5"
+PROTOCOL_VERSION = "6"
 # Metadata entry that carries a caller's secret on every call after registration.
 TOKEN_METADATA_KEY = "x-session-token"
 # Metadata entry that carries the federation's shared enrolment secret on RegisterLearner.
@@ -648,9 +648,18 @@ def leader_stub(channel: grpc.Channel, limit: Callable[[], int] | None = None) -
 
 
 def learner_stub(channel: grpc.Channel) -> learner_pb2_grpc.LearnerServiceStub:
-    """The generated stub, with SyncModelState sending the published model's frames as they are (no serialization per push)."""
+    """The generated stub, with SyncModelState and Evaluate sending the published model's frames as they are (no serialization per call)."""
     stub = learner_pb2_grpc.LearnerServiceStub(channel)
     stub.SyncModelState = channel.stream_unary(
         f"/{LEARNER_SERVICE}/SyncModelState", request_serializer=wire.serialize, response_deserializer=learner_pb2.Ack.FromString
     )
+    stub.Evaluate = channel.stream_unary(
+        f"/{LEARNER_SERVICE}/Evaluate", request_serializer=wire.serialize, response_deserializer=learner_pb2.EvaluateResult.FromString
+    )
     return stub
+
+
+def printable(text: str, limit: int) -> str:
+    """A peer's text made safe to show: control characters escaped, at most `limit` characters kept."""
+    shown = "".join(character if character.isprintable() else repr(character)[1:-1] for character in text[:limit])
+    return shown + ("..." if len(text) > limit else "")

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import aggregation
 import schedule
 from options import LOCAL_TRAINING
 from protos import leader_pb2
-from utils import derive_seed, training_inputs
+from task import Task
+from utils import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +108,9 @@ class LocalTrainer:
         plan: leader_pb2.TrainingPlan,
         learner_id: int,
         model: torch.nn.Module,
-        forward: Callable[[torch.Tensor], torch.Tensor],
-        images: torch.Tensor,
-        labels: torch.Tensor,
+        forward: Callable[..., torch.Tensor],
+        task: Task,
+        tensors: Sequence[torch.Tensor],
         memory_format: torch.memory_format,
         progress: bool,
         slowdown: float = 1.0,
@@ -121,10 +121,10 @@ class LocalTrainer:
         self.learner_id = learner_id
         self.model = model
         self.forward = forward  # the model, or with --compile its compiled form
+        self.task = task
         # The split is kept where the model trains (on the CPU, the same tensors): a GPU step then reads,
         # crops and flips its batch on the GPU rather than on the host and copying it over every step.
-        self.images = images
-        self.labels = labels
+        self.tensors = tuple(tensors)
         self.memory_format = memory_format
         self.progress = progress
         # a straggler on purpose (learner.py --slowdown): each step is followed by a pause of (slowdown - 1) times its
@@ -138,10 +138,10 @@ class LocalTrainer:
         """Do round `round_number`'s local work; returns (update, examples used, mean loss)."""
         plan = self.plan
         model = self.model
-        device = self.images.device
+        device = self.tensors[-1].device
         model.train()
         augment_generator = torch.Generator().manual_seed(derive_seed(plan.seed, self.learner_id, "augment", round_number))
-        batches = round_batches(plan, self.learner_id, len(self.labels), round_number)
+        batches = round_batches(plan, self.learner_id, len(self.tensors[-1]), round_number)
         logger.debug("round %d: training on %d local batches", round_number, len(batches))
         global_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         lr = schedule.round_lr(plan.lr, plan.lr_schedule or "constant", plan.warmup_rounds, plan.rounds, round_number)
@@ -155,9 +155,9 @@ class LocalTrainer:
         for step, indices in enumerate(progress):
             started = self._clock() if self.slowdown > 1 else 0.0
             indices = indices.to(device)
-            inputs = training_inputs(self.images, indices, augment_generator if plan.augment else None, self.memory_format)
+            inputs, targets = self.task.make_batch(self.tensors, indices, augment_generator if plan.augment else None, self.memory_format)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.forward(inputs), self.labels[indices])
+            loss = self.task.loss(self.forward(*inputs), targets)
             loss.backward()
             if plan.aggregation in LOCAL_TRAINING:
                 if plan.prox_mu:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +33,54 @@ class DataError(Exception):
     """A data set cannot be loaded; the message says what to do."""
 
 
-@dataclass
-class ImageData:
-    """Images as one uint8 tensor [N, C, H, W] with int64 labels [N]."""
+class Examples:
+    """A data set as whole tensors with one entry per example: the inputs, then the targets (the last tensor).
 
-    images: torch.Tensor
-    labels: torch.Tensor
-    num_classes: int
+    `num_classes` is the number of classes of integer targets (0 for other targets: regression, sequences).
+    """
+
+    names: tuple[str, ...] | None = None  # what GetData calls the tensors; None: input0.., target
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], num_classes: int = 0) -> None:
+        self.tensors = tuple(tensors)
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
-        return int(self.labels.shape[0])
+        return int(self.tensors[-1].shape[0])
 
-    def subset(self, indices: torch.Tensor) -> ImageData:
-        """The examples at `indices`, as a new ImageData."""
-        return ImageData(self.images[indices], self.labels[indices], self.num_classes)
+    @property
+    def targets(self) -> torch.Tensor:
+        """The last tensor: what the model learns to predict."""
+        return self.tensors[-1]
+
+    def tensor_names(self) -> tuple[str, ...]:
+        """Each tensor's name on the wire."""
+        if self.names is not None:
+            return self.names
+        return (*(f"input{index}" for index in range(len(self.tensors) - 1)), "target")
+
+    def subset(self, indices: torch.Tensor) -> Examples:
+        """The examples at `indices`, in a data set of the same kind."""
+        part = copy.copy(self)
+        part.tensors = tuple(tensor[indices] for tensor in self.tensors)
+        return part
+
+
+class ImageData(Examples):
+    """Images as one uint8 tensor [N, C, H, W] with int64 labels [N]."""
+
+    names = ("images", "labels")
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+        super().__init__((images, labels), num_classes)
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.tensors[0]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.tensors[1]
 
 
 def load_dataset(kind: str, data_dir: str | os.PathLike | None, train: bool, seed: int = 0) -> ImageData:
@@ -322,16 +356,24 @@ def label_histogram(labels: torch.Tensor, indices: torch.Tensor, num_classes: in
 PARTITIONS = ("iid", "dirichlet", "shards")
 
 
-def split_by(partition: str, data: ImageData, num_parts: int, alpha: float, classes_per_part: int, seed: int) -> list[torch.Tensor]:
-    """Each part's indices into `data` by --partition (iid, dirichlet or shards); logs every part's label histogram."""
+def split_by(partition: str, data: Examples, num_parts: int, alpha: float, classes_per_part: int, seed: int) -> list[torch.Tensor]:
+    """Each part's indices into `data` by --partition (iid, dirichlet or shards); logs every part's size (and label histogram)."""
+    labels = data.targets
+    if partition != "iid" and (data.num_classes < 1 or labels.dim() != 1):
+        raise DataError(
+            f"--partition {partition} splits by class: it needs one integer class per example; this data set's targets are not: use --partition iid"
+        )
     if partition == "dirichlet":
-        parts = split_dirichlet(data.labels, num_parts, alpha, seed)
+        parts = split_dirichlet(labels, num_parts, alpha, seed)
     elif partition == "shards":
-        parts = split_shards(data.labels, num_parts, classes_per_part, seed)
+        parts = split_shards(labels, num_parts, classes_per_part, seed)
     else:
         parts = split_iid(len(data), num_parts, seed)
     for index, part in enumerate(parts):
-        logger.info(
-            "split %d (%s): %d examples, per class %s", index, partition, len(part), label_histogram(data.labels, part, data.num_classes)
-        )
+        if data.num_classes > 0 and labels.dim() == 1:
+            logger.info(
+                "split %d (%s): %d examples, per class %s", index, partition, len(part), label_histogram(labels, part, data.num_classes)
+            )
+        else:
+            logger.info("split %d (%s): %d examples", index, partition, len(part))
     return parts

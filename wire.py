@@ -88,6 +88,11 @@ def fingerprint(specs: Sequence[TensorSpec]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def spec_message(spec: TensorSpec) -> tensors_pb2.TensorSpec:
+    """One spec as its proto message."""
+    return tensors_pb2.TensorSpec(name=spec.name, dtype=spec.dtype, shape=spec.shape)
+
+
 def manifest_of(specs: Sequence[TensorSpec]) -> tensors_pb2.TensorManifest:
     """The manifest that describes tensors of these specs."""
     manifest = tensors_pb2.TensorManifest(total_bytes=payload_bytes(specs))

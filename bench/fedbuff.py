@@ -30,7 +30,7 @@ import checkpoint
 import plots
 from bench import provenance, report
 from local_federation import free_port
-from model import build_model, evaluate
+from task import builtin_task, evaluate
 from utils import load_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +78,8 @@ def run(args: argparse.Namespace, run_dir: Path, aggregation: str, straggler: bo
 def evaluated(args: argparse.Namespace, run_dir: Path, test_data, minutes: float) -> list[tuple[int, float, float, float]]:
     """(round, elapsed seconds, test accuracy, staleness) of the first checkpoint after each --grid seconds, up to `minutes`."""
     rounds = [record for record in plots.read_metrics(run_dir) if record["elapsed_seconds"] <= minutes * 60]
-    model = build_model("resnet20", test_data.num_classes)
+    task = builtin_task("resnet20", "imagefolder", test_data.num_classes)
+    model = task.model()
     points, mark = [], args.grid
     for record in rounds:
         if record["elapsed_seconds"] < mark:
@@ -89,7 +90,7 @@ def evaluated(args: argparse.Namespace, run_dir: Path, test_data, minutes: float
         if not path.is_file():
             continue
         model.load_state_dict(checkpoint.load(path)[1])
-        _, accuracy = evaluate(model, test_data, torch.device("cpu"), 1000)
+        accuracy = evaluate(model, task, test_data, torch.device("cpu"), 1000)["accuracy"]
         points.append((record["round"], record["elapsed_seconds"], accuracy, record.get("staleness_mean") or 0.0))
     return points
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import tensors_pb2 as protos_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/leader.proto\x12\x06leader\x1a\x14protos/tensors.proto\"\x07\n\x05\x45mpty\"\x7f\n\x0bLearnerInfo\x12\x14\n\x0cnetwork_addr\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61llback_token\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0b\n\x03tls\x18\x05 \x01(\x08\x12\x0e\n\x06pooled\x18\x06 \x01(\x08\"\xf1\x03\n\x0cTrainingPlan\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x05\x12\x13\n\x0b\x61ggregation\x18\x03 \x01(\t\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\n\n\x02lr\x18\x05 \x01(\x02\x12\x10\n\x08momentum\x18\x06 \x01(\x02\x12\x14\n\x0cweight_decay\x18\x07 \x01(\x02\x12\x13\n\x0blocal_steps\x18\x08 \x01(\x05\x12\x14\n\x0clocal_epochs\x18\t \x01(\x05\x12\x0c\n\x04seed\x18\n \x01(\x03\x12\x0e\n\x06rounds\x18\x0b \x01(\x05\x12\x0f\n\x07\x61ugment\x18\x0c \x01(\x08\x12\x13\n\x0bimage_shape\x18\r \x03(\x03\x12\x0f\n\x07\x64\x61taset\x18\x0e \x01(\t\x12\x19\n\x11model_fingerprint\x18\x0f \x01(\t\x12\x15\n\rtorch_version\x18\x10 \x01(\t\x12\x15\n\rdeterministic\x18\x11 \x01(\x08\x12\x0f\n\x07prox_mu\x18\x12 \x01(\x02\x12\x13\n\x0b\x63ompression\x18\x13 \x01(\t\x12\x12\n\ntopk_ratio\x18\x14 \x01(\x01\x12\x13\n\x0blr_schedule\x18\x15 \x01(\t\x12\x15\n\rwarmup_rounds\x18\x16 \x01(\x05\x12\x15\n\rkeep_momentum\x18\x17 \x01(\x08\x12\x1a\n\x12secure_aggregation\x18\x18 \x01(\x08\"\xc5\x01\n\x0f\x41\x63kWithMetadata\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nlearner_id\x18\x03 \x01(\x05\x12\x14\n\x0cmax_learners\x18\x04 \x01(\x05\x12\"\n\x04plan\x18\x05 \x01(\x0b\x32\x14.leader.TrainingPlan\x12\x15\n\rsession_token\x18\x06 \x01(\t\x12\x13\n\x0bjoins_round\x18\x07 \x01(\x05\x12\x16\n\x0esplit_examples\x18\x08 \x01(\x03\"&\n\x10HeartbeatRequest\x12\x12\n\nlearner_id\x18\x01 \x01(\x05\"(\n\x12LearnerDataRequest\x12\x12\n\nlearner_id\x18\x01 \x01(\x05\"U\n\nModelChunk\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12)\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.tensors.TensorManifest\x12\r\n\x05round\x18\x03 \x01(\x05\"E\n\tDataChunk\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12)\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.tensors.TensorManifest\"\x95\x01\n\x0cGradientData\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12)\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.tensors.TensorManifest\x12\x12\n\nlearner_id\x18\x03 \x01(\x05\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x12\n\ntrain_loss\x18\x06 \x01(\x02\"\'\n\x03\x41\x63k\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xb7\x02\n\rLeaderService\x12\x41\n\x0fRegisterLearner\x12\x13.leader.LearnerInfo\x1a\x17.leader.AckWithMetadata\"\x00\x12\x31\n\x08GetModel\x12\r.leader.Empty\x1a\x12.leader.ModelChunk\"\x00\x30\x01\x12<\n\x07GetData\x12\x1a.leader.LearnerDataRequest\x1a\x11.leader.DataChunk\"\x00\x30\x01\x12<\n\x13\x41\x63\x63umulateGradients\x12\x14.leader.GradientData\x1a\x0b.leader.Ack\"\x00(\x01\x12\x34\n\tHeartbeat\x12\x18.leader.HeartbeatRequest\x1a\x0b.leader.Ack\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/leader.proto\x12\x06leader\x1a\x14protos/tensors.proto\"\x07\n\x05\x45mpty\"\xa8\x01\n\x0bLearnerInfo\x12\x14\n\x0cnetwork_addr\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61llback_token\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0b\n\x03tls\x18\x05 \x01(\x08\x12\x0e\n\x06pooled\x18\x06 \x01(\x08\x12\x0c\n\x04task\x18\x07 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x08 \x01(\t\"\x9a\x04\n\x0cTrainingPlan\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\x05\x12\x13\n\x0b\x61ggregation\x18\x03 \x01(\t\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\n\n\x02lr\x18\x05 \x01(\x02\x12\x10\n\x08momentum\x18\x06 \x01(\x02\x12\x14\n\x0cweight_decay\x18\x07 \x01(\x02\x12\x13\n\x0blocal_steps\x18\x08 \x01(\x05\x12\x14\n\x0clocal_epochs\x18\t \x01(\x05\x12\x0c\n\x04seed\x18\n \x01(\x03\x12\x0e\n\x06rounds\x18\x0b \x01(\x05\x12\x0f\n\x07\x61ugment\x18\x0c \x01(\x08\x12\x13\n\x0bimage_shape\x18\r \x03(\x03\x12\x0f\n\x07\x64\x61taset\x18\x0e \x01(\t\x12\x19\n\x11model_fingerprint\x18\x0f \x01(\t\x12\x15\n\rtorch_version\x18\x10 \x01(\t\x12\x15\n\rdeterministic\x18\x11 \x01(\x08\x12\x0f\n\x07prox_mu\x18\x12 \x01(\x02\x12\x13\n\x0b\x63ompression\x18\x13 \x01(\t\x12\x12\n\ntopk_ratio\x18\x14 \x01(\x01\x12\x13\n\x0blr_schedule\x18\x15 \x01(\t\x12\x15\n\rwarmup_rounds\x18\x16 \x01(\x05\x12\x15\n\rkeep_momentum\x18\x17 \x01(\x08\x12\x1a\n\x12secure_aggregation\x18\x18 \x01(\x08\x12\x0c\n\x04task\x18\x19 \x01(\t\x12\x19\n\x11learners_evaluate\x18\x1a \x01(\x08\"\xf0\x01\n\x0f\x41\x63kWithMetadata\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nlearner_id\x18\x03 \x01(\x05\x12\x14\n\x0cmax_learners\x18\x04 \x01(\x05\x12\"\n\x04plan\x18\x05 \x01(\x0b\x32\x14.leader.TrainingPlan\x12\x15\n\rsession_token\x18\x06 \x01(\t\x12\x13\n\x0bjoins_round\x18\x07 \x01(\x05\x12\x16\n\x0esplit_examples\x18\x08 \x01(\x03\x12)\n\x0csplit_layout\x18\t \x03(\x0b\x32\x13.tensors.TensorSpec\"&\n\x10HeartbeatRequest\x12\x12\n\nlearner_id\x18\x01 \x01(\x05\"(\n\x12LearnerDataRequest\x12\x12\n\nlearner_id\x18\x01 \x01(\x05\"U\n\nModelChunk\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12)\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.tensors.TensorManifest\x12\r\n\x05round\x18\x03 \x01(\x05\"E\n\tDataChunk\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12)\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.tensors.TensorManifest\"\x95\x01\n\x0cGradientData\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12)\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.tensors.TensorManifest\x12\x12\n\nlearner_id\x18\x03 \x01(\x05\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x12\n\ntrain_loss\x18\x06 \x01(\x02\"\'\n\x03\x41\x63k\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xb7\x02\n\rLeaderService\x12\x41\n\x0fRegisterLearner\x12\x13.leader.LearnerInfo\x1a\x17.leader.AckWithMetadata\"\x00\x12\x31\n\x08GetModel\x12\r.leader.Empty\x1a\x12.leader.ModelChunk\"\x00\x30\x01\x12<\n\x07GetData\x12\x1a.leader.LearnerDataRequest\x1a\x11.leader.DataChunk\"\x00\x30\x01\x12<\n\x13\x41\x63\x63umulateGradients\x12\x14.leader.GradientData\x1a\x0b.leader.Ack\"\x00(\x01\x12\x34\n\tHeartbeat\x12\x18.leader.HeartbeatRequest\x1a\x0b.leader.Ack\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EMPTY']._serialized_start=53
   _globals['_EMPTY']._serialized_end=60
-  _globals['_LEARNERINFO']._serialized_start=62
-  _globals['_LEARNERINFO']._serialized_end=189
-  _globals['_TRAININGPLAN']._serialized_start=192
-  _globals['_TRAININGPLAN']._serialized_end=689
-  _globals['_ACKWITHMETADATA']._serialized_start=692
-  _globals['_ACKWITHMETADATA']._serialized_end=889
-  _globals['_HEARTBEATREQUEST']._serialized_start=891
-  _globals['_HEARTBEATREQUEST']._serialized_end=929
-  _globals['_LEARNERDATAREQUEST']._serialized_start=931
-  _globals['_LEARNERDATAREQUEST']._serialized_end=971
-  _globals['_MODELCHUNK']._serialized_start=973
-  _globals['_MODELCHUNK']._serialized_end=1058
-  _globals['_DATACHUNK']._serialized_start=1060
-  _globals['_DATACHUNK']._serialized_end=1129
-  _globals['_GRADIENTDATA']._serialized_start=1132
-  _globals['_GRADIENTDATA']._serialized_end=1281
-  _globals['_ACK']._serialized_start=1283
-  _globals['_ACK']._serialized_end=1322
-  _globals['_LEADERSERVICE']._serialized_start=1325
-  _globals['_LEADERSERVICE']._serialized_end=1636
+  _globals['_LEARNERINFO']._serialized_start=63
+  _globals['_LEARNERINFO']._serialized_end=231
+  _globals['_TRAININGPLAN']._serialized_start=234
+  _globals['_TRAININGPLAN']._serialized_end=772
+  _globals['_ACKWITHMETADATA']._serialized_start=775
+  _globals['_ACKWITHMETADATA']._serialized_end=1015
+  _globals['_HEARTBEATREQUEST']._serialized_start=1017
+  _globals['_HEARTBEATREQUEST']._serialized_end=1055
+  _globals['_LEARNERDATAREQUEST']._serialized_start=1057
+  _globals['_LEARNERDATAREQUEST']._serialized_end=1097
+  _globals['_MODELCHUNK']._serialized_start=1099
+  _globals['_MODELCHUNK']._serialized_end=1184
+  _globals['_DATACHUNK']._serialized_start=1186
+  _globals['_DATACHUNK']._serialized_end=1255
+  _globals['_GRADIENTDATA']._serialized_start=1258
+  _globals['_GRADIENTDATA']._serialized_end=1407
+  _globals['_ACK']._serialized_start=1409
+  _globals['_ACK']._serialized_end=1448
+  _globals['_LEADERSERVICE']._serialized_start=1451
+  _globals['_LEADERSERVICE']._serialized_end=1762
 # @@protoc_insertion_point(module_scope)

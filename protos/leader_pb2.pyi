@@ -12,23 +12,27 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class LearnerInfo(_message.Message):
-    __slots__ = ("network_addr", "callback_token", "num_examples", "version", "tls", "pooled")
+    __slots__ = ("network_addr", "callback_token", "num_examples", "version", "tls", "pooled", "task", "model_fingerprint")
     NETWORK_ADDR_FIELD_NUMBER: _ClassVar[int]
     CALLBACK_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TLS_FIELD_NUMBER: _ClassVar[int]
     POOLED_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     network_addr: str
     callback_token: str
     num_examples: int
     version: str
     tls: bool
     pooled: bool
-    def __init__(self, network_addr: _Optional[str] = ..., callback_token: _Optional[str] = ..., num_examples: _Optional[int] = ..., version: _Optional[str] = ..., tls: _Optional[bool] = ..., pooled: _Optional[bool] = ...) -> None: ...
+    task: str
+    model_fingerprint: str
+    def __init__(self, network_addr: _Optional[str] = ..., callback_token: _Optional[str] = ..., num_examples: _Optional[int] = ..., version: _Optional[str] = ..., tls: _Optional[bool] = ..., pooled: _Optional[bool] = ..., task: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class TrainingPlan(_message.Message):
-    __slots__ = ("model", "num_classes", "aggregation", "batch_size", "lr", "momentum", "weight_decay", "local_steps", "local_epochs", "seed", "rounds", "augment", "image_shape", "dataset", "model_fingerprint", "torch_version", "deterministic", "prox_mu", "compression", "topk_ratio", "lr_schedule", "warmup_rounds", "keep_momentum", "secure_aggregation")
+    __slots__ = ("model", "num_classes", "aggregation", "batch_size", "lr", "momentum", "weight_decay", "local_steps", "local_epochs", "seed", "rounds", "augment", "image_shape", "dataset", "model_fingerprint", "torch_version", "deterministic", "prox_mu", "compression", "topk_ratio", "lr_schedule", "warmup_rounds", "keep_momentum", "secure_aggregation", "task", "learners_evaluate")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +57,8 @@ class TrainingPlan(_message.Message):
     WARMUP_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     KEEP_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    LEARNERS_EVALUATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_classes: int
     aggregation: str
@@ -77,10 +83,12 @@ class TrainingPlan(_message.Message):
     warmup_rounds: int
     keep_momentum: bool
     secure_aggregation: bool
-    def __init__(self, model: _Optional[str] = ..., num_classes: _Optional[int] = ..., aggregation: _Optional[str] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ..., augment: _Optional[bool] = ..., image_shape: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., torch_version: _Optional[str] = ..., deterministic: _Optional[bool] = ..., prox_mu: _Optional[float] = ..., compression: _Optional[str] = ..., topk_ratio: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_rounds: _Optional[int] = ..., keep_momentum: _Optional[bool] = ..., secure_aggregation: _Optional[bool] = ...) -> None: ...
+    task: str
+    learners_evaluate: bool
+    def __init__(self, model: _Optional[str] = ..., num_classes: _Optional[int] = ..., aggregation: _Optional[str] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ..., augment: _Optional[bool] = ..., image_shape: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., torch_version: _Optional[str] = ..., deterministic: _Optional[bool] = ..., prox_mu: _Optional[float] = ..., compression: _Optional[str] = ..., topk_ratio: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_rounds: _Optional[int] = ..., keep_momentum: _Optional[bool] = ..., secure_aggregation: _Optional[bool] = ..., task: _Optional[str] = ..., learners_evaluate: _Optional[bool] = ...) -> None: ...
 
 class AckWithMetadata(_message.Message):
-    __slots__ = ("success", "message", "learner_id", "max_learners", "plan", "session_token", "joins_round", "split_examples")
+    __slots__ = ("success", "message", "learner_id", "max_learners", "plan", "session_token", "joins_round", "split_examples", "split_layout")
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LEARNER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +97,7 @@ class AckWithMetadata(_message.Message):
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     JOINS_ROUND_FIELD_NUMBER: _ClassVar[int]
     SPLIT_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     success: bool
     message: str
     learner_id: int
@@ -97,7 +106,8 @@ class AckWithMetadata(_message.Message):
     session_token: str
     joins_round: int
     split_examples: int
-    def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., learner_id: _Optional[int] = ..., max_learners: _Optional[int] = ..., plan: _Optional[_Union[TrainingPlan, _Mapping]] = ..., session_token: _Optional[str] = ..., joins_round: _Optional[int] = ..., split_examples: _Optional[int] = ...) -> None: ...
+    split_layout: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.TensorSpec]
+    def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., learner_id: _Optional[int] = ..., max_learners: _Optional[int] = ..., plan: _Optional[_Union[TrainingPlan, _Mapping]] = ..., session_token: _Optional[str] = ..., joins_round: _Optional[int] = ..., split_examples: _Optional[int] = ..., split_layout: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("learner_id",)

@@ -89,8 +89,9 @@ class LeaderServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetData(self, request, context):
-        """Streams the learner's data split (leader-split mode only) as uint8 images
-        and int64 labels. Streams because a split is tens of MiB.
+        """Streams the learner's data split (leader-split mode only) as the tensors
+        AckWithMetadata.split_layout describes (inputs, then the target). Streams
+        because a split is tens of MiB.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

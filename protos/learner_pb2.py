@@ -25,39 +25,45 @@ _sym_db = _symbol_database.Default()
 from protos import tensors_pb2 as protos_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/learner.proto\x12\x07learner\x1a\x14protos/tensors.proto\"\x07\n\x05\x45mpty\"\x82\x01\n\nModelState\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12)\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.tensors.TensorManifest\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x0c\n\x04stop\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\r\n\x05\x66\x65tch\x18\x06 \x01(\x08\"\'\n\x03\x41\x63k\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"{\n\x0bSecAggSetup\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x12\n\nlearner_id\x18\x02 \x01(\x05\x12\x13\n\x0b\x63ohort_size\x18\x03 \x01(\x05\x12\x11\n\tthreshold\x18\x04 \x01(\x05\x12\r\n\x05\x62ound\x18\x05 \x01(\x01\x12\x12\n\nweight_cap\x18\x06 \x01(\x01\"7\n\x10SecAggPublicKeys\x12\x10\n\x08mask_key\x18\x01 \x01(\x0c\x12\x11\n\tshare_key\x18\x02 \x01(\x0c\"H\n\rNeighbourKeys\x12\x12\n\nlearner_id\x18\x01 \x01(\x05\x12\x10\n\x08mask_key\x18\x02 \x01(\x0c\x12\x11\n\tshare_key\x18\x03 \x01(\x0c\"P\n\x13SecAggNeighbourKeys\x12\r\n\x05round\x18\x01 \x01(\x05\x12*\n\nneighbours\x18\x02 \x03(\x0b\x32\x16.learner.NeighbourKeys\"8\n\x0e\x45ncryptedShare\x12\x12\n\nlearner_id\x18\x01 \x01(\x05\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"7\n\x0cSecAggShares\x12\'\n\x06shares\x18\x01 \x03(\x0b\x32\x17.learner.EncryptedShare\"J\n\x10SecAggCollection\x12\r\n\x05round\x18\x01 \x01(\x05\x12\'\n\x06shares\x18\x02 \x03(\x0b\x32\x17.learner.EncryptedShare\"H\n\x13SecAggUnmaskRequest\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x11\n\tsurvivors\x18\x02 \x03(\x05\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\x05\"E\n\rRevealedShare\x12\x12\n\nlearner_id\x18\x01 \x01(\x05\x12\x11\n\tself_seed\x18\x02 \x01(\x08\x12\r\n\x05value\x18\x03 \x01(\x0c\">\n\x14SecAggRevealedShares\x12&\n\x06shares\x18\x01 \x03(\x0b\x32\x16.learner.RevealedShare2\x87\x03\n\x0eLearnerService\x12/\n\rStartTraining\x12\x0e.learner.Empty\x1a\x0c.learner.Ack\"\x00\x12\x37\n\x0eSyncModelState\x12\x13.learner.ModelState\x1a\x0c.learner.Ack\"\x00(\x01\x12\x42\n\rAdvertiseKeys\x12\x14.learner.SecAggSetup\x1a\x19.learner.SecAggPublicKeys\"\x00\x12\x42\n\tShareKeys\x12\x1c.learner.SecAggNeighbourKeys\x1a\x15.learner.SecAggShares\"\x00\x12:\n\rCollectMasked\x12\x19.learner.SecAggCollection\x1a\x0c.learner.Ack\"\x00\x12G\n\x06Unmask\x12\x1c.learner.SecAggUnmaskRequest\x1a\x1d.learner.SecAggRevealedShares\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/learner.proto\x12\x07learner\x1a\x14protos/tensors.proto\"\xaa\x01\n\x0e\x45valuateResult\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x35\n\x07metrics\x18\x04 \x03(\x0b\x32$.learner.EvaluateResult.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x07\n\x05\x45mpty\"\x82\x01\n\nModelState\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12)\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.tensors.TensorManifest\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x0c\n\x04stop\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\r\n\x05\x66\x65tch\x18\x06 \x01(\x08\"\'\n\x03\x41\x63k\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"{\n\x0bSecAggSetup\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x12\n\nlearner_id\x18\x02 \x01(\x05\x12\x13\n\x0b\x63ohort_size\x18\x03 \x01(\x05\x12\x11\n\tthreshold\x18\x04 \x01(\x05\x12\r\n\x05\x62ound\x18\x05 \x01(\x01\x12\x12\n\nweight_cap\x18\x06 \x01(\x01\"7\n\x10SecAggPublicKeys\x12\x10\n\x08mask_key\x18\x01 \x01(\x0c\x12\x11\n\tshare_key\x18\x02 \x01(\x0c\"H\n\rNeighbourKeys\x12\x12\n\nlearner_id\x18\x01 \x01(\x05\x12\x10\n\x08mask_key\x18\x02 \x01(\x0c\x12\x11\n\tshare_key\x18\x03 \x01(\x0c\"P\n\x13SecAggNeighbourKeys\x12\r\n\x05round\x18\x01 \x01(\x05\x12*\n\nneighbours\x18\x02 \x03(\x0b\x32\x16.learner.NeighbourKeys\"8\n\x0e\x45ncryptedShare\x12\x12\n\nlearner_id\x18\x01 \x01(\x05\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"7\n\x0cSecAggShares\x12\'\n\x06shares\x18\x01 \x03(\x0b\x32\x17.learner.EncryptedShare\"J\n\x10SecAggCollection\x12\r\n\x05round\x18\x01 \x01(\x05\x12\'\n\x06shares\x18\x02 \x03(\x0b\x32\x17.learner.EncryptedShare\"H\n\x13SecAggUnmaskRequest\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x11\n\tsurvivors\x18\x02 \x03(\x05\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\x05\"E\n\rRevealedShare\x12\x12\n\nlearner_id\x18\x01 \x01(\x05\x12\x11\n\tself_seed\x18\x02 \x01(\x08\x12\r\n\x05value\x18\x03 \x01(\x0c\">\n\x14SecAggRevealedShares\x12&\n\x06shares\x18\x01 \x03(\x0b\x32\x16.learner.RevealedShare2\xc5\x03\n\x0eLearnerService\x12/\n\rStartTraining\x12\x0e.learner.Empty\x1a\x0c.learner.Ack\"\x00\x12\x37\n\x0eSyncModelState\x12\x13.learner.ModelState\x1a\x0c.learner.Ack\"\x00(\x01\x12\x42\n\rAdvertiseKeys\x12\x14.learner.SecAggSetup\x1a\x19.learner.SecAggPublicKeys\"\x00\x12\x42\n\tShareKeys\x12\x1c.learner.SecAggNeighbourKeys\x1a\x15.learner.SecAggShares\"\x00\x12:\n\rCollectMasked\x12\x19.learner.SecAggCollection\x1a\x0c.learner.Ack\"\x00\x12G\n\x06Unmask\x12\x1c.learner.SecAggUnmaskRequest\x1a\x1d.learner.SecAggRevealedShares\"\x00\x12<\n\x08\x45valuate\x12\x13.learner.ModelState\x1a\x17.learner.EvaluateResult\"\x00(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.learner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EMPTY']._serialized_start=55
-  _globals['_EMPTY']._serialized_end=62
-  _globals['_MODELSTATE']._serialized_start=65
-  _globals['_MODELSTATE']._serialized_end=195
-  _globals['_ACK']._serialized_start=197
-  _globals['_ACK']._serialized_end=236
-  _globals['_SECAGGSETUP']._serialized_start=238
-  _globals['_SECAGGSETUP']._serialized_end=361
-  _globals['_SECAGGPUBLICKEYS']._serialized_start=363
-  _globals['_SECAGGPUBLICKEYS']._serialized_end=418
-  _globals['_NEIGHBOURKEYS']._serialized_start=420
-  _globals['_NEIGHBOURKEYS']._serialized_end=492
-  _globals['_SECAGGNEIGHBOURKEYS']._serialized_start=494
-  _globals['_SECAGGNEIGHBOURKEYS']._serialized_end=574
-  _globals['_ENCRYPTEDSHARE']._serialized_start=576
-  _globals['_ENCRYPTEDSHARE']._serialized_end=632
-  _globals['_SECAGGSHARES']._serialized_start=634
-  _globals['_SECAGGSHARES']._serialized_end=689
-  _globals['_SECAGGCOLLECTION']._serialized_start=691
-  _globals['_SECAGGCOLLECTION']._serialized_end=765
-  _globals['_SECAGGUNMASKREQUEST']._serialized_start=767
-  _globals['_SECAGGUNMASKREQUEST']._serialized_end=839
-  _globals['_REVEALEDSHARE']._serialized_start=841
-  _globals['_REVEALEDSHARE']._serialized_end=910
-  _globals['_SECAGGREVEALEDSHARES']._serialized_start=912
-  _globals['_SECAGGREVEALEDSHARES']._serialized_end=974
-  _globals['_LEARNERSERVICE']._serialized_start=977
-  _globals['_LEARNERSERVICE']._serialized_end=1368
+  _globals['_EVALUATERESULT_METRICSENTRY']._loaded_options = None
+  _globals['_EVALUATERESULT_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_EVALUATERESULT']._serialized_start=56
+  _globals['_EVALUATERESULT']._serialized_end=226
+  _globals['_EVALUATERESULT_METRICSENTRY']._serialized_start=180
+  _globals['_EVALUATERESULT_METRICSENTRY']._serialized_end=226
+  _globals['_EMPTY']._serialized_start=228
+  _globals['_EMPTY']._serialized_end=235
+  _globals['_MODELSTATE']._serialized_start=238
+  _globals['_MODELSTATE']._serialized_end=368
+  _globals['_ACK']._serialized_start=370
+  _globals['_ACK']._serialized_end=409
+  _globals['_SECAGGSETUP']._serialized_start=411
+  _globals['_SECAGGSETUP']._serialized_end=534
+  _globals['_SECAGGPUBLICKEYS']._serialized_start=536
+  _globals['_SECAGGPUBLICKEYS']._serialized_end=591
+  _globals['_NEIGHBOURKEYS']._serialized_start=593
+  _globals['_NEIGHBOURKEYS']._serialized_end=665
+  _globals['_SECAGGNEIGHBOURKEYS']._serialized_start=667
+  _globals['_SECAGGNEIGHBOURKEYS']._serialized_end=747
+  _globals['_ENCRYPTEDSHARE']._serialized_start=749
+  _globals['_ENCRYPTEDSHARE']._serialized_end=805
+  _globals['_SECAGGSHARES']._serialized_start=807
+  _globals['_SECAGGSHARES']._serialized_end=862
+  _globals['_SECAGGCOLLECTION']._serialized_start=864
+  _globals['_SECAGGCOLLECTION']._serialized_end=938
+  _globals['_SECAGGUNMASKREQUEST']._serialized_start=940
+  _globals['_SECAGGUNMASKREQUEST']._serialized_end=1012
+  _globals['_REVEALEDSHARE']._serialized_start=1014
+  _globals['_REVEALEDSHARE']._serialized_end=1083
+  _globals['_SECAGGREVEALEDSHARES']._serialized_start=1085
+  _globals['_SECAGGREVEALEDSHARES']._serialized_end=1147
+  _globals['_LEARNERSERVICE']._serialized_start=1150
+  _globals['_LEARNERSERVICE']._serialized_end=1603
 # @@protoc_insertion_point(module_scope)

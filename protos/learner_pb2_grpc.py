@@ -65,6 +65,11 @@ class LearnerServiceStub:
                 request_serializer=protos_dot_learner__pb2.SecAggUnmaskRequest.SerializeToString,
                 response_deserializer=protos_dot_learner__pb2.SecAggRevealedShares.FromString,
                 _registered_method=True)
+        self.Evaluate = channel.stream_unary(
+                '/learner.LearnerService/Evaluate',
+                request_serializer=protos_dot_learner__pb2.ModelState.SerializeToString,
+                response_deserializer=protos_dot_learner__pb2.EvaluateResult.FromString,
+                _registered_method=True)
 
 
 class LearnerServiceServicer:
@@ -134,6 +139,18 @@ class LearnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evaluate(self, request_iterator, context):
+        """Federated evaluation (--evaluation learners or both): the leader streams a
+        global model (ModelState chunks, header field `round` = the round it
+        closed) and the learner evaluates it on its own held-out data (its task's
+        test_data) without touching the model it trains. A client stream for the
+        same reason as SyncModelState. A model that does not fit fails
+        INVALID_ARGUMENT; a learner with no held-out data fails FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +183,11 @@ def add_LearnerServiceServicer_to_server(servicer, server):
                     servicer.Unmask,
                     request_deserializer=protos_dot_learner__pb2.SecAggUnmaskRequest.FromString,
                     response_serializer=protos_dot_learner__pb2.SecAggRevealedShares.SerializeToString,
+            ),
+            'Evaluate': grpc.stream_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=protos_dot_learner__pb2.ModelState.FromString,
+                    response_serializer=protos_dot_learner__pb2.EvaluateResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -331,6 +353,33 @@ class LearnerService:
             '/learner.LearnerService/Unmask',
             protos_dot_learner__pb2.SecAggUnmaskRequest.SerializeToString,
             protos_dot_learner__pb2.SecAggRevealedShares.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/learner.LearnerService/Evaluate',
+            protos_dot_learner__pb2.ModelState.SerializeToString,
+            protos_dot_learner__pb2.EvaluateResult.FromString,
             options,
             channel_credentials,
             insecure,

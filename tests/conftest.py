@@ -144,6 +144,7 @@ class Client:
     learner_id: int
     token: str
     joins_round: int = 1
+    reply: leader_pb2.AckWithMetadata | None = None
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return rpc.token_metadata(self.token)
@@ -177,12 +178,18 @@ def callback_address() -> str:
     return _callback_server.address
 
 
-def register_client(channel: grpc.Channel, callback_token: str | None = None, address: str | None = None) -> Client:
+def register_client(
+    channel: grpc.Channel, callback_token: str | None = None, address: str | None = None, task: str = "", fingerprint: str = ""
+) -> Client:
     """Register through the real RPC, as a learner whose server is at `address` (by default the shared CallbackServer)."""
     address = address or callback_address()
     stub = leader_pb2_grpc.LeaderServiceStub(channel)
     info = leader_pb2.LearnerInfo(
-        network_addr=address, callback_token=callback_token or secrets.token_urlsafe(32), version=rpc.PROTOCOL_VERSION
+        network_addr=address,
+        callback_token=callback_token or secrets.token_urlsafe(32),
+        version=rpc.PROTOCOL_VERSION,
+        task=task,
+        model_fingerprint=fingerprint,
     )
     for attempt in range(100):  # a leader busy with other registrations says so; learner.py waits and tries again too
         try:
@@ -192,7 +199,7 @@ def register_client(channel: grpc.Channel, callback_token: str | None = None, ad
             if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or "in flight" not in error.details() or attempt == 99:
                 raise
             time.sleep(0.05)  # the busy leader's other registrations finish in milliseconds; not a wait for a peer's answer
-    return Client(stub, reply.learner_id, reply.session_token, reply.joins_round)
+    return Client(stub, reply.learner_id, reply.session_token, reply.joins_round, reply)
 
 
 @pytest.fixture

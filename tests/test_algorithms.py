@@ -243,12 +243,13 @@ def test_the_learners_sgd_steps_exactly_as_torch_optim_sgd():
 
 def test_a_slowed_learner_pauses_after_each_step_for_its_factor_less_one_times_the_step():
     from leader import training_plan
-    from model import build_model
+    from task import builtin_task
     from training import LocalTrainer
 
     config = leader_config(Path("unused"), aggregation="fedavg", local_steps=3, batch_size=4)
-    model = build_model("tiny-cnn")
-    plan = training_plan(config, 10, [])
+    task = builtin_task("tiny-cnn", "synthetic", 10)
+    model = task.model()
+    plan = training_plan(config, task, 10, [])
     data = utils.load_dataset("synthetic", None, train=True, seed=0)
     ticks = iter([10.0, 10.5, 20.0, 20.25, 30.0, 31.0])  # each step's start and end: 0.5 s, 0.25 s, 1 s
     pauses: list[float] = []
@@ -257,8 +258,8 @@ def test_a_slowed_learner_pauses_after_each_step_for_its_factor_less_one_times_t
         0,
         model,
         model,
-        data.images[:40],
-        data.labels[:40],
+        task,
+        (data.images[:40], data.labels[:40]),
         torch.contiguous_format,
         False,
         slowdown=4.0,
@@ -269,5 +270,7 @@ def test_a_slowed_learner_pauses_after_each_step_for_its_factor_less_one_times_t
     assert pauses == [1.5, 0.75, 3.0]  # 3 times each step: every step takes 4 times as long
 
     unslowed: list[float] = []
-    LocalTrainer(plan, 0, model, model, data.images[:40], data.labels[:40], torch.contiguous_format, False, sleep=unslowed.append).train(2)
+    LocalTrainer(
+        plan, 0, model, model, task, (data.images[:40], data.labels[:40]), torch.contiguous_format, False, sleep=unslowed.append
+    ).train(2)
     assert unslowed == []

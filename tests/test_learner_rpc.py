@@ -111,20 +111,20 @@ def sending_learner(refusals, monkeypatch):
 def test_a_busy_or_late_answer_sends_the_same_update_again(monkeypatch):
     busy, late = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED
     learner = sending_learner([busy, late], monkeypatch)
-    learner._send(1, {"w": torch.arange(6.0)}, 10, 0.5)
+    learner.report(1, {"w": torch.arange(6.0)}, 10, 0.5)
     calls = learner.stub.calls
     assert len(calls) == 3 and calls[0] == calls[1] == calls[2]  # the leader counts identical updates once
 
     learner = sending_learner([busy] * learner_module.SEND_ATTEMPTS, monkeypatch)
     with pytest.raises(LearnerError, match="RESOURCE_EXHAUSTED"):
-        learner._send(1, {"w": torch.arange(6.0)}, 10, 0.5)
+        learner.report(1, {"w": torch.arange(6.0)}, 10, 0.5)
     assert len(learner.stub.calls) == learner_module.SEND_ATTEMPTS
 
 
 def test_a_refused_update_is_not_sent_again(monkeypatch):
     learner = sending_learner([grpc.StatusCode.INVALID_ARGUMENT], monkeypatch)
     with pytest.raises(LearnerError, match="INVALID_ARGUMENT"):
-        learner._send(1, {"w": torch.arange(6.0)}, 10, 0.5)
+        learner.report(1, {"w": torch.arange(6.0)}, 10, 0.5)
     assert len(learner.stub.calls) == 1
 
 

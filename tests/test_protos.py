@@ -58,7 +58,7 @@ def test_blog_field_numbers_are_kept():
         assert numbers(message) == {"success": 1, "message": 2}
     service = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"]
     assert [m.name for m in service.methods][:4] == ["RegisterLearner", "GetModel", "GetData", "AccumulateGradients"]
-    # the blog's two first; secure aggregation's four stages after them
+    # the blog's two first; secure aggregation's four stages after them, then federated evaluation
     assert [m.name for m in learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].methods] == [
         "StartTraining",
         "SyncModelState",
@@ -66,4 +66,5 @@ def test_blog_field_numbers_are_kept():
         "ShareKeys",
         "CollectMasked",
         "Unmask",
+        "Evaluate",
     ]

@@ -16,8 +16,8 @@ import learner as learner_module
 import plots
 import rpc
 from conftest import join_all, leader_config, register_client, running_leader, start_learners
-from model import build_model
 from recorder import Recorder, TensorBoardMissing
+from task import builtin_task
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CNN_BYTES = 11_642 * 4  # float32 parameters of tiny-cnn, its whole state
@@ -166,7 +166,9 @@ def test_leader_serves_reflection_only_when_asked_and_health_always(tmp_path, ch
 
 
 def test_learner_with_a_different_model_build_stops_with_a_clear_message(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(learner_module, "build_model", lambda name, num_classes: build_model(name, num_classes + 1))
+    monkeypatch.setattr(
+        learner_module, "builtin_task", lambda name, dataset, num_classes, seed: builtin_task(name, dataset, num_classes + 1, seed)
+    )
     with running_leader(leader_config(tmp_path, learners=1, join_timeout=5)) as running:
         (thread,) = start_learners(running.address, 1)
         assert join_all([thread]) == [1]

@@ -17,7 +17,9 @@ import learner as learner_module
 import rpc
 import wire
 from conftest import callback_address, join_all, leader_config, register_client, running_leader, start_learners, wait_until
+from model import build_model
 from protos import leader_pb2, leader_pb2_grpc, tensors_pb2
+from utils import load_dataset
 
 
 def assert_refused(call, code, fragment=""):
@@ -67,7 +69,7 @@ def test_huge_finite_updates_are_scaled_to_the_rounds_bound_and_the_model_steps_
     with running_leader(leader_config(tmp_path, learners=2)) as running:
         leader = running.leader
         hostile, honest = (register_client(channel_to(running.address)) for _ in range(2))
-        reference_model = leader_module.build_model("tiny-cnn", 10)
+        reference_model = build_model("tiny-cnn", 10)
         reference_model.load_state_dict(leader.model.state_dict())
         optimizer = torch.optim.SGD(reference_model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.001)
         model_norm = norm64(dict(reference_model.named_parameters()))
@@ -133,7 +135,7 @@ def test_a_learner_claiming_a_billion_examples_weighs_at_most_four_times_the_med
         server_opt="sgd",
         max_norm_ratio=0.0,
     )
-    test_data = leader_module.load_dataset("synthetic", None, train=False)
+    test_data = load_dataset("synthetic", None, train=False)
     leader = leader_module.Leader(config, test_data, None)
     for token, claimed in (("c" * 32, 100), ("d" * 32, 10**9)):  # the roster calls each back at the shared CallbackServer
         leader.roster.register(
@@ -335,6 +337,7 @@ def test_a_data_stream_declaring_more_than_the_announced_split_is_refused_before
     learner = learner_module.Learner(learner_module.LearnerConfig(leader="127.0.0.1:1", device="cpu"))
     learner.plan = leader_pb2.TrainingPlan(image_shape=[3, 32, 32], num_classes=10)
     learner.split_examples = 10
+    learner.split_layout = [wire.TensorSpec("images", "uint8", (3, 32, 32)), wire.TensorSpec("labels", "int64", ())]
     declared = {"images": torch.zeros(0, dtype=torch.uint8), "labels": torch.zeros(0, dtype=torch.int64)}
     manifest, _ = wire.encode(declared)
     manifest.tensors[0].shape[:] = [2**20, 3, 32, 32]  # 3 GiB declared, 64 bytes sent

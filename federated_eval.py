@@ -1,0 +1,141 @@
+"""Federated evaluation: learners evaluate a global model on their own held-out data; the leader keeps the weighted mean and spread."""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import grpc
+
+import rpc
+from protos import learner_pb2
+from roster import LearnerRecord, Roster
+from task import MAX_METRIC_NAME, MAX_METRICS
+from utils import derive_seed
+
+logger = logging.getLogger(__name__)
+
+# A learner's evaluation may take this long beyond receiving the model: a held-out set of tens of thousands of
+# examples on a CPU that is training the next round at the same time.
+EVALUATE_SLACK_S = 600.0
+# Most held-out examples a learner may claim: its report's weight in the mean (as MAX_LOCAL_EXAMPLES bounds training).
+MAX_EVAL_EXAMPLES = 100_000_000
+
+
+@dataclass(frozen=True)
+class Report:
+    """One learner's checked evaluation: its example count, mean loss and metrics."""
+
+    learner_id: int
+    num_examples: int
+    values: dict[str, float]  # "loss" and the task's metrics
+
+
+def check_result(result: learner_pb2.EvaluateResult, round_number: int) -> dict[str, float]:
+    """The result's numbers, or ValueError saying why they cannot be counted (wrong round, counts, names or values)."""
+    if result.round != round_number:
+        raise ValueError(f"the result is for round {result.round}, not {round_number}")
+    if not 0 < result.num_examples <= MAX_EVAL_EXAMPLES:
+        raise ValueError(f"num_examples must be in 1..{MAX_EVAL_EXAMPLES}, got {result.num_examples}")
+    if len(result.metrics) > MAX_METRICS:
+        raise ValueError(f"{len(result.metrics)} metrics; at most {MAX_METRICS}")
+    values = {"loss": result.loss, **result.metrics}
+    for name, value in values.items():
+        if not name.isidentifier() or len(name) > MAX_METRIC_NAME:
+            raise ValueError(f"metric names must be identifiers of up to {MAX_METRIC_NAME} characters, got {name[:MAX_METRIC_NAME]!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{name} is not finite")
+    return values
+
+
+def summarize(reports: Sequence[Report]) -> dict[str, float | int]:
+    """metrics.jsonl's federated evaluation entries: per value, the mean weighted by examples and the min, median and max.
+
+    Only values every report carries are summarized, so that a mean is always over the same learners.
+    """
+    if not reports:
+        return {}
+    names = set(reports[0].values).intersection(*(report.values for report in reports[1:]))
+    total = sum(report.num_examples for report in reports)
+    summary: dict[str, float | int] = {"fed_eval_learners": len(reports), "fed_eval_examples": total}
+    for name in sorted(names):
+        values = [report.values[name] for report in reports]
+        summary[f"fed_eval_{name}"] = sum(report.values[name] * report.num_examples for report in reports) / total
+        summary[f"fed_eval_{name}_min"] = min(values)
+        summary[f"fed_eval_{name}_median"] = statistics.median(values)
+        summary[f"fed_eval_{name}_max"] = max(values)
+    return summary
+
+
+def choose(records: Sequence[LearnerRecord], count: int, seed: int, round_number: int) -> list[LearnerRecord]:
+    """The learners asked to evaluate: all of them (count 0 or at least as many), else a seeded sample of `count`."""
+    ordered = sorted(records, key=lambda record: record.learner_id)
+    if count <= 0 or count >= len(ordered):
+        return ordered
+    return sorted(random.Random(derive_seed(seed, "evaluate", round_number)).sample(ordered, count), key=lambda record: record.learner_id)
+
+
+class FederatedEvaluation:
+    """Sends a global model to learners with Evaluate, checks each answer, and marks a learner that fails absent."""
+
+    def __init__(self, roster: Roster, calls: Executor, learners: int, seed: int) -> None:
+        self.roster = roster
+        self._calls = calls
+        self.learners = learners  # --evaluation-learners (0: all)
+        self.seed = seed
+
+    def run(
+        self, records: Sequence[LearnerRecord], round_number: int, states: list[bytes], nbytes: int, stop: Callable[[], bool]
+    ) -> dict[str, float | int]:
+        """Ask the chosen learners to evaluate round `round_number`'s model (framed as `states`); returns the summary."""
+        chosen = choose([record for record in records if record.alive], self.learners, self.seed, round_number)
+        reports: list[Report] = []
+        lock = threading.Lock()
+        timeout = rpc.transfer_timeout(nbytes) + EVALUATE_SLACK_S
+
+        def evaluate(record: LearnerRecord) -> None:
+            metadata = rpc.token_metadata(record.callback_token)
+            try:
+                result = record.stub.Evaluate(iter(states), timeout=timeout, metadata=metadata)
+                values = check_result(result, round_number)
+            except grpc.RpcError as error:
+                self.roster.mark_absent_on_error(record, "evaluation", f"{error.code().name}: {error.details()}")
+                return
+            except ValueError as error:  # an answer that cannot be counted: as a malformed update, the learner is dropped
+                self.roster.mark_absent_on_error(record, "evaluation", f"its result was refused: {error}")
+                return
+            with lock:
+                reports.append(Report(record.learner_id, result.num_examples, values))
+
+        futures = [self._calls.submit(evaluate, record) for record in chosen]
+        for future in futures:
+            while not stop():
+                try:
+                    future.result(timeout=0.5)  # a slice, so that a shutdown is not kept waiting for a slow learner
+                    break
+                except TimeoutError:
+                    continue
+        with lock:
+            return summarize(sorted(reports, key=lambda report: report.learner_id))
+
+
+def describe(metrics: dict) -> str:
+    """The round's log line's evaluation part: the leader's test loss and accuracy, the learners' mean (min-max)."""
+    parts = []
+    if metrics.get("test_loss") is not None:
+        accuracy = metrics.get("test_accuracy")
+        parts.append(f"test loss {metrics['test_loss']:.4f}" + (f", test accuracy {100 * accuracy:.2f}%" if accuracy is not None else ""))
+    if "fed_eval_loss" in metrics:
+        text = f"learners' loss {metrics['fed_eval_loss']:.4f} ({metrics['fed_eval_loss_min']:.4f}-{metrics['fed_eval_loss_max']:.4f})"
+        if "fed_eval_accuracy" in metrics:
+            text += (
+                f", accuracy {100 * metrics['fed_eval_accuracy']:.2f}% "
+                f"({100 * metrics['fed_eval_accuracy_min']:.2f}-{100 * metrics['fed_eval_accuracy_max']:.2f}%)"
+            )
+        parts.append(f"{text} over {metrics['fed_eval_learners']} learners")
+    return ", ".join(parts) or "not evaluated"
