@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -52,6 +53,10 @@ def test_every_readme_command_is_one_this_file_runs():
         "pip install -r requirements.txt && python local_federation.py --model resnet20 --aggregation fedavg --batch-size 64 --lr 0.05 --rounds 5",
         "pip install -r requirements.txt && python -m pytest",  # .ci/run runs exactly this
         "python local_federation.py --dataset synthetic --model tiny-cnn --aggregation fedavg --local-steps 20 --rounds 5",
+        "python local_federation.py --task examples/sequence.py --aggregation fedavg --local-steps 50 --rounds 6 --lr 0.1",
+        "python examples/tabular_sites.py sites --sites 2",
+        "python local_federation.py --task examples/tabular.py --data-mode local --learner-data-dir sites/site0 --learner-data-dir "
+        "sites/site1 --aggregation fedavg --local-steps 60 --rounds 5 --lr 0.05",
         "python local_federation.py --dataset synthetic --model tiny-cnn --aggregation fedavg --local-steps 20 --rounds 5 --learners 4 "
         "--secure-aggregation",
         "python local_federation.py --dataset synthetic --model tiny-cnn --aggregation fedbuff --local-steps 20 --rounds 20 --learners 4",
@@ -79,6 +84,38 @@ def test_the_offline_quickstart_learns(tmp_path):
     result = run([*python_command(command), "--run-dir", str(tmp_path / "run")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert metrics(tmp_path / "run")[-1]["test_accuracy"] > 0.9
+
+
+def test_the_client_api_diff_is_the_examples_own():
+    (block,) = fenced("diff")
+    plain = (ROOT / "examples" / "plain_training.py").read_text().splitlines()
+    federated = (ROOT / "examples" / "federated_training.py").read_text().splitlines()
+    changed = [line for line in difflib.unified_diff(plain, federated, lineterm="") if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert block.splitlines() == changed
+
+
+@pytest.mark.slow
+def test_the_sequence_task_example_learns_as_written(tmp_path):
+    (command,) = [line for line in commands() if "--task examples/sequence.py" in line]
+    result = run([*python_command(command), "--device", "cpu", "--run-dir", str(tmp_path / "run")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = metrics(tmp_path / "run")[-1]
+    assert final["test_accuracy"] > 0.3  # next-token accuracy; the trivial predictor's is 1/16
+
+
+def test_the_tabular_task_example_learns_on_data_that_stays_on_the_sites(tmp_path):
+    (make_sites,) = [line for line in commands() if line.startswith("python examples/tabular_sites.py")]
+    (command,) = [line for line in commands() if "--task examples/tabular.py" in line]
+
+    def from_here(line: str) -> list[str]:  # run in tmp_path, where sites/ is written: the repository's files by full path
+        return [str(ROOT / arg) if arg.endswith(".py") else arg for arg in python_command(line)]
+
+    assert run(from_here(make_sites), cwd=tmp_path).returncode == 0
+    result = run([*from_here(command), "--device", "cpu", "--run-dir", str(tmp_path / "run")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = metrics(tmp_path / "run")[-1]
+    assert final["test_loss"] is None and final["fed_eval_learners"] == 2  # the learners evaluated, the leader could not
+    assert final["fed_eval_mse"] < 0.5  # the targets' variance (the mean predictor's error) is about 2
 
 
 def test_the_secure_aggregation_example_learns_while_the_leader_sees_only_sums(tmp_path):
@@ -165,7 +202,7 @@ def test_resume_and_the_checkpoint_snippet_work_from_the_readme(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [entry["round"] for entry in metrics(run_dir)] == [1, 2]
 
-    (snippet,) = fenced("python")
+    (snippet,) = [block for block in fenced("python") if "safetensors" in block or "checkpoint" in block]
     script = tmp_path / "elsewhere" / "load.py"
     script.parent.mkdir()
     script.write_text(snippet.replace("/path/to/runs/RUN", str(run_dir)) + "print(sum(p.numel() for p in model.parameters()))\n")
