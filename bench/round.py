@@ -8,6 +8,7 @@ stream. Also reports the bytes moved per round against the model's size.
 
     python -m bench.round --rounds 10
     python -m bench.round --rounds 10 --device cuda   # learners and the plain step on the GPU
+    python -m bench.round --rounds 10 --task-runs 2   # also the same workload as a user's task file (--task)
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ TRANSFERS_PER_ROUND = 4  # two updates in, two models out
 COMPUTE_REPEATS = 10
 STREAM_REPEATS = 5
 GOAL = 1.25
+TASK_FILE = "bench/tasks/resnet18_synthetic.py"  # the same workload as a user's --task
+TASK_GOAL = 1.02  # a user's task file costs at most this much more per round than the built-in model
 
 
 def compute_seconds(repeats: int, device: torch.device) -> list[float]:
@@ -79,16 +82,13 @@ def bare_stream_seconds(size: int, repeats: int) -> list[float]:
     return seconds
 
 
-def federation_rounds(rounds: int, checkpoint_every: int, device: torch.device) -> list[dict]:
+def federation_rounds(rounds: int, checkpoint_every: int, device: torch.device, task: str | None = None) -> list[dict]:
     """Run the real federation (leader and learner processes) for one warm-up round plus `rounds`; returns metrics."""
     with tempfile.TemporaryDirectory() as run_dir:
         command = [
             sys.executable,
             "local_federation.py",
-            "--dataset",
-            "synthetic",
-            "--model",
-            MODEL,
+            *(["--task", task] if task else ["--dataset", "synthetic", "--model", MODEL]),
             "--device",
             str(device),
             "--aggregation",
@@ -125,6 +125,12 @@ def main() -> None:
         help="the leader's --checkpoint-every (default 0: the leader's default, a checkpoint by time, every 60 s)",
     )
     parser.add_argument("--device", default="cpu", help="where the leader, the learners and the plain step compute: cpu or cuda")
+    parser.add_argument(
+        "--task-runs",
+        type=int,
+        default=0,
+        help="also run the workload through a user's task file, alternating this many federations of each path (default 0: not)",
+    )
     args = parser.parse_args()
     try:
         device = resolve_device(args.device)
@@ -168,6 +174,26 @@ def main() -> None:
         f"round / (compute + {TRANSFERS_PER_ROUND} transfers at the bare rate) = {median_round:.3f} / {floor:.3f} = "
         f"{median_round / floor:.2f}x (goal: at most {GOAL}x)"
     )
+    if args.task_runs:
+        compare_task_path(args.task_runs, args.rounds, args.checkpoint_every, device)
+
+
+def compare_task_path(runs: int, rounds: int, checkpoint_every: int, device: torch.device) -> None:
+    """Median round seconds of the built-in model against the same workload as a task file, federations alternated."""
+    seconds: dict[str, list[float]] = {"built-in --model": [], f"--task {TASK_FILE}": []}
+    for _ in range(runs):
+        for label, task in (("built-in --model", None), (f"--task {TASK_FILE}", TASK_FILE)):
+            seconds[label] += [record["round_seconds"] for record in federation_rounds(rounds, checkpoint_every, device, task)[1:]]
+    print()
+    print(f"## The same workload through a task file ({runs} federations of each, alternated; {rounds} timed rounds each)")
+    print()
+    print("| path | median s/round | min | max |")
+    print("|---|---|---|---|")
+    for label, values in seconds.items():
+        print(f"| {label} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} |")
+    builtin, task = (statistics.median(values) for values in seconds.values())
+    print()
+    print(f"task / built-in = {task:.3f} / {builtin:.3f} = {task / builtin:.3f}x (goal: at most {TASK_GOAL}x)")
 
 
 if __name__ == "__main__":
