@@ -114,6 +114,21 @@ def test_twenty_virtual_learners_on_two_nodes_end_with_the_process_engines_weigh
         assert process_round_metrics["bytes_out"] == 20 * model_bytes
 
 
+def test_a_users_task_file_runs_on_ray_and_its_int64_tokens_reach_the_pools(tmp_path, cluster_address):
+    flags = ["--task", "examples/sequence.py", "--learners", "6", "--rounds", "2", "--local-steps", "20", "--lr", "0.1"]
+    result = subprocess.run(
+        federation(tmp_path / "run", *flags, "--engine", "ray", "--ray-address", cluster_address),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = metrics(tmp_path / "run")
+    assert [entry["learners_reported"] for entry in history] == [6, 6]
+    assert history[-1]["test_loss"] < history[0]["test_loss"]  # the pools trained the GRU on their token splits
+
+
 def pool_actor_pids() -> list[int]:
     """Processes Ray titled as PoolActor workers."""
     pids = []

@@ -296,3 +296,30 @@ class RequestSizes(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInter
         if method == "Evaluate":
             self.calls.append(("Evaluate:result", outcome.result().ByteSize()))
         return outcome
+
+
+# ---- a user's task with the rest of the system ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(aggregation="fedavg", secure_aggregation=True, dp_noise_multiplier=0.1, clip_norm=5.0, learners=3),
+        dict(aggregation="fedbuff", learners=2, compression="int8"),
+    ],
+    ids=["secure-aggregation-and-dp", "fedbuff-int8"],
+)
+def test_a_user_task_runs_with_secure_aggregation_dp_and_fedbuff(tmp_path, settings):
+    path = write_task(tmp_path, FLOAT_TASK)
+    config = leader_config(tmp_path, task=str(path), rounds=3, local_steps=5, batch_size=8, lr=0.05, **settings)
+    with running_leader(config) as running:
+        threads = start_learners(running.address, config.learners, ["--task", str(path)])
+        history = running.leader.run()
+        assert join_all(threads) == [0] * config.learners
+    assert [entry["round"] for entry in history] == [1, 2, 3]
+    if config.secure_aggregation:
+        assert all(entry["learners_reported"] == 3 and entry["update_norm_mean"] is None for entry in history)  # sums only
+        assert history[0]["dp_epsilon"] < history[-1]["dp_epsilon"]
+    else:
+        assert all(entry["updates_buffered"] == 1 for entry in history)  # fedbuff's default buffer: half of 2 learners
+    assert history[-1]["test_loss"] < history[0]["test_loss"]  # it learns through either path
