@@ -26,7 +26,9 @@ import torch
 
 import aggregation
 import rpc
-from learner import LeaderLost, Learner, LearnerError, Stopped, advertise_address_for, create_server, rejoin_pause
+from learner import Learner, advertise_address_for, rejoin_pause
+from learner_data import LeaderLost, LearnerError, Stopped
+from learner_service import create_server
 from options import DEFAULT_PORT, LearnerConfig
 from task import Task
 from training import round_batches

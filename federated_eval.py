@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import statistics
@@ -11,12 +12,15 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import grpc
+import torch
+from torch import nn
 
 import rpc
+from intake import RoundState
 from protos import learner_pb2
 from roster import LearnerRecord, Roster
-from task import MAX_METRIC_NAME, MAX_METRICS
-from utils import derive_seed
+from task import MAX_METRIC_NAME, MAX_METRICS, Task, evaluate
+from utils import Examples, derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +29,7 @@ logger = logging.getLogger(__name__)
 EVALUATE_SLACK_S = 600.0
 # Most held-out examples a learner may claim: its report's weight in the mean (as MAX_LOCAL_EXAMPLES bounds training).
 MAX_EVAL_EXAMPLES = 100_000_000
+LOCAL_EVAL_BATCH_SIZE = 1000  # examples per batch when a learner evaluates a global model
 
 
 @dataclass(frozen=True)
@@ -89,10 +94,14 @@ class FederatedEvaluation:
         self.learners = learners  # --evaluation-learners (0: all)
         self.seed = seed
 
-    def run(
-        self, records: Sequence[LearnerRecord], round_number: int, states: list[bytes], nbytes: int, stop: Callable[[], bool]
-    ) -> dict[str, float | int]:
-        """Ask the chosen learners to evaluate round `round_number`'s model (framed as `states`); returns the summary."""
+    def run(self, finished: RoundState, states: list[bytes], nbytes: int, stop: Callable[[], bool]) -> dict[str, float | int]:
+        """Ask the chosen learners among those that reported in `finished` to evaluate the model it made (framed as `states`).
+
+        A simulation pool's learners are left out: they hold no data of their own to evaluate on. Returns the summary.
+        """
+        round_number = finished.round_number
+        reporters = {key if isinstance(key, int) else key[0] for key in finished.digests}
+        records = [record for learner_id, record in finished.member_records.items() if learner_id in reporters and not record.pooled]
         chosen = choose([record for record in records if record.alive], self.learners, self.seed, round_number)
         reports: list[Report] = []
         lock = threading.Lock()
@@ -124,18 +133,24 @@ class FederatedEvaluation:
             return summarize(sorted(reports, key=lambda report: report.learner_id))
 
 
-def describe(metrics: dict) -> str:
-    """The round's log line's evaluation part: the leader's test loss and accuracy, the learners' mean (min-max)."""
-    parts = []
-    if metrics.get("test_loss") is not None:
-        accuracy = metrics.get("test_accuracy")
-        parts.append(f"test loss {metrics['test_loss']:.4f}" + (f", test accuracy {100 * accuracy:.2f}%" if accuracy is not None else ""))
-    if "fed_eval_loss" in metrics:
-        text = f"learners' loss {metrics['fed_eval_loss']:.4f} ({metrics['fed_eval_loss_min']:.4f}-{metrics['fed_eval_loss_max']:.4f})"
-        if "fed_eval_accuracy" in metrics:
-            text += (
-                f", accuracy {100 * metrics['fed_eval_accuracy']:.2f}% "
-                f"({100 * metrics['fed_eval_accuracy_min']:.2f}-{100 * metrics['fed_eval_accuracy_max']:.2f}%)"
-            )
-        parts.append(f"{text} over {metrics['fed_eval_learners']} learners")
-    return ", ".join(parts) or "not evaluated"
+class LocalEvaluation:
+    """A learner's side: global models evaluated on its own held-out data, in a copy of its model, one at a time."""
+
+    def __init__(self, task: Task, data: Examples, model: nn.Module, device: torch.device, stopping: Callable[[], bool]) -> None:
+        self.task = task
+        self.data = data
+        self.device = device
+        self._stopping = stopping
+        self._model = copy.deepcopy(model)  # a copy: a client's task hands over the script's own model, which trains meanwhile
+        self._lock = threading.Lock()
+
+    def evaluate(self, round_number: int, state: dict[str, torch.Tensor]) -> learner_pb2.EvaluateResult:
+        """Evaluate round `round_number`'s global model (its tensors `state`); ValueError when a stop cut it short."""
+        with self._lock:
+            self._model.load_state_dict(state)
+            values = evaluate(self._model, self.task, self.data, self.device, LOCAL_EVAL_BATCH_SIZE, stop=self._stopping)
+        if values is None:
+            raise ValueError("stopping: the evaluation was cut short")
+        loss = values.pop("loss")
+        logger.info("round %d: evaluated the global model on %d own examples: loss %.4f %s", round_number, len(self.data), loss, values)
+        return learner_pb2.EvaluateResult(round=round_number, num_examples=len(self.data), loss=loss, metrics=values)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import itertools
 import logging
 import os
 import random
@@ -13,7 +11,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,19 +20,45 @@ import compression
 import rpc
 import wire
 from cli import setup_logging
+from federated_eval import LocalEvaluation
+from learner_data import (
+    LeaderLost,
+    LearnerError,
+    Stopped,
+    check_data,
+    check_model,
+    fetch_split,
+    layout_specs,
+    load_local_data,
+    split_specs,
+)
+from learner_options import parse_learner_config
+from learner_service import MAX_STRANGER_CALLS, create_server
 from model import compiled_for_training, memory_format_for
-from options import LearnerConfig, parse_learner_config
-from protos import leader_pb2, learner_pb2, learner_pb2_grpc
-from secagg_learner import SecAggParty, masked_tensors, refuse
-from task import Task, TaskError, builtin_task, evaluate, load_task
+from options import LearnerConfig
+from protos import leader_pb2
+from secagg_learner import SecAggParty, masked_tensors
+from task import Task, TaskError, builtin_task, load_task
 from training import LocalTrainer
-from utils import DataError, Examples, load_dataset, resolve_device
+from utils import DataError, Examples, resolve_device
+
+# what pools, the client API and tests reach through this door
+__all__ = [
+    "MAX_STRANGER_CALLS",
+    "LeaderLost",
+    "Learner",
+    "LearnerConfig",
+    "LearnerError",
+    "Stopped",
+    "create_server",
+    "layout_specs",
+    "main",
+    "send_update",
+    "split_specs",
+]
 
 logger = logging.getLogger(__name__)
 
-# Largest data split a learner accepts from GetData.
-MAX_DATA_BYTES = 8 << 30
-MAX_DATA_TENSORS = 16  # tensors per example a data split may declare (inputs and the target)
 EVAL_BATCH_SIZE = 1000  # examples per batch when this learner evaluates a global model on its own test data
 # One registration attempt, after which the learner says it is waiting; the leader calls this learner back (up to
 # 3 s) before it answers, and a retried registration gets the same identity.
@@ -43,8 +66,6 @@ REGISTER_ATTEMPT_S = 5.0
 # Pause between registrations refused for now (a full federation, a busy leader): drawn from 1-2x this, so that
 # learners refused together do not all come back in the same instant.
 REGISTER_RETRY_S = 2.0
-SERVER_THREADS = 8  # the leader needs at most a few at once (start, push, health check, a secure-aggregation stage, stop)
-MAX_STRANGER_CALLS = 2  # calls without this learner's callback secret in flight at once (health checks, reflection)
 HEARTBEAT_INTERVAL_S = 5.0  # how often a waiting learner checks that the leader still counts it as a member
 # An update refused as busy (RESOURCE_EXHAUSTED) or answered too late (DEADLINE_EXCEEDED) is sent again, up to this
 # many times in all, after a pause of SEND_RETRY_PAUSE_S times the attempt number.
@@ -57,20 +78,6 @@ RECEIVE_BUFFERS_KEPT = 2  # one being read into the model, one for a model pushe
 # learners whose leader restarted do not all register in the same instant.
 REJOIN_BACKOFF_S = 1.0
 REJOIN_BACKOFF_MAX_S = 30.0
-
-
-class LearnerError(Exception):
-    """The learner cannot go on; the message says why."""
-
-
-class LeaderLost(LearnerError):
-    """The leader stopped answering or ended this learner's session; the learner may register again."""
-
-    rounds_trained = 0  # rounds the lost session trained: one that trained was dropped, not refused
-
-
-class Stopped(Exception):
-    """The leader told this learner to stop."""
 
 
 class Learner:
@@ -103,9 +110,7 @@ class Learner:
         # a client's script trains on data it holds itself (client.py): the examples it declares, 0 for learner.py
         self.own_examples = 0
         self.split_layout: list[wire.TensorSpec] = []  # what GetData streams, one example each (AckWithMetadata.split_layout)
-        self.test_data: Examples | None = None  # held-out data, loaded when the leader asks learners to evaluate
-        self._eval_model: torch.nn.Module | None = None  # a second model, so that evaluating never touches the one training
-        self._eval_lock = threading.Lock()
+        self.evaluation: LocalEvaluation | None = None  # where the leader asks learners to evaluate on their own test data
         self.trainer: LocalTrainer | None = None  # the round's local work, once prepared
         self.rounds_trained = 0
         self.rounds_started = 0
@@ -169,42 +174,7 @@ class Learner:
             task=self.user_task.name if self.user_task is not None else "",
             model_fingerprint=wire.fingerprint(wire.specs_of(self._task_model.state_dict())) if self._task_model is not None else "",
         )
-        deadline = time.monotonic() + self.config.connect_timeout
-        attempts = 0
-        refusals = 0
-        last_refusal = ""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if refusals:
-                    raise LearnerError(
-                        f"the leader at {self.config.leader} had no slot for this learner within "
-                        f"{self.config.connect_timeout:.0f}s (--connect-timeout): {last_refusal}"
-                    )
-                raise LearnerError(
-                    f"no leader answered at {self.config.leader} within {self.config.connect_timeout:.0f}s: "
-                    "check --leader and that leader.py is running"
-                )
-            if attempts == 1 and not refusals:
-                logger.info("waiting for the leader at %s (up to %.0fs)", self.config.leader, self.config.connect_timeout)
-            attempts += 1
-            try:
-                # wait_for_ready: gRPC itself waits, reconnecting with capped backoff, for a leader still starting;
-                # retrying is safe because the leader answers a repeated registration with the same identity
-                reply = self.stub.RegisterLearner(
-                    info, timeout=min(REGISTER_ATTEMPT_S, remaining), wait_for_ready=True, metadata=self._enrolment_metadata
-                )
-                break
-            except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # full, or busy: a slot may free up
-                    last_refusal = error.details()
-                    if not refusals:
-                        logger.warning("%s; waiting for a slot (up to %.0fs, --connect-timeout)", last_refusal, remaining)
-                    refusals += 1
-                    time.sleep(min(remaining, REGISTER_RETRY_S * (1 + random.random())))  # nothing to wake for: not a peer's answer
-                    continue
-                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise LearnerError(f"the leader refused registration: {error.details()}") from None
+        reply = register_until_admitted(self.stub, info, self.config, self._enrolment_metadata)
         self.learner_id = reply.learner_id
         self.split_examples = reply.split_examples
         self.split_layout = layout_specs(reply.split_layout)
@@ -240,7 +210,7 @@ class Learner:
         self._receive_buffers = wire.BufferPool(wire.payload_bytes(self.specs), keep=RECEIVE_BUFFERS_KEPT)
         check_model(self.specs, plan)
         if plan.learners_evaluate:
-            self.test_data = self._own_test_data()
+            self.evaluation = LocalEvaluation(task, self._own_test_data(), self.model, self.device, lambda: self._stop_reason is not None)
         if not train:
             return
         if self.data is None:
@@ -266,25 +236,6 @@ class Learner:
             raise LearnerError(f"the leader asks learners to evaluate on their own test data, and this one has none: {error}") from None
         logger.info("evaluating global models on %d held-out examples of this learner's own", len(data))
         return data
-
-    def evaluate(self, round_number: int, state: dict[str, torch.Tensor]) -> learner_pb2.EvaluateResult:
-        """Evaluate round `round_number`'s global model (its tensors `state`) on this learner's own test data."""
-        if self.test_data is None:
-            raise LearnerError("this learner holds no test data: the leader's plan did not ask learners to evaluate")
-        with self._eval_lock:  # one evaluation at a time, in a model of its own
-            if self._eval_model is None:  # a copy: a client's task builds no model of its own, it hands over the script's
-                self._eval_model = copy.deepcopy(self.model)
-            self._eval_model.load_state_dict(state)
-            values = evaluate(
-                self._eval_model, self.task, self.test_data, self.device, EVAL_BATCH_SIZE, stop=lambda: self._stop_reason is not None
-            )
-        if values is None:
-            raise LearnerError("stopping: the evaluation was cut short")
-        loss = values.pop("loss")
-        logger.info(
-            "round %d: evaluated the global model on %d own examples: loss %.4f %s", round_number, len(self.test_data), loss, values
-        )
-        return learner_pb2.EvaluateResult(round=round_number, num_examples=len(self.test_data), loss=loss, metrics=values)
 
     def _data_specs(self) -> list[wire.TensorSpec]:
         """What GetData must stream: split_examples examples of the layout registration announced."""
@@ -472,6 +423,44 @@ class Learner:
         return "job" if self.plan.aggregation == "fedbuff" else "round"
 
 
+def register_until_admitted(
+    stub: Any, info: leader_pb2.LearnerInfo, config: LearnerConfig, metadata: tuple[tuple[str, str], ...]
+) -> leader_pb2.AckWithMetadata:
+    """RegisterLearner, retried while the leader is not up yet or has no slot (bounded by --connect-timeout)."""
+    deadline = time.monotonic() + config.connect_timeout
+    attempts = 0
+    refusals = 0
+    last_refusal = ""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if refusals:
+                raise LearnerError(
+                    f"the leader at {config.leader} had no slot for this learner within "
+                    f"{config.connect_timeout:.0f}s (--connect-timeout): {last_refusal}"
+                )
+            raise LearnerError(
+                f"no leader answered at {config.leader} within {config.connect_timeout:.0f}s: check --leader and that leader.py is running"
+            )
+        if attempts == 1 and not refusals:
+            logger.info("waiting for the leader at %s (up to %.0fs)", config.leader, config.connect_timeout)
+        attempts += 1
+        try:
+            # wait_for_ready: gRPC itself waits, reconnecting with capped backoff, for a leader still starting;
+            # retrying is safe because the leader answers a repeated registration with the same identity
+            return stub.RegisterLearner(info, timeout=min(REGISTER_ATTEMPT_S, remaining), wait_for_ready=True, metadata=metadata)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # full, or busy: a slot may free up
+                last_refusal = error.details()
+                if not refusals:
+                    logger.warning("%s; waiting for a slot (up to %.0fs, --connect-timeout)", last_refusal, remaining)
+                refusals += 1
+                time.sleep(min(remaining, REGISTER_RETRY_S * (1 + random.random())))  # nothing to wake for: not a peer's answer
+                continue
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise LearnerError(f"the leader refused registration: {error.details()}") from None
+
+
 class UpdateNotTaken(Exception):
     """The leader refused an update as not for the open round (FAILED_PRECONDITION); the message is its reason."""
 
@@ -513,147 +502,10 @@ def compress_for_plan(
     return compression.compress(update, plan.compression, plan.topk_ratio, sparse_names=parameters, residual=residual)
 
 
-def layout_specs(layout: Any) -> list[wire.TensorSpec]:
-    """A data split's announced layout (one example of each tensor) as specs; LearnerError when it cannot be a data set."""
-    specs = [wire.TensorSpec(entry.name, entry.dtype, tuple(entry.shape)) for entry in layout]
-    if len(specs) > MAX_DATA_TENSORS:
-        raise LearnerError(f"the leader's data split declares {len(specs)} tensors per example; at most {MAX_DATA_TENSORS} are taken")
-    if len({spec.name for spec in specs}) != len(specs):
-        raise LearnerError("the leader's data split declares a tensor twice")
-    for spec in specs:
-        if spec.dtype not in wire.DTYPES or any(dim < 0 for dim in spec.shape):
-            raise LearnerError(f"the leader's data split declares {rpc.printable(spec.name, 40)!r} as an unknown dtype or a negative shape")
-    return specs
-
-
-def split_specs(count: int, layout: list[wire.TensorSpec]) -> list[wire.TensorSpec]:
-    """A data split of `count` examples as GetData streams it: each tensor of the layout with the count in front."""
-    return [wire.TensorSpec(spec.name, spec.dtype, (count, *spec.shape)) for spec in layout]
-
-
-def fetch_split(
-    stub: Any,
-    learner_id: int,
-    split_examples: int,
-    layout: list[wire.TensorSpec],
-    plan: leader_pb2.TrainingPlan,
-    metadata: tuple[tuple[str, str], ...],
-) -> tuple[Examples, int]:
-    """GetData: a learner's split and its size in bytes, checked against the `split_examples` and layout registration announced.
-
-    Nothing is allocated before the stream's manifest matches that split; memory is committed as bytes arrive.
-    Raises grpc.RpcError when the call fails and LearnerError when the split is malformed.
-    """
-    if len(layout) < 2:
-        raise LearnerError("the leader announced no data split layout (inputs and a target): is it the same release?")
-    specs = split_specs(split_examples, layout)
-    size = wire.payload_bytes(specs)
-    if size > MAX_DATA_BYTES:
-        raise LearnerError(f"the leader's data split of {size} bytes exceeds this learner's {MAX_DATA_BYTES}-byte limit")
-    responses = stub.GetData(leader_pb2.LearnerDataRequest(learner_id=learner_id), timeout=rpc.transfer_timeout(size), metadata=metadata)
-    try:
-        received = wire.receive(responses, max_bytes=size, expected=specs)
-    except wire.WireError as error:
-        raise LearnerError(f"the leader sent a malformed data split: {error}") from None
-    data = Examples(tuple(received.tensors[spec.name] for spec in layout), plan.num_classes)
-    data.names = tuple(spec.name for spec in layout)
-    return data, len(received.payload)
-
-
-def check_data(data: Examples, plan: leader_pb2.TrainingPlan) -> None:
-    """Raise LearnerError unless a learner's examples fit the plan: some examples, class targets among its classes, its image shape."""
-    if len(data) == 0:
-        raise LearnerError("this learner has no training examples")
-    targets = data.targets
-    if plan.num_classes and targets.dim() == 1 and not targets.dtype.is_floating_point:
-        if int(targets.max()) >= plan.num_classes or int(targets.min()) < 0:
-            raise LearnerError(f"labels fall outside the leader's {plan.num_classes} classes")
-    if plan.image_shape and tuple(data.tensors[0].shape[1:]) != tuple(plan.image_shape):
-        raise LearnerError(f"images are {list(data.tensors[0].shape[1:])}, the leader's model takes {list(plan.image_shape)}")
-
-
-def check_model(specs: list[wire.TensorSpec], plan: leader_pb2.TrainingPlan) -> None:
-    """Raise LearnerError when this side's model.py builds another network than the leader's; warn once on another PyTorch."""
-    if plan.model_fingerprint and wire.fingerprint(specs) != plan.model_fingerprint:
-        raise LearnerError(f"this learner's model.py builds a different {plan.model} than the leader's: install the same release on both")
-    if plan.torch_version and plan.torch_version.split(".")[:2] != torch.__version__.split(".")[:2]:
-        logger.warning("the leader runs PyTorch %s, this learner %s: results may differ slightly", plan.torch_version, torch.__version__)
-
-
-class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
-    """The gRPC boundary: start the round loop, take pushed models that fit."""
-
-    def __init__(self, learner: Learner) -> None:
-        self.learner = learner
-
-    def StartTraining(self, request: learner_pb2.Empty, context: grpc.ServicerContext) -> learner_pb2.Ack:
-        return learner_pb2.Ack(success=True, message=self.learner.start())
-
-    def SyncModelState(self, request_iterator: Iterator[learner_pb2.ModelState], context: grpc.ServicerContext) -> learner_pb2.Ack:
-        first = next(request_iterator, None)
-        if first is not None and first.stop:
-            self.learner.stop(first.reason)
-            return learner_pb2.Ack(success=True, message="stopping")
-        specs = self.learner.specs
-        if specs is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "learner has no model yet")
-        messages = [] if first is None else itertools.chain([first], request_iterator)
-        try:
-            received = wire.receive(messages, max_bytes=wire.payload_bytes(specs), expected=specs, allocate=self.learner.receive_buffer)
-        except wire.WireError as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model state refused: {error}")
-        self.learner.offer_state(received.header.round, received.tensors, received.payload)
-        return learner_pb2.Ack(success=True, message=f"model for round {received.header.round} received")
-
-    def AdvertiseKeys(self, request: learner_pb2.SecAggSetup, context: grpc.ServicerContext) -> learner_pb2.SecAggPublicKeys:
-        return refuse(context, lambda: self.learner.secagg.advertise_keys(request, self.learner.learner_id))
-
-    def ShareKeys(self, request: learner_pb2.SecAggNeighbourKeys, context: grpc.ServicerContext) -> learner_pb2.SecAggShares:
-        return refuse(context, lambda: self.learner.secagg.share_keys(request))
-
-    def CollectMasked(self, request: learner_pb2.SecAggCollection, context: grpc.ServicerContext) -> learner_pb2.Ack:
-        return refuse(context, lambda: self.learner.secagg.collect(request))
-
-    def Unmask(self, request: learner_pb2.SecAggUnmaskRequest, context: grpc.ServicerContext) -> learner_pb2.SecAggRevealedShares:
-        return refuse(context, lambda: self.learner.secagg.unmask(request))
-
-    def Evaluate(self, request_iterator: Iterator[learner_pb2.ModelState], context: grpc.ServicerContext) -> learner_pb2.EvaluateResult:
-        specs = self.learner.specs
-        if specs is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "learner has no model yet")
-        try:
-            received = wire.receive(request_iterator, max_bytes=wire.payload_bytes(specs), expected=specs)
-        except wire.WireError as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model to evaluate refused: {error}")
-        try:
-            return self.learner.evaluate(received.header.round, received.tensors)
-        except LearnerError as error:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-
-
 def rejoin_pause(attempt: int, draw: float) -> float:
     """Seconds to pause before the `attempt`-th re-registration (0-based), for a uniform `draw` in [0, 1)."""
     ceiling = min(REJOIN_BACKOFF_MAX_S, REJOIN_BACKOFF_S * 2**attempt)
     return ceiling * (0.5 + draw / 2)
-
-
-def callback_gate(owns: Callable[[str], bool], stranger: str) -> rpc.Gate:
-    """A LearnerService's gate: only calls carrying a callback secret it `owns` reach a handler; others are told `stranger`."""
-
-    def check(method: str, metadata: Any) -> rpc.Refusal | None:
-        token = rpc.metadata_value(metadata, rpc.TOKEN_METADATA_KEY)
-        if token is None:
-            return grpc.StatusCode.UNAUTHENTICATED, f"missing {rpc.TOKEN_METADATA_KEY}"
-        if not owns(token):
-            return grpc.StatusCode.PERMISSION_DENIED, stranger
-        return None
-
-    return rpc.Gate(rpc.LEARNER_SERVICE, check)
-
-
-def learner_gate(learner: Learner) -> rpc.Gate:
-    """Only the leader holding this learner's callback secret may start it or push a model, checked before any handler runs."""
-    return callback_gate(lambda token: rpc.secrets_match(token, learner.callback_token), "token does not belong to this learner's leader")
 
 
 def advertise_address_for(config: LearnerConfig, port: int) -> str:
@@ -671,13 +523,6 @@ def advertise_address_for(config: LearnerConfig, port: int) -> str:
     except OSError:
         own_host = socket.gethostname()
     return f"{own_host}:{port}"
-
-
-def load_local_data(data_dir: str) -> Examples:
-    """A learner's own training data: an image folder (train/<class>/*) or CIFAR-10 in torchvision's format."""
-    root = Path(data_dir)
-    kind = "imagefolder" if (root / "train").is_dir() else "cifar10"
-    return load_dataset(kind, root, train=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -716,46 +561,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("learner: interrupted", file=sys.stderr)
         return 130
-
-
-def create_server(learner: Learner, host: str, port: int, tls: rpc.Tls | None = None) -> tuple[grpc.Server, int, Any]:
-    """Start the learner's server for `learner` on host:port; returns (server, port, health)."""
-    return serve_learner_service(
-        LearnerServicer(learner),
-        learner_gate(learner),
-        lambda token: rpc.secrets_match(token, learner.callback_token),
-        learner._first_message_limit,
-        host,
-        port,
-        tls,
-    )
-
-
-def serve_learner_service(
-    servicer: learner_pb2_grpc.LearnerServiceServicer,
-    gate: rpc.Gate,
-    is_member: Callable[[str], bool],
-    first_message_limit: Callable[[], int],
-    host: str,
-    port: int,
-    tls: rpc.Tls | None = None,
-    threads: int = SERVER_THREADS,
-) -> tuple[grpc.Server, int, Any]:
-    """Start a LearnerService (a learner's, or a pool's) on host:port: its gate, call limits, and pushed models checked for size."""
-    return rpc.create_server(
-        lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(servicer, server),
-        host,
-        port,
-        max_workers=threads,
-        gate=gate,
-        tls=tls,
-        limits=rpc.CallLimits(is_member=is_member, max_stranger_calls=MAX_STRANGER_CALLS),
-        request_deserializers={
-            f"/{rpc.LEARNER_SERVICE}/{method}": wire.chunk_deserializer(learner_pb2.ModelState, first_message_limit)
-            for method in ("SyncModelState", "Evaluate")
-        },
-        health_services=[rpc.LEARNER_SERVICE],
-    )
 
 
 def run_session(

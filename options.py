@@ -20,7 +20,7 @@ import rpc
 import schedule
 import server_opt
 from config_file import flag_value, parse_with_config
-from model import CHANNELS_LAST_SETTINGS, MODELS
+from model import MODELS
 from plots import METRICS_FILE
 from recorder import CONFIG_FILE
 from utils import DATASETS, PARTITIONS
@@ -119,6 +119,11 @@ class LeaderConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+
+    def learners_evaluate(self, leader_has_test_data: bool) -> bool:
+        """Whether the learners evaluate global models on their own data (--evaluation, and auto without a leader's test set)."""
+        chosen = self.evaluation in ("learners", "both") or (self.evaluation == "auto" and not leader_has_test_data)
+        return self.eval_every > 0 and chosen
 
     def round_quorum(self, members: int) -> int:
         """Learners that must report for a round of `members` to count: --min-learners, or half of them rounded up."""
@@ -317,8 +322,7 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
         "--task",
         default=defaults.task,
         metavar="FILE.py|MODULE",
-        help="your own task: a Python file or module defining model(), train_data(data_dir), test_data(data_dir) and "
-        "optionally loss() and metrics(); every learner runs with the same --task (None: the built-in --model on --dataset)",
+        help="your task file or module: model(), train_data(dir), test_data(dir), optional loss() and metrics(); every learner holds it too (None: the built-in --model on --dataset)",
     )
     add("--model", choices=list(MODELS), default=defaults.model, help="built-in architecture, built from model.py on both sides")
     add("--dataset", choices=DATASETS, default=defaults.dataset, help="data set kind")
@@ -644,90 +648,11 @@ def parse_leader_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bo
     if config.secure_aggregation and config.max_norm_ratio == LeaderConfig.max_norm_ratio:
         # the default bound reads each update's norm, which secure aggregation hides: learners clip their own instead
         config = dataclasses.replace(config, max_norm_ratio=0.0)
+    from config_checks import config_problems  # here: config_checks reads this module's settings
+
     for problem in config_problems(config):
         parser.error(problem)
     return config, verbose, enrolment_token
-
-
-def config_problems(config: LeaderConfig) -> list[str]:
-    """Combinations of settings that cannot work, each as a message naming the flags."""
-    problems = []
-    per_round = config.buffered_updates() if config.aggregation == "fedbuff" else config.sampled(config.learners)
-    if config.rule in ("krum", "multi-krum") and per_round <= 2 * config.byzantine + 2:
-        problems.append(
-            f"--rule {config.rule} needs more than 2*f + 2 learners per round: "
-            f"{per_round} with --byzantine {config.byzantine}; add learners or lower --byzantine"
-        )
-    if config.rule == "trimmed-mean" and not 0 <= config.trim < 0.5:
-        problems.append(f"--trim must be in [0, 0.5), got {config.trim}")
-    if config.dp_noise_multiplier and not config.clip_norm:
-        problems.append("--dp-noise-multiplier needs --clip-norm: the noise is calibrated to the clipped norm")
-    if config.dp_noise_multiplier and config.rule != "mean":
-        problems.append("--dp-noise-multiplier works with --rule mean only (the accountant assumes a clipped sum)")
-    if config.server_opt in server_opt.FEDOPT_MODES and config.server_momentum:
-        problems.append(f"--server-opt {config.server_opt} takes its momentum from --server-beta1; leave --server-momentum at 0")
-    if config.server_opt != "sgd" and config.server_lr <= 0:
-        problems.append(f"--server-opt {config.server_opt} needs --server-lr > 0")
-    if config.keep_momentum and config.aggregation not in LOCAL_TRAINING:
-        problems.append("--keep-momentum applies to local SGD (fedavg, fedbuff); in fedsgd the leader's optimizer keeps the momentum")
-    if config.partition != "iid" and config.data_mode == "local":
-        problems.append("--partition applies to the leader's split; with --data-mode local each learner brings its own data")
-    if config.recompute_bn and config.data_mode == "local":
-        problems.append("--recompute-bn needs training images on the leader; with --data-mode local it has none (use 0)")
-    if config.aggregation == "fedbuff":
-        problems += fedbuff_problems(config)
-    elif config.buffer_size or config.max_staleness or config.concurrency:
-        problems.append("--buffer-size, --max-staleness and --concurrency apply to --aggregation fedbuff only")
-    if config.secure_aggregation:
-        problems += secure_aggregation_problems(config, per_round)
-    return problems
-
-
-def fedbuff_problems(config: LeaderConfig) -> list[str]:
-    """What --aggregation fedbuff cannot work with: anything that needs a cohort of learners trained in step."""
-    problems = []
-    if config.secure_aggregation:
-        problems.append(
-            "--secure-aggregation masks a cohort's updates that only cancel in their sum, and fedbuff has no cohort: "
-            "use --aggregation fedavg for secure aggregation"
-        )
-    if config.fraction < 1 or config.min_learners:
-        problems.append("--fraction and --min-learners choose a round's cohort; fedbuff has none: use --concurrency")
-    if config.round_timeout:
-        problems.append(
-            "--round-timeout bounds a round's wait for its members, and fedbuff waits for none: drop it (health checks "
-            "find learners that are gone, --learner-lost-after those that go silent)"
-        )
-    if config.deterministic:
-        problems.append("--deterministic replays rounds; in fedbuff the order updates arrive in is the algorithm: drop it")
-    if config.lr_schedule != "constant" or config.warmup_rounds:
-        problems.append(
-            "--lr-schedule and --warmup-rounds follow rounds that every learner trains in; fedbuff's learners train "
-            "at their own pace: use a constant --lr (and --server-opt to adapt the leader's step)"
-        )
-    return problems
-
-
-def secure_aggregation_problems(config: LeaderConfig, per_round: int) -> list[str]:
-    """What --secure-aggregation cannot work with: anything that must see each update, or too few learners to hide one."""
-    problems = []
-    hidden = "secure aggregation hides each update from the leader"
-    if config.rule != "mean":
-        problems.append(f"--rule {config.rule} needs every update, and {hidden}: use --rule mean, or drop --secure-aggregation")
-    if config.max_update_norm or config.max_norm_ratio:
-        problems.append(
-            f"--max-update-norm and --max-norm-ratio check each update's norm, and {hidden}: drop them (learners clip "
-            "their own updates to --clip-norm)"
-        )
-    if config.compression != "none":
-        problems.append(f"--compression {config.compression} does not apply: masked updates are 32-bit integers; drop it")
-    if per_round < 3:
-        problems.append(
-            f"--secure-aggregation needs 3 or more learners per round ({per_round} here): with 2, each learns the other's update"
-        )
-    if config.secagg_threshold and config.secagg_neighbours and config.secagg_threshold > config.secagg_neighbours:
-        problems.append(f"--secagg-threshold {config.secagg_threshold} exceeds --secagg-neighbours {config.secagg_neighbours}")
-    return problems
 
 
 def expand_resume(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[str]:
@@ -773,110 +698,3 @@ def holds_results(run_dir: Path) -> bool:
 
 
 # ---- the learner ----------------------------------------------------------------------------------------------------
-
-
-def build_learner_parser() -> Parser:
-    """The learner's command line, in titled groups; every flag's help states its default."""
-    defaults = LearnerConfig()
-    parser = Parser(description="Federated learning learner: trains on local or leader-sent data and reports updates.")
-    group = parser.add_argument_group("federation")
-    add = group.add_argument
-    add("--leader", default=defaults.leader, help="the leader's host:port")
-    add("--host", default=defaults.host, help="address this learner's server listens on")
-    add("--port", type=int, default=defaults.port, help="port this learner's server listens on (0 picks a free one)")
-    add(
-        "--advertise-address",
-        default=defaults.advertise_address,
-        help="host:port the leader should call back; None means this machine's address on the route to the leader "
-        "(another address than the one the leader sees calls come from needs the enrolment secret)",
-    )
-
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--task",
-        default=defaults.task,
-        metavar="FILE.py|MODULE",
-        help="the leader's --task, which this machine holds too (None: the leader's built-in model)",
-    )
-    group.add_argument(
-        "--data-dir",
-        default=defaults.data_dir,
-        help="train on local data here (your task's train_data(data_dir), or for a built-in model train/<class>/* or "
-        "CIFAR-10); None means receive a split from the leader",
-    )
-
-    group = parser.add_argument_group("training")
-    add = group.add_argument
-    add(
-        "--channels-last",
-        choices=CHANNELS_LAST_SETTINGS,
-        default=defaults.channels_last,
-        help="train in the channels-last memory format: auto uses it on a CPU for the models measured faster in it (resnet20, resnet18-cifar)",
-    )
-    add(
-        "--compile",
-        action="store_true",
-        help="compile the training step with torch.compile (on CUDA also as a CUDA graph), for GPUs where launching "
-        "kernels bounds the step; the first round pays the compile time",
-    )
-    add(
-        "--slowdown",
-        type=at_least_one,
-        default=defaults.slowdown,
-        metavar="FACTOR",
-        help="a straggler on purpose, for tests and benchmarks: pause after each training step so that it takes FACTOR "
-        "times as long (1: full speed)",
-    )
-
-    group = parser.add_argument_group("faults and timeouts")
-    add = group.add_argument
-    add(
-        "--connect-timeout",
-        type=float,
-        default=defaults.connect_timeout,
-        help="seconds to keep trying to reach the leader, or to wait for a slot in a full federation",
-    )
-    add(
-        "--leader-lost-after",
-        type=float,
-        default=defaults.leader_lost_after,
-        help="seconds without an answer from the leader before this learner counts it as gone",
-    )
-    add(
-        "--rejoin",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.rejoin,
-        help="when the leader goes away or ends this learner's session, register again (for up to --connect-timeout) "
-        "and go on, e.g. after leader.py --resume",
-    )
-
-    add_security_flags(parser, defaults, "learner")
-    add_compute_flags(parser, defaults, "training")
-    group = parser.add_argument_group("output")
-    group.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.progress,
-        help="a progress bar over local batches, when output is a terminal",
-    )
-    add_output_flags(group, "no progress bar; log warnings and errors only")
-    return parser
-
-
-def parse_learner_config(argv: list[str] | None = None) -> tuple[LearnerConfig, bool, str | None, rpc.Tls | None]:
-    """Parse the learner's command line: its config, the verbose flag, the enrolment secret and its TLS files."""
-    parser = build_learner_parser()
-    args = vars(parse_with_config(parser, argv))
-    args.pop("config")
-    verbose = args.pop("verbose")
-    token_file = args.pop("token_file")
-    config = LearnerConfig(**args)
-    try:
-        enrolment_token = rpc.read_enrolment_token(token_file)
-        tls = rpc.Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
-        rpc.parse_address(config.leader)
-        if config.advertise_address:
-            rpc.parse_address(config.advertise_address)
-    except ValueError as error:
-        parser.error(str(error))
-    return config, verbose, enrolment_token, tls

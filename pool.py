@@ -27,19 +27,9 @@ import torch
 import rpc
 import secagg
 import wire
-from learner import (
-    LeaderLost,
-    LearnerError,
-    UpdateNotTaken,
-    callback_gate,
-    check_data,
-    check_model,
-    compress_for_plan,
-    fetch_split,
-    layout_specs,
-    send_update,
-    serve_learner_service,
-)
+from learner import UpdateNotTaken, compress_for_plan, send_update
+from learner_data import LeaderLost, LearnerError, check_data, check_model, fetch_split, layout_specs
+from learner_service import callback_gate, serve_learner_service
 from model import memory_format_for
 from protos import leader_pb2, learner_pb2, learner_pb2_grpc
 from secagg_learner import SecAggParty, masked_tensors, refuse

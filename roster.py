@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import torch
 
 import rpc
 from options import LeaderConfig
 from protos import leader_pb2, learner_pb2, learner_pb2_grpc
+from utils import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ REFUSED_PROBES_TO_ABSENT = 2
 STOP_TIMEOUT_S = 5.0  # a stop message is tiny; a learner that cannot take it in 5 s is frozen or gone
 FILL_CHECK_S = 5.0  # the health check of every member once the slots are full, before training starts
 WAIT_SLICE_S = 0.5  # how often a wait for registrations wakes up to check for shutdown
+HEALTH_PROBE_INTERVAL_S = 5.0  # how often a wait checks the members that have not reported yet
 REVOKED_SESSIONS_KEPT = 4096  # ended sessions remembered, so that a late call from one is told why
 
 
@@ -84,6 +87,46 @@ def task_mismatch(info: leader_pb2.LearnerInfo, task: str, fingerprint: str) -> 
         f"this learner holds the task {theirs!r} (model manifest {rpc.printable(info.model_fingerprint, 12)}), this leader trains "
         f"{task!r} (model manifest {fingerprint[:12]}): give both the same task file"
     )
+
+
+class MemberChecks:
+    """The health checks a wait makes of the learners it depends on, every few seconds, with the leader's lock released."""
+
+    def __init__(self, roster: Roster, cond: threading.Condition, learner_lost_after: float, round_number: int) -> None:
+        self.roster = roster
+        self._cond = cond
+        self.round_number = round_number
+        self.every = min(HEALTH_PROBE_INTERVAL_S, learner_lost_after / 3)
+        self._next = time.monotonic() + self.every
+        self._silent_since: dict[int, float] = {}
+        self._refusals: dict[int, int] = {}
+
+    def run_if_due(self, due: Callable[[], list[LearnerRecord]]) -> None:
+        """Under the lock: once the interval has passed, check the learners `due()` names (roster.probe) outside it."""
+        if time.monotonic() < self._next:
+            return
+        records = due()
+        self._cond.release()  # a check waits on the network
+        try:
+            self.roster.probe(records, self._silent_since, self._refusals, self.every, self.round_number)
+        finally:
+            self._cond.acquire()
+        self._next = time.monotonic() + self.every
+
+    def seconds_to_next(self) -> float:
+        """How long a wait may sleep before the next check is due."""
+        return max(0.0, self._next - time.monotonic())
+
+
+def round_members(alive: list[LearnerRecord], config: LeaderConfig, round_number: int) -> list[LearnerRecord]:
+    """Round `round_number`'s members: the live learners due to take part in it, a seeded --fraction of them, by id."""
+    available = [record for record in sorted(alive, key=lambda record: record.learner_id) if record.joins_round <= round_number]
+    count = config.sampled(len(available))
+    if count < len(available):
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, "sample", round_number))
+        chosen = torch.randperm(len(available), generator=generator)[:count].tolist()
+        available = sorted((available[index] for index in chosen), key=lambda record: record.learner_id)
+    return available
 
 
 class Channels:

@@ -23,8 +23,10 @@ import torch
 
 import rpc
 import secagg
+from options import LeaderConfig
 from protos import learner_pb2
 from roster import LearnerRecord, Roster
+from utils import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,28 @@ class SecureRound:
         self.setup_seconds = 0.0
         self.unmask_seconds = 0.0
         self._thread = threading.Thread(target=self._prepare, name=f"secagg-{round_number}", daemon=True)
+
+    @classmethod
+    def of(
+        cls,
+        config: LeaderConfig,
+        round_number: int,
+        members: list[LearnerRecord],
+        bound: float,
+        weight_cap: float,
+        length: int,
+        roster: Roster,
+        calls: ThreadPoolExecutor,
+    ) -> SecureRound:
+        """Round `round_number`'s secure aggregation among `members`, with the neighbours and threshold the flags give."""
+        neighbours, threshold = secagg.round_parameters(len(members), config.secagg_neighbours, config.secagg_threshold)
+        seed = derive_seed(config.seed, "secagg", round_number)
+        return cls(round_number, members, neighbours, threshold, bound, weight_cap, seed, length, roster, calls)
+
+    @property
+    def threshold(self) -> int:
+        """Senders (and shares of each) the unmasking needs."""
+        return self.protocol.threshold
 
     # ---- stages 1-3, while the learners train ---------------------------------------------------------------------
 

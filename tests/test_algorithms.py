@@ -32,7 +32,7 @@ def test_shards_give_each_learner_its_classes_and_the_split_is_logged(tmp_path, 
     with running_leader(config) as running:
         labels = running.leader.train_data.labels
         expected = utils.split_shards(labels, 5, 2, 4)
-        assert all(torch.equal(got, want) for got, want in zip(running.leader.shards, expected, strict=True))
+        assert all(torch.equal(got, want) for got, want in zip(running.leader.splits.parts, expected, strict=True))
         histograms = [utils.label_histogram(labels, shard, 10) for shard in expected]
     logged = [record.getMessage() for record in caplog.records if "(shards)" in record.getMessage()]
     assert logged == [f"split {index} (shards): {sum(counts)} examples, per class {counts}" for index, counts in enumerate(histograms)]

@@ -269,7 +269,9 @@ def test_a_stale_update_is_refused_over_the_wire_and_its_learner_trains_again(tm
         assert outcome["error"] == "leader shutting down"
         leader.stop_learners("the test has seen what it checks")
     assert join_all(first + others) == [0, 0, 0]
-    refusals = [record.getMessage() for record in caplog.records if record.name == "leader" and "refused an update" in record.getMessage()]
+    refusals = [
+        record.getMessage() for record in caplog.records if record.name == "leader_service" and "refused an update" in record.getMessage()
+    ]
     assert any("from learner 0 (FAILED_PRECONDITION): stale update: trained on model version 1" in line for line in refusals)
     assert sum(entry["updates_stale"] for entry in leader.history) >= 1
     assert any("job 1: update not taken: stale update" in record.getMessage() for record in caplog.records if record.name == "learner")

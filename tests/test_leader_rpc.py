@@ -192,7 +192,7 @@ def test_get_model_and_get_data_stream_checked_tensors(open_round):
     data = wire.receive(
         client.stub.GetData(leader_pb2.LearnerDataRequest(learner_id=0), timeout=10, metadata=client.metadata()), max_bytes=1 << 30
     )
-    shard = leader.data_for(0)
+    shard = leader.splits.data_for(0)
     assert torch.equal(data.tensors["images"], shard.images)
     assert torch.equal(data.tensors["labels"], shard.labels)
     assert len(shard) == 1000  # half of the 2000 synthetic training examples

@@ -155,7 +155,7 @@ def test_float_rows_and_int64_tokens_travel_getdata_exactly(tmp_path, channel_to
             )
             layout = learner_module.layout_specs(client.reply.split_layout)  # as registration announced it
             received = wire.receive(responses, max_bytes=1 << 30, expected=learner_module.split_specs(client.reply.split_examples, layout))
-            shard = leader.data_for(0)
+            shard = leader.splits.data_for(0)
             for name, tensor in zip(shard.tensor_names(), shard.tensors, strict=True):
                 assert received.tensors[name].dtype == tensor.dtype and torch.equal(received.tensors[name], tensor)
         dtypes = [spec.dtype for spec in layout]
