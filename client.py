@@ -18,7 +18,6 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,7 +29,7 @@ from learner import Learner, advertise_address_for, rejoin_pause
 from learner_data import LeaderLost, LearnerError, Stopped
 from learner_service import create_server
 from options import DEFAULT_PORT, LearnerConfig
-from task import Task
+from task import Task, task_name
 from training import round_batches
 
 logger = logging.getLogger(__name__)
@@ -175,7 +174,7 @@ def join(
     """
     if num_examples < 1:
         raise ClientError(f"num_examples must be the number of training examples this script uses, got {num_examples}")
-    name = Path(task).stem if task.endswith(".py") else task
+    name = task_name(task)
 
     def no_test_data(data_dir: Any) -> Any:
         raise FileNotFoundError("pass test_data= to client.join() to evaluate on this member's data")

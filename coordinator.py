@@ -35,7 +35,7 @@ from roster import LearnerRecord, MemberChecks, Roster, call_learner, round_memb
 from round_report import round_line, round_metrics
 from secure_rounds import SecureRound
 from strategy import FIRST_ROUND_NORM_RATIO, Strategy
-from task import Task, builtin_task, evaluate
+from task import Task, builtin_task, evaluate, task_name
 from utils import IMAGE_SHAPE, Examples, derive_seed, resolve_device, split_by
 
 logger = logging.getLogger(__name__)
@@ -169,11 +169,9 @@ class Leader:
     def restore(self, json_path: Path) -> int:
         """Continue from a checkpoint: global model, server optimizer state and round. Returns its round."""
         record, weights = checkpoint.load(json_path)
-        saved = record["config"].get("task") or record["config"]["model"]
-        if saved != (self.config.task or self.config.model) or record["num_classes"] != self.num_classes:
-            raise ValueError(
-                f"{json_path} holds a {saved} with {record['num_classes']} classes, not this run's {self.config.task or self.config.model}"
-            )
+        saved = task_name(record["config"]["task"]) if record["config"].get("task") else record["config"]["model"]
+        if saved != self.task.name or record["num_classes"] != self.num_classes:
+            raise ValueError(f"{json_path} holds a {saved} with {record['num_classes']} classes, not this run's {self.task.name}")
         self.model.load_state_dict(weights)
         # every noised model made before the stop spent privacy, the rounds after this checkpoint included
         spent = max(record["round"], checkpoint.privacy_spent(json_path.parent))
@@ -363,7 +361,8 @@ class Leader:
 
     def _last_accuracy(self) -> str:
         """The status line's note of the last evaluated accuracy, if any."""
-        accuracies = [entry["test_accuracy"] for entry in self.history if entry["test_accuracy"] is not None]
+        accuracies = [entry.get("test_accuracy") or entry.get("fed_eval_accuracy") for entry in self.history]
+        accuracies = [accuracy for accuracy in accuracies if accuracy is not None]  # the leader's, else the learners' mean
         return f", last accuracy {100 * accuracies[-1]:.2f}%" if accuracies else ""
 
     def _note_lost(self, learner_id: int, why: str) -> None:

@@ -1,4 +1,4 @@
-"""Plots of recorded runs: test accuracy, test loss and bytes moved per round, from metrics.jsonl files."""
+"""Plots of recorded runs: accuracy, loss (the leader's and the learners' evaluations) and bytes per round, from metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -48,13 +48,22 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
         accuracy_axes.plot(
             [record["round"] for record in evaluated], [100 * record["test_accuracy"] for record in evaluated], marker="o", label=label
         )
+        tested = [record for record in records if record["test_loss"] is not None]
         loss_axes.plot(
-            [record["round"] for record in evaluated], [record["test_loss"] for record in evaluated], marker="o", label=f"{label} test"
+            [record["round"] for record in tested], [record["test_loss"] for record in tested], marker="o", label=f"{label} test"
         )
         loss_axes.plot(rounds, [record["train_loss"] for record in records], linestyle="--", label=f"{label} train")
+        # the learners' own evaluations: their example-weighted mean, and the band from the lowest to the highest
+        for axes, name, scale in ((accuracy_axes, "fed_eval_accuracy", 100), (loss_axes, "fed_eval_loss", 1)):
+            federated = [record for record in records if name in record]
+            if federated:
+                at = [record["round"] for record in federated]
+                line = axes.plot(at, [scale * record[name] for record in federated], marker="s", label=f"{label} learners' mean")[0]
+                low, high = ([scale * record[f"{name}_{end}"] for record in federated] for end in ("min", "max"))
+                axes.fill_between(at, low, high, color=line.get_color(), alpha=0.15, label=f"{label} learners' min-max")
         bytes_axes.plot(rounds, [(record["bytes_in"] + record["bytes_out"]) / 1e6 for record in records], marker="o", label=label)
     accuracy_axes.set(title="Test accuracy", xlabel="round", ylabel="%")
-    loss_axes.set(title="Loss", xlabel="round", ylabel="cross-entropy")
+    loss_axes.set(title="Loss", xlabel="round", ylabel="the task's loss")
     bytes_axes.set(title="Bytes moved (in + out)", xlabel="round", ylabel="MB")
     bytes_axes.set_ylim(bottom=0)
     for axes in (accuracy_axes, loss_axes, bytes_axes):

@@ -229,13 +229,23 @@ def builtin_task(model_name: str, dataset: str, num_classes: int, seed: int = 0)
     return Task(model_name, f"built-in {model_name}", functions, make_batch=image_batch, builtin=True)
 
 
+def is_task_file(spec: str) -> bool:
+    """Whether a --task names a file (a path, or a name ending in .py) rather than a module."""
+    return spec.endswith(".py") or "/" in spec or "\\" in spec
+
+
+def task_name(spec: str) -> str:
+    """The name a --task goes by on the wire: a file's name without .py, or the module's dotted name."""
+    return Path(spec).stem if is_task_file(spec) else spec
+
+
 def load_task(spec: str) -> Task:
     """The task a --task names: a Python file (path ending in .py) or an importable module (package.module)."""
-    if spec.endswith(".py") or "/" in spec or "\\" in spec:
+    if is_task_file(spec):
         path = Path(spec)
         if not path.is_file():
             raise TaskError(f"--task {spec}: no such file")
-        name = path.stem
+        name = task_name(spec)
         module_name = f"_fl_task_{name}"
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         if module_spec is None or module_spec.loader is None:

@@ -16,6 +16,7 @@ import torch
 
 import checkpoint
 import federated_eval
+import leader as leader_module
 import learner as learner_module
 import rpc
 import wire
@@ -118,19 +119,12 @@ def test_evaluate_weighs_each_batch_by_its_examples(tmp_path):
         ),
     ],
 )
-def test_a_broken_task_file_stops_the_leader_with_one_line_naming_the_file_and_function(tmp_path, body, message):
+def test_a_broken_task_file_stops_the_leader_with_one_line_naming_the_file_and_function(tmp_path, body, message, capsys):
     path = write_task(tmp_path, body)
-    result = subprocess.run(
-        [sys.executable, "leader.py", "--task", str(path), "--run-dir", str(tmp_path / "run")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("leader: " + message.format(path=path)), result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert leader_module.main(["--task", str(path), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("leader: " + message.format(path=path)), err[-2000:]
+    assert "Traceback" not in err
 
 
 def test_a_task_whose_loss_returns_no_scalar_is_named_in_one_line(tmp_path):
