@@ -181,16 +181,20 @@ def main() -> None:
 def compare_task_path(runs: int, rounds: int, checkpoint_every: int, device: torch.device) -> None:
     """Median round seconds of the built-in model against the same workload as a task file, federations alternated."""
     seconds: dict[str, list[float]] = {"built-in --model": [], f"--task {TASK_FILE}": []}
+    per_run: dict[str, list[float]] = {label: [] for label in seconds}
     for _ in range(runs):
         for label, task in (("built-in --model", None), (f"--task {TASK_FILE}", TASK_FILE)):
-            seconds[label] += [record["round_seconds"] for record in federation_rounds(rounds, checkpoint_every, device, task)[1:]]
+            timed = [record["round_seconds"] for record in federation_rounds(rounds, checkpoint_every, device, task)[1:]]
+            seconds[label] += timed
+            per_run[label].append(statistics.median(timed))
     print()
     print(f"## The same workload through a task file ({runs} federations of each, alternated; {rounds} timed rounds each)")
     print()
-    print("| path | median s/round | min | max |")
-    print("|---|---|---|---|")
+    print("| path | median s/round | min | max | each federation's median |")
+    print("|---|---|---|---|---|")
     for label, values in seconds.items():
-        print(f"| {label} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} |")
+        each = ", ".join(f"{median:.3f}" for median in per_run[label])
+        print(f"| {label} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} | {each} |")
     builtin, task = (statistics.median(values) for values in seconds.values())
     print()
     print(f"task / built-in = {task:.3f} / {builtin:.3f} = {task / builtin:.3f}x (goal: at most {TASK_GOAL}x)")
