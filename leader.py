@@ -25,6 +25,7 @@ from leader_service import SERVER_STOP_GRACE_S, LeaderServicer, handle_shutdown_
 from options import LeaderConfig, parse_leader_config
 from protos import learner_pb2
 from recorder import Recorder, TensorBoardMissing
+from round_report import describe_evaluation
 from task import TaskError
 from utils import DataError
 
@@ -80,9 +81,7 @@ def main(argv: list[str] | None = None, stop_event: threading.Event | None = Non
     try:
         history = leader.run(recorder)
         if history:
-            final = history[-1]
-            accuracy = "not evaluated" if final["test_accuracy"] is None else f"test accuracy {100 * final['test_accuracy']:.2f}%"
-            logger.info("done: %d rounds, %s; results in %s", len(history), accuracy, run_dir)
+            logger.info("done: %d rounds, %s; results in %s", len(history), describe_evaluation(history[-1]), run_dir)
     except (RunError, OSError) as error:  # OSError: a checkpoint or metrics write failed
         health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         leader.status.clear()
