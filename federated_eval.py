@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 import statistics
 import threading
@@ -19,7 +20,7 @@ import rpc
 from intake import RoundState
 from protos import learner_pb2
 from roster import LearnerRecord, Roster
-from task import MAX_METRIC_NAME, MAX_METRICS, Task, evaluate
+from task import Task, evaluate, metrics_problem
 from utils import Examples, derive_seed
 
 logger = logging.getLogger(__name__)
@@ -47,15 +48,12 @@ def check_result(result: learner_pb2.EvaluateResult, round_number: int) -> dict[
         raise ValueError(f"the result is for round {result.round}, not {round_number}")
     if not 0 < result.num_examples <= MAX_EVAL_EXAMPLES:
         raise ValueError(f"num_examples must be in 1..{MAX_EVAL_EXAMPLES}, got {result.num_examples}")
-    if len(result.metrics) > MAX_METRICS:
-        raise ValueError(f"{len(result.metrics)} metrics; at most {MAX_METRICS}")
-    values = {"loss": result.loss, **result.metrics}
-    for name, value in values.items():
-        if not name.isidentifier() or len(name) > MAX_METRIC_NAME:
-            raise ValueError(f"metric names must be identifiers of up to {MAX_METRIC_NAME} characters, got {name[:MAX_METRIC_NAME]!r}")
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"{name} is not finite")
-    return values
+    problem = metrics_problem(result.metrics)
+    if problem is not None:
+        raise ValueError(problem)
+    if not math.isfinite(result.loss):
+        raise ValueError("loss is not finite")
+    return {"loss": result.loss, **result.metrics}
 
 
 def summarize(reports: Sequence[Report]) -> dict[str, float | int]:

@@ -59,7 +59,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EVAL_BATCH_SIZE = 1000  # examples per batch when this learner evaluates a global model on its own test data
 # One registration attempt, after which the learner says it is waiting; the leader calls this learner back (up to
 # 3 s) before it answers, and a retried registration gets the same identity.
 REGISTER_ATTEMPT_S = 5.0

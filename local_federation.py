@@ -247,6 +247,7 @@ def run_on_ray(args: argparse.Namespace, leader_argv: list[str], port: int, ray_
     import ray_engine
     import rpc
     from pool import PoolConfig
+    from task import is_task_file
 
     if args.tls_cert or args.tls_ca:
         print("local_federation.py: --engine ray does not take TLS flags yet; its pools call the leader in the clear", file=sys.stderr)
@@ -264,7 +265,7 @@ def run_on_ray(args: argparse.Namespace, leader_argv: list[str], port: int, ray_
         connect_timeout=LEARNER_CONNECT_TIMEOUT_S,
         dropout=args.simulate_dropout,
         seed=args.seed,
-        task=str(Path(args.task).resolve()) if args.task and args.task.endswith(".py") else args.task,  # actors start elsewhere
+        task=str(Path(args.task).resolve()) if args.task and is_task_file(args.task) else args.task,  # actors start elsewhere
     )
     engine_config = ray_engine.RayEngineConfig(args.learners, args.learner_cpus, args.learner_gpus, args.actors or 0)
     ray_thread.start_pools(engine_config, pool_config, enrolment_token)

@@ -105,7 +105,9 @@ class LearnerPool:
         self.device = resolve_device(config.device)
         self.user_task = load_task(config.task) if config.task else None  # None: a built-in one, made from the first plan
         self.task: Task | None = None  # what the pool trains, once the first plan came
-        self._task_fingerprint = wire.fingerprint(wire.specs_of(self.user_task.model().state_dict())) if self.user_task is not None else ""
+        # the user's model is built now, so that registration can name its manifest's digest, and kept to train
+        self._task_model = self.user_task.model() if self.user_task is not None else None
+        self._task_fingerprint = wire.fingerprint(wire.specs_of(self._task_model.state_dict())) if self._task_model is not None else ""
         self.split_layout: list[wire.TensorSpec] = []  # what GetData streams (the same for every learner of a leader)
         self.learners = [VirtualLearner(index) for index in indices]
         self.channel = rpc.channel(config.leader, tls)
@@ -224,7 +226,7 @@ class LearnerPool:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.task = self.user_task or builtin_task(plan.model, plan.dataset, plan.num_classes, plan.seed)
         memory_format = memory_format_for("auto", plan.model, self.device)
-        model = self.task.model().to(self.device, memory_format=memory_format)
+        model = (self._task_model if self._task_model is not None else self.task.model()).to(self.device, memory_format=memory_format)
         specs = wire.specs_of(model.state_dict())
         check_model(specs, plan)
         self.plan, self.model, self.specs, self.memory_format = plan, model, specs, memory_format

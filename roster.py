@@ -119,8 +119,9 @@ class MemberChecks:
 
 
 def round_members(alive: list[LearnerRecord], config: LeaderConfig, round_number: int) -> list[LearnerRecord]:
-    """Round `round_number`'s members: the live learners due to take part in it, a seeded --fraction of them, by id."""
-    available = [record for record in sorted(alive, key=lambda record: record.learner_id) if record.joins_round <= round_number]
+    """Round `round_number`'s members among `alive` (by id, as Roster.alive gives them): those due to take part in it, a
+    seeded --fraction of them, by id."""
+    available = [record for record in alive if record.joins_round <= round_number]
     count = config.sampled(len(available))
     if count < len(available):
         generator = torch.Generator().manual_seed(derive_seed(config.seed, "sample", round_number))

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,16 +114,13 @@ class Task:
         values = self._call("metrics", outputs, targets)
         if not isinstance(values, dict):
             raise TaskError(f"{self.source}: metrics() returned {_describe(values)}, not a dict of names to numbers")
-        if len(values) > MAX_METRICS:
-            raise TaskError(f"{self.source}: metrics() returned {len(values)} metrics; at most {MAX_METRICS} are recorded")
-        checked = {}
-        for name, value in values.items():
-            if not isinstance(name, str) or not name.isidentifier() or len(name) > MAX_METRIC_NAME or name == "loss":
-                raise TaskError(
-                    f"{self.source}: metrics() names a metric {name!r}: use identifiers of up to {MAX_METRIC_NAME} characters, not 'loss'"
-                )
-            number = float(value.item() if isinstance(value, torch.Tensor) else value)
-            checked[name] = number
+        try:
+            checked = {name: float(value.item() if isinstance(value, torch.Tensor) else value) for name, value in values.items()}
+        except (TypeError, ValueError, RuntimeError):
+            raise TaskError(f"{self.source}: metrics() returned a value that is not a number") from None
+        problem = metrics_problem(checked)
+        if problem is not None:
+            raise TaskError(f"{self.source}: metrics(): {problem}")
         return checked
 
     def _examples(self, function: str, data_dir: str | None) -> Examples:
@@ -144,6 +142,22 @@ class Task:
             if self.builtin:
                 raise
             raise TaskError(f"{self.source}: {function}() raised {type(error).__name__}: {_one_line(error)}") from error
+
+
+def metrics_problem(values: Mapping[Any, Any]) -> str | None:
+    """Why metrics cannot be recorded (too many, a name that is no identifier or is "loss", a value not finite), or None.
+
+    The learner checks its task's metrics with it, and the leader every evaluation a learner reports.
+    """
+    if len(values) > MAX_METRICS:
+        return f"{len(values)} metrics; at most {MAX_METRICS}"
+    for name, value in values.items():
+        if not isinstance(name, str) or not name.isidentifier() or len(name) > MAX_METRIC_NAME or name == "loss":
+            shown = name[:MAX_METRIC_NAME] if isinstance(name, str) else name
+            return f"metric names must be identifiers of up to {MAX_METRIC_NAME} characters other than 'loss', got {shown!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{name} is not finite"
+    return None
 
 
 def evaluate(

@@ -135,6 +135,13 @@ def test_a_task_whose_loss_returns_no_scalar_is_named_in_one_line(tmp_path):
         task.loss(torch.zeros(4, 1), torch.zeros(4))
 
 
+def test_a_tasks_metrics_are_checked_as_the_leader_checks_a_learners_report(tmp_path):
+    body = FLOAT_TASK + "\n    def metrics(outputs, targets):\n        return {'mae': float('nan')}\n"
+    task = load_task(str(write_task(tmp_path, body)))
+    with pytest.raises(TaskError, match=r"mytask.py: metrics\(\): mae is not finite"):
+        task.metrics(torch.zeros(2, 1), torch.zeros(2))
+
+
 # ---- over the wire --------------------------------------------------------------------------------------------------
 
 
