@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates the gRPC stubs in protos/ from the .proto files. Run from the
-# repository root so that generated imports read "from protos import ...".
+# Regenerates the gRPC stubs in fedgrpc/protos/ (also reachable as protos/) from the .proto files there, so that
+# generated imports read "from fedgrpc.protos import ...". The optional argument is the output root (default: here).
 # $PYTHON names the interpreter whose grpcio-tools to use (default: python3 on PATH);
 # the tests pass the one they run under, so a virtual environment need not be active.
 set -euo pipefail
@@ -8,4 +8,4 @@ cd "$(dirname "$0")"
 out="${1:-.}"
 "${PYTHON:-python3}" -m grpc_tools.protoc -I . \
     --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
-    protos/tensors.proto protos/leader.proto protos/learner.proto
+    fedgrpc/protos/tensors.proto fedgrpc/protos/leader.proto fedgrpc/protos/learner.proto

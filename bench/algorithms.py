@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-import plots
 from bench import provenance
 from bench import report as report_file
-from local_federation import free_port, learner_threads
+from fedgrpc.engines.launcher import free_port, learner_threads
+from fedgrpc.leader import plots
 
 ROOT = Path(__file__).resolve().parent.parent
 LEARNERS = 4
@@ -156,7 +156,7 @@ def federate(run: Run, common: list[str], work: Path) -> tuple[list[dict], float
 
 def hostile_learner(argv: list[str]) -> int:
     """A learner whose parameter updates are multiplied by ATTACK_SCALE before they are sent (buffers left as they are)."""
-    import learner as learner_module
+    from fedgrpc.learner import main as learner_module
 
     train = learner_module.Learner._train
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from bench import provenance
 from bench.wire import timed
-from model import build_model, memory_format_for
-from utils import CROP_PADDING, augment, normalize
+from fedgrpc.data import CROP_PADDING, augment, normalize
+from fedgrpc.model import build_model, memory_format_for
 
 BATCH = 128
 MODEL = "resnet20"

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
 from bench import provenance
 from bench.time_to_accuracy import accuracy
-from model import build_model, recompute_batchnorm
-from utils import derive_seed, load_dataset, normalize, training_inputs
+from fedgrpc.data import derive_seed, load_dataset, normalize, training_inputs
+from fedgrpc.leader import checkpoint
+from fedgrpc.model import build_model, recompute_batchnorm
 
 BATCH = 1000
 SEED = 0

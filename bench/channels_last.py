@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import provenance
-from model import build_model
-from utils import normalize
+from fedgrpc.data import normalize
+from fedgrpc.model import build_model
 
 BATCH = 128
 MODELS = ("resnet20", "resnet18-cifar", "resnet18", "small-cnn", "tiny-cnn")

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_safetensors
 
-import checkpoint
 from bench import provenance
-from model import build_model
+from fedgrpc.leader import checkpoint
+from fedgrpc.model import build_model
 
 MODEL = "resnet18"
 KEEP = 3  # the leader's default --keep-checkpoints: every save from the fourth on prunes a round

@@ -19,9 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import plots
 from bench import provenance
 from bench import report as report_file
+from fedgrpc.leader import plots
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = {"uncompiled": [], "compiled": ["--learner-compile"]}

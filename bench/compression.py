@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-import compression
-import plots
 from bench import provenance
+from fedgrpc.leader import plots
+from fedgrpc.transport import compression
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "resnet20"

@@ -51,14 +51,12 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-import checkpoint
-import plots
-import rpc
-import wire
 from bench import report as report_file
-from local_federation import free_port
-from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
-from roster import REGISTRATION_PROBE_S  # how long the leader waits for a registrant to answer its call-back
+from fedgrpc.engines.launcher import free_port
+from fedgrpc.leader import checkpoint, plots
+from fedgrpc.leader.roster import REGISTRATION_PROBE_S  # how long the leader waits for a registrant to answer its call-back
+from fedgrpc.protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from fedgrpc.transport import rpc, wire
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every row: tiny data, tiny model, CPU, so that --runs 3 of every row fits in under a quarter of an hour on 2 cores.
@@ -93,7 +91,8 @@ RESUME_KILL_AFTER_ROUND = 2
 CHECKPOINT_KILLS_PER_RUN = 3
 KILL_MOMENT_MAX_S = 0.3  # the kill lands at a random moment this long after the first complete checkpoint
 WRITER = """
-import sys, torch, checkpoint
+import sys, torch
+from fedgrpc.leader import checkpoint
 from pathlib import Path
 directory, start = Path(sys.argv[1]), int(sys.argv[2])
 for number in range(start, start + 1000):

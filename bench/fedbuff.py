@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
-import plots
 from bench import provenance, report
-from local_federation import free_port
-from task import builtin_task, evaluate
-from utils import load_dataset
+from fedgrpc.data import load_dataset
+from fedgrpc.engines.launcher import free_port
+from fedgrpc.leader import checkpoint, plots
+from fedgrpc.task import builtin_task, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 LEARNERS = 4

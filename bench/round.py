@@ -26,13 +26,12 @@ import grpc
 import torch
 import torch.nn.functional as F
 
-import plots
-import rpc
-import wire
 from bench import provenance
 from bench.wire import BARE_SERVICE, CALL_TIMEOUT_S, bare_server, receive_bytes, timed
-from model import build_model, memory_format_for
-from utils import normalize, resolve_device
+from fedgrpc.data import normalize, resolve_device
+from fedgrpc.leader import plots
+from fedgrpc.model import build_model, memory_format_for
+from fedgrpc.transport import rpc, wire
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "resnet18"

@@ -44,13 +44,12 @@ from typing import Any
 import grpc
 import torch
 
-import plots
-import rpc
-import wire
 from bench import report as report_file
-from local_federation import free_port
-from model import MODELS, build_model
-from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from fedgrpc.engines.launcher import free_port
+from fedgrpc.leader import plots
+from fedgrpc.model import MODELS, build_model
+from fedgrpc.protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from fedgrpc.transport import rpc, wire
 
 logger = logging.getLogger(__name__)
 

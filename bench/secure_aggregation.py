@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-import secagg
 from bench import provenance, report
-from model import build_model
+from fedgrpc.algorithms import secagg
+from fedgrpc.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_HARNESS = ROOT.parent / "shared" / "anchors" / "flower-secagg"

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from bench import provenance
-from model import build_model, compiled_for_training, memory_format_for
-from utils import augment, normalize, resolve_device, training_inputs
+from fedgrpc.data import augment, normalize, resolve_device, training_inputs
+from fedgrpc.model import build_model, compiled_for_training, memory_format_for
 
 MODEL = "resnet20"
 BATCH = 128

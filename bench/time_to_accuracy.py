@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import plots
-import schedule
 from bench import provenance
 from bench import report as report_file
-from model import build_model, compiled_for_training, memory_format_for
-from training import batches_per_epoch
-from utils import derive_seed, load_dataset, normalize, resolve_device, training_inputs
+from fedgrpc.algorithms import schedule
+from fedgrpc.data import derive_seed, load_dataset, normalize, resolve_device, training_inputs
+from fedgrpc.leader import plots
+from fedgrpc.learner.training import batches_per_epoch
+from fedgrpc.model import build_model, compiled_for_training, memory_format_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MOMENTUM = 0.9

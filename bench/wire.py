@@ -24,12 +24,11 @@ from collections.abc import Callable, Iterator
 import grpc
 import torch
 
-import leader as leader_module
-import learner as learner_module
-import rpc
-import wire
 from bench import provenance
-from protos import leader_pb2
+from fedgrpc.leader import main as leader_module
+from fedgrpc.learner import main as learner_module
+from fedgrpc.protos import leader_pb2
+from fedgrpc.transport import rpc, wire
 
 MODEL = "resnet18"  # the blog's model: 44.8 MB of float32 weights and buffers
 DEFAULT_RUNS = 5

@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import torch
 
-import aggregation
-import wire
-from model import build_model
-from protos import leader_pb2
+from fedgrpc.algorithms import aggregation
+from fedgrpc.model import build_model
+from fedgrpc.protos import leader_pb2
+from fedgrpc.transport import wire
 
 REPEATS = 5
 

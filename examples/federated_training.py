@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-import client
+import fedgrpc
 from examples import tabular
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     train_set, test_set = tabular.train_data(args.site), tabular.test_data(args.site)
     loader = torch.utils.data.DataLoader(train_set, batch_size=32, shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    federation = client.join(model, "tabular", args.leader, num_examples=len(train_set), test_data=test_set, loss=tabular.loss)
+    federation = fedgrpc.join(model, "tabular", args.leader, num_examples=len(train_set), test_data=test_set, loss=tabular.loss)
     for epoch in federation.rounds():
         for features, target in loader:
             optimizer.zero_grad()

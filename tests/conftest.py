@@ -15,11 +15,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-import leader as leader_module
-import learner as learner_module
-import rpc
-from leader import Leader, LeaderConfig
-from protos import leader_pb2, leader_pb2_grpc
+from fedgrpc.leader import main as leader_module
+from fedgrpc.leader.main import Leader, LeaderConfig
+from fedgrpc.learner import main as learner_module
+from fedgrpc.protos import leader_pb2, leader_pb2_grpc
+from fedgrpc.transport import rpc
 
 ROOT = Path(__file__).resolve().parent.parent
 

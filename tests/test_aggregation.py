@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import aggregation
+from fedgrpc.algorithms import aggregation
 
 
 def test_weighted_mean_by_hand():

@@ -13,11 +13,11 @@ import pytest
 import torch
 from test_leader_rpc import send
 
-import checkpoint
-import privacy
-import utils
 from conftest import join_all, leader_config, register_client, running_leader, start_learners
-from training import add_proximal_gradient
+from fedgrpc import data as utils
+from fedgrpc.algorithms import privacy
+from fedgrpc.leader import checkpoint
+from fedgrpc.learner.training import add_proximal_gradient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ def filled(leader, value: float) -> dict[str, torch.Tensor]:
 
 
 def test_shards_give_each_learner_its_classes_and_the_split_is_logged(tmp_path, caplog):
-    caplog.set_level("INFO", logger="utils")
+    caplog.set_level("INFO", logger="fedgrpc.data")
     config = leader_config(tmp_path, learners=5, partition="shards", classes_per_learner=2, seed=4)
     with running_leader(config) as running:
         labels = running.leader.train_data.labels
@@ -211,7 +211,7 @@ def test_compressed_rounds_run_and_move_fewer_bytes(tmp_path, mode, ratio):
 
 
 def test_learning_rate_schedule_by_hand():
-    from schedule import round_lr
+    from fedgrpc.algorithms.schedule import round_lr
 
     # warm-up over 2 rounds: 1/2 then 2/2 of the base; cosine over the remaining 4: t = 0, 1, 2, 3 of 4
     lrs = [round_lr(0.1, "cosine", 2, 6, number) for number in range(1, 7)]
@@ -223,7 +223,7 @@ def test_learning_rate_schedule_by_hand():
 
 
 def test_the_learners_sgd_steps_exactly_as_torch_optim_sgd():
-    from training import LocalSGD
+    from fedgrpc.learner.training import LocalSGD
 
     torch.manual_seed(0)
     reference = torch.nn.Linear(5, 3)
@@ -242,9 +242,9 @@ def test_the_learners_sgd_steps_exactly_as_torch_optim_sgd():
 
 
 def test_a_slowed_learner_pauses_after_each_step_for_its_factor_less_one_times_the_step():
-    from leader import training_plan
-    from task import builtin_task
-    from training import LocalTrainer
+    from fedgrpc.leader.main import training_plan
+    from fedgrpc.learner.training import LocalTrainer
+    from fedgrpc.task import builtin_task
 
     config = leader_config(Path("unused"), aggregation="fedavg", local_steps=3, batch_size=4)
     task = builtin_task("tiny-cnn", "synthetic", 10)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
-from model import build_model
+from fedgrpc.leader import checkpoint
+from fedgrpc.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "synthetic", "--model", "tiny-cnn", "--device", "cpu"]

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-import client
 from conftest import ROOT, leader_config, running_leader, start_learners, wait_until
-from task import load_task
+from fedgrpc import client
+from fedgrpc.leader import checkpoint
+from fedgrpc.task import load_task
 
 EXAMPLES = ROOT / "examples"
 RUN_TIMEOUT_S = 600
@@ -50,7 +50,7 @@ def test_the_federated_script_adds_at_most_five_lines_to_the_plain_one():
     federated = (EXAMPLES / "federated_training.py").read_text().splitlines()
     added = [line for line in difflib.unified_diff(plain, federated, lineterm="") if line.startswith("+") and not line.startswith("+++")]
     assert 0 < len(added) <= 5, added
-    assert any("client.join(" in line for line in added) and any("federation.send(" in line for line in added)
+    assert any("fedgrpc.join(" in line for line in added) and any("federation.send(" in line for line in added)
 
 
 def test_send_outside_a_round_says_how_to_use_it():

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import compression
-import model
-import wire
-from compression import compress, compressed_bytes, decompress, wire_specs
+from fedgrpc import model
+from fedgrpc.transport import compression, wire
+from fedgrpc.transport.compression import compress, compressed_bytes, decompress, wire_specs
 
 
 def test_fp16_round_trip_is_exact_for_representable_values():

@@ -16,10 +16,6 @@ import grpc
 import pytest
 import torch
 
-import checkpoint
-import leader as leader_module
-import rpc
-import wire
 from conftest import (
     ROOT,
     join_all,
@@ -32,7 +28,10 @@ from conftest import (
     start_learners,
     wait_until,
 )
-from protos import leader_pb2, learner_pb2, learner_pb2_grpc
+from fedgrpc.leader import checkpoint
+from fedgrpc.leader import main as leader_module
+from fedgrpc.protos import leader_pb2, learner_pb2, learner_pb2_grpc
+from fedgrpc.transport import rpc, wire
 
 
 def test_learner_killed_mid_round_leaves_a_quorum_that_finishes_the_run(tmp_path, caplog):
@@ -85,7 +84,8 @@ def test_learner_killed_mid_round_leaves_a_quorum_that_finishes_the_run(tmp_path
 
 
 WRITER = """
-import sys, torch, checkpoint
+import sys, torch
+from fedgrpc.leader import checkpoint
 from pathlib import Path
 directory, start = Path(sys.argv[1]), int(sys.argv[2])
 for number in range(start, start + 1000):
@@ -119,7 +119,7 @@ def test_sigkill_while_checkpointing_leaves_the_previous_checkpoint_loadable(tmp
 
 
 def test_leader_killed_mid_run_resumes_and_learners_rejoin_with_the_uninterrupted_weights(tmp_path):
-    from local_federation import free_port
+    from fedgrpc.engines.launcher import free_port
 
     common = [
         "--dataset",
@@ -311,7 +311,7 @@ def test_a_learner_lost_with_default_flags_leaves_the_run_going_and_its_restart_
 
 
 def test_ctrl_c_on_the_leader_says_so_stops_and_saves_the_last_round(tmp_path):
-    from local_federation import free_port
+    from fedgrpc.engines.launcher import free_port
 
     port = free_port()
     run_dir = tmp_path / "run"
@@ -493,7 +493,7 @@ def test_stalled_and_trickling_streams_are_cancelled_and_honest_learners_finish(
 def test_a_shutdown_signal_turns_health_not_serving_and_ends_the_run_after_a_committed_round(tmp_path, channel_to):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    import leader as leader_module
+    from fedgrpc.leader import main as leader_module
 
     config = leader_config(tmp_path, rounds=1000)
     leader, server, port, health = leader_module.serve(config)
@@ -520,7 +520,7 @@ def test_a_shutdown_signal_turns_health_not_serving_and_ends_the_run_after_a_com
 
 
 def test_rejoin_pauses_double_up_to_a_cap_with_jitter():
-    from learner import rejoin_pause
+    from fedgrpc.learner.main import rejoin_pause
 
     assert [rejoin_pause(attempt, 0.0) for attempt in range(4)] == [0.5, 1.0, 2.0, 4.0]  # the lower half of 1, 2, 4, 8 s
     assert rejoin_pause(0, 0.999) == pytest.approx(1.0, abs=1e-3)

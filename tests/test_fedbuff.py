@@ -15,11 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-import checkpoint
-import plots
-import rpc
-import training
-import wire
 from conftest import (
     ROOT,
     join_all,
@@ -31,10 +26,13 @@ from conftest import (
     start_learners,
     wait_until,
 )
-from intake import Intake
-from options import LeaderConfig, parse_leader_config
-from protos import leader_pb2
-from strategy import Strategy
+from fedgrpc.algorithms.strategy import Strategy
+from fedgrpc.config.options import LeaderConfig, parse_leader_config
+from fedgrpc.leader import checkpoint, plots
+from fedgrpc.leader.intake import Intake
+from fedgrpc.learner import training
+from fedgrpc.protos import leader_pb2
+from fedgrpc.transport import rpc, wire
 
 # ---- the buffer's arithmetic, driven by hand ------------------------------------------------------------------------
 
@@ -270,11 +268,15 @@ def test_a_stale_update_is_refused_over_the_wire_and_its_learner_trains_again(tm
         leader.stop_learners("the test has seen what it checks")
     assert join_all(first + others) == [0, 0, 0]
     refusals = [
-        record.getMessage() for record in caplog.records if record.name == "leader_service" and "refused an update" in record.getMessage()
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "fedgrpc.leader.service" and "refused an update" in record.getMessage()
     ]
     assert any("from learner 0 (FAILED_PRECONDITION): stale update: trained on model version 1" in line for line in refusals)
     assert sum(entry["updates_stale"] for entry in leader.history) >= 1
-    assert any("job 1: update not taken: stale update" in record.getMessage() for record in caplog.records if record.name == "learner")
+    assert any(
+        "job 1: update not taken: stale update" in record.getMessage() for record in caplog.records if record.name == "fedgrpc.learner.main"
+    )
 
 
 def test_a_learner_killed_mid_training_costs_only_its_update(tmp_path):
@@ -310,7 +312,7 @@ def test_a_learner_killed_mid_training_costs_only_its_update(tmp_path):
 
 
 def test_the_leader_killed_resumes_from_the_last_applied_version(tmp_path):
-    from local_federation import free_port
+    from fedgrpc.engines.launcher import free_port
 
     port = free_port()
     run_dir = tmp_path / "run"

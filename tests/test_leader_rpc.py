@@ -9,10 +9,9 @@ import grpc
 import pytest
 import torch
 
-import rpc
-import wire
 from conftest import callback_address, join_all, leader_config, register_client, running_leader, start_learners
-from protos import leader_pb2, leader_pb2_grpc
+from fedgrpc.protos import leader_pb2, leader_pb2_grpc
+from fedgrpc.transport import rpc, wire
 
 
 @pytest.fixture
@@ -199,7 +198,7 @@ def test_get_model_and_get_data_stream_checked_tensors(open_round):
 
 
 def test_enrolment_secret_gates_registration_before_any_handler_runs(tmp_path, channel_to, monkeypatch):
-    import leader as leader_module
+    from fedgrpc.leader import main as leader_module
 
     leader, server, port, _ = leader_module.serve(leader_config(tmp_path), enrolment_token="correct horse")
     try:
@@ -228,7 +227,7 @@ def test_enrolment_secret_gates_registration_before_any_handler_runs(tmp_path, c
 
 
 def test_learner_presents_the_enrolment_secret_from_a_file(tmp_path):
-    import leader as leader_module
+    from fedgrpc.leader import main as leader_module
 
     secret_file = tmp_path / "secret"
     secret_file.write_text("correct horse\n")

@@ -6,12 +6,11 @@ import grpc
 import pytest
 import torch
 
-import learner as learner_module
-import rpc
-import wire
-from learner import Learner, LearnerConfig, LearnerError, Stopped, create_server
-from model import build_model
-from protos import leader_pb2, learner_pb2, learner_pb2_grpc
+from fedgrpc.learner import main as learner_module
+from fedgrpc.learner.main import Learner, LearnerConfig, LearnerError, Stopped, create_server
+from fedgrpc.model import build_model
+from fedgrpc.protos import leader_pb2, learner_pb2, learner_pb2_grpc
+from fedgrpc.transport import rpc, wire
 
 
 @pytest.fixture

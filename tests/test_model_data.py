@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load as safetensors_load
 
-import checkpoint
-import utils
-from model import MODELS, build_model, memory_format_for, recompute_batchnorm
+from fedgrpc import data as utils
+from fedgrpc.leader import checkpoint
+from fedgrpc.model import MODELS, build_model, memory_format_for, recompute_batchnorm
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils import label_histogram, split_dirichlet, split_shards
+from fedgrpc.data import label_histogram, split_dirichlet, split_shards
 
 NUM_CLASSES = 10
 

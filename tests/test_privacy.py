@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from privacy import PrivacyAccountant, gaussian_noise_std
+from fedgrpc.algorithms.privacy import PrivacyAccountant, gaussian_noise_std
 
 DELTA = 1e-5
 

@@ -28,19 +28,19 @@ def test_checked_in_stubs_match_generate_protos(tmp_path):
         env={**os.environ, "PYTHON": sys.executable, "PATH": str(bin_dir)},
     )
     tmp_path = out
-    generated = sorted(path.name for path in (tmp_path / "protos").iterdir())
+    generated = sorted(path.name for path in (tmp_path / "fedgrpc" / "protos").iterdir())
     checked_in = sorted(
-        path.name for path in (ROOT / "protos").iterdir() if path.name.endswith((".py", ".pyi")) and path.name != "__init__.py"
+        path.name for path in (ROOT / "fedgrpc" / "protos").iterdir() if path.name.endswith((".py", ".pyi")) and path.name != "__init__.py"
     )
     assert generated == checked_in
     for name in generated:
-        assert filecmp.cmp(tmp_path / "protos" / name, ROOT / "protos" / name, shallow=False), (
-            f"protos/{name} is stale: run ./generate_protos.sh"
+        assert filecmp.cmp(tmp_path / "fedgrpc" / "protos" / name, ROOT / "fedgrpc" / "protos" / name, shallow=False), (
+            f"fedgrpc/protos/{name} is stale: run ./generate_protos.sh"
         )
 
 
 def test_blog_field_numbers_are_kept():
-    from protos import leader_pb2, learner_pb2
+    from fedgrpc.protos import leader_pb2, learner_pb2
 
     def numbers(message):
         return {field.name: field.number for field in message.DESCRIPTOR.fields}

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-import ray_engine
-import wire
-from model import build_model
+from fedgrpc.engines import ray_engine
+from fedgrpc.leader import checkpoint
+from fedgrpc.model import build_model
+from fedgrpc.transport import wire
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 280

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from local_federation import free_port
+from fedgrpc.engines.launcher import free_port
 
 README = (ROOT / "README.md").read_text()
 # Appended to commands that would train on CIFAR-10 for many rounds: later flags win, so the command is the

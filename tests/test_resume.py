@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
 from conftest import join_all, leader_config, running_leader, start_learners
-from training import batches_per_epoch, round_batches
+from fedgrpc.leader import checkpoint
+from fedgrpc.learner.training import batches_per_epoch, round_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
 
 
 def test_round_batches_are_a_function_of_the_round_alone():
-    from protos import leader_pb2
+    from fedgrpc.protos import leader_pb2
 
     plan = leader_pb2.TrainingPlan(aggregation="fedavg", local_steps=2, batch_size=3, seed=5)
     assert batches_per_epoch(10, 3) == 3  # the last batch of one example is dropped

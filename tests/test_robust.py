@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import aggregation
+from fedgrpc.algorithms import aggregation
 
 
 def _updates(rows: list[list[float]], counts: list[int] | None = None) -> list[dict[str, torch.Tensor]]:

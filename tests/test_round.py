@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import checkpoint
-import rpc
 from conftest import callback_address, join_all, leader_config, running_leader, start_learners
-from model import build_model
-from protos import leader_pb2, leader_pb2_grpc
-from utils import load_dataset, normalize, split_iid
+from fedgrpc.data import load_dataset, normalize, split_iid
+from fedgrpc.leader import checkpoint
+from fedgrpc.model import build_model
+from fedgrpc.protos import leader_pb2, leader_pb2_grpc
+from fedgrpc.transport import rpc
 
 SEED = 3
 SHARD = 1000  # synthetic train set of 2000 split in two: each learner's batch is its whole shard

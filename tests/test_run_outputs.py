@@ -11,13 +11,13 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-import leader as leader_module
-import learner as learner_module
-import plots
-import rpc
 from conftest import join_all, leader_config, register_client, running_leader, start_learners
-from recorder import Recorder, TensorBoardMissing
-from task import builtin_task
+from fedgrpc.leader import main as leader_module
+from fedgrpc.leader import plots
+from fedgrpc.leader.recorder import Recorder, TensorBoardMissing
+from fedgrpc.learner import main as learner_module
+from fedgrpc.task import builtin_task
+from fedgrpc.transport import rpc
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CNN_BYTES = 11_642 * 4  # float32 parameters of tiny-cnn, its whole state
@@ -102,19 +102,23 @@ def test_plot_command_draws_one_or_several_runs(tmp_path):
     write_metrics(tmp_path / "a", [0.2, 0.4, 0.5])
     write_metrics(tmp_path / "b", [0.3, 0.35, 0.6])
     assert len(plots.read_metrics(tmp_path / "a")) == 3
-    result = subprocess.run([sys.executable, "plots.py", str(tmp_path / "a")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedgrpc.leader.plots", str(tmp_path / "a")], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "a" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     out = tmp_path / "both.png"
     result = subprocess.run(
-        [sys.executable, "plots.py", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)],
+        [sys.executable, "-m", "fedgrpc.leader.plots", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0 and out.read_bytes()[:4] == b"\x89PNG"
-    result = subprocess.run([sys.executable, "plots.py", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedgrpc.leader.plots", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert (
         result.returncode == 1
         and result.stderr.strip() == f"plots: no metrics.jsonl in {tmp_path}: is it a run directory written by leader.py?"
@@ -156,7 +160,7 @@ def test_leader_serves_reflection_only_when_asked_and_health_always(tmp_path, ch
         services = set(database.get_services())
         assert {"leader.LeaderService", "grpc.health.v1.Health"} <= services
         method = database.FindFileContainingSymbol("leader.LeaderService")
-        assert method.name == "protos/leader.proto"
+        assert method.name == "fedgrpc/protos/leader.proto"
     with running_leader(leader_config(tmp_path)) as running:
         channel = channel_to(running.address)
         assert rpc.is_serving(channel)
@@ -192,7 +196,7 @@ def test_learner_refused_by_a_full_federation_waits_for_a_slot_then_exits_with_t
 def test_status_line_is_silent_off_a_terminal_and_rewrites_in_place_on_one():
     import io
 
-    from cli import StatusLine
+    from fedgrpc.console import StatusLine
 
     piped = io.StringIO()
     line = StatusLine(piped)  # StringIO is not a terminal
@@ -210,7 +214,7 @@ def test_a_log_line_clears_the_status_line_before_it_prints(monkeypatch):
     import io
     import logging
 
-    from cli import StatusLine
+    from fedgrpc.console import StatusLine
 
     terminal = io.StringIO()
     line = StatusLine(terminal, enabled=True)

@@ -12,14 +12,13 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import leader as leader_module
-import learner as learner_module
-import rpc
-import wire
 from conftest import callback_address, join_all, leader_config, register_client, running_leader, start_learners, wait_until
-from model import build_model
-from protos import leader_pb2, leader_pb2_grpc, tensors_pb2
-from utils import load_dataset
+from fedgrpc.data import load_dataset
+from fedgrpc.leader import main as leader_module
+from fedgrpc.learner import main as learner_module
+from fedgrpc.model import build_model
+from fedgrpc.protos import leader_pb2, leader_pb2_grpc, tensors_pb2
+from fedgrpc.transport import rpc, wire
 
 
 def assert_refused(call, code, fragment=""):

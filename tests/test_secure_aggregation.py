@@ -12,17 +12,15 @@ import pytest
 import torch
 from test_round import LR, MOMENTUM, SEED, WEIGHT_DECAY, train_locally
 
-import aggregation
-import rpc
-import secagg
-import secure_rounds
-import wire
 from conftest import join_all, leader_config, running_leader, start_learners
-from learner import Learner, LearnerConfig, create_server
-from options import parse_leader_config
-from protos import learner_pb2, learner_pb2_grpc
-from secagg_learner import SecAggParty
-from utils import load_dataset, normalize, split_iid
+from fedgrpc.algorithms import aggregation, secagg
+from fedgrpc.config.options import parse_leader_config
+from fedgrpc.data import load_dataset, normalize, split_iid
+from fedgrpc.leader import secure_rounds
+from fedgrpc.learner.main import Learner, LearnerConfig, create_server
+from fedgrpc.learner.secagg_party import SecAggParty
+from fedgrpc.protos import learner_pb2, learner_pb2_grpc
+from fedgrpc.transport import rpc, wire
 
 BOUND = 4.0
 LENGTH = 5000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import server_opt
+from fedgrpc.algorithms import server_opt
 
 # Shared by the hand computations: tau = 1 so v starts at tau^2 = 1, and beta1 = 0.5 so that
 # m after the first step is g / 2. Float64 parameters, so that dyadic numbers come out exact.

@@ -14,15 +14,13 @@ import grpc
 import pytest
 import torch
 
-import checkpoint
-import federated_eval
-import leader as leader_module
-import learner as learner_module
-import rpc
-import wire
 from conftest import ROOT, join_all, leader_config, register_client, running_leader, start_learners
-from protos import leader_pb2, learner_pb2
-from task import TaskError, as_examples, default_loss, default_metrics, evaluate, load_task
+from fedgrpc.leader import checkpoint, federated_eval
+from fedgrpc.leader import main as leader_module
+from fedgrpc.learner import main as learner_module
+from fedgrpc.protos import leader_pb2, learner_pb2
+from fedgrpc.task import TaskError, as_examples, default_loss, default_metrics, evaluate, load_task
+from fedgrpc.transport import rpc, wire
 
 EXAMPLES = ROOT / "examples"
 RUN_TIMEOUT_S = 600

@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-import leader as leader_module
-import rpc
 from conftest import join_all, leader_config, start_learners
-from protos import leader_pb2, leader_pb2_grpc
+from fedgrpc.leader import main as leader_module
+from fedgrpc.protos import leader_pb2, leader_pb2_grpc
+from fedgrpc.transport import rpc
 
 
 def _name(common_name: str) -> x509.Name:

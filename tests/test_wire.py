@@ -6,8 +6,8 @@ import pytest
 import torch
 from google.protobuf.message import DecodeError
 
-import wire
-from protos import leader_pb2
+from fedgrpc.protos import leader_pb2
+from fedgrpc.transport import wire
 
 
 def sample() -> dict[str, torch.Tensor]:

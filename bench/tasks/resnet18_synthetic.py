@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from model import resnet18
-from utils import normalize, synthetic_dataset
+from fedgrpc.data import normalize, synthetic_dataset
+from fedgrpc.model import resnet18
 
 
 def model() -> torch.nn.Module:

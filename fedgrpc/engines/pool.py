@@ -1,0 +1,528 @@
+"""Many virtual learners in one process: one LearnerService for all of them, one model, each round's model fetched once.
+
+Every virtual learner registers, authenticates, trains and reports through the same RPCs and checks as a
+learner.py process; only its state between rounds (ids, secrets, data, kept momentum, error feedback) lives
+here instead of in a process of its own. It registers as pooled (LearnerInfo.pooled), so the leader starts
+its rounds without pushing the model (ModelState.fetch) and the pool fetches each round's model with GetModel
+once for all of its learners. ray_engine.py runs such pools as Ray actors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import random
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+
+from fedgrpc.algorithms import secagg
+from fedgrpc.data import resolve_device, synthetic_shard
+from fedgrpc.learner.data import LeaderLost, LearnerError, check_data, check_model, fetch_split, layout_specs
+from fedgrpc.learner.main import UpdateNotTaken, compress_for_plan, send_update
+from fedgrpc.learner.secagg_party import SecAggParty, masked_tensors, refuse
+from fedgrpc.learner.service import callback_gate, serve_learner_service
+from fedgrpc.learner.training import LocalTrainer
+from fedgrpc.model import memory_format_for
+from fedgrpc.protos import leader_pb2, learner_pb2, learner_pb2_grpc
+from fedgrpc.task import Task, builtin_task, load_task
+from fedgrpc.transport import rpc, wire
+
+logger = logging.getLogger(__name__)
+
+# Registrations in flight at once per pool: the leader admits a few calls without a session per host at a time
+# (rpc.CallLimits) and refuses the rest as busy; more in flight only trades answers for refusals.
+REGISTER_CONCURRENCY = 8
+REGISTER_ATTEMPT_S = 10.0  # one registration; the leader calls the pool back (up to 3 s) before it answers
+CALL_BACK_ATTEMPTS = 5  # registrations of one learner whose call-back failed (FAILED_PRECONDITION) before the pool gives up
+REGISTER_RETRY_S = 0.2  # pause before retrying a busy refusal, drawn from 1-2x this so that pools do not retry in step
+FULL_RETRY_S = 2.0  # pause before asking a full federation again
+HEARTBEAT_INTERVAL_S = 5.0  # an idle pool checks this often that the leader still counts its learners as members
+OUTBOX_SIZE = 2  # trained updates waiting to be sent
+SENDER_EXIT_S = 4.0  # a send's retries pause 1 + 2 s (learner.send_update); then the sender is left to exit alone
+POOL_SERVER_THREADS = 16  # the leader makes up to 32 calls at once (round starts, secure aggregation's stages), all to pools
+
+
+@dataclass
+class PoolConfig:
+    """What a pool needs: where the leader is, where to serve, and how its learners get their data."""
+
+    leader: str
+    host: str = "127.0.0.1"  # where the pool's LearnerService listens
+    advertise_host: str = "127.0.0.1"  # the host the leader calls the pool back at
+    device: str = "cpu"
+    threads: int = 1  # torch threads for training
+    # 0: each learner is sent its split by the leader (GetData); K > 0: each makes K synthetic examples from its
+    # index, for a leader run with --data-mode local --dataset synthetic
+    examples_per_learner: int = 0
+    connect_timeout: float = 600.0
+    leader_lost_after: float = 30.0
+    # simulated dropouts: each round each learner drops out with this probability (seeded by `seed`, its index and the
+    # round), after the round's key stages under secure aggregation, and without training either way
+    dropout: float = 0.0
+    seed: int = 0
+    task: str | None = None  # the leader's --task, a file every node holds; None: the leader's built-in model
+
+
+@dataclass
+class VirtualLearner:
+    """One learner of a pool: its identity with the leader and what it keeps between rounds."""
+
+    index: int  # its place in the simulation: 0 .. N-1, the seed of its synthetic data
+    callback_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    learner_id: int = -1
+    session_token: str = ""
+    split_examples: int = 0
+    trainer: LocalTrainer | None = None  # kept between rounds when it holds something worth keeping
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)  # topk's error feedback
+    rounds_trained: int = 0
+    secagg: SecAggParty = field(default_factory=SecAggParty)  # its side of each round's secure aggregation
+    # under secure aggregation, a trained update waiting for its round's third stage: (round, update, round's model,
+    # examples, loss); sent once the leader says whom to mask against, else replaced by the learner's next round
+    parked: tuple | None = None
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of this learner's calls to the leader."""
+        return rpc.token_metadata(self.session_token)
+
+
+class LearnerPool:
+    """Hosts virtual learners `indices`: registers them, trains those the leader starts, one at a time, and reports their updates."""
+
+    def __init__(self, config: PoolConfig, indices: list[int], enrolment_token: str | None = None, tls: rpc.Tls | None = None) -> None:
+        self.config = config
+        self.tls = tls
+        self._enrolment_metadata = ((rpc.ENROLMENT_METADATA_KEY, enrolment_token),) if enrolment_token else ()
+        self.device = resolve_device(config.device)
+        self.user_task = load_task(config.task) if config.task else None  # None: a built-in one, made from the first plan
+        self.task: Task | None = None  # what the pool trains, once the first plan came
+        # the user's model is built now, so that registration can name its manifest's digest, and kept to train
+        self._task_model = self.user_task.model() if self.user_task is not None else None
+        self._task_fingerprint = wire.fingerprint(wire.specs_of(self._task_model.state_dict())) if self._task_model is not None else ""
+        self.split_layout: list[wire.TensorSpec] = []  # what GetData streams (the same for every learner of a leader)
+        self.learners = [VirtualLearner(index) for index in indices]
+        self.channel = rpc.channel(config.leader, tls)
+        self.stub = rpc.leader_stub(self.channel, self._first_message_limit)
+        self.plan: leader_pb2.TrainingPlan | None = None
+        self.model: torch.nn.Module | None = None
+        self.specs: list[wire.TensorSpec] | None = None
+        self.memory_format = torch.contiguous_format
+        self._lock = threading.Lock()
+        self._by_token: dict[str, VirtualLearner] = {}  # callback secret -> learner, for the gate and the handlers
+        self._jobs: queue.Queue[tuple[VirtualLearner, int] | None] = queue.Queue()  # (learner, round) to train; None: stop
+        self._model_round = 0  # the round of the model now in self._state
+        self._state: dict[str, torch.Tensor] | None = None
+        self._stop_reason: str | None = None
+        self._stopped = threading.Event()
+        self.done = threading.Event()  # set once the pool has stopped serving (run_pool)
+        self._registering = ThreadPoolExecutor(max_workers=REGISTER_CONCURRENCY, thread_name_prefix="pool-register")
+        # updates waiting for the sender thread; bounded, so that a slow leader holds up training rather than memory
+        self._outbox: queue.Queue[tuple | None] = queue.Queue(maxsize=OUTBOX_SIZE)
+        self._masks: secagg.MaskGenerator | None = None  # the sender's, kept: fresh megabytes cost page faults every update
+        self._sender = threading.Thread(target=self._send_updates, name="pool-send", daemon=True)
+        self._sender.start()
+        self.server, self.port, _ = create_server(self, config.host, 0, tls)
+        self.address = f"{config.advertise_host}:{self.port}"
+
+    # ---- calls from the leader (through PoolServicer) ------------------------------------------------------------
+
+    def learner_for(self, callback_token: str | None) -> VirtualLearner | None:
+        """The learner a call's callback secret belongs to."""
+        if callback_token is None:
+            return None
+        with self._lock:
+            learner = self._by_token.get(callback_token)
+        return learner if learner is not None and rpc.secrets_match(callback_token, learner.callback_token) else None
+
+    def start_round(self, learner: VirtualLearner, round_number: int) -> None:
+        """Queue a learner's round; the worker trains queued rounds one after another."""
+        self._jobs.put((learner, round_number))
+
+    def stop(self, reason: str) -> None:
+        """End the pool: the leader told one of its learners to stop, and they share this process."""
+        with self._lock:
+            if self._stop_reason is None:
+                self._stop_reason = reason or "told to stop"
+        self._stopped.set()
+        self._jobs.put(None)  # wakes the worker
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the pool stopped, once it did."""
+        with self._lock:
+            return self._stop_reason
+
+    # ---- registration -----------------------------------------------------------------------------------------
+
+    def register_all(self) -> None:
+        """Register every learner of the pool, a few at a time; raises the first failure that retrying cannot mend."""
+        for outcome in self._registering.map(self.register, self.learners):
+            del outcome  # map re-raises a failed registration here
+
+    def register(self, learner: VirtualLearner) -> None:
+        """Register one learner (again, with a fresh secret, after its session ended), retrying while the leader is busy or full."""
+        with self._lock:
+            self._by_token.pop(learner.callback_token, None)
+            learner.callback_token = secrets.token_urlsafe(32)
+            self._by_token[learner.callback_token] = learner
+        info = leader_pb2.LearnerInfo(
+            network_addr=self.address,
+            callback_token=learner.callback_token,
+            num_examples=self.config.examples_per_learner,
+            version=rpc.PROTOCOL_VERSION,
+            tls=self.tls is not None and self.tls.serving,
+            pooled=True,
+            task=self.user_task.name if self.user_task is not None else "",
+            model_fingerprint=self._task_fingerprint,
+        )
+        deadline = time.monotonic() + self.config.connect_timeout
+        call_backs_failed = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopped.is_set():
+                raise LearnerError(f"learner {learner.index} could not register with the leader at {self.config.leader}")
+            try:
+                reply = self.stub.RegisterLearner(
+                    info, timeout=min(REGISTER_ATTEMPT_S, remaining), wait_for_ready=True, metadata=self._enrolment_metadata
+                )
+                break
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # busy, or full until a slot frees
+                    pause = FULL_RETRY_S if "full" in (error.details() or "") else REGISTER_RETRY_S
+                    self._stopped.wait(min(remaining, pause * (1 + random.random())))
+                    continue
+                if error.code() == grpc.StatusCode.FAILED_PRECONDITION and call_backs_failed < CALL_BACK_ATTEMPTS - 1:
+                    # The pool's own server is up, so a call-back that failed most likely timed out on a busy machine;
+                    # a leader that cannot reach this node at all still fails every attempt, and the pool stops.
+                    call_backs_failed += 1
+                    self._stopped.wait(min(remaining, REGISTER_RETRY_S * (1 + random.random())))
+                    continue
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise LearnerError(f"the leader refused registration: {error.details()}") from None
+        with self._lock:
+            if learner.learner_id != reply.learner_id:
+                learner.trainer = None  # another slot: another split, and its own seeds
+            learner.secagg = SecAggParty()  # a new session: a restarted leader may count rounds from an earlier one
+            learner.parked = None
+            learner.learner_id = reply.learner_id
+            learner.session_token = reply.session_token
+            learner.split_examples = reply.split_examples
+            self.split_layout = layout_specs(reply.split_layout)
+            if self.plan is None:
+                self._prepare(reply.plan)
+
+    def _prepare(self, plan: leader_pb2.TrainingPlan) -> None:
+        """Build the pool's one model from the first registration's plan (under the lock)."""
+        if plan.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.task = self.user_task or builtin_task(plan.model, plan.dataset, plan.num_classes, plan.seed)
+        memory_format = memory_format_for("auto", plan.model, self.device)
+        model = (self._task_model if self._task_model is not None else self.task.model()).to(self.device, memory_format=memory_format)
+        specs = wire.specs_of(model.state_dict())
+        check_model(specs, plan)
+        self.plan, self.model, self.specs, self.memory_format = plan, model, specs, memory_format
+        if self.task.builtin:  # a user's task's data is not known before the first split arrives
+            threading.Thread(target=self._warm_up, name="pool-warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        """Train a throwaway copy of the model for one round while the other learners register.
+
+        A process's first training step costs far more than later ones (PyTorch picks and builds its convolution
+        kernels); paid here, it stays out of round 1.
+        """
+        plan = leader_pb2.TrainingPlan()
+        plan.CopyFrom(self.plan)
+        plan.local_steps = 1
+        model = self.task.model().to(self.device, memory_format=self.memory_format)
+        data = synthetic_shard(max(2, plan.batch_size), plan.seed, -1)
+        tensors = (data.images.to(self.device), (data.labels % plan.num_classes).to(self.device))
+        trainer = LocalTrainer(plan, -1, model, model, self.task, tensors, self.memory_format, False)
+        try:
+            trainer.train(1)
+        except RuntimeError as error:  # the real round will meet it too, and say so
+            logger.debug("warm-up failed: %s", error)
+
+    def _first_message_limit(self) -> int:
+        """Most bytes the first message of a stream from the leader may take (wire.first_message_limit)."""
+        if self.specs is not None:
+            return wire.first_message_limit(self.specs)
+        return wire.first_message_limit([])
+
+    # ---- the pool's work --------------------------------------------------------------------------------------
+
+    def run(self) -> str:
+        """Register every learner, then train the rounds the leader starts until told to stop; returns the reason.
+
+        Raises LeaderLost when the leader stops answering for --leader-lost-after.
+        """
+        self.register_all()
+        logger.info("pool at %s: %d learners registered", self.address, len(self.learners))
+        silent_since: float | None = None
+        while not self._stopped.is_set():
+            try:
+                job = self._jobs.get(timeout=min(HEARTBEAT_INTERVAL_S, self.config.leader_lost_after / 3))
+            except queue.Empty:
+                now = time.monotonic()
+                silent_since = None if self._leader_answers() else (silent_since or now)
+                if silent_since is not None and now - silent_since >= self.config.leader_lost_after:
+                    raise LeaderLost(f"lost the leader at {self.config.leader}") from None
+                continue
+            silent_since = None
+            if job is not None:
+                self._train_and_send(*job)
+        return self.stop_reason or "told to stop"
+
+    def _leader_answers(self) -> bool:
+        """Whether the leader answers a heartbeat from one of the pool's learners."""
+        learner = self.learners[0]
+        try:
+            self.stub.Heartbeat(
+                leader_pb2.HeartbeatRequest(learner_id=learner.learner_id), timeout=HEARTBEAT_INTERVAL_S, metadata=learner.metadata()
+            )
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self._registering.submit(self._register_again, learner)
+                return True  # the leader answered; it no longer counts this learner
+            return False
+        return True
+
+    def _register_again(self, learner: VirtualLearner) -> None:
+        """Register a learner whose session ended (marked absent), so that it takes part again."""
+        try:
+            self.register(learner)
+        except LearnerError as error:
+            logger.warning("learner %d: %s", learner.index, error)
+
+    def drops_out(self, learner: VirtualLearner, round_number: int) -> bool:
+        """Whether a learner drops out of a round (simulated dropouts, PoolConfig.dropout)."""
+        draw = random.Random(f"dropout-{self.config.seed}-{learner.index}-{round_number}").random()
+        return draw < self.config.dropout
+
+    def drop_out(self, learner: VirtualLearner) -> None:
+        """A learner dropped out: the leader marks it absent as its call fails, and it registers again."""
+        self._registering.submit(self._register_again, learner)
+
+    def _train_and_send(self, learner: VirtualLearner, round_number: int) -> None:
+        """Train one learner's round on that round's model and hand its update to the sender; a failed call loses that update only."""
+        if self.config.dropout and self.drops_out(learner, round_number):
+            return
+        try:
+            state = self._model_for(learner, round_number)
+            if state is None:
+                return  # the round ended before this learner's turn: the leader has moved on
+            trainer = self._trainer_for(learner)
+            self.model.load_state_dict(state)
+            update, num_examples, loss = trainer.train(round_number)
+            if not self.plan.keep_momentum and self.config.examples_per_learner:
+                learner.trainer = None  # nothing kept: synthetic data is made again faster than it is stored
+            if self.plan.secure_aggregation:  # copied: the model's buffers change with the next learner
+                with self._lock:
+                    learner.parked = (round_number, {name: tensor.clone() for name, tensor in update.items()}, state, num_examples, loss)
+                self.offer_secure(learner)
+                return
+            manifest, payload = wire.encode(compress_for_plan(update, self.plan, self.model, learner.residual))
+            # sent while the next learner trains: the leader's answer takes a few ms that the worker need not wait
+            self._outbox.put((learner, round_number, manifest, payload, num_examples, loss))
+        except grpc.RpcError as error:
+            self._call_failed(learner, round_number, error)
+        except LearnerError as error:  # a malformed model or split from the leader: this round's update is lost
+            logger.error("learner %d, round %d: %s", learner.index, round_number, error)
+
+    def offer_secure_later(self, learner: VirtualLearner) -> None:
+        """offer_secure on another thread: a stage call must not wait for room in the outbox."""
+        self._registering.submit(self.offer_secure, learner)
+
+    def offer_secure(self, learner: VirtualLearner) -> None:
+        """Hand a parked update to the sender once its round's third stage has come (from the worker or the stage call)."""
+        with self._lock:
+            parked = learner.parked
+            if parked is None or learner.secagg.reached(parked[0], collected=True) is None:
+                return
+            learner.parked = None
+        round_number, update, state, num_examples, loss = parked
+        self._outbox.put((learner, round_number, None, (update, state), num_examples, loss))
+
+    def _call_failed(self, learner: VirtualLearner, round_number: int, error: grpc.RpcError) -> None:
+        """A call for one learner failed: register it again if its session ended, else note the lost update."""
+        if error.code() == grpc.StatusCode.UNAUTHENTICATED:  # marked absent, or its slot given away
+            self._registering.submit(self._register_again, learner)
+        elif not self._stopped.is_set():
+            logger.warning("learner %d, round %d: %s: %s", learner.index, round_number, error.code().name, error.details())
+
+    def _send_updates(self) -> None:
+        """The sender thread: sends queued updates in order until the pool stops."""
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            learner, round_number, *update = item
+            try:
+                self._send(learner, round_number, *update)
+                learner.rounds_trained += 1
+            except grpc.RpcError as error:
+                self._call_failed(learner, round_number, error)
+
+    def _model_for(self, learner: VirtualLearner, round_number: int) -> dict[str, torch.Tensor] | None:
+        """Round `round_number`'s global model: fetched with GetModel the first time any learner of the pool needs it."""
+        if self._model_round == round_number:
+            return self._state
+        model_bytes = wire.payload_bytes(self.specs)
+        responses = self.stub.GetModel(leader_pb2.Empty(), timeout=rpc.transfer_timeout(model_bytes), metadata=learner.metadata())
+        try:
+            received = wire.receive(responses, max_bytes=model_bytes, expected=self.specs)
+        except wire.WireError as error:
+            raise LearnerError(f"the leader's model does not fit this pool's {self.plan.model}: {error}") from None
+        self._model_round, self._state = received.header.round, received.tensors
+        return self._state if self._model_round == round_number else None
+
+    def _trainer_for(self, learner: VirtualLearner) -> LocalTrainer:
+        """A learner's trainer over its data, made on its first round (and kept while it holds momentum or a fetched split)."""
+        if learner.trainer is not None:
+            return learner.trainer
+        if self.config.examples_per_learner:
+            data = synthetic_shard(self.config.examples_per_learner, self.plan.seed, learner.index)
+        else:
+            data, _ = fetch_split(self.stub, learner.learner_id, learner.split_examples, self.split_layout, self.plan, learner.metadata())
+        check_data(data, self.plan)
+        learner.trainer = LocalTrainer(
+            self.plan,
+            learner.learner_id,
+            self.model,
+            self.model,
+            self.task,
+            tuple(tensor.to(self.device) for tensor in data.tensors),
+            self.memory_format,
+            progress=False,
+        )
+        return learner.trainer
+
+    def _send(self, learner: VirtualLearner, round_number: int, manifest: Any, payload: Any, num_examples: int, loss: float) -> None:
+        """AccumulateGradients for one learner; a stale round is dropped, a busy or late answer retried.
+
+        Under secure aggregation `manifest` is None and `payload` holds the update and its round's model: it is encoded
+        and masked here, on the sender thread, while the worker trains the next learner.
+        """
+        if manifest is None:
+            current = learner.secagg.reached(round_number, collected=True)
+            if current is None:
+                return  # a later round has begun: the leader closed this one without it
+            update, state = payload
+            parameters = [name for name, _ in self.model.named_parameters()]
+            vector = learner.secagg.encode(current, update, state, parameters, num_examples)
+            if self._masks is None or self._masks.length != vector.size:
+                self._masks = secagg.MaskGenerator(vector.size)
+            manifest, payload = wire.encode(masked_tensors(current, vector, self._masks))
+        header = {"learner_id": learner.learner_id, "round": round_number, "num_examples": num_examples, "train_loss": loss}
+        try:
+            send_update(self.stub, manifest, payload, header, learner.metadata(), lambda error, pause: self._stopped.wait(pause))
+        except UpdateNotTaken as refusal:  # the round closed without it
+            logger.info("learner %d, round %d: update not taken: %s", learner.index, round_number, refusal)
+
+    def close(self) -> None:
+        """Stop serving and close the channel to the leader."""
+        self._stopped.set()
+        self._outbox.put(None)
+        self._sender.join(timeout=SENDER_EXIT_S)
+        self._registering.shutdown(wait=False, cancel_futures=True)
+        self.server.stop(grace=1).wait()
+        self.channel.close()
+
+
+class PoolServicer(learner_pb2_grpc.LearnerServiceServicer):
+    """The pool's gRPC boundary: the callback secret each call carries says which of its learners it is for."""
+
+    def __init__(self, pool: LearnerPool) -> None:
+        self.pool = pool
+
+    def _learner(self, context: grpc.ServicerContext) -> VirtualLearner:
+        learner = self.pool.learner_for(rpc.caller_token(context))
+        if learner is None:  # the gate lets no such call through; kept for calls made without it
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "token does not belong to a learner of this pool")
+        return learner
+
+    def StartTraining(self, request: learner_pb2.Empty, context: grpc.ServicerContext) -> learner_pb2.Ack:
+        self._learner(context)
+        context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION, "a pooled learner's rounds start with SyncModelState (fetch), which names the round"
+        )
+
+    def SyncModelState(self, request_iterator: Iterator[learner_pb2.ModelState], context: grpc.ServicerContext) -> learner_pb2.Ack:
+        learner = self._learner(context)
+        first = next(request_iterator, None)
+        if first is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty model state stream")
+        if first.stop:
+            self.pool.stop(first.reason)
+            return learner_pb2.Ack(success=True, message="stopping")
+        if first.round < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"round must be positive, got {first.round}")
+        if not first.fetch:  # a pushed model: the pool takes each round's model from GetModel, so only the round is read
+            for _ in itertools.chain([first], request_iterator):
+                pass
+        if not self.pool.plan.secure_aggregation and self.pool.config.dropout and self.pool.drops_out(learner, first.round):
+            self._drop_out(learner, context)
+        self.pool.start_round(learner, first.round)
+        return learner_pb2.Ack(success=True, message=f"round {first.round} queued")
+
+    def _drop_out(self, learner: VirtualLearner, context: grpc.ServicerContext) -> None:
+        """Fail the leader's call as a learner that is gone would, and have it register again."""
+        self.pool.drop_out(learner)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "simulated dropout")
+
+    def AdvertiseKeys(self, request: learner_pb2.SecAggSetup, context: grpc.ServicerContext) -> learner_pb2.SecAggPublicKeys:
+        learner = self._learner(context)
+        return refuse(context, lambda: learner.secagg.advertise_keys(request, learner.learner_id))
+
+    def ShareKeys(self, request: learner_pb2.SecAggNeighbourKeys, context: grpc.ServicerContext) -> learner_pb2.SecAggShares:
+        learner = self._learner(context)
+        return refuse(context, lambda: learner.secagg.share_keys(request))
+
+    def CollectMasked(self, request: learner_pb2.SecAggCollection, context: grpc.ServicerContext) -> learner_pb2.Ack:
+        learner = self._learner(context)
+        if self.pool.config.dropout and self.pool.drops_out(learner, request.round):  # after sharing its keys: the costly case
+            self._drop_out(learner, context)
+        reply = refuse(context, lambda: learner.secagg.collect(request))
+        self.pool.offer_secure_later(learner)  # its update may be trained already
+        return reply
+
+    def Unmask(self, request: learner_pb2.SecAggUnmaskRequest, context: grpc.ServicerContext) -> learner_pb2.SecAggRevealedShares:
+        learner = self._learner(context)
+        return refuse(context, lambda: learner.secagg.unmask(request))
+
+
+def create_server(pool: LearnerPool, host: str, port: int, tls: rpc.Tls | None = None) -> tuple[grpc.Server, int, Any]:
+    """Start the pool's LearnerService on host:port, open only to the leader holding one of its learners' secrets."""
+
+    def owns(token: str) -> bool:
+        return pool.learner_for(token) is not None
+
+    gate = callback_gate(owns, "token does not belong to a learner of this pool")
+    return serve_learner_service(PoolServicer(pool), gate, owns, pool._first_message_limit, host, port, tls, threads=POOL_SERVER_THREADS)
+
+
+def run_pool(config: PoolConfig, indices: list[int], enrolment_token: str | None = None, threads: int | None = None) -> LearnerPool:
+    """Start a pool serving learners `indices` and run it on a thread of its own; returns the pool (its `done` event ends with it)."""
+    if threads:
+        torch.set_num_threads(threads)
+    pool = LearnerPool(config, indices, enrolment_token)
+
+    def work() -> None:
+        try:
+            reason = pool.run()
+            logger.info("pool at %s stopping: %s", pool.address, reason)
+        except (LearnerError, grpc.RpcError) as error:
+            logger.error("pool at %s: %s", pool.address, error)
+        finally:
+            pool.close()
+            pool.done.set()
+
+    threading.Thread(target=work, name="pool", daemon=True).start()
+    return pool
