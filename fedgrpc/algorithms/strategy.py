@@ -30,6 +30,8 @@ MODEL_GROWTH_LIMIT = 4.0
 # update averaged with an honest one moves the model by at most its norm, well inside MODEL_GROWTH_LIMIT, so no
 # single learner can get the first round refused; honest first updates measured 0.1-0.8 times the model's norm.
 FIRST_ROUND_NORM_RATIO = 2.0
+# the per-parameter state the server optimizers keep (SGD's momentum; FedOpt's first and second moments)
+OPTIMIZER_STATE_KEYS = ("momentum_buffer", "m", "v")
 
 
 class Strategy:
@@ -187,10 +189,21 @@ class Strategy:
                     tensors[f"{names[id(parameter)]}.{key}"] = value
         return tensors
 
+    def optimizer_manifest(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The tensors a checkpoint of this optimizer may hold: a state of each parameter's shape and dtype."""
+        return {
+            f"{name}.{key}": (tuple(parameter.shape), parameter.dtype)
+            for name, parameter in self.model.named_parameters()
+            for key in OPTIMIZER_STATE_KEYS
+        }
+
     def restore(self, optimizer_tensors: dict[str, torch.Tensor], rounds_noised: int) -> None:
         """Take back the server optimizer's state and the privacy spent, after the model was loaded."""
         parameters = dict(self.model.named_parameters())
         device = next(self.model.parameters()).device
+        negative = [name for name, tensor in optimizer_tensors.items() if name.endswith(".v") and bool((tensor < 0).any())]
+        if negative:  # a second moment is a running mean of squares: a negative one makes its square root NaN
+            raise ValueError(f"the checkpoint's optimizer state {negative[0]} holds negative second moments: it was altered")
         for name, tensor in optimizer_tensors.items():
             parameter_name, key = name.rsplit(".", 1)
             self.optimizer.state[parameters[parameter_name]][key] = tensor.to(device)

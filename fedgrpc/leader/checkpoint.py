@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
+import stat
 import struct
 import sys
 import tempfile
@@ -16,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +36,27 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+DTYPES_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+# A checkpoint is read as strictly as a network payload: it may have been copied, restored or written by another release.
+FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,200}\.safetensors")  # a name in the folder: no separator, no leading dot
+CRC32 = re.compile(r"[0-9a-f]{8}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_RECORD_BYTES = 4 << 20  # a record is the config and one round's metrics: kilobytes
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on its JSON header
+MAX_TENSOR_FILE_BYTES = 64 << 30  # a file read without the model's manifest to size it by
+MAX_ROUND = 10_000_000
+MAX_DIMS = 16
+MAX_CLASSES = 1 << 24
+SHOWN_CHARS = 80  # of a value from a file, in an error message
 PRIVACY_RECORD = "privacy.json"  # noised rounds so far under DP-FedAvg, written every round (record_privacy_spent)
 HEADER_ALIGN = 8  # safetensors pads its JSON header with spaces so that the data starts 8-byte aligned
 
 if sys.byteorder != "little":  # tensors are written from native memory; safetensors is little-endian
     raise ImportError("checkpoints need a little-endian machine")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is; the message names the file and what is wrong, in one line."""
 
 
 def atomic_write(path: Path, data: bytes | Iterable[bytes | memoryview]) -> int:
@@ -132,30 +150,223 @@ def _prune(directory: Path, keep: int) -> None:
             (directory / f"round-{old:05d}{suffix}").unlink(missing_ok=True)
 
 
-def _read_tensors(directory: Path, record: Mapping[str, Any], key: str) -> dict[str, torch.Tensor]:
-    """The tensors in the file `record[key]` names, checked against its CRC-32 (or SHA-256, in older checkpoints)."""
+def read_plain_file(path: Path, limit: int) -> bytearray:
+    """The bytes of `path`, which must be a plain file (not a link, pipe, device or folder) of at most `limit` bytes.
+
+    The file's kind and size are checked on the open descriptor before a byte is read, so that a link cannot point
+    elsewhere and a pipe cannot block or stream without end. Raises CheckpointError naming the file.
+    """
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise CheckpointError(f"{path}: is a symbolic link; a checkpoint's files must be plain files in its folder") from None
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror})") from None
+    with os.fdopen(handle, "rb", buffering=0) as file:
+        info = os.fstat(handle)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path}: is not a plain file (a folder, pipe or device); a checkpoint's files must be plain files")
+        if info.st_size > limit:
+            raise CheckpointError(f"{path}: holds {info.st_size} bytes, more than the {limit} this file may hold")
+        data = bytearray(info.st_size)
+        if file.readinto(data) != info.st_size or file.read(1):
+            raise CheckpointError(f"{path}: changed size while it was read")
+    return data
+
+
+def _file_in(directory: Path, record: Mapping[str, Any], key: str) -> Path:
+    """The file `record[key]` names: a plain name of this folder, never a path that leaves it."""
     name = record[key]
-    data = (directory / name).read_bytes()
-    if f"{key}_crc32" in record:
-        matches = f"{zlib.crc32(data):08x}" == record[f"{key}_crc32"]
+    if not isinstance(name, str) or not FILE_NAME.fullmatch(name):
+        raise CheckpointError(f"{key} is {_shown(name)}, not the name of a .safetensors file in the checkpoint's folder")
+    return directory / name
+
+
+def _check_hash(data: bytearray, record: Mapping[str, Any], key: str, path: Path) -> None:
+    crc, sha = record.get(f"{key}_crc32"), record.get(f"{key}_sha256")  # SHA-256: checkpoints of older releases
+    if isinstance(crc, str) and CRC32.fullmatch(crc):
+        matches = f"{zlib.crc32(data):08x}" == crc
+    elif crc is None and isinstance(sha, str) and SHA256.fullmatch(sha):
+        matches = hashlib.sha256(data).hexdigest() == sha
     else:
-        matches = hashlib.sha256(data).hexdigest() == record[f"{key}_sha256"]
+        raise CheckpointError(f"{key}_crc32 is {_shown(crc)}, not 8 hex digits")
     if not matches:
-        raise ValueError(f"{name} does not match the hash recorded beside it")
-    return load_safetensors(data)
+        raise CheckpointError(f"{path.name} does not match the hash recorded beside it (a damaged or altered file)")
 
 
-def load(json_path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Load a checkpoint's metadata and weights, checking the weights' hash."""
-    record = json.loads(json_path.read_text())
-    return record, _read_tensors(json_path.parent, record, "weights")
+def parse_safetensors(
+    data: bytearray, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None, exact: bool = True
+) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors bytes, every header entry checked before a tensor is made.
+
+    `expected` (name -> shape, dtype): the tensors must be exactly these (`exact`) or some of them. Float tensors
+    must be finite. Raises CheckpointError saying what is wrong.
+    """
+    if len(data) < 8:
+        raise CheckpointError(f"{len(data)} bytes is shorter than a safetensors header (a truncated file)")
+    (header_size,) = struct.unpack_from("<Q", data)
+    if header_size > min(len(data) - 8, MAX_HEADER_BYTES):
+        raise CheckpointError(f"its header claims {header_size} bytes, past the file's end (a truncated or altered file)")
+    try:
+        header = json.loads(bytes(data[8 : 8 + header_size]))
+    except (UnicodeDecodeError, ValueError):
+        raise CheckpointError("its header is not JSON (a damaged or altered file)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    body_start, body_size = 8 + header_size, len(data) - 8 - header_size
+    entries = [(name, _entry_layout(name, entry, body_size)) for name, entry in header.items()]
+    covered = sorted(span for _, (_, _, span) in entries)
+    for (_, end), (start, _) in zip(covered, covered[1:], strict=False):
+        if start < end:
+            raise CheckpointError("two of its tensors overlap in the file (an altered file)")
+    if sum(end - start for start, end in covered) != body_size:
+        raise CheckpointError("its tensors do not fill the file (a truncated or altered file)")
+    if expected is not None:
+        _compare_manifest({name: (shape, dtype) for name, (shape, dtype, _) in entries}, expected, exact)
+    tensors = {}
+    for name, (shape, dtype, (start, end)) in entries:
+        count = (end - start) // dtype.itemsize
+        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=body_start + start) if count else torch.empty(0, dtype=dtype)
+        if dtype.is_floating_point and not bool(torch.isfinite(flat).all()):
+            raise CheckpointError(f"tensor {_shown(name)} holds NaN or infinite values")
+        tensors[name] = flat.reshape(shape)
+    return tensors
 
 
-def load_optimizer(json_path: Path, record: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The optimizer tensors saved with a checkpoint (empty if none were)."""
+def _entry_layout(name: str, entry: Any, body_size: int) -> tuple[tuple[int, ...], torch.dtype, tuple[int, int]]:
+    """One header entry's shape, dtype and byte span, each checked."""
+    where = f"tensor {_shown(name)}"
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{where}: its header entry is not {{dtype, shape, data_offsets}}")
+    dtype = DTYPES_BY_NAME.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise CheckpointError(f"{where}: dtype {_shown(entry['dtype'])} is not one a model holds")
+    shape, span = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_whole(size, body_size) for size in shape):
+        raise CheckpointError(f"{where}: shape {_shown(shape)} is not a list of sizes")
+    if not isinstance(span, list) or len(span) != 2 or not all(_whole(offset, body_size) for offset in span) or span[0] > span[1]:
+        raise CheckpointError(f"{where}: data_offsets {_shown(span)} do not lie within the file (a truncated or altered file)")
+    if span[1] - span[0] != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(f"{where}: {span[1] - span[0]} bytes do not hold a {dtype} tensor of shape {shape}")
+    return tuple(shape), dtype, (span[0], span[1])
+
+
+def _whole(value: Any, bound: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= bound
+
+
+def _compare_manifest(
+    found: Mapping[str, tuple[tuple[int, ...], torch.dtype]], expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]], exact: bool
+) -> None:
+    """Raise CheckpointError naming the first tensors that differ from the model's own manifest."""
+    missing = [name for name in expected if name not in found] if exact else []
+    if missing:
+        raise CheckpointError(f"it lacks the model's {_names(missing)}: it was written for another model")
+    unknown = [name for name in found if name not in expected]
+    if unknown:
+        raise CheckpointError(f"it holds tensors the model does not have: {_names(unknown)}")
+    for name, (shape, dtype) in found.items():
+        model_shape, model_dtype = expected[name]
+        if shape != tuple(model_shape) or dtype != model_dtype:
+            raise CheckpointError(f"tensor {_shown(name)} is {list(shape)} {dtype}, the model's is {list(model_shape)} {model_dtype}")
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(_shown(name) for name in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def manifest(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of a model's tensors (a state_dict), what a checkpoint's must match."""
+    return {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()}
+
+
+def _shown(value: Any) -> str:
+    """A value from a file, as a bounded one-line repr for an error message."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+
+
+def read_record(json_path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON record, its schema checked: the round, and the files it names with their hashes."""
+    try:
+        record = json.loads(bytes(read_plain_file(json_path, MAX_RECORD_BYTES)))
+    except (UnicodeDecodeError, ValueError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{json_path}: is not JSON (a damaged or altered record)") from None
+    try:
+        if not isinstance(record, dict):
+            raise CheckpointError("is not a JSON object")
+        if not _whole(record.get("round"), MAX_ROUND) or record["round"] < 1:
+            raise CheckpointError(f"round is {_shown(record.get('round'))}, not a whole number from 1 to {MAX_ROUND}")
+        _file_in(json_path.parent, record, "weights")
+        if "optimizer" in record:
+            _file_in(json_path.parent, record, "optimizer")
+    except CheckpointError as error:
+        raise CheckpointError(f"{json_path}: {error}") from None
+    return record
+
+
+def read_run_record(json_path: Path) -> dict[str, Any]:
+    """A leader's checkpoint record: read_record's checks, plus the run's fields (its config, classes and metrics)."""
+    record = read_record(json_path)
+    config, metrics = record.get("config"), record.get("metrics")
+    problem = None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), str) or not isinstance(config.get("task"), (str, type(None))):
+        problem = "config is not a run's settings (with its model and task)"
+    elif not _whole(record.get("num_classes"), MAX_CLASSES):
+        problem = f"num_classes is {_shown(record.get('num_classes'))}, not a whole number from 0 to {MAX_CLASSES}"
+    elif not isinstance(metrics, dict) or metrics.get("round", record["round"]) != record["round"]:
+        problem = f"metrics is not round {record['round']}'s record"
+    if problem:
+        raise CheckpointError(f"{json_path}: {problem}")
+    return record
+
+
+def _read_tensors(
+    json_path: Path, record: Mapping[str, Any], key: str, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None, exact: bool
+) -> dict[str, torch.Tensor]:
+    """The tensors in the file `record[key]` names: a plain file of the folder, its hash and every tensor checked."""
+    path = _file_in(json_path.parent, record, key)
+    limit = (
+        MAX_HEADER_BYTES
+        + 8
+        + (sum(math.prod(shape) * dtype.itemsize for shape, dtype in expected.values()) if expected else MAX_TENSOR_FILE_BYTES)
+    )
+    data = read_plain_file(path, limit)
+    try:
+        _check_hash(data, record, key, path)
+        return parse_safetensors(data, expected, exact)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
+def load(
+    json_path: Path, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A checkpoint's record and weights, every part checked (`expected`: the model's manifest, which they must match).
+
+    Nothing is returned unless all checks pass; any failure raises CheckpointError in one line naming the file.
+    """
+    record = read_record(json_path)
+    return record, _read_tensors(json_path, record, "weights", expected, exact=True)
+
+
+def load_into(model: torch.nn.Module, json_path: Path) -> dict[str, Any]:
+    """Load a checkpoint's weights into `model` once they all pass the checks; returns the record."""
+    record, weights = load(json_path, manifest(model.state_dict()))
+    model.load_state_dict(weights)
+    return record
+
+
+def load_optimizer(
+    json_path: Path, record: Mapping[str, Any], allowed: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+) -> dict[str, torch.Tensor]:
+    """The optimizer tensors saved with a checkpoint (empty if none were), each one of `allowed` where given."""
     if "optimizer" not in record:
         return {}
-    return _read_tensors(json_path.parent, record, "optimizer")
+    return _read_tensors(json_path, record, "optimizer", allowed, exact=False)
 
 
 def record_privacy_spent(directory: Path, noised_rounds: int) -> None:
@@ -171,10 +382,12 @@ def record_privacy_spent(directory: Path, noised_rounds: int) -> None:
 def privacy_spent(directory: Path) -> int:
     """The noised rounds recorded in `directory`, 0 where there is no record; a damaged record is refused."""
     path = directory / PRIVACY_RECORD
-    if not path.exists():
+    if not os.path.lexists(path):
         return 0
     try:
-        rounds = json.loads(path.read_text())["noised_rounds"]
+        rounds = json.loads(bytes(read_plain_file(path, MAX_RECORD_BYTES)))["noised_rounds"]
+    except CheckpointError:
+        raise
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"{path} is damaged ({error.__class__.__name__}), so the privacy already spent is unknown: "

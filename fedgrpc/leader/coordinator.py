@@ -167,14 +167,17 @@ class Leader:
 
     def restore(self, json_path: Path) -> int:
         """Continue from a checkpoint: global model, server optimizer state and round. Returns its round."""
-        record, weights = checkpoint.load(json_path)
-        saved = task_name(record["config"]["task"]) if record["config"].get("task") else record["config"]["model"]
+        record = checkpoint.read_run_record(json_path)
+        saved = task_name(record["config"]["task"]) if record["config"]["task"] else record["config"]["model"]
         if saved != self.task.name or record["num_classes"] != self.num_classes:
             raise ValueError(f"{json_path} holds a {saved} with {record['num_classes']} classes, not this run's {self.task.name}")
-        self.model.load_state_dict(weights)
+        # every part is checked before any is taken in: the weights against the model, the optimizer's against its own
+        _, weights = checkpoint.load(json_path, checkpoint.manifest(self.model.state_dict()))
+        optimizer_tensors = checkpoint.load_optimizer(json_path, record, self.strategy.optimizer_manifest())
         # every noised model made before the stop spent privacy, the rounds after this checkpoint included
         spent = max(record["round"], checkpoint.privacy_spent(json_path.parent))
-        self.strategy.restore(checkpoint.load_optimizer(json_path, record), spent)
+        self.model.load_state_dict(weights)
+        self.strategy.restore(optimizer_tensors, spent)
         if self.strategy.accountant is not None and spent > record["round"]:
             logger.info("counting %d noised rounds as spent, %d of them after the checkpoint resumed from", spent, spent - record["round"])
         self.start_round = record["round"] + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,22 @@ def read_metrics(run_dir: Path, missing_ok: bool = False) -> list[dict[str, Any]
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict) and _is_number(record.get("round")):
+            records.append(record)
     return records
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _points(records: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[list[float], list[float]]:
+    """The rounds and values of the records that hold a number under `key` (--eval-every skips rounds)."""
+    pairs = [(record["round"], scale * record[key]) for record in records if _is_number(record.get(key))]
+    return [at for at, _ in pairs], [value for _, value in pairs]
 
 
 def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
@@ -43,25 +56,25 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
     for index, run_dir in enumerate(run_dirs):
         records = read_metrics(run_dir)
         label = labels[index] if labels else run_dir.name
-        rounds = [record["round"] for record in records]
-        evaluated = [record for record in records if record["test_accuracy"] is not None]  # --eval-every skips rounds
-        accuracy_axes.plot(
-            [record["round"] for record in evaluated], [100 * record["test_accuracy"] for record in evaluated], marker="o", label=label
-        )
-        tested = [record for record in records if record["test_loss"] is not None]
-        loss_axes.plot(
-            [record["round"] for record in tested], [record["test_loss"] for record in tested], marker="o", label=f"{label} test"
-        )
-        loss_axes.plot(rounds, [record["train_loss"] for record in records], linestyle="--", label=f"{label} train")
+        accuracy_axes.plot(*_points(records, "test_accuracy", 100), marker="o", label=label)
+        loss_axes.plot(*_points(records, "test_loss"), marker="o", label=f"{label} test")
+        loss_axes.plot(*_points(records, "train_loss"), linestyle="--", label=f"{label} train")
         # the learners' own evaluations: their example-weighted mean, and the band from the lowest to the highest
         for axes, name, scale in ((accuracy_axes, "fed_eval_accuracy", 100), (loss_axes, "fed_eval_loss", 1)):
-            federated = [record for record in records if name in record]
-            if federated:
-                at = [record["round"] for record in federated]
-                line = axes.plot(at, [scale * record[name] for record in federated], marker="s", label=f"{label} learners' mean")[0]
-                low, high = ([scale * record[f"{name}_{end}"] for record in federated] for end in ("min", "max"))
-                axes.fill_between(at, low, high, color=line.get_color(), alpha=0.15, label=f"{label} learners' min-max")
-        bytes_axes.plot(rounds, [(record["bytes_in"] + record["bytes_out"]) / 1e6 for record in records], marker="o", label=label)
+            at, mean = _points(records, name, scale)
+            if at:
+                line = axes.plot(at, mean, marker="s", label=f"{label} learners' mean")[0]
+                band = [r for r in records if all(_is_number(r.get(f"{name}{end}")) for end in ("", "_min", "_max"))]
+                low, high = ([scale * r[f"{name}_{end}"] for r in band] for end in ("min", "max"))
+                axes.fill_between(
+                    [r["round"] for r in band], low, high, color=line.get_color(), alpha=0.15, label=f"{label} learners' min-max"
+                )
+        moved = [
+            {"round": r["round"], "mb": (r["bytes_in"] + r["bytes_out"]) / 1e6}
+            for r in records
+            if _is_number(r.get("bytes_in")) and _is_number(r.get("bytes_out"))
+        ]
+        bytes_axes.plot(*_points(moved, "mb"), marker="o", label=label)
     accuracy_axes.set(title="Test accuracy", xlabel="round", ylabel="%")
     loss_axes.set(title="Loss", xlabel="round", ylabel="the task's loss")
     bytes_axes.set(title="Bytes moved (in + out)", xlabel="round", ylabel="MB")
