@@ -7,9 +7,32 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+# A log line is at most this long: a configuration dump fits, a peer's megabyte of text does not.
+MAX_LOGGED_CHARS = 8000
+
+
+def printable(text: str, limit: int = MAX_LOGGED_CHARS) -> str:
+    """Text from a peer or a file made safe to show: control and line-breaking characters escaped (a newline shows as
+    \\n, an escape sequence as \\x1b), at most `limit` characters kept."""
+    shown = "".join(character if character.isprintable() else repr(character)[1:-1] for character in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
+
+
+class EscapingFormatter(logging.Formatter):
+    """Every record is one line: its message passes printable(), whatever text a peer put into it (an address, a
+    tensor name, a status detail, a learner's answer), so no peer can forge a record or drive the terminal.
+
+    Tracebacks of our own errors follow on their own lines, as usual.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.message = printable(record.message)
+        return super().formatMessage(safe)
+
 
 def setup_logging(role: str, verbose: bool, quiet: bool = False, log_file: Path | None = None) -> None:
-    """Log to stderr (and optionally a file) with the role in every line."""
+    """Log to stderr (and optionally a file) with the role in every line, each record escaped (EscapingFormatter)."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_file is not None:
@@ -18,7 +41,10 @@ def setup_logging(role: str, verbose: bool, quiet: bool = False, log_file: Path 
         file_handler.setLevel(logging.DEBUG if verbose else logging.INFO)
         handlers.append(file_handler)
     handlers[0].setLevel(level)
-    logging.basicConfig(level=min(level, logging.INFO), format=f"%(asctime)s {role} %(levelname)s %(message)s", handlers=handlers)
+    formatter = EscapingFormatter(f"%(asctime)s {role} %(levelname)s %(message)s")
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=min(level, logging.INFO), handlers=handlers)
 
 
 class StatusLine(logging.Filter):

@@ -18,7 +18,7 @@ import torch
 from grpc_health.v1 import health_pb2
 
 from fedgrpc.config.options import LeaderConfig, parse_leader_config
-from fedgrpc.console import setup_logging
+from fedgrpc.console import printable, setup_logging
 from fedgrpc.data import DataError
 from fedgrpc.leader import checkpoint
 from fedgrpc.leader.coordinator import Leader, RunError, training_plan
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None, stop_event: threading.Event | None = Non
         if leader.resumed_metrics is not None:
             recorder.ensure_recorded(leader.resumed_metrics)
     except (DataError, TaskError, OSError, ValueError, TensorBoardMissing) as error:
-        print(f"leader: {error}", file=sys.stderr)
+        print(f"leader: {printable(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("leader: interrupted while starting", file=sys.stderr)

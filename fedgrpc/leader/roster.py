@@ -19,6 +19,7 @@ import grpc
 import torch
 
 from fedgrpc.config.options import LeaderConfig
+from fedgrpc.console import printable
 from fedgrpc.data import derive_seed
 from fedgrpc.protos import leader_pb2, learner_pb2, learner_pb2_grpc
 from fedgrpc.transport import rpc
@@ -76,7 +77,7 @@ def call_learner(call: Callable[[LearnerRecord], Any], record: LearnerRecord) ->
 
 def task_mismatch(info: leader_pb2.LearnerInfo, task: str, fingerprint: str) -> str | None:
     """Why a registering learner's task cannot train with this leader's (`task` empty: a built-in model), or None."""
-    theirs = rpc.printable(info.task, 80)
+    theirs = printable(info.task, 80)
     if info.task == task and (not task or info.model_fingerprint == fingerprint):
         return None
     if not task:
@@ -84,7 +85,7 @@ def task_mismatch(info: leader_pb2.LearnerInfo, task: str, fingerprint: str) -> 
     if not info.task:
         return f"this leader trains the task {task!r} (model manifest {fingerprint[:12]}): start the learner with --task and the same task file"
     return (
-        f"this learner holds the task {theirs!r} (model manifest {rpc.printable(info.model_fingerprint, 12)}), this leader trains "
+        f"this learner holds the task {theirs!r} (model manifest {printable(info.model_fingerprint, 12)}), this leader trains "
         f"{task!r} (model manifest {fingerprint[:12]}): give both the same task file"
     )
 

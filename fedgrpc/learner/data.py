@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from fedgrpc.console import printable
 from fedgrpc.data import Examples, load_dataset
 from fedgrpc.protos import leader_pb2
 from fedgrpc.transport import rpc, wire
@@ -42,7 +43,7 @@ def layout_specs(layout: Any) -> list[wire.TensorSpec]:
         raise LearnerError("the leader's data split declares a tensor twice")
     for spec in specs:
         if spec.dtype not in wire.DTYPES or any(dim < 0 for dim in spec.shape):
-            raise LearnerError(f"the leader's data split declares {rpc.printable(spec.name, 40)!r} as an unknown dtype or a negative shape")
+            raise LearnerError(f"the leader's data split declares {printable(spec.name, 40)!r} as an unknown dtype or a negative shape")
     return specs
 
 

@@ -17,7 +17,7 @@ import grpc
 import torch
 
 from fedgrpc.config.options import LearnerConfig
-from fedgrpc.console import setup_logging
+from fedgrpc.console import printable, setup_logging
 from fedgrpc.data import DataError, Examples, resolve_device
 from fedgrpc.leader.federated_eval import LocalEvaluation
 from fedgrpc.learner.data import (
@@ -550,10 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("stopping before training: %s", stop)
         return 0
     except (LearnerError, TaskError, DataError, OSError, ValueError) as error:
-        print(f"learner: {error}", file=sys.stderr)
+        print(f"learner: {printable(str(error))}", file=sys.stderr)
         return 1
     except grpc.RpcError as error:
-        print(f"learner: call to the leader failed: {error.code().name}: {error.details()}", file=sys.stderr)
+        print(f"learner: call to the leader failed: {error.code().name}: {printable(error.details() or '')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("learner: interrupted", file=sys.stderr)

@@ -657,9 +657,3 @@ def learner_stub(channel: grpc.Channel) -> learner_pb2_grpc.LearnerServiceStub:
         f"/{LEARNER_SERVICE}/Evaluate", request_serializer=wire.serialize, response_deserializer=learner_pb2.EvaluateResult.FromString
     )
     return stub
-
-
-def printable(text: str, limit: int) -> str:
-    """A peer's text made safe to show: control characters escaped, at most `limit` characters kept."""
-    shown = "".join(character if character.isprintable() else repr(character)[1:-1] for character in text[:limit])
-    return shown + ("..." if len(text) > limit else "")
