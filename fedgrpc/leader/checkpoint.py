@@ -353,6 +353,21 @@ def load(
     return record, _read_tensors(json_path, record, "weights", expected, exact=True)
 
 
+def load_run(
+    json_path: Path,
+    record: Mapping[str, Any],
+    model_manifest: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    optimizer_manifest: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """What a leader resumes from: weights, optimizer tensors and noised rounds, all checked before any is returned.
+
+    Every noised model made before the stop spent privacy, the rounds after this checkpoint included.
+    """
+    _, weights = load(json_path, model_manifest)
+    optimizer = load_optimizer(json_path, record, optimizer_manifest)
+    return weights, optimizer, max(record["round"], privacy_spent(json_path.parent))
+
+
 def load_into(model: torch.nn.Module, json_path: Path) -> dict[str, Any]:
     """Load a checkpoint's weights into `model` once they all pass the checks; returns the record."""
     record, weights = load(json_path, manifest(model.state_dict()))

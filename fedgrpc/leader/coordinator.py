@@ -171,11 +171,8 @@ class Leader:
         saved = task_name(record["config"]["task"]) if record["config"]["task"] else record["config"]["model"]
         if saved != self.task.name or record["num_classes"] != self.num_classes:
             raise ValueError(f"{json_path} holds a {saved} with {record['num_classes']} classes, not this run's {self.task.name}")
-        # every part is checked before any is taken in: the weights against the model, the optimizer's against its own
-        _, weights = checkpoint.load(json_path, checkpoint.manifest(self.model.state_dict()))
-        optimizer_tensors = checkpoint.load_optimizer(json_path, record, self.strategy.optimizer_manifest())
-        # every noised model made before the stop spent privacy, the rounds after this checkpoint included
-        spent = max(record["round"], checkpoint.privacy_spent(json_path.parent))
+        model_manifest = checkpoint.manifest(self.model.state_dict())
+        weights, optimizer_tensors, spent = checkpoint.load_run(json_path, record, model_manifest, self.strategy.optimizer_manifest())
         self.model.load_state_dict(weights)
         self.strategy.restore(optimizer_tensors, spent)
         if self.strategy.accountant is not None and spent > record["round"]:
