@@ -5,7 +5,7 @@ The client API for a script that trains its own model (see the README's "Federat
     import fedgrpc
     federation = fedgrpc.join(model, task, "leader-host:50051", num_examples=len(data))
 
-Commands: `fedgrpc-leader`, `fedgrpc-learner` and `fedgrpc-launch` (or `python -m fedgrpc.leader`, ...).
+Commands: `fedgrpc-leader`, `fedgrpc-learner`, `fedgrpc-launch` and `fedgrpc-provision` (or `python -m fedgrpc.leader`, ...).
 The package by role: `leader/` and `learner/` (each side's process, service and state), `transport/` (the tensor wire
 format, gRPC plumbing and compression both sides share), `algorithms/` (aggregation, server optimizers, FedBuff,
 privacy, secure aggregation), `engines/` (one command for a whole federation, on processes or Ray), `config/` (flags

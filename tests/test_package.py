@@ -1,4 +1,4 @@
-"""`pip install .`: one import name, three commands, and nothing generic at the top of site-packages."""
+"""`pip install .`: one import name, four commands, and nothing generic at the top of site-packages."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def run_installed(installed: Path, cwd: Path, *command: str, timeout: float = 12
 def test_install_puts_one_name_at_the_top_of_site_packages(installed):
     top = sorted(path.name for path in installed.iterdir())
     assert top == ["bin", "fedgrpc", "fedgrpc-0.6.0.dist-info"]
-    assert sorted(path.name for path in (installed / "bin").iterdir()) == ["fedgrpc-launch", "fedgrpc-leader", "fedgrpc-learner"]
+    commands = sorted(path.name for path in (installed / "bin").iterdir())
+    assert commands == ["fedgrpc-launch", "fedgrpc-leader", "fedgrpc-learner", "fedgrpc-provision"]
     roles = sorted(path.name for path in (installed / "fedgrpc").iterdir() if path.is_dir() and path.name != "__pycache__")
     assert roles == ["algorithms", "config", "engines", "leader", "learner", "protos", "transport"]
     assert (installed / "fedgrpc" / "protos" / "leader.proto").is_file()
@@ -61,7 +62,7 @@ def test_installed_package_gives_the_client_api_and_the_commands(installed, tmp_
     imported = run_installed(installed, tmp_path, sys.executable, "-c", "import fedgrpc; print(fedgrpc.__file__, fedgrpc.join.__module__)")
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.split() == [str(installed / "fedgrpc" / "__init__.py"), "fedgrpc.client"]
-    for command in ("fedgrpc-leader", "fedgrpc-learner", "fedgrpc-launch"):
+    for command in ("fedgrpc-leader", "fedgrpc-learner", "fedgrpc-launch", "fedgrpc-provision"):
         helped = run_installed(installed, tmp_path, str(installed / "bin" / command), "--help")
         assert helped.returncode == 0, helped.stderr
         assert helped.stdout.startswith(f"usage: {command} ")

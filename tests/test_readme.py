@@ -67,6 +67,7 @@ def test_every_readme_command_is_one_this_file_runs():
         "--aggregation fedavg --batch-size 10 --local-steps 5 --momentum 0 --rounds 3",
         "RAY_AUTH_MODE=token ray start --head --port 6379",
         "ray get-auth-token",
+        "python -m fedgrpc.provision federation --leader leader.example.org --learner site-a=10.0.0.5 --learner site-b=site-b.example.org",
         "RAY_AUTH_MODE=token RAY_AUTH_TOKEN=TOKEN ray start --address HEAD_HOST:6379",
         "RAY_AUTH_MODE=token python local_federation.py --engine ray --ray-address HEAD_HOST:6379 --learners 100 --fraction 0.1 "
         "--model resnet20 --aggregation fedavg --partition dirichlet --alpha 0.3 --rounds 50",
@@ -265,3 +266,20 @@ def test_help_lists_the_flags_in_groups(command):
     assert result.returncode == 0
     for group in ("federation:", "faults and timeouts:", "security:", "output:"):
         assert f"\n{group}\n" in result.stdout, (command, group)
+
+
+def test_the_provisioning_command_runs_as_written(tmp_path):
+    (command,) = [line for line in commands() if "fedgrpc.provision" in line]
+    result = run(python_command(command), cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    for machine in ("leader", "site-a", "site-b"):
+        assert sorted(path.name for path in (tmp_path / "federation" / machine).iterdir()) == [
+            "ca.pem",
+            "cert.pem",
+            "enrolment.token",
+            "key.pem",
+        ]
+    printed = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].split() for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert printed["leader"][:2] == ["python", "leader.py"] and "leader/key.pem" in printed["leader"]
+    assert printed["site-a"][printed["site-a"].index("--leader") + 1] == "leader.example.org:10134"
+    assert printed["site-b"][printed["site-b"].index("--advertise-address") + 1] == "site-b.example.org:10135"
