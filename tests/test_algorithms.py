@@ -183,6 +183,8 @@ def test_fedprox_and_fedopt_rounds_run_and_adam_state_is_checkpointed(tmp_path):
         (["--rule", "krum", "--learners", "4", "--byzantine", "1"], "needs more than 2*f + 2 learners per round"),
         (["--dp-noise-multiplier", "1.0"], "--dp-noise-multiplier needs --clip-norm"),
         (["--rule", "trimmed-mean", "--trim", "0.5"], "--trim must be in [0, 0.5)"),
+        (["--rule", "trimmed-mean", "--trim", "0.1", "--learners", "5"], "trims nothing from 5 learners per round (floor(0.1 x 5) = 0"),
+        (["--rule", "trimmed-mean", "--trim", "0.2", "--learners", "2"], "it needs 3 or more, or add learners"),
         (["--fraction", "0"], "--fraction: must be in (0, 1]"),
         (["--recompute-bn", "1000", "--data-mode", "local"], "--recompute-bn needs training images on the leader"),
         (["--keep-momentum", "--aggregation", "fedsgd"], "--keep-momentum applies to local SGD (fedavg, fedbuff)"),

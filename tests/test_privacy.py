@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -95,3 +96,26 @@ def test_noise_std_for_the_mean_of_clipped_updates():
         gaussian_noise_std(0.0, 1.1, 4)
     with pytest.raises(ValueError):
         gaussian_noise_std(1.0, 1.1, 0)
+
+
+def test_a_dp_run_whose_noise_drowns_the_model_stops_and_says_how_many_learners_it_needs(tmp_path, caplog):
+    from conftest import join_all, start_learners
+    from fedgrpc.algorithms.strategy import MAX_REFUSED_IN_A_ROW
+    from fedgrpc.engines.launcher import free_port
+    from fedgrpc.leader import main as leader_module
+
+    caplog.set_level("INFO")
+    port = free_port()
+    learners = start_learners(f"127.0.0.1:{port}", 2)
+    flags = ["--dataset", "synthetic", "--model", "tiny-cnn", "--device", "cpu", "--aggregation", "fedavg", "--local-steps", "1"]
+    flags += ["--dp-noise-multiplier", "1000", "--clip-norm", "1", "--rounds", "20", "--eval-every", "0"]
+    status = leader_module.main([*flags, "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(tmp_path)])
+    assert join_all(learners) == [0, 0]  # told to stop, as at any end of a run
+    assert status == 1
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [record["model_rejected"] for record in records] == [True] * MAX_REFUSED_IN_A_ROW
+    (stopped,) = [record.getMessage() for record in caplog.records if record.name == "fedgrpc.leader.main" and record.levelname == "ERROR"]
+    assert "the new model was refused 5 rounds in a row" in stopped
+    # z * C / n = 1000 * 1 / 2 per coordinate, times the square root of tiny-cnn's 11642 parameters: 5.39e+04
+    assert "= 500 per coordinate, norm 5.39e+04 over 11642 parameters" in stopped
+    assert "learners a round would bring the noise down to the model's norm" in stopped

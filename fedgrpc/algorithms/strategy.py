@@ -30,6 +30,8 @@ MODEL_GROWTH_LIMIT = 4.0
 # update averaged with an honest one moves the model by at most its norm, well inside MODEL_GROWTH_LIMIT, so no
 # single learner can get the first round refused; honest first updates measured 0.1-0.8 times the model's norm.
 FIRST_ROUND_NORM_RATIO = 2.0
+# A run whose new model is refused this many rounds in a row cannot learn as configured: it stops and says why.
+MAX_REFUSED_IN_A_ROW = 5
 # the per-parameter state the server optimizers keep (SGD's momentum; FedOpt's first and second moments)
 OPTIMIZER_STATE_KEYS = ("momentum_buffer", "m", "v")
 
@@ -52,6 +54,8 @@ class Strategy:
         self._noise = torch.Generator().manual_seed(secrets.randbits(63))
         self.model_norm = self.current_model_norm()
         self.norm_reference: float | None = None  # median update norm of the last applied round
+        self.refused_in_a_row = 0  # rounds whose new model model_problem() refused, since the last one it took
+        self.noise_std = 0.0  # DP-FedAvg: the last round's noise per coordinate of the mean update
 
     def _server_optimizer(self) -> torch.optim.Optimizer:
         """The step the leader takes with the averaged update as a (pseudo-)gradient.
@@ -122,7 +126,7 @@ class Strategy:
             for name in self.parameter_names:
                 result[name] = result[name] * finished.staleness_discount
         if self.accountant is not None:
-            std = privacy.gaussian_noise_std(config.clip_norm, config.dp_noise_multiplier, running.count)
+            std = self.noise_std = privacy.gaussian_noise_std(config.clip_norm, config.dp_noise_multiplier, running.count)
             for name in self.parameter_names:  # fresh OS randomness: noise anyone could regenerate from --seed protects nothing
                 noise = torch.randn(result[name].shape, generator=self._noise, dtype=torch.float64)
                 result[name] = (result[name].double() + std * noise).to(result[name].dtype)
@@ -147,7 +151,9 @@ class Strategy:
         problem = self.model_problem(norm)
         if problem is None:
             self.model_norm = norm
+            self.refused_in_a_row = 0
             return None
+        self.refused_in_a_row += 1
         self.model.load_state_dict(last_good())
         self.optimizer.state.clear()  # momentum or moments that took in the refused step would replay it
         logger.warning(
@@ -157,6 +163,27 @@ class Strategy:
             round_number - 1,
         )
         return problem
+
+    def hopeless(self, reporters: int) -> str | None:
+        """Why the run should stop, once MAX_REFUSED_IN_A_ROW rounds in a row made a model that was refused, or None.
+
+        Under DP-FedAvg the usual cause is noise larger than the model: the hint says how many learners a round
+        would bring the noise's norm down to the model's.
+        """
+        if self.refused_in_a_row < MAX_REFUSED_IN_A_ROW:
+            return None
+        stopped = f"the new model was refused {self.refused_in_a_row} rounds in a row, so this run cannot learn as configured"
+        if not self.noise_std:
+            return f"{stopped}: its updates are too large for the model (lower --lr or --server-lr, or check the learners' data)"
+        dimensions = sum(parameter.numel() for parameter in self.model.parameters())
+        noise_norm = self.noise_std * math.sqrt(dimensions)
+        needed = math.ceil(reporters * noise_norm / self.model_norm)
+        return (
+            f"{stopped}: DP-FedAvg's noise (--dp-noise-multiplier {self.config.dp_noise_multiplier} x --clip-norm "
+            f"{self.config.clip_norm} / {reporters} learners = {self.noise_std:.3g} per coordinate, norm {noise_norm:.3g} over "
+            f"{dimensions} parameters) outweighs the model (norm {self.model_norm:.3g}); about {needed} learners a round would bring "
+            "the noise down to the model's norm, or lower --dp-noise-multiplier or --clip-norm (less privacy)"
+        )
 
     def current_model_norm(self) -> float:
         """L2 norm of the model's parameters (float32 arithmetic: inf when it overflows)."""

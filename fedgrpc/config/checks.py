@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from fedgrpc.algorithms import server_opt
 from fedgrpc.config.options import LOCAL_TRAINING, LeaderConfig
 
@@ -17,6 +19,12 @@ def config_problems(config: LeaderConfig) -> list[str]:
         )
     if config.rule == "trimmed-mean" and not 0 <= config.trim < 0.5:
         problems.append(f"--trim must be in [0, 0.5), got {config.trim}")
+    elif config.rule == "trimmed-mean" and math.floor(config.trim * per_round) == 0:
+        fix = f"raise --trim to at least {1 / per_round:.3g}" if per_round >= 3 else "it needs 3 or more"
+        problems.append(
+            f"--rule trimmed-mean with --trim {config.trim} trims nothing from {per_round} learners per round "
+            f"(floor({config.trim} x {per_round}) = 0 from each end): {fix}, or add learners"
+        )
     if config.dp_noise_multiplier and not config.clip_norm:
         problems.append("--dp-noise-multiplier needs --clip-norm: the noise is calibrated to the clipped norm")
     if config.dp_noise_multiplier and config.rule != "mean":

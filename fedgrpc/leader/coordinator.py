@@ -115,6 +115,16 @@ class Splits:
         return self.data.subset(self.parts[learner_id])
 
 
+def checkpoint_due(config: LeaderConfig, round_number: int, stopping: bool, seconds_since_saved: float) -> bool:
+    """Whether round `round_number` is written: the last round, on shutdown, every --checkpoint-every rounds, or
+    --checkpoint-seconds after the last write."""
+    if round_number == config.rounds or stopping:
+        return True
+    if config.checkpoint_every and round_number % config.checkpoint_every == 0:
+        return True
+    return seconds_since_saved >= config.checkpoint_seconds
+
+
 class Leader:
     """The federation's coordinator: holds the global model and runs rounds through its roster, intake and strategy."""
 
@@ -231,13 +241,13 @@ class Leader:
                 finished = self.buffered.collect(round_number, start) if self.buffered is not None else self.collect(round_number, start)
                 metrics = self.close_round(finished, start)
                 self.history.append(metrics)
-                if self._checkpoint_due(round_number):
+                if checkpoint_due(config, round_number, self.stop_event.is_set(), time.monotonic() - self._saved_at):
                     self.save(metrics)
                 if recorder is not None:
                     recorder.record(metrics)
                 self.status.clear()
                 logger.info("%s", round_line(metrics, config.rounds))
-                self._check_stop()
+                self._check_stop(metrics)
         except RunError:
             if self.stop_event.is_set() and self.history and self.history[-1]["round"] > self._saved_round:
                 self.save(self.history[-1])  # the model has not moved since: the next round was still collecting
@@ -414,15 +424,6 @@ class Leader:
             elapsed_seconds=time.monotonic() - start,
         )
 
-    def _checkpoint_due(self, round_number: int) -> bool:
-        """Whether round `round_number` is written: the last round, on shutdown, every --checkpoint-every rounds, or --checkpoint-seconds after the last write."""
-        config = self.config
-        if round_number == config.rounds or self.stop_event.is_set():
-            return True
-        if config.checkpoint_every and round_number % config.checkpoint_every == 0:
-            return True
-        return time.monotonic() - self._saved_at >= config.checkpoint_seconds
-
     def save(self, metrics: dict[str, Any]) -> None:
         """Write the global model and server optimizer state as the checkpoint of metrics' round."""
         checkpoint.save(
@@ -436,9 +437,12 @@ class Leader:
         self._saved_round = metrics["round"]
         self._saved_at = time.monotonic()
 
-    def _check_stop(self) -> None:
+    def _check_stop(self, metrics: dict[str, Any] | None = None) -> None:
+        """RunError on shutdown, or after a round (`metrics`) that showed the run cannot learn as configured."""
         if self.stop_event.is_set():
             raise RunError("leader shutting down")
+        if metrics is not None and (hopeless := self.strategy.hopeless(metrics["learners_reported"])) is not None:
+            raise RunError(f"round {metrics['round']}: {hopeless}")
 
     def stop_learners(self, reason: str) -> None:
         """Tell every learner to stop (roster.stop_all)."""
