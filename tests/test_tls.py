@@ -130,3 +130,35 @@ def test_tls_flags_are_checked(tmp_path, pki):
         rpc.Tls.from_files(None, None, str(tmp_path / "missing.pem"))
     with pytest.raises(ValueError, match="needs --tls-cert and --tls-key"):
         leader_module.serve(leader_config(tmp_path, tls_ca=pki["ca"]))
+
+
+def test_a_learner_without_tls_against_a_tls_leader_is_told_so_at_once(tmp_path, pki, capsys):
+    leader, server, port, _ = leader_module.serve(tls_leader_config(tmp_path, pki))
+    try:
+        assert rpc.speaks_tls(f"127.0.0.1:{port}") is True  # it wants a client certificate: its alert still speaks TLS
+        (learner,) = start_learners(f"127.0.0.1:{port}", 1)  # no TLS flags; --connect-timeout 30 would be the wait
+        assert join_all([learner]) == [1]
+        assert "speaks TLS and this side does not: add --tls-ca" in capsys.readouterr().err
+    finally:
+        server.stop(None)
+        leader.close()
+
+
+def test_a_tls_learner_against_a_plaintext_leader_is_told_so_at_once(tmp_path, pki, capsys):
+    leader, server, port, _ = leader_module.serve(leader_config(tmp_path))
+    try:
+        assert rpc.speaks_tls(f"127.0.0.1:{port}") is False
+        flags = ["--tls-cert", pki["learner_cert"], "--tls-key", pki["learner_key"], "--tls-ca", pki["ca"]]
+        (learner,) = start_learners(f"127.0.0.1:{port}", 1, flags)
+        assert join_all([learner]) == [1]
+        assert "does not speak TLS and this side does: drop the --tls-* flags here" in capsys.readouterr().err
+    finally:
+        server.stop(None)
+        leader.close()
+
+
+def test_nothing_listening_is_not_a_tls_mismatch():
+    from fedgrpc.engines.launcher import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    assert rpc.speaks_tls(address) is None and rpc.tls_mismatch(address, True, "leader") is None

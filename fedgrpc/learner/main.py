@@ -440,6 +440,9 @@ def register_until_admitted(
                 f"no leader answered at {config.leader} within {config.connect_timeout:.0f}s: check --leader and that leader.py is running"
             )
         if attempts == 1 and not refusals:
+            mismatch = rpc.tls_mismatch(config.leader, info.tls, "leader")
+            if mismatch is not None:  # waiting cannot help
+                raise LearnerError(mismatch)
             logger.info("waiting for the leader at %s (up to %.0fs)", config.leader, config.connect_timeout)
         attempts += 1
         try:

@@ -7,6 +7,8 @@ import ipaddress
 import logging
 import os
 import re
+import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -575,6 +577,42 @@ def _read_pem(flag: str, path: str | None) -> bytes | None:
         return Path(path).read_bytes()
     except OSError as error:
         raise ValueError(f"cannot read {flag} {path}: {error.strerror}") from None
+
+
+TLS_PROBE_S = 3.0  # a TLS handshake on loopback or a LAN takes milliseconds
+
+
+def speaks_tls(address: str, timeout: float = TLS_PROBE_S) -> bool | None:
+    """Whether the server at `address` answers a TLS handshake: True, False (it answers, not in TLS), or None
+    (nothing answers there). A server that wants a client certificate counts: it answers with TLS's own alert."""
+    try:
+        host, port = parse_address(address)
+        raw = socket.create_connection((host.strip("[]"), port), timeout=timeout)
+    except (OSError, ValueError):
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only whether it speaks TLS at all: no trust is placed in the answer
+    context.set_alpn_protocols(["h2"])
+    try:
+        with context.wrap_socket(raw, server_hostname=host.strip("[]")):
+            return True
+    except ssl.SSLError as error:
+        return "ALERT" in str(error.reason or "")  # a TLS server refusing us; anything else is another protocol
+    except OSError:  # closed or reset at the first TLS bytes: a plaintext HTTP/2 server
+        return False
+    finally:
+        raw.close()
+
+
+def tls_mismatch(address: str, ours: bool, side: str) -> str | None:
+    """Why this side and the `side` at `address` cannot talk (one speaks TLS, the other not), or None."""
+    theirs = speaks_tls(address)
+    if theirs is None or theirs == ours:
+        return None
+    if theirs:
+        return f"the {side} at {address} speaks TLS and this side does not: add --tls-ca (and --tls-cert and --tls-key under mutual TLS)"
+    return f"the {side} at {address} does not speak TLS and this side does: drop the --tls-* flags here, or give the {side} --tls-cert and --tls-key"
 
 
 def channel(address: str, tls: Tls | None = None) -> grpc.Channel:
