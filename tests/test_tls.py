@@ -30,7 +30,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> str:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, str]:
-    """A CA and two certificates it signed, for 127.0.0.1 and localhost: one for the leader, one for learners."""
+    """A CA and three certificates it signed, for 127.0.0.1 and localhost: the leader's, a learner's and another's."""
     directory = tmp_path_factory.mktemp("pki")
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -47,7 +47,7 @@ def pki(tmp_path_factory) -> dict[str, str]:
     )
     files = {"ca": str(directory / "ca.pem")}
     (directory / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    for serial, role in enumerate(("leader", "learner"), start=2):
+    for serial, role in enumerate(("leader", "learner", "other"), start=2):
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
@@ -162,3 +162,55 @@ def test_nothing_listening_is_not_a_tls_mismatch():
 
     address = f"127.0.0.1:{free_port()}"
     assert rpc.speaks_tls(address) is None and rpc.tls_mismatch(address, True, "leader") is None
+
+
+def test_a_session_is_bound_to_the_certificate_it_was_issued_to(tmp_path, pki):
+    leader, server, port, _ = leader_module.serve(tls_leader_config(tmp_path, pki))
+    address = f"127.0.0.1:{port}"
+    mine = rpc.Tls.from_files(pki["learner_cert"], pki["learner_key"], pki["ca"])
+    theirs = rpc.Tls.from_files(pki["other_cert"], pki["other_key"], pki["ca"])
+    callback, callback_port, _ = rpc.create_server(
+        lambda server: None, "127.0.0.1", 0, max_workers=4, tls=mine, health_services=[rpc.LEARNER_SERVICE]
+    )
+    info = leader_pb2.LearnerInfo(
+        network_addr=f"127.0.0.1:{callback_port}", callback_token="c" * 32, version=rpc.PROTOCOL_VERSION, tls=True
+    )
+    try:
+        reply = leader_pb2_grpc.LeaderServiceStub(rpc.channel(address, mine)).RegisterLearner(info, timeout=5)
+        heartbeat = leader_pb2.HeartbeatRequest(learner_id=reply.learner_id)
+        metadata = rpc.token_metadata(reply.session_token)
+        assert leader_pb2_grpc.LeaderServiceStub(rpc.channel(address, mine)).Heartbeat(heartbeat, timeout=5, metadata=metadata).success
+        stolen = leader_pb2_grpc.LeaderServiceStub(rpc.channel(address, theirs))
+        with pytest.raises(grpc.RpcError) as caught:  # the session token, presented with another (valid) certificate
+            stolen.Heartbeat(heartbeat, timeout=5, metadata=metadata)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED and "issued to another client certificate" in caught.value.details()
+        with pytest.raises(grpc.RpcError) as caught:  # the learner's own secret, presented with another certificate
+            stolen.RegisterLearner(info, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED and "another client certificate" in caught.value.details()
+    finally:
+        server.stop(None)
+        callback.stop(None)
+        leader.close()
+
+
+class FakeContext:
+    """What CertificateBinding reads of a call: the certificate presented, and how the call is aborted."""
+
+    def __init__(self, pem: bytes | None) -> None:
+        self.pem = pem
+
+    def auth_context(self) -> dict:
+        return {"x509_pem_cert": [self.pem]} if self.pem else {}
+
+    def abort(self, code, details):
+        raise grpc.RpcError(f"{code.name}: {details}")
+
+
+def test_a_learner_binds_its_leaders_certificate_at_the_first_call(pki):
+    binding = rpc.CertificateBinding()
+    leader_pem, other_pem = Path(pki["leader_cert"]).read_bytes(), Path(pki["other_cert"]).read_bytes()
+    binding.check(FakeContext(leader_pem))
+    binding.check(FakeContext(leader_pem))
+    for stranger in (other_pem, None):
+        with pytest.raises(grpc.RpcError, match="UNAUTHENTICATED: another client certificate"):
+            binding.check(FakeContext(stranger))

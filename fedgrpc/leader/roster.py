@@ -58,6 +58,7 @@ class LearnerRecord:
     stub: learner_pb2_grpc.LearnerServiceStub
     joins_round: int  # it gets StartTraining when this round opens, and a pushed model every round after
     pooled: bool = False  # it shares its address with the other learners of a simulation pool (LearnerInfo.pooled)
+    certificate: str | None = None  # under mutual TLS, the SHA-256 of the certificate it registered with: its session's
     alive: bool = True
     started: bool = False
 
@@ -73,6 +74,16 @@ def call_learner(call: Callable[[LearnerRecord], Any], record: LearnerRecord) ->
     if not reply.success:
         return reply.message
     return None
+
+
+def same_certificate(record: LearnerRecord, certificate: str | None) -> LearnerRecord:
+    """`record`, for a registration retried with its callback secret, if it comes with the certificate the first one did."""
+    if record.certificate != certificate:
+        raise rpc.RequestRefused(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "this learner registered with another client certificate: a secret is bound to its certificate",
+        )
+    return record
 
 
 def task_mismatch(info: leader_pb2.LearnerInfo, task: str, fingerprint: str) -> str | None:
@@ -252,18 +263,20 @@ class Roster:
 
     # ---- joining ------------------------------------------------------------------------------------------------
 
-    def register(self, info: leader_pb2.LearnerInfo, peer: str = "") -> tuple[LearnerRecord, LearnerRecord | None]:
+    def register(
+        self, info: leader_pb2.LearnerInfo, peer: str = "", certificate: str | None = None
+    ) -> tuple[LearnerRecord, LearnerRecord | None]:
         """Admit a learner whose registration came from `peer` (gRPC's peer string): (its record, the absent one it replaced).
 
         The learner's callback address is checked (rpc.callback_problem) and called back before it gets a slot,
         so that a registration nobody answers never holds one. A full federation first checks its members.
-        A retried registration (the same callback secret) gets the same record.
+        A retried registration (the same callback secret, the same client certificate) gets the same record.
         """
         self._check_learner_info(info, peer)
         with self._cond:
             known = self._alive_record_for(info.callback_token)
             if known is not None:
-                return known, None
+                return same_certificate(known, certificate), None
         channel, stub = self.channels.take(info.network_addr)
         failure = None if info.pooled and self._pool_answered(info.network_addr) else self._call_back(channel, info)
         if failure is not None:
@@ -274,7 +287,7 @@ class Roster:
                 "--advertise-address, and that the leader can reach that port",
             )
         try:
-            record, replaced = self._admit(info, channel, stub)
+            record, replaced = self._admit(info, channel, stub, certificate)
         except BaseException:
             self.channels.give(info.network_addr)
             raise
@@ -299,6 +312,8 @@ class Roster:
     def _call_back(self, channel: grpc.Channel, info: leader_pb2.LearnerInfo) -> rpc.Unhealthy | None:
         """The registration's call-back: None when the learner's LearnerService answers SERVING to its secret."""
         failure = rpc.health_check(channel, REGISTRATION_PROBE_S, rpc.LEARNER_SERVICE, info.callback_token)
+        if failure is not None and failure.gone and (mismatch := rpc.tls_mismatch(info.network_addr, self.tls is not None, "learner")):
+            return rpc.Unhealthy(mismatch, gone=True)
         if failure is None and info.pooled:
             with self._cond:
                 self._pools_answered[info.network_addr] = time.monotonic()
@@ -319,7 +334,7 @@ class Roster:
         if info.version != rpc.PROTOCOL_VERSION:
             raise rpc.RequestRefused(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"learner speaks protocol {info.version[:16] or '?'}, leader {rpc.PROTOCOL_VERSION}: install the same release on both",
+                f"learner speaks protocol {printable(info.version, 16) or '?'}, leader {rpc.PROTOCOL_VERSION}: install the same release on both",
             )
         mismatch = task_mismatch(info, *self.expected_task)
         if mismatch is not None:
@@ -359,7 +374,7 @@ class Roster:
         return record if record is not None and rpc.secrets_match(callback_token, record.callback_token) else None
 
     def _admit(
-        self, info: leader_pb2.LearnerInfo, channel: grpc.Channel, stub: learner_pb2_grpc.LearnerServiceStub
+        self, info: leader_pb2.LearnerInfo, channel: grpc.Channel, stub: learner_pb2_grpc.LearnerServiceStub, certificate: str | None
     ) -> tuple[LearnerRecord, LearnerRecord | None]:
         """Give a checked registrant a slot: (its record, the absent member it replaced)."""
         with self._cond:
@@ -370,7 +385,7 @@ class Roster:
             known = self._alive_record_for(info.callback_token)
             if known is not None:  # the same registration, retried while this one was checked
                 self.channels.give(info.network_addr)
-                return known, None
+                return same_certificate(known, certificate), None
             learner_id = self._free_slot()
             if learner_id is None:
                 raise rpc.RequestRefused(
@@ -393,6 +408,7 @@ class Roster:
                 stub,
                 self._first_round(),
                 pooled=info.pooled,
+                certificate=certificate,
             )
             self._records[learner_id] = record
             self._tokens[record.session_token] = learner_id

@@ -38,11 +38,14 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         learner_id = self.leader.roster.learner_for_token(rpc.caller_token(context))
         if learner_id is None:  # the gate lets no such call through; kept for calls made without it
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or unknown {rpc.TOKEN_METADATA_KEY}: call RegisterLearner first")
+        bound = self.leader.roster.record(learner_id).certificate
+        if bound is not None and rpc.peer_certificate(context) != bound:  # a leaked token is no good without its certificate
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "this session was issued to another client certificate: register with your own")
         return learner_id
 
     def RegisterLearner(self, request: leader_pb2.LearnerInfo, context: grpc.ServicerContext) -> leader_pb2.AckWithMetadata:
         try:
-            record, _ = self.leader.roster.register(request, context.peer())
+            record, _ = self.leader.roster.register(request, context.peer(), rpc.peer_certificate(context))
         except rpc.RequestRefused as error:
             context.abort(error.code, str(error))
         return leader_pb2.AckWithMetadata(

@@ -24,11 +24,14 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
 
     def __init__(self, learner: Learner) -> None:
         self.learner = learner
+        self.leader_certificate = rpc.CertificateBinding()  # under mutual TLS: the leader's, from its first call
 
     def StartTraining(self, request: learner_pb2.Empty, context: grpc.ServicerContext) -> learner_pb2.Ack:
+        self.leader_certificate.check(context)
         return learner_pb2.Ack(success=True, message=self.learner.start())
 
     def SyncModelState(self, request_iterator: Iterator[learner_pb2.ModelState], context: grpc.ServicerContext) -> learner_pb2.Ack:
+        self.leader_certificate.check(context)
         first = next(request_iterator, None)
         if first is not None and first.stop:
             self.learner.stop(first.reason)
@@ -45,18 +48,23 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         return learner_pb2.Ack(success=True, message=f"model for round {received.header.round} received")
 
     def AdvertiseKeys(self, request: learner_pb2.SecAggSetup, context: grpc.ServicerContext) -> learner_pb2.SecAggPublicKeys:
+        self.leader_certificate.check(context)
         return refuse(context, lambda: self.learner.secagg.advertise_keys(request, self.learner.learner_id))
 
     def ShareKeys(self, request: learner_pb2.SecAggNeighbourKeys, context: grpc.ServicerContext) -> learner_pb2.SecAggShares:
+        self.leader_certificate.check(context)
         return refuse(context, lambda: self.learner.secagg.share_keys(request))
 
     def CollectMasked(self, request: learner_pb2.SecAggCollection, context: grpc.ServicerContext) -> learner_pb2.Ack:
+        self.leader_certificate.check(context)
         return refuse(context, lambda: self.learner.secagg.collect(request))
 
     def Unmask(self, request: learner_pb2.SecAggUnmaskRequest, context: grpc.ServicerContext) -> learner_pb2.SecAggRevealedShares:
+        self.leader_certificate.check(context)
         return refuse(context, lambda: self.learner.secagg.unmask(request))
 
     def Evaluate(self, request_iterator: Iterator[learner_pb2.ModelState], context: grpc.ServicerContext) -> learner_pb2.EvaluateResult:
+        self.leader_certificate.check(context)
         specs = self.learner.specs
         if specs is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "learner has no model yet")

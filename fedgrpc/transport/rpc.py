@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -577,6 +578,34 @@ def _read_pem(flag: str, path: str | None) -> bytes | None:
         return Path(path).read_bytes()
     except OSError as error:
         raise ValueError(f"cannot read {flag} {path}: {error.strerror}") from None
+
+
+def peer_certificate(context: grpc.ServicerContext) -> str | None:
+    """SHA-256 (hex) of the client certificate the caller presented over mutual TLS, or None without one."""
+    presented = context.auth_context().get("x509_pem_cert")
+    return hashlib.sha256(presented[0]).hexdigest() if presented else None
+
+
+class CertificateBinding:
+    """The client certificate the first caller with a secret presented; later callers with it must present the same.
+
+    A learner binds its leader this way, so that its callback secret, if it leaked, is no good without the
+    leader's certificate too.
+    """
+
+    def __init__(self) -> None:
+        self._bound: str | None = None
+        self._lock = threading.Lock()
+
+    def check(self, context: grpc.ServicerContext) -> None:
+        """Abort the call (UNAUTHENTICATED) when it presents another certificate than the bound one."""
+        presented = peer_certificate(context)
+        with self._lock:
+            if self._bound is None:
+                self._bound = presented
+            bound = self._bound
+        if bound is not None and presented != bound:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "another client certificate than this learner's leader presented")
 
 
 TLS_PROBE_S = 3.0  # a TLS handshake on loopback or a LAN takes milliseconds
