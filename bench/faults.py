@@ -57,6 +57,7 @@ from fedgrpc.leader import checkpoint, plots
 from fedgrpc.leader.roster import REGISTRATION_PROBE_S  # how long the leader waits for a registrant to answer its call-back
 from fedgrpc.protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 from fedgrpc.transport import rpc, wire
+from fedgrpc.transport.tls import Tls
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every row: tiny data, tiny model, CPU, so that --runs 3 of every row fits in under a quarter of an hour on 2 cores.
@@ -343,7 +344,7 @@ class Harness:
         ]
         return self.start(f"learner{len(self.processes)}", argv, env)
 
-    def channel(self, address: str, tls: rpc.Tls | None = None) -> grpc.Channel:
+    def channel(self, address: str, tls: Tls | None = None) -> grpc.Channel:
         """A client channel closed at the end of the run."""
         channel = rpc.channel(address, tls)
         self.on_close(channel.close)

@@ -31,6 +31,7 @@ from fedgrpc.learner.service import create_server
 from fedgrpc.learner.training import round_batches
 from fedgrpc.task import Task, task_name
 from fedgrpc.transport import rpc
+from fedgrpc.transport.tls import Tls
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +203,6 @@ def join(
         progress=False,
     )
     rpc.parse_address(leader)
-    tls = rpc.Tls.from_files(tls_cert, tls_key, tls_ca)
+    tls = Tls.from_files(tls_cert, tls_key, tls_ca)
     enrolment_token = rpc.read_enrolment_token(token_file)
     return Federation(model, Task(name, f"client.join(task={task!r})", functions), config, num_examples, enrolment_token, tls)

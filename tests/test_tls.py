@@ -17,6 +17,7 @@ from conftest import join_all, leader_config, start_learners
 from fedgrpc.leader import main as leader_module
 from fedgrpc.protos import leader_pb2, leader_pb2_grpc
 from fedgrpc.transport import rpc
+from fedgrpc.transport.tls import CertificateBinding, Tls, speaks_tls, tls_mismatch
 
 
 def _name(common_name: str) -> x509.Name:
@@ -89,7 +90,7 @@ def test_a_round_completes_over_mutual_tls(tmp_path, pki):
 def test_clients_without_a_certificate_are_refused_under_mutual_tls(tmp_path, pki):
     leader, server, port, _ = leader_module.serve(tls_leader_config(tmp_path, pki))
     address = f"127.0.0.1:{port}"
-    tls = rpc.Tls.from_files(pki["learner_cert"], pki["learner_key"], pki["ca"])
+    tls = Tls.from_files(pki["learner_cert"], pki["learner_key"], pki["ca"])
     # the learner's side of the registration check: a TLS server that answers health for the learner service
     callback, callback_port, _ = rpc.create_server(
         lambda server: None, "127.0.0.1", 0, max_workers=4, tls=tls, health_services=[rpc.LEARNER_SERVICE]
@@ -125,9 +126,9 @@ def test_clients_without_a_certificate_are_refused_under_mutual_tls(tmp_path, pk
 
 def test_tls_flags_are_checked(tmp_path, pki):
     with pytest.raises(ValueError, match="go together"):
-        rpc.Tls.from_files(pki["leader_cert"], None, None)
+        Tls.from_files(pki["leader_cert"], None, None)
     with pytest.raises(ValueError, match="cannot read --tls-ca"):
-        rpc.Tls.from_files(None, None, str(tmp_path / "missing.pem"))
+        Tls.from_files(None, None, str(tmp_path / "missing.pem"))
     with pytest.raises(ValueError, match="needs --tls-cert and --tls-key"):
         leader_module.serve(leader_config(tmp_path, tls_ca=pki["ca"]))
 
@@ -135,7 +136,7 @@ def test_tls_flags_are_checked(tmp_path, pki):
 def test_a_learner_without_tls_against_a_tls_leader_is_told_so_at_once(tmp_path, pki, capsys):
     leader, server, port, _ = leader_module.serve(tls_leader_config(tmp_path, pki))
     try:
-        assert rpc.speaks_tls(f"127.0.0.1:{port}") is True  # it wants a client certificate: its alert still speaks TLS
+        assert speaks_tls(f"127.0.0.1:{port}") is True  # it wants a client certificate: its alert still speaks TLS
         (learner,) = start_learners(f"127.0.0.1:{port}", 1)  # no TLS flags; --connect-timeout 30 would be the wait
         assert join_all([learner]) == [1]
         assert "speaks TLS and this side does not: add --tls-ca" in capsys.readouterr().err
@@ -147,7 +148,7 @@ def test_a_learner_without_tls_against_a_tls_leader_is_told_so_at_once(tmp_path,
 def test_a_tls_learner_against_a_plaintext_leader_is_told_so_at_once(tmp_path, pki, capsys):
     leader, server, port, _ = leader_module.serve(leader_config(tmp_path))
     try:
-        assert rpc.speaks_tls(f"127.0.0.1:{port}") is False
+        assert speaks_tls(f"127.0.0.1:{port}") is False
         flags = ["--tls-cert", pki["learner_cert"], "--tls-key", pki["learner_key"], "--tls-ca", pki["ca"]]
         (learner,) = start_learners(f"127.0.0.1:{port}", 1, flags)
         assert join_all([learner]) == [1]
@@ -161,14 +162,14 @@ def test_nothing_listening_is_not_a_tls_mismatch():
     from fedgrpc.engines.launcher import free_port
 
     address = f"127.0.0.1:{free_port()}"
-    assert rpc.speaks_tls(address) is None and rpc.tls_mismatch(address, True, "leader") is None
+    assert speaks_tls(address) is None and tls_mismatch(address, True, "leader") is None
 
 
 def test_a_session_is_bound_to_the_certificate_it_was_issued_to(tmp_path, pki):
     leader, server, port, _ = leader_module.serve(tls_leader_config(tmp_path, pki))
     address = f"127.0.0.1:{port}"
-    mine = rpc.Tls.from_files(pki["learner_cert"], pki["learner_key"], pki["ca"])
-    theirs = rpc.Tls.from_files(pki["other_cert"], pki["other_key"], pki["ca"])
+    mine = Tls.from_files(pki["learner_cert"], pki["learner_key"], pki["ca"])
+    theirs = Tls.from_files(pki["other_cert"], pki["other_key"], pki["ca"])
     callback, callback_port, _ = rpc.create_server(
         lambda server: None, "127.0.0.1", 0, max_workers=4, tls=mine, health_services=[rpc.LEARNER_SERVICE]
     )
@@ -207,7 +208,7 @@ class FakeContext:
 
 
 def test_a_learner_binds_its_leaders_certificate_at_the_first_call(pki):
-    binding = rpc.CertificateBinding()
+    binding = CertificateBinding()
     leader_pem, other_pem = Path(pki["leader_cert"]).read_bytes(), Path(pki["other_cert"]).read_bytes()
     binding.check(FakeContext(leader_pem))
     binding.check(FakeContext(leader_pem))

@@ -35,6 +35,7 @@ from fedgrpc.model import memory_format_for
 from fedgrpc.protos import leader_pb2, learner_pb2, learner_pb2_grpc
 from fedgrpc.task import Task, builtin_task, load_task
 from fedgrpc.transport import rpc, wire
+from fedgrpc.transport.tls import Tls
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class VirtualLearner:
 class LearnerPool:
     """Hosts virtual learners `indices`: registers them, trains those the leader starts, one at a time, and reports their updates."""
 
-    def __init__(self, config: PoolConfig, indices: list[int], enrolment_token: str | None = None, tls: rpc.Tls | None = None) -> None:
+    def __init__(self, config: PoolConfig, indices: list[int], enrolment_token: str | None = None, tls: Tls | None = None) -> None:
         self.config = config
         self.tls = tls
         self._enrolment_metadata = ((rpc.ENROLMENT_METADATA_KEY, enrolment_token),) if enrolment_token else ()
@@ -498,7 +499,7 @@ class PoolServicer(learner_pb2_grpc.LearnerServiceServicer):
         return refuse(context, lambda: learner.secagg.unmask(request))
 
 
-def create_server(pool: LearnerPool, host: str, port: int, tls: rpc.Tls | None = None) -> tuple[grpc.Server, int, Any]:
+def create_server(pool: LearnerPool, host: str, port: int, tls: Tls | None = None) -> tuple[grpc.Server, int, Any]:
     """Start the pool's LearnerService on host:port, open only to the leader holding one of its learners' secrets."""
 
     def owns(token: str) -> bool:

@@ -36,6 +36,7 @@ from fedgrpc.model import recompute_batchnorm
 from fedgrpc.protos import leader_pb2, learner_pb2
 from fedgrpc.task import Task, builtin_task, evaluate, task_name
 from fedgrpc.transport import rpc, wire
+from fedgrpc.transport.tls import Tls
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class Leader:
         config: LeaderConfig,
         test_data: Examples | None,
         train_data: Examples | None,
-        tls: rpc.Tls | None = None,
+        tls: Tls | None = None,
         stop_event: threading.Event | None = None,
         task: Task | None = None,
     ) -> None:

@@ -23,6 +23,7 @@ from fedgrpc.console import printable
 from fedgrpc.data import derive_seed
 from fedgrpc.protos import leader_pb2, learner_pb2, learner_pb2_grpc
 from fedgrpc.transport import rpc
+from fedgrpc.transport.tls import Tls, tls_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,48 @@ def call_learner(call: Callable[[LearnerRecord], Any], record: LearnerRecord) ->
     if not reply.success:
         return reply.message
     return None
+
+
+def check_learner_info(
+    info: leader_pb2.LearnerInfo, peer: str, config: LeaderConfig, expected_task: tuple[str, str], tls_on: bool, trusts_registrants: bool
+) -> None:
+    """Refuse (RequestRefused) a registration from `peer` whose fields cannot work, before anything is done for it."""
+    if info.version != rpc.PROTOCOL_VERSION:
+        raise rpc.RequestRefused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"learner speaks protocol {printable(info.version, 16) or '?'}, leader {rpc.PROTOCOL_VERSION}: install the same release on both",
+        )
+    mismatch = task_mismatch(info, *expected_task)
+    if mismatch is not None:
+        raise rpc.RequestRefused(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
+    problem = rpc.callback_problem(info.network_addr, peer, trusts_registrants)
+    if problem is not None:
+        raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, f"network_addr: {problem}")
+    if len(info.callback_token) < 16:
+        raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, "callback_token must be a random secret of at least 16 characters")
+    if info.tls != (tls_on):
+        raise rpc.RequestRefused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "this leader calls learners back over TLS: start the learner with --tls-cert, --tls-key and --tls-ca"
+            if tls_on
+            else "this leader does not use TLS: start the learner without --tls-cert",
+        )
+    if info.pooled and config.aggregation == "fedbuff":
+        raise rpc.RequestRefused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "a simulation pool trains its learners on one round's model at a time, and fedbuff has no rounds to "
+            "share: run fedbuff with learner.py processes (local_federation.py --engine processes)",
+        )
+    if config.data_mode == "split" and info.num_examples:
+        raise rpc.RequestRefused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "this leader splits the data itself: start the learner without --data-dir, or the leader with --data-mode local",
+        )
+    if config.data_mode == "local" and not 0 < info.num_examples <= MAX_LOCAL_EXAMPLES:
+        raise rpc.RequestRefused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "this leader expects learners with their own data: start the learner with --data-dir",
+        )
 
 
 def same_certificate(record: LearnerRecord, certificate: str | None) -> LearnerRecord:
@@ -145,7 +188,7 @@ def round_members(alive: list[LearnerRecord], config: LeaderConfig, round_number
 class Channels:
     """One client channel (and stub) per learner address, shared by the learners of a pool and closed when the last one leaves."""
 
-    def __init__(self, tls: rpc.Tls | None) -> None:
+    def __init__(self, tls: Tls | None) -> None:
         self.tls = tls
         self._lock = threading.Lock()
         # address -> (channel, its stub, learners using it)
@@ -197,7 +240,7 @@ class Roster:
     def __init__(
         self,
         config: LeaderConfig,
-        tls: rpc.Tls | None,
+        tls: Tls | None,
         cond: threading.Condition,
         calls: ThreadPoolExecutor,
         split_examples: Callable[[int], int],
@@ -272,7 +315,7 @@ class Roster:
         so that a registration nobody answers never holds one. A full federation first checks its members.
         A retried registration (the same callback secret, the same client certificate) gets the same record.
         """
-        self._check_learner_info(info, peer)
+        check_learner_info(info, peer, self.config, self.expected_task, self.tls is not None, self.trusts_registrants)
         with self._cond:
             known = self._alive_record_for(info.callback_token)
             if known is not None:
@@ -312,7 +355,7 @@ class Roster:
     def _call_back(self, channel: grpc.Channel, info: leader_pb2.LearnerInfo) -> rpc.Unhealthy | None:
         """The registration's call-back: None when the learner's LearnerService answers SERVING to its secret."""
         failure = rpc.health_check(channel, REGISTRATION_PROBE_S, rpc.LEARNER_SERVICE, info.callback_token)
-        if failure is not None and failure.gone and (mismatch := rpc.tls_mismatch(info.network_addr, self.tls is not None, "learner")):
+        if failure is not None and failure.gone and (mismatch := tls_mismatch(info.network_addr, self.tls is not None, "learner")):
             return rpc.Unhealthy(mismatch, gone=True)
         if failure is None and info.pooled:
             with self._cond:
@@ -328,45 +371,6 @@ class Roster:
         with self._cond:
             answered = self._pools_answered.get(address)
         return answered is not None and time.monotonic() - answered < POOL_CALL_BACK_REUSE_S
-
-    def _check_learner_info(self, info: leader_pb2.LearnerInfo, peer: str) -> None:
-        """Refuse a registration whose fields cannot work, before anything is done for it."""
-        if info.version != rpc.PROTOCOL_VERSION:
-            raise rpc.RequestRefused(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"learner speaks protocol {printable(info.version, 16) or '?'}, leader {rpc.PROTOCOL_VERSION}: install the same release on both",
-            )
-        mismatch = task_mismatch(info, *self.expected_task)
-        if mismatch is not None:
-            raise rpc.RequestRefused(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
-        problem = rpc.callback_problem(info.network_addr, peer, self.trusts_registrants)
-        if problem is not None:
-            raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, f"network_addr: {problem}")
-        if len(info.callback_token) < 16:
-            raise rpc.RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, "callback_token must be a random secret of at least 16 characters")
-        if info.tls != (self.tls is not None):
-            raise rpc.RequestRefused(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "this leader calls learners back over TLS: start the learner with --tls-cert, --tls-key and --tls-ca"
-                if self.tls is not None
-                else "this leader does not use TLS: start the learner without --tls-cert",
-            )
-        if info.pooled and self.config.aggregation == "fedbuff":
-            raise rpc.RequestRefused(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "a simulation pool trains its learners on one round's model at a time, and fedbuff has no rounds to "
-                "share: run fedbuff with learner.py processes (local_federation.py --engine processes)",
-            )
-        if self.config.data_mode == "split" and info.num_examples:
-            raise rpc.RequestRefused(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "this leader splits the data itself: start the learner without --data-dir, or the leader with --data-mode local",
-            )
-        if self.config.data_mode == "local" and not 0 < info.num_examples <= MAX_LOCAL_EXAMPLES:
-            raise rpc.RequestRefused(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "this leader expects learners with their own data: start the learner with --data-dir",
-            )
 
     def _alive_record_for(self, callback_token: str) -> LearnerRecord | None:
         """The live member registered with this callback secret, if any (under the lock)."""

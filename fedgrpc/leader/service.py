@@ -21,6 +21,7 @@ from fedgrpc.leader.roster import Roster
 from fedgrpc.protos import leader_pb2, leader_pb2_grpc
 from fedgrpc.task import Task, TaskError, builtin_task, load_task
 from fedgrpc.transport import rpc, wire
+from fedgrpc.transport.tls import Tls, peer_certificate
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,13 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         if learner_id is None:  # the gate lets no such call through; kept for calls made without it
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or unknown {rpc.TOKEN_METADATA_KEY}: call RegisterLearner first")
         bound = self.leader.roster.record(learner_id).certificate
-        if bound is not None and rpc.peer_certificate(context) != bound:  # a leaked token is no good without its certificate
+        if bound is not None and peer_certificate(context) != bound:  # a leaked token is no good without its certificate
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "this session was issued to another client certificate: register with your own")
         return learner_id
 
     def RegisterLearner(self, request: leader_pb2.LearnerInfo, context: grpc.ServicerContext) -> leader_pb2.AckWithMetadata:
         try:
-            record, _ = self.leader.roster.register(request, context.peer(), rpc.peer_certificate(context))
+            record, _ = self.leader.roster.register(request, context.peer(), peer_certificate(context))
         except rpc.RequestRefused as error:
             context.abort(error.code, str(error))
         return leader_pb2.AckWithMetadata(
@@ -183,7 +184,7 @@ def serve(
     task = load_task(config.task) if config.task else builtin_task(config.model, config.dataset, 0, config.seed)
     test_data = leader_test_data(config, task)
     train_data = task.train_data(config.data_dir) if config.data_mode == "split" else None
-    tls = rpc.Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
+    tls = Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
     if tls is not None and not tls.serving:
         raise ValueError("--tls-ca on the leader needs --tls-cert and --tls-key too")
     leader = Leader(config, test_data, train_data, tls, stop_event, None if task.builtin else task)

@@ -39,6 +39,7 @@ from fedgrpc.model import compiled_for_training, memory_format_for
 from fedgrpc.protos import leader_pb2
 from fedgrpc.task import Task, TaskError, builtin_task, load_task
 from fedgrpc.transport import compression, rpc, wire
+from fedgrpc.transport.tls import Tls, tls_mismatch
 
 # the learner and what it builds on, for pools, the client API and tests
 __all__ = [
@@ -80,9 +81,7 @@ REJOIN_BACKOFF_MAX_S = 30.0
 class Learner:
     """One learner's state: its model, its data and the round it is in."""
 
-    def __init__(
-        self, config: LearnerConfig, enrolment_token: str | None = None, tls: rpc.Tls | None = None, task: Task | None = None
-    ) -> None:
+    def __init__(self, config: LearnerConfig, enrolment_token: str | None = None, tls: Tls | None = None, task: Task | None = None) -> None:
         self.config = config
         # the user's task (--task), or None to follow the leader's built-in model; its model is built now, so that
         # registration can name the task and its manifest's digest
@@ -440,7 +439,7 @@ def register_until_admitted(
                 f"no leader answered at {config.leader} within {config.connect_timeout:.0f}s: check --leader and that leader.py is running"
             )
         if attempts == 1 and not refusals:
-            mismatch = rpc.tls_mismatch(config.leader, info.tls, "leader")
+            mismatch = tls_mismatch(config.leader, info.tls, "leader")
             if mismatch is not None:  # waiting cannot help
                 raise LearnerError(mismatch)
             logger.info("waiting for the leader at %s (up to %.0fs)", config.leader, config.connect_timeout)
@@ -564,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_session(
-    config: LearnerConfig, enrolment_token: str | None, tls: rpc.Tls | None, local_data: Examples | None, task: Task | None = None
+    config: LearnerConfig, enrolment_token: str | None, tls: Tls | None, local_data: Examples | None, task: Task | None = None
 ) -> int:
     """One membership of a federation: serve, register, train until told to stop. Raises LeaderLost if the leader goes."""
     learner = Learner(config, enrolment_token, tls, task)

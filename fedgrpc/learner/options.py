@@ -8,6 +8,7 @@ from fedgrpc.config.files import parse_with_config
 from fedgrpc.config.options import LearnerConfig, Parser, add_compute_flags, add_output_flags, add_security_flags, at_least_one
 from fedgrpc.model import CHANNELS_LAST_SETTINGS
 from fedgrpc.transport import rpc
+from fedgrpc.transport.tls import Tls
 
 
 def build_learner_parser() -> Parser:
@@ -98,7 +99,7 @@ def build_learner_parser() -> Parser:
     return parser
 
 
-def parse_learner_config(argv: list[str] | None = None) -> tuple[LearnerConfig, bool, str | None, rpc.Tls | None]:
+def parse_learner_config(argv: list[str] | None = None) -> tuple[LearnerConfig, bool, str | None, Tls | None]:
     """Parse the learner's command line: its config, the verbose flag, the enrolment secret and its TLS files."""
     parser = build_learner_parser()
     args = vars(parse_with_config(parser, argv))
@@ -108,7 +109,7 @@ def parse_learner_config(argv: list[str] | None = None) -> tuple[LearnerConfig, 
     config = LearnerConfig(**args)
     try:
         enrolment_token = rpc.read_enrolment_token(token_file)
-        tls = rpc.Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
+        tls = Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
         rpc.parse_address(config.leader)
         if config.advertise_address:
             rpc.parse_address(config.advertise_address)

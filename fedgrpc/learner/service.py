@@ -11,6 +11,7 @@ import grpc
 from fedgrpc.learner.secagg_party import refuse
 from fedgrpc.protos import learner_pb2, learner_pb2_grpc
 from fedgrpc.transport import rpc, wire
+from fedgrpc.transport.tls import CertificateBinding, Tls
 
 if TYPE_CHECKING:
     from fedgrpc.learner.main import Learner
@@ -24,7 +25,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
 
     def __init__(self, learner: Learner) -> None:
         self.learner = learner
-        self.leader_certificate = rpc.CertificateBinding()  # under mutual TLS: the leader's, from its first call
+        self.leader_certificate = CertificateBinding()  # under mutual TLS: the leader's, from its first call
 
     def StartTraining(self, request: learner_pb2.Empty, context: grpc.ServicerContext) -> learner_pb2.Ack:
         self.leader_certificate.check(context)
@@ -101,7 +102,7 @@ def learner_gate(learner: Learner) -> rpc.Gate:
     return callback_gate(lambda token: rpc.secrets_match(token, learner.callback_token), "token does not belong to this learner's leader")
 
 
-def create_server(learner: Learner, host: str, port: int, tls: rpc.Tls | None = None) -> tuple[grpc.Server, int, Any]:
+def create_server(learner: Learner, host: str, port: int, tls: Tls | None = None) -> tuple[grpc.Server, int, Any]:
     """Start the learner's server for `learner` on host:port; returns (server, port, health)."""
     return serve_learner_service(
         LearnerServicer(learner),
@@ -121,7 +122,7 @@ def serve_learner_service(
     first_message_limit: Callable[[], int],
     host: str,
     port: int,
-    tls: rpc.Tls | None = None,
+    tls: Tls | None = None,
     threads: int = SERVER_THREADS,
 ) -> tuple[grpc.Server, int, Any]:
     """Start a LearnerService (a learner's, or a pool's) on host:port: its gate, call limits, and pushed models checked for size."""
