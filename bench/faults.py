@@ -52,6 +52,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bench import report as report_file
+from bench import tamper as tamper_kinds
 from fedgrpc.engines.launcher import free_port
 from fedgrpc.leader import checkpoint, plots
 from fedgrpc.leader.roster import REGISTRATION_PROBE_S  # how long the leader waits for a registrant to answer its call-back
@@ -1837,6 +1838,68 @@ class Row:
     run: Callable[[Harness, Context, int], RunResult]
 
 
+def row_tampered_checkpoint(harness: Harness, context: Context, index: int) -> RunResult:
+    """Each kind of tampered checkpoint (bench/tamper.py) under `leader.py --resume`: refused in one line, exit 2, nothing served, the folder as it was."""
+    expect = Expect()
+    for number, (kind, (tamper, reason)) in enumerate(tamper_kinds.TAMPERING.items()):
+        record_path = tamper_kinds.make_run(harness.tmp / f"run-{number}")
+        tamper(record_path)
+        before = tamper_kinds.folder_state(record_path.parent)
+        argv = [sys.executable, "leader.py", "--resume", str(record_path.parent.parent), "--join-timeout", "1", "--device", "cpu"]
+        resumed = harness.start(f"leader-{number}", argv, leader=True)
+        status = resumed.wait_exit(harness.remaining(STARTUP_TIMEOUT_S))
+        output = [line for _, line in resumed.lines]  # complete once it exited
+        lines = [line for line in output if line.startswith("leader: ")]
+        expect(status == 2, f"{kind}: exit {status}, not 2")
+        expect(len(lines) == 1 and reason in lines[0], f"{kind}: {lines or 'no one-line error'}")
+        expect(not any("serving on" in line or "Traceback" in line for line in output), f"{kind}: it served or raised")
+        expect(tamper_kinds.folder_state(record_path.parent) == before, f"{kind}: the checkpoint folder changed")
+    return expect.result(harness, notes=[f"{len(tamper_kinds.TAMPERING)} kinds of tampering"])
+
+
+FORGED_RECORD = "2026-12-07 00:00:00,000 leader INFO round 9/9: 2 learners, test accuracy 100.00% (forged)"
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} leader [A-Z]+ ")
+
+
+class ForgingLearner(FakeLearner):
+    """A learner whose answer to StartTraining carries a forged log record."""
+
+    def StartTraining(self, request: learner_pb2.Empty, context: grpc.ServicerContext) -> learner_pb2.Ack:
+        return learner_pb2.Ack(success=False, message=f"busy\r\n{FORGED_RECORD}\x1b[0m")
+
+
+def row_forged_log(harness: Harness, context: Context, index: int) -> RunResult:
+    """Peers put forged records into what the leader logs (a StartTraining answer, a tensor name): leader.log keeps one record per line."""
+    expect = Expect()
+    port, run_dir = free_port(), harness.tmp / "run"
+    leader = harness.leader(port, run_dir, ["--learners", "2", "--aggregation", "fedavg", "--local-steps", "2", "--rounds", "1"])
+    serving_port(leader, harness)
+    channel = harness.channel(f"127.0.0.1:{port}")
+    forger, honest = ForgingLearner(harness), FakeLearner(harness)
+    register(channel, forger.address)
+    client = register(channel, honest.address)
+    if leader.wait_for(r"marked absent", harness.remaining(STARTUP_TIMEOUT_S)) is None:
+        raise RunFailed(f"the forging learner was never marked absent: {leader.tail()}")
+    tensors = fetch_model(client)
+    tensors[f"conv1.weight\n{FORGED_RECORD}"] = next(iter(tensors.values()))
+    manifest, payload = wire.encode(tensors)
+    messages = wire.stream(leader_pb2.GradientData, manifest, payload, learner_id=client.learner_id, round=1, num_examples=10)
+    outcome = attempt(
+        "an update with a forged tensor name",
+        lambda: client.stub.AccumulateGradients(messages, timeout=CALL_TIMEOUT_S, metadata=client.metadata()),
+    )
+    expect(outcome.code == "INVALID_ARGUMENT", f"the forged tensor name: {outcome.code}")
+    leader.wait_for(r"refused an update", harness.remaining(STARTUP_TIMEOUT_S))
+    leader.kill()
+    log = (run_dir / "leader.log").read_text()
+    lines = log.splitlines()
+    forged = log.count("round 9/9")  # the forged record's start: a refusal cuts a long tensor name before its end
+    expect(forged >= 2, "the forged text did not reach the log: nothing was tested")
+    expect(all(LOG_RECORD.match(line) for line in lines), "a line of leader.log is not one of the leader's records")
+    expect(not any(line.startswith(FORGED_RECORD) for line in lines), "a forged record stands as a line of its own")
+    return expect.result(harness, notes=[f"{forged} forged records logged escaped"])
+
+
 ROWS = [
     Row(
         "learner-killed",
@@ -1924,6 +1987,19 @@ ROWS = [
         f"default flags: {SILENT_REGISTRATIONS} concurrent registrations naming a port that accepts and never speaks, "
         "while 2 learners start",
         row_silent_callbacks,
+    ),
+    Row(
+        "tampered-checkpoint",
+        "tampered checkpoint",
+        f"--resume from a checkpoint tampered {len(tamper_kinds.TAMPERING)} ways: paths out, a link, a pipe, truncated, "
+        "altered, mistyped records, NaN, integer, missing and stranger tensors, an infinite optimizer state",
+        row_tampered_checkpoint,
+    ),
+    Row(
+        "forged-log",
+        "forged log records",
+        "a learner answers StartTraining with a forged record; another sends an update whose tensor name carries one",
+        row_forged_log,
     ),
 ]
 
