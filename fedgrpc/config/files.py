@@ -19,12 +19,14 @@ def read_config_file(path: str) -> dict[str, Any]:
     """Settings from a TOML or JSON file (chosen by suffix; TOML otherwise)."""
     file = Path(path)
     try:
-        text = file.read_text()
+        text = file.read_text(encoding="utf-8")  # what TOML and JSON files are written in, whatever the locale
     except OSError as error:
         raise ConfigFileError(f"cannot read --config {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigFileError(f"--config {path} is not UTF-8 text: byte {error.start} is {error.object[error.start]:#04x}") from None
     try:
         values = json.loads(text) if file.suffix.lower() == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # the decoders' errors, an integer of over 4300 digits, nesting too deep
         raise ConfigFileError(f"--config {path} is not valid {'JSON' if file.suffix.lower() == '.json' else 'TOML'}: {error}") from None
     if not isinstance(values, dict):
         raise ConfigFileError(f"--config {path} must hold a table of settings")

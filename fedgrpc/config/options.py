@@ -217,7 +217,7 @@ def non_negative_float(text: str) -> float:
     """A float >= 0."""
     value = float(text)
     if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 
@@ -225,7 +225,7 @@ def positive_float(text: str) -> float:
     """A float > 0."""
     value = float(text)
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
     return value
 
 
@@ -233,7 +233,7 @@ def fraction(text: str) -> float:
     """A float in (0, 1]."""
     value = float(text)
     if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
 
 
@@ -241,7 +241,7 @@ def at_least_one(text: str) -> float:
     """A float of 1 or more."""
     value = float(text)
     if not value >= 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value
 
 
@@ -249,7 +249,7 @@ def probability_below_one(text: str) -> float:
     """A float in [0, 1)."""
     value = float(text)
     if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value
 
 

@@ -68,6 +68,10 @@ def fetch_split(
     if len(layout) < 2:
         raise LearnerError("the leader announced no data split layout (inputs and a target): is it the same release?")
     specs = split_specs(split_examples, layout)
+    for spec in specs:
+        problem = wire.shape_problem(spec.shape)
+        if problem is not None:
+            raise LearnerError(f"the leader's data split of {split_examples} examples declares {printable(spec.name, 40)!r} with {problem}")
     size = wire.payload_bytes(specs)
     if size > MAX_DATA_BYTES:
         raise LearnerError(f"the leader's data split of {size} bytes exceeds this learner's {MAX_DATA_BYTES}-byte limit")

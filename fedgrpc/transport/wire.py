@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fedgrpc.console import printable
 from fedgrpc.protos import tensors_pb2
 
 # 1 MiB chunks: gRPC Python moves about 1.3x more MB/s with them than with 64 KiB
@@ -39,10 +40,15 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.ite
 
 # Room beyond its manifest and one chunk that a stream's first message may take (round, counts, loss, a stop reason).
 HEADER_SLACK_BYTES = 64 << 10
+# Most dimensions torch gives a tensor; a shape's non-zero sizes multiply below 2**63 so that its strides fit in int64.
+MAX_DIMS = 64
+# Characters of a received tensor name that a refusal shows.
+MAX_SHOWN_NAME_CHARS = 80
 
 # `bytes chunk = 1` in every chunked message: field 1, length-delimited, so its tag is one byte
 CHUNK_TAG = 0x0A
-VARINT_MAX_BYTES = 10
+# Longest length prefix protobuf (upb) reads: a length below 2**32 takes 5 bytes, and a longer, padded one is refused.
+VARINT_MAX_BYTES = 5
 _CHUNK_KEY = bytes([CHUNK_TAG])
 
 if sys.byteorder != "little":  # the payload is little-endian and read as native memory
@@ -70,6 +76,20 @@ class TensorSpec:
     def nbytes(self) -> int:
         """Size of the tensor's raw bytes."""
         return self.numel * DTYPES[self.dtype].itemsize
+
+
+def shape_problem(shape: Sequence[int]) -> str | None:
+    """Why no tensor can take this shape (a negative size, too many dimensions, strides past int64), or None.
+
+    A zero-size tensor needs no bytes, so only this check stands between its declared shape and torch.
+    """
+    if len(shape) > MAX_DIMS:
+        return f"{len(shape)} dimensions, more than the {MAX_DIMS} a tensor may have"
+    if any(dim < 0 for dim in shape):
+        return f"a negative dimension {list(shape)}"
+    if math.prod(max(dim, 1) for dim in shape) >= 2**63:
+        return f"dimensions {list(shape)} whose non-zero sizes multiply past 2**63"
+    return None
 
 
 def payload_bytes(specs: Sequence[TensorSpec]) -> int:
@@ -150,12 +170,14 @@ def read_manifest(manifest: tensors_pb2.TensorManifest) -> list[TensorSpec]:
     specs: list[TensorSpec] = []
     seen: set[str] = set()
     for entry in manifest.tensors:
+        name = printable(entry.name, MAX_SHOWN_NAME_CHARS)  # as a refusal shows it
         if entry.dtype not in DTYPES:
-            raise WireError(f"tensor {entry.name!r} has unknown dtype {entry.dtype!r}")
+            raise WireError(f"tensor {name!r} has unknown dtype {printable(entry.dtype, MAX_SHOWN_NAME_CHARS)!r}")
         if entry.name in seen:
-            raise WireError(f"tensor {entry.name!r} appears twice in the manifest")
-        if any(dim < 0 for dim in entry.shape):
-            raise WireError(f"tensor {entry.name!r} has a negative dimension {list(entry.shape)}")
+            raise WireError(f"tensor {name!r} appears twice in the manifest")
+        problem = shape_problem(entry.shape)
+        if problem is not None:
+            raise WireError(f"tensor {name!r} has {problem}")
         seen.add(entry.name)
         specs.append(TensorSpec(entry.name, entry.dtype, tuple(entry.shape)))
     total = payload_bytes(specs)
@@ -170,15 +192,20 @@ def check_specs(received: Sequence[TensorSpec], expected: Sequence[TensorSpec]) 
     got = {spec.name: spec for spec in received}
     missing = [name for name in want if name not in got]
     if missing:
-        raise WireError(f"missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        raise WireError(f"missing tensors: {_some_names(missing)}")
     unexpected = [name for name in got if name not in want]
     if unexpected:
-        raise WireError(f"unexpected tensors: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+        raise WireError(f"unexpected tensors: {_some_names(unexpected)}")
     for name, spec in got.items():
         if spec.dtype != want[name].dtype:
             raise WireError(f"tensor {name!r} has dtype {spec.dtype}, expected {want[name].dtype}")
         if spec.shape != want[name].shape:
             raise WireError(f"tensor {name!r} has shape {list(spec.shape)}, expected {list(want[name].shape)}")
+
+
+def _some_names(names: Sequence[str]) -> str:
+    """The first five tensor names, for a one-line message: a peer's names may hold newlines or run to megabytes."""
+    return ", ".join(printable(name, MAX_SHOWN_NAME_CHARS) for name in names[:5]) + (" ..." if len(names) > 5 else "")
 
 
 def decode(specs: Sequence[TensorSpec], payload: bytearray, require_finite: bool = True) -> dict[str, torch.Tensor]:
