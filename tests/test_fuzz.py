@@ -645,3 +645,76 @@ def test_register_learner_answers_ok_or_a_refusal_and_the_leader_serves_on(fuzze
     assert running.leader.roster.alive_count() == len(admitted)
     client = register_client(channel)
     assert client.learner_id not in admitted and running.leader.roster.alive_count() == len(admitted) + 1
+
+
+# ---- checkpoint records and files -----------------------------------------------------------------------------------
+
+CHECKPOINT_MODEL = {"w": ((2, 3), torch.float32), "step": ((), torch.int64)}
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+RECORD_FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "round": JSON_VALUES | st.integers(-5, 5),
+        "weights": JSON_VALUES | st.sampled_from(["w.safetensors", "../w.safetensors", "/etc/passwd", ".w.safetensors", "w\n.safetensors"]),
+        "weights_crc32": JSON_VALUES | st.sampled_from(["0" * 8, "zz" * 4, "0" * 64]),
+        "optimizer": JSON_VALUES,
+        "config": JSON_VALUES | st.just({"model": "tiny-cnn", "task": None}),
+        "num_classes": JSON_VALUES,
+        "metrics": JSON_VALUES,
+    },
+)
+
+
+def sound_safetensors() -> bytes:
+    from safetensors.torch import save
+
+    return save({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "step": torch.tensor(3)})
+
+
+@fuzz(1500)
+@given(
+    cut=st.integers(0, 200),
+    flips=st.lists(st.tuples(st.integers(0, 199), st.integers(1, 255)), max_size=4),
+    header=st.one_of(st.none(), st.binary(max_size=40), JSON_VALUES.map(lambda value: json.dumps(value).encode())),
+)
+def test_safetensors_bytes_load_checked_or_are_refused_in_one_line(cut, flips, header):
+    """A weights file truncated, with bytes flipped or with any header: tensors that match the model and are finite, or CheckpointError."""
+    from fedgrpc.leader.checkpoint import CheckpointError, parse_safetensors
+
+    data = bytearray(sound_safetensors())
+    if header is not None:
+        data = bytearray(len(header).to_bytes(8, "little") + header + data[8 + int.from_bytes(data[:8], "little") :])
+    for position, mask in flips:
+        if position < len(data):
+            data[position] ^= mask
+    data = data[: max(0, len(data) - cut)] if cut < 100 else data
+    try:
+        tensors = parse_safetensors(data, CHECKPOINT_MODEL)
+    except CheckpointError as error:
+        assert_one_line(str(error))
+        return
+    assert {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()} == CHECKPOINT_MODEL
+    assert bool(torch.isfinite(tensors["w"]).all())
+
+
+@fuzz(1500)
+@given(record=RECORD_FIELDS, as_text=st.one_of(st.none(), st.binary(max_size=30)))
+def test_checkpoint_records_are_read_checked_or_refused_in_one_line(record, as_text):
+    """A record of any fields and values (or any bytes): a round from 1 and plain file names in its folder, or one CheckpointError line."""
+    from fedgrpc.leader.checkpoint import CheckpointError, read_run_record
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "round-00001.json"
+        path.write_bytes(as_text if as_text is not None else json.dumps(record).encode())
+        try:
+            read = read_run_record(path)
+        except CheckpointError as error:
+            assert_one_line(str(error))
+            return
+    assert type(read["round"]) is int and read["round"] >= 1
+    assert "/" not in read["weights"] and not read["weights"].startswith(".")
+    assert isinstance(read["config"], dict) and isinstance(read["metrics"], dict)

@@ -176,7 +176,7 @@ def read_plain_file(path: Path, limit: int) -> bytearray:
 
 def _file_in(directory: Path, record: Mapping[str, Any], key: str) -> Path:
     """The file `record[key]` names: a plain name of this folder, never a path that leaves it."""
-    name = record[key]
+    name = record.get(key)
     if not isinstance(name, str) or not FILE_NAME.fullmatch(name):
         raise CheckpointError(f"{key} is {_shown(name)}, not the name of a .safetensors file in the checkpoint's folder")
     return directory / name
