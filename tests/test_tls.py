@@ -215,3 +215,19 @@ def test_a_learner_binds_its_leaders_certificate_at_the_first_call(pki):
     for stranger in (other_pem, None):
         with pytest.raises(grpc.RpcError, match="UNAUTHENTICATED: another client certificate"):
             binding.check(FakeContext(stranger))
+
+
+def test_a_pool_of_virtual_learners_takes_part_over_mutual_tls(tmp_path, pki):
+    from fedgrpc.engines.pool import PoolConfig, run_pool
+
+    leader, server, port, _ = leader_module.serve(tls_leader_config(tmp_path, pki, rounds=1, aggregation="fedavg", local_steps=1))
+    files = {"tls_cert": pki["learner_cert"], "tls_key": pki["learner_key"], "tls_ca": pki["ca"]}
+    try:
+        pool = run_pool(PoolConfig(leader=f"127.0.0.1:{port}", connect_timeout=30, **files), [0, 1])
+        history = leader.run()
+        assert [entry["learners_reported"] for entry in history] == [2]
+        assert pool.done.wait(60)
+        assert all(record.certificate is not None for record in leader.roster.records())  # both registered with a certificate
+    finally:
+        server.stop(None)
+        leader.close()

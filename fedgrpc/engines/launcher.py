@@ -256,9 +256,6 @@ def run_on_ray(args: argparse.Namespace, leader_argv: list[str], port: int, ray_
     from fedgrpc.task import is_task_file
     from fedgrpc.transport import rpc
 
-    if args.tls_cert or args.tls_ca:
-        print("local_federation.py: --engine ray does not take TLS flags yet; its pools call the leader in the clear", file=sys.stderr)
-        return LEADER_SETUP_ERROR
     on_cluster = args.ray_address is not None
     # On a cluster the leader listens on every interface, and an enrolment secret keeps strangers out.
     enrolment_token = rpc.read_enrolment_token(args.token_file) or secrets.token_urlsafe(32)
@@ -273,6 +270,11 @@ def run_on_ray(args: argparse.Namespace, leader_argv: list[str], port: int, ray_
         dropout=args.simulate_dropout,
         seed=args.seed,
         task=str(Path(args.task).resolve()) if args.task and is_task_file(args.task) else args.task,  # actors start elsewhere
+        # the pools present the leader's own certificate, as the launcher's learner processes do
+        **{
+            f"tls_{part}": str(Path(path).resolve()) if path else None
+            for part, path in (("cert", args.tls_cert), ("key", args.tls_key), ("ca", args.tls_ca))
+        },
     )
     engine_config = ray_engine.RayEngineConfig(args.learners, args.learner_cpus, args.learner_gpus, args.actors or 0)
     ray_thread.start_pools(engine_config, pool_config, enrolment_token)

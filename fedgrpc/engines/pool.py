@@ -71,6 +71,10 @@ class PoolConfig:
     dropout: float = 0.0
     seed: int = 0
     task: str | None = None  # the leader's --task, a file every node holds; None: the leader's built-in model
+    # the pool's TLS material, files every node holds at these paths (as learner.py's --tls-cert, --tls-key, --tls-ca)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
 
 @dataclass
@@ -513,7 +517,7 @@ def run_pool(config: PoolConfig, indices: list[int], enrolment_token: str | None
     """Start a pool serving learners `indices` and run it on a thread of its own; returns the pool (its `done` event ends with it)."""
     if threads:
         torch.set_num_threads(threads)
-    pool = LearnerPool(config, indices, enrolment_token)
+    pool = LearnerPool(config, indices, enrolment_token, Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca))
 
     def work() -> None:
         try:
