@@ -108,7 +108,7 @@ def small_specs(draw: Any) -> list[wire.TensorSpec]:
 # ---- the tensor wire format ------------------------------------------------------------------------------------------
 
 
-@fuzz(1500)
+@fuzz(1000)
 @given(manifest=manifests())
 def test_a_manifest_is_read_into_specs_that_add_up_or_refused_with_a_wire_error(manifest):
     """read_manifest either returns specs of known dtypes, unique names and shapes torch can hold, whose bytes add up to
@@ -243,7 +243,7 @@ def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(tensor).all()) for tensor in tensors.values() if tensor.dtype.is_floating_point)
 
 
-@fuzz(2000)
+@fuzz(1000)
 @given(stream=st.one_of(mutated_streams(), mutated_streams(), random_streams()))
 def test_a_tensor_stream_is_received_or_refused_before_anything_is_allocated(stream):
     """wire.receive either assembles exactly the bytes sent, as the tensors the manifest names, or raises a one-line
@@ -675,7 +675,7 @@ def sound_safetensors() -> bytes:
     return save({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "step": torch.tensor(3)})
 
 
-@fuzz(1500)
+@fuzz(1000)
 @given(
     cut=st.integers(0, 200),
     flips=st.lists(st.tuples(st.integers(0, 199), st.integers(1, 255)), max_size=4),
@@ -701,7 +701,7 @@ def test_safetensors_bytes_load_checked_or_are_refused_in_one_line(cut, flips, h
     assert bool(torch.isfinite(tensors["w"]).all())
 
 
-@fuzz(1500)
+@fuzz(1000)
 @given(record=RECORD_FIELDS, as_text=st.one_of(st.none(), st.binary(max_size=30)))
 def test_checkpoint_records_are_read_checked_or_refused_in_one_line(record, as_text):
     """A record of any fields and values (or any bytes): a round from 1 and plain file names in its folder, or one CheckpointError line."""
