@@ -201,7 +201,13 @@ def test_resume_and_the_checkpoint_snippet_work_from_the_readme(tmp_path):
     (command,) = [line for line in commands() if "--resume" in line]
     resumed = run(python_command(command.replace("runs/RUN", str(run_dir)).replace("--rounds 40", "--rounds 2")))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after round 1" in resumed.stderr
     assert [entry["round"] for entry in metrics(run_dir)] == [1, 2]
+    assert (run_dir / "checkpoints" / "round-00002.json").is_file()
+    done = run([sys.executable, "leader.py", "--resume", str(run_dir)])
+    assert done.returncode == 2 and "already finished all 2 rounds; pass --rounds N (N > 2)" in done.stderr
+    missing = run([sys.executable, "leader.py", "--resume", str(run_dir / "nope")])
+    assert missing.returncode == 2 and "no config.json there" in missing.stderr
 
     (snippet,) = [block for block in fenced("python") if "safetensors" in block or "checkpoint" in block]
     script = tmp_path / "elsewhere" / "load.py"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -54,33 +51,3 @@ def test_round_batches_are_a_function_of_the_round_alone():
     assert len(set(torch.cat(first + second[:1]).tolist())) == 9
     assert all(torch.equal(a, b) for a, b in zip(second, round_batches(plan, 1, 10, 2), strict=False))
     assert not all(torch.equal(a, b) for a, b in zip(second, round_batches(plan, 0, 10, 2), strict=False))
-
-
-def test_resume_command_continues_the_run_directory(tmp_path):
-    common = ["--dataset", "synthetic", "--model", "tiny-cnn", "--device", "cpu", "--aggregation", "fedavg", "--local-steps", "3"]
-    first = subprocess.run(
-        [sys.executable, "local_federation.py", *common, "--rounds", "2", "--run-dir", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert first.returncode == 0, first.stderr[-2000:]
-    again = subprocess.run(
-        [sys.executable, "local_federation.py", "--resume", str(tmp_path), "--rounds", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "resuming after round 2" in again.stderr
-    rounds = [json.loads(line)["round"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == [1, 2, 3]
-    assert checkpoint.latest(tmp_path / "checkpoints").name == "round-00003.json"
-    done = subprocess.run([sys.executable, "leader.py", "--resume", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "already finished all 3 rounds; pass --rounds N (N > 3)" in done.stderr
-    missing = subprocess.run(
-        [sys.executable, "leader.py", "--resume", str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert missing.returncode == 2 and "no config.json there" in missing.stderr

@@ -39,7 +39,7 @@ from fedgrpc.model import compiled_for_training, memory_format_for
 from fedgrpc.protos import leader_pb2
 from fedgrpc.task import Task, TaskError, builtin_task, load_task
 from fedgrpc.transport import compression, rpc, wire
-from fedgrpc.transport.tls import Tls, tls_mismatch
+from fedgrpc.transport.tls import Tls, speaks_tls, tls_mismatch
 
 # the learner and what it builds on, for pools, the client API and tests
 __all__ = [
@@ -427,6 +427,7 @@ def register_until_admitted(
     attempts = 0
     refusals = 0
     last_refusal = ""
+    tls_answered = False
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -438,10 +439,13 @@ def register_until_admitted(
             raise LearnerError(
                 f"no leader answered at {config.leader} within {config.connect_timeout:.0f}s: check --leader and that leader.py is running"
             )
-        if attempts == 1 and not refusals:
-            mismatch = tls_mismatch(config.leader, info.tls, "leader")
-            if mismatch is not None:  # waiting cannot help
+        if not tls_answered and not refusals:  # until the leader answers a TLS probe: a mismatch waiting cannot mend
+            theirs = speaks_tls(config.leader)
+            tls_answered = theirs is not None
+            mismatch = tls_mismatch(config.leader, info.tls, "leader", theirs) if tls_answered else None
+            if mismatch is not None:
                 raise LearnerError(mismatch)
+        if attempts == 1 and not refusals:
             logger.info("waiting for the leader at %s (up to %.0fs)", config.leader, config.connect_timeout)
         attempts += 1
         try:

@@ -109,9 +109,12 @@ def speaks_tls(address: str, timeout: float = TLS_PROBE_S) -> bool | None:
         raw.close()
 
 
-def tls_mismatch(address: str, ours: bool, side: str) -> str | None:
-    """Why this side and the `side` at `address` cannot talk (one speaks TLS, the other not), or None."""
-    theirs = speaks_tls(address)
+def tls_mismatch(address: str, ours: bool, side: str, theirs: bool | None = None) -> str | None:
+    """Why this side and the `side` at `address` cannot talk (one speaks TLS, the other not), or None.
+
+    `theirs`: what a probe of `address` already found (speaks_tls); None probes it now.
+    """
+    theirs = speaks_tls(address) if theirs is None else theirs
     if theirs is None or theirs == ours:
         return None
     if theirs:
