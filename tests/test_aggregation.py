@@ -111,3 +111,34 @@ def test_update_list_mean_is_the_same_whatever_the_arrival_order():
     assert ordered_means == [0.0, 0.0]  # always summed as keys 0, 1, 2
     with pytest.raises(ValueError, match="already added"):
         ordered.add(one, 1.0, key=1)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        ((3_000_001,), torch.float32),
+        ((7, 3, 3, 3), torch.float32),
+        ((), torch.int64),
+        ((5,), torch.float16),
+        ((2_097_155,), torch.bfloat16),
+    ],
+)
+def test_the_blockwise_promoted_sum_is_the_direct_float64_sum_bit_for_bit(shape, dtype):
+    from fedgrpc.algorithms.aggregation import PROMOTION_BLOCK, add_promoted
+
+    generator = torch.Generator().manual_seed(len(shape))
+    update = (torch.randn(shape, generator=generator) * 100).to(dtype)
+    direct = torch.randn(shape, generator=generator, dtype=torch.float64)
+    blockwise = direct.clone()
+    direct.add_(update, alpha=0.37)  # element by element, promoted as it goes
+    add_promoted(blockwise, update, 0.37, torch.empty(PROMOTION_BLOCK, dtype=torch.float64))
+    assert torch.equal(blockwise, direct)
+
+
+def test_the_blockwise_promoted_sum_takes_a_transposed_tensor():
+    from fedgrpc.algorithms.aggregation import add_promoted
+
+    update = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()  # not contiguous
+    total = torch.zeros(4, 3, dtype=torch.float64)
+    add_promoted(total, update, 2.0, torch.empty(5, dtype=torch.float64))  # a staging block smaller than the tensor
+    assert torch.equal(total, 2.0 * update.double())
