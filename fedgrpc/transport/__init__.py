@@ -1,1 +1,2 @@
-"""What both sides share on the wire: the tensor format (`wire`), gRPC plumbing (`rpc`) and update compression."""
+"""What both sides share on the wire: the tensor format (`wire`), gRPC plumbing (`rpc`), TLS (`tls`) and update
+compression."""
