@@ -169,7 +169,13 @@ def read_plain_file(path: Path, limit: int) -> bytearray:
         if info.st_size > limit:
             raise CheckpointError(f"{path}: holds {info.st_size} bytes, more than the {limit} this file may hold")
         data = bytearray(info.st_size)
-        if file.readinto(data) != info.st_size or file.read(1):
+        view, filled = memoryview(data), 0
+        while filled < info.st_size:  # one read returns at most about 2 GiB on Linux
+            count = file.readinto(view[filled:])
+            if not count:
+                break
+            filled += count
+        if filled != info.st_size or file.read(1):
             raise CheckpointError(f"{path}: changed size while it was read")
     return data
 
