@@ -26,7 +26,7 @@ from conftest import callback_address, leader_config, register_client, running_l
 from fedgrpc.config.files import ConfigFileError, parse_with_config, read_config_file
 from fedgrpc.config.options import LeaderConfig, build_leader_parser
 from fedgrpc.leader.roster import check_learner_info
-from fedgrpc.learner.data import MAX_DATA_BYTES, LearnerError, check_data, fetch_split, layout_specs, split_specs
+from fedgrpc.learner.data import MAX_DATA_BYTES, MAX_SPLIT_EXAMPLES, LearnerError, check_data, fetch_split, layout_specs, split_specs
 from fedgrpc.learner.options import build_learner_parser
 from fedgrpc.protos import leader_pb2, leader_pb2_grpc, tensors_pb2
 from fedgrpc.transport import rpc, wire
@@ -369,7 +369,7 @@ def test_a_data_split_is_asked_for_only_when_it_can_exist_and_checked_before_tra
         assert_one_line(str(error))
         data = None
     if leader.calls:
-        assert count >= 0 and all(tensor_can_exist(spec.shape) for spec in leader.specs)
+        assert 0 <= count <= MAX_SPLIT_EXAMPLES and all(tensor_can_exist(spec.shape) for spec in leader.specs)
         assert wire.payload_bytes(leader.specs) <= MAX_DATA_BYTES
     if data is None:
         return

@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 # Largest data split a learner accepts from GetData.
 MAX_DATA_BYTES = 8 << 30
+MAX_SPLIT_EXAMPLES = 10**9  # the most examples a split may hold, as the leader bounds a learner's own data
 MAX_DATA_TENSORS = 16  # tensors per example a data split may declare (inputs and the target)
 
 
@@ -67,6 +68,8 @@ def fetch_split(
     """
     if len(layout) < 2:
         raise LearnerError("the leader announced no data split layout (inputs and a target): is it the same release?")
+    if not 0 <= split_examples <= MAX_SPLIT_EXAMPLES:  # zero-byte examples would pass the byte bound in any number
+        raise LearnerError(f"the leader announced a split of {split_examples} examples, outside 0 to {MAX_SPLIT_EXAMPLES}")
     specs = split_specs(split_examples, layout)
     for spec in specs:
         problem = wire.shape_problem(spec.shape)
