@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -31,8 +32,30 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(safe)
 
 
-def setup_logging(role: str, verbose: bool, quiet: bool = False, log_file: Path | None = None) -> None:
-    """Log to stderr (and optionally a file) with the role in every line, each record escaped (EscapingFormatter)."""
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record and line (time, role, level, logger, message; a traceback under "error"), for
+    tools that parse logs: JSON escapes every control character, and the message is cut as in text logs."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "role": self.role,
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage()[:MAX_LOGGED_CHARS],
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=True)
+
+
+def setup_logging(role: str, verbose: bool, quiet: bool = False, log_file: Path | None = None, log_format: str = "text") -> None:
+    """Log to stderr (and optionally a file) with the role in every record: escaped text lines (EscapingFormatter),
+    or JSON lines (JsonFormatter)."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_file is not None:
@@ -41,7 +64,7 @@ def setup_logging(role: str, verbose: bool, quiet: bool = False, log_file: Path 
         file_handler.setLevel(logging.DEBUG if verbose else logging.INFO)
         handlers.append(file_handler)
     handlers[0].setLevel(level)
-    formatter = EscapingFormatter(f"%(asctime)s {role} %(levelname)s %(message)s")
+    formatter = JsonFormatter(role) if log_format == "json" else EscapingFormatter(f"%(asctime)s {role} %(levelname)s %(message)s")
     for handler in handlers:
         handler.setFormatter(formatter)
     logging.basicConfig(level=min(level, logging.INFO), handlers=handlers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 import subprocess
@@ -115,3 +116,19 @@ def test_the_commands_log_through_the_escaping_formatter(tmp_path):
     assert result.returncode == 0, result.stderr
     assert_not_forged(log_file.read_text())
     assert_not_forged(result.stderr)
+
+
+def test_json_logs_hold_one_object_per_line_whatever_a_peer_sent(tmp_path):
+    script = (
+        "import logging, sys; from pathlib import Path; from fedgrpc.console import setup_logging; "
+        "setup_logging('leader', False, log_file=Path(sys.argv[1]), log_format='json'); "
+        f"logging.getLogger('fedgrpc.x').warning('from a peer: %s', 'name\\n' + {FORGED!r} + '\\x1b[0m')"
+    )
+    log_file = tmp_path / "leader.log"
+    result = subprocess.run([sys.executable, "-c", script, str(log_file)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for text in (log_file.read_text(), result.stderr):
+        (line,) = text.splitlines()
+        entry = json.loads(line)
+        assert entry["role"] == "leader" and entry["level"] == "WARNING" and entry["logger"] == "fedgrpc.x"
+        assert entry["message"] == f"from a peer: name\n{FORGED}\x1b[0m"  # the peer's text whole, inside one string

@@ -91,6 +91,7 @@ class LeaderConfig:
     checkpoint_seconds: float = 60.0  # a crash loses at most about this much work; writing ResNet-18 takes ~0.1 s
     tensorboard: bool = False
     quiet: bool = False
+    log_format: str = "text"  # text: one escaped line per record; json: one JSON object per line
     join_timeout: float = 600.0
     round_timeout: float = 0.0  # 0: fitted to the round (STRAGGLER_GRACE_FACTOR)
     eval_every: int = 1
@@ -165,6 +166,7 @@ class LearnerConfig:
     tls_ca: str | None = None
     progress: bool = True
     quiet: bool = False
+    log_format: str = "text"  # text: one escaped line per record; json: one JSON object per line
     channels_last: str = "auto"
     compile: bool = False
     slowdown: float = 1.0  # 1: full speed
@@ -281,10 +283,19 @@ def add_security_flags(parser: argparse.ArgumentParser, defaults: Any, role: str
     return group
 
 
+LOG_FORMATS = ("text", "json")
+
+
 def add_output_flags(group: argparse._ArgumentGroup, quiet_help: str) -> None:
     """-q and -v."""
     group.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
     group.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    group.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text: one line per record, what a peer sent escaped; json: one JSON object per line, for tools that parse logs",
+    )
 
 
 # ---- the leader -----------------------------------------------------------------------------------------------------

@@ -180,6 +180,8 @@ def launch(argv: list[str], ray_thread: RayThread | None) -> int:
             cmd.append("--compile")
         if args.token_file:
             cmd += ["--token-file", args.token_file]
+        if args.log_format != "text":
+            cmd += ["--log-format", args.log_format]
         for flag, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca)):
             if value:
                 cmd += [flag, value]  # one certificate for every process on this machine

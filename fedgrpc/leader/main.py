@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None, stop_event: threading.Event | None = Non
     """Run a federation from the command line (setting `stop_event` stops it, as Ctrl-C does)."""
     config, verbose, enrolment_token = parse_leader_config(argv)
     run_dir = Path(config.run_dir)
-    setup_logging("leader", verbose, config.quiet, run_dir / "leader.log")
+    setup_logging("leader", verbose, config.quiet, run_dir / "leader.log", config.log_format)
     logger.info("config: %s", json.dumps(dataclasses.asdict(config), sort_keys=True))
     if config.threads:
         torch.set_num_threads(config.threads)

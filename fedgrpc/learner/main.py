@@ -531,7 +531,7 @@ def advertise_address_for(config: LearnerConfig, port: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run a learner from the command line."""
     config, verbose, enrolment_token, tls = parse_learner_config(argv)
-    setup_logging("learner", verbose, config.quiet)
+    setup_logging("learner", verbose, config.quiet, log_format=config.log_format)
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
