@@ -105,30 +105,31 @@ def test_a_learners_answer_to_start_training_is_logged_escaped(tmp_path, channel
     assert_not_forged(leader_log.getvalue())
 
 
-def test_the_commands_log_through_the_escaping_formatter(tmp_path):
+PEER_TEXT = f"name\n{FORGED}\x1b[0m"
+
+
+def log_in_a_process(tmp_path: Path, log_format: str) -> tuple[str, str]:
+    """What a process set up as the commands are (setup_logging) writes to its log file and stderr for one record
+    holding a peer's forged text."""
     script = (
         "import logging, sys; from pathlib import Path; from fedgrpc.console import setup_logging; "
-        "setup_logging('leader', False, log_file=Path(sys.argv[1])); "
-        f"logging.getLogger('x').warning('from a peer: %s', 'name\\n' + {FORGED!r})"
+        f"setup_logging('leader', False, log_file=Path(sys.argv[1]), log_format={log_format!r}); "
+        f"logging.getLogger('fedgrpc.x').warning('from a peer: %s', {PEER_TEXT!r})"
     )
     log_file = tmp_path / "leader.log"
     result = subprocess.run([sys.executable, "-c", script, str(log_file)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert_not_forged(log_file.read_text())
-    assert_not_forged(result.stderr)
+    return log_file.read_text(), result.stderr
+
+
+def test_the_commands_log_through_the_escaping_formatter(tmp_path):
+    for text in log_in_a_process(tmp_path, "text"):
+        assert_not_forged(text)
 
 
 def test_json_logs_hold_one_object_per_line_whatever_a_peer_sent(tmp_path):
-    script = (
-        "import logging, sys; from pathlib import Path; from fedgrpc.console import setup_logging; "
-        "setup_logging('leader', False, log_file=Path(sys.argv[1]), log_format='json'); "
-        f"logging.getLogger('fedgrpc.x').warning('from a peer: %s', 'name\\n' + {FORGED!r} + '\\x1b[0m')"
-    )
-    log_file = tmp_path / "leader.log"
-    result = subprocess.run([sys.executable, "-c", script, str(log_file)], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    for text in (log_file.read_text(), result.stderr):
+    for text in log_in_a_process(tmp_path, "json"):
         (line,) = text.splitlines()
         entry = json.loads(line)
         assert entry["role"] == "leader" and entry["level"] == "WARNING" and entry["logger"] == "fedgrpc.x"
-        assert entry["message"] == f"from a peer: name\n{FORGED}\x1b[0m"  # the peer's text whole, inside one string
+        assert entry["message"] == f"from a peer: {PEER_TEXT}"  # the peer's text whole, inside one string

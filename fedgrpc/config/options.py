@@ -9,6 +9,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -199,60 +200,28 @@ class Parser(argparse.ArgumentParser):
 # ---- value types: a bad value is refused with the range it must lie in ----------------------------------------------
 
 
-def non_negative_int(text: str) -> int:
-    """An int >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+def bounded(name: str, kind: Callable[[str], float], holds: Callable[[float], bool], bound: str) -> Callable[[str], Any]:
+    """An argparse type named `name` (argparse names it in its own errors): `kind` of the text, refused unless
+    `holds` it, with "must be {bound}, got VALUE" (the parsed value, never the raw text)."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not holds(value):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = parse.__qualname__ = name
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """An int >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A float >= 0."""
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A float > 0."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A float in (0, 1]."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def at_least_one(text: str) -> float:
-    """A float of 1 or more."""
-    value = float(text)
-    if not value >= 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
-def probability_below_one(text: str) -> float:
-    """A float in [0, 1)."""
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
+non_negative_int = bounded("non_negative_int", int, lambda value: value >= 0, "at least 0")
+positive_int = bounded("positive_int", int, lambda value: value >= 1, "at least 1")
+# the float types' comparisons refuse NaN
+non_negative_float = bounded("non_negative_float", float, lambda value: value >= 0, "at least 0")
+positive_float = bounded("positive_float", float, lambda value: value > 0, "above 0")
+fraction = bounded("fraction", float, lambda value: 0 < value <= 1, "in (0, 1]")
+at_least_one = bounded("at_least_one", float, lambda value: value >= 1, "1 or more")
+probability_below_one = bounded("probability_below_one", float, lambda value: 0 <= value < 1, "in [0, 1)")
 
 
 # ---- groups both roles share --------------------------------------------------------------------------------------
