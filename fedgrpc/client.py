@@ -105,8 +105,9 @@ class Federation:
         if learner.plan.aggregation == "fedsgd":
             update = aggregation.gradient_update(self.model)
         else:
-            update = aggregation.model_delta(learner.round_state, self.model)
+            update = aggregation.model_delta(learner.round_state, learner.shared)
         round_number, self._round = self._round, 0
+        learner.keep_personal(round_number)
         learner.report(round_number, update, num_examples or self.num_examples, float(loss))
 
     def batches(self, size: int) -> list[torch.Tensor]:

@@ -7,6 +7,7 @@ A task file is plain Python that every machine of the federation holds (`--task 
     def test_data(data_dir) -> torch.utils.data.Dataset
     def loss(outputs, targets) -> torch.Tensor             # optional; default: cross-entropy over the last dimension
     def metrics(outputs, targets) -> dict[str, float]      # optional; default: accuracy for class targets
+    def shared(model) -> list[str] | str                   # optional: the state-dict names federated, or a preset (sharing.py)
 
 The leader names the task and the digest of its model's tensor manifest; a learner holding another task is refused.
 """
@@ -277,7 +278,7 @@ def load_task(spec: str) -> Task:
         raise TaskError(f"--task {spec}: importing it raised {type(error).__name__}: {_one_line(error)}") from None
     module = module if module is not None else loaded
     functions = {}
-    for function in (*REQUIRED_FUNCTIONS, "loss", "metrics"):
+    for function in (*REQUIRED_FUNCTIONS, "loss", "metrics", "shared"):
         value = getattr(module, function, None)
         if value is None and function in REQUIRED_FUNCTIONS:
             raise TaskError(f"--task {spec}: no {function}() function; {CONTRACT}")

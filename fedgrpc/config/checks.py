@@ -39,6 +39,14 @@ def config_problems(config: LeaderConfig) -> list[str]:
         problems.append("--partition applies to the leader's split; with --data-mode local each learner brings its own data")
     if config.recompute_bn and config.data_mode == "local":
         problems.append("--recompute-bn needs training images on the leader; with --data-mode local it has none (use 0)")
+    if config.share not in (None, "all") and config.aggregation == "fedsgd":
+        problems.append(
+            f"--share {config.share} needs local training: add --aggregation fedavg (in fedsgd the leader steps every parameter)"
+        )
+    if config.share not in (None, "all") and config.recompute_bn:
+        problems.append(f"--recompute-bn needs the whole model on the leader, and --share {config.share} keeps part of it personal")
+    if config.personal_steps and config.aggregation not in LOCAL_TRAINING:
+        problems.append("--personal-steps fine-tunes with local SGD (fedavg, fedbuff)")
     if config.aggregation == "fedbuff":
         problems += fedbuff_problems(config)
     elif config.buffer_size or config.max_staleness or config.concurrency:

@@ -30,6 +30,7 @@ FEDBUFF_DEFAULT_MAX_BUFFER = 10
 STALENESS_LIMIT_FACTOR = 4
 DATA_MODES = ("split", "local")
 EVALUATIONS = ("auto", "leader", "learners", "both")
+SHARE_PRESETS = ("all", "fedper", "fedbn", "adapters")  # sharing.py's, named here so that a bad flag does not wait for PyTorch
 # --round-timeout 0: once the quorum has reported, the rest get this factor of the time it took, and at least
 # the floor; before that, health checks find the members that are gone.
 STRAGGLER_GRACE_FACTOR = 2.0
@@ -94,6 +95,8 @@ class LeaderConfig:
     eval_every: int = 1
     evaluation: str = "auto"  # auto: the leader on its test set, the learners on theirs where the leader has none
     evaluation_learners: int = 0  # learners asked to evaluate each time; 0: every member of the round
+    share: str | None = None  # what is federated (sharing.py); None: the task's shared(), else all
+    personal_steps: int = 0  # learners also evaluate after this many local fine-tuning steps; 0: not
     secure_aggregation: bool = False  # SecAgg+: the leader learns only each round's sum
     buffer_size: int = 0  # fedbuff: updates per aggregation; 0: half of --concurrency, at most FEDBUFF_DEFAULT_MAX_BUFFER
     max_staleness: int = 0  # fedbuff: 0: STALENESS_LIMIT_FACTOR times the staleness of learners that train at one pace
@@ -167,6 +170,7 @@ class LearnerConfig:
     channels_last: str = "auto"
     compile: bool = False
     slowdown: float = 1.0  # 1: full speed
+    personal_dir: str | None = None  # where the personal part (--share) is written after each round; None: kept in memory
 
 
 class Parser(argparse.ArgumentParser):
@@ -593,6 +597,19 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
         type=non_negative_int,
         default=defaults.evaluation_learners,
         help="learners asked to evaluate each time under --evaluation learners or both (a seeded sample; 0: every member of the round)",
+    )
+    add(
+        "--share",
+        choices=SHARE_PRESETS,
+        default=defaults.share,
+        help="what is federated; the rest stays on each learner: all; fedper (all but the head); fedbn (all but the "
+        "normalization layers); adapters (only the parameters that train, e.g. LoRA). Default: the task's shared(), else all",
+    )
+    add(
+        "--personal-steps",
+        type=non_negative_int,
+        default=defaults.personal_steps,
+        help="learners evaluating also report their model after this many local fine-tuning steps (personal_* in metrics.jsonl)",
     )
     add(
         "--tensorboard",

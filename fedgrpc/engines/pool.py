@@ -24,10 +24,12 @@ from typing import Any
 import grpc
 import torch
 
+from fedgrpc import sharing
 from fedgrpc.algorithms import secagg
 from fedgrpc.data import resolve_device, synthetic_shard
 from fedgrpc.learner.data import LeaderLost, LearnerError, check_data, check_model, fetch_split, layout_specs
 from fedgrpc.learner.main import UpdateNotTaken, compress_for_plan, send_update
+from fedgrpc.learner.personal import share_as_planned
 from fedgrpc.learner.secagg_party import SecAggParty, masked_tensors, refuse
 from fedgrpc.learner.service import callback_gate, serve_learner_service
 from fedgrpc.learner.training import LocalTrainer
@@ -88,6 +90,7 @@ class VirtualLearner:
     split_examples: int = 0
     trainer: LocalTrainer | None = None  # kept between rounds when it holds something worth keeping
     residual: dict[str, torch.Tensor] = field(default_factory=dict)  # topk's error feedback
+    personal: dict[str, torch.Tensor] | None = None  # its personal part (--share), as its last round left it
     rounds_trained: int = 0
     secagg: SecAggParty = field(default_factory=SecAggParty)  # its side of each round's secure aggregation
     # under secure aggregation, a trained update waiting for its round's third stage: (round, update, round's model,
@@ -118,6 +121,9 @@ class LearnerPool:
         self.stub = rpc.leader_stub(self.channel, self._first_message_limit)
         self.plan: leader_pb2.TrainingPlan | None = None
         self.model: torch.nn.Module | None = None
+        self.shared: Any = None  # the model's shared part (sharing.part): what is received and reported
+        self.personal_names: list[str] = []
+        self._fresh_personal: dict[str, torch.Tensor] = {}  # a learner's personal part before its first round
         self.specs: list[wire.TensorSpec] | None = None
         self.memory_format = torch.contiguous_format
         self._lock = threading.Lock()
@@ -215,6 +221,7 @@ class LearnerPool:
         with self._lock:
             if learner.learner_id != reply.learner_id:
                 learner.trainer = None  # another slot: another split, and its own seeds
+                learner.personal = None  # trained on the other split
             learner.secagg = SecAggParty()  # a new session: a restarted leader may count rounds from an earlier one
             learner.parked = None
             learner.learner_id = reply.learner_id
@@ -231,8 +238,9 @@ class LearnerPool:
         self.task = self.user_task or builtin_task(plan.model, plan.dataset, plan.num_classes, plan.seed)
         memory_format = memory_format_for("auto", plan.model, self.device)
         model = (self._task_model if self._task_model is not None else self.task.model()).to(self.device, memory_format=memory_format)
-        specs = wire.specs_of(model.state_dict())
-        check_model(specs, plan)
+        check_model(wire.specs_of(model.state_dict()), plan)
+        self.shared, self.personal_names, specs = share_as_planned(model, plan, self.task)
+        self._fresh_personal = sharing.personal_state(model, self.personal_names)
         self.plan, self.model, self.specs, self.memory_format = plan, model, specs, memory_format
         if self.task.builtin:  # a user's task's data is not known before the first split arrives
             threading.Thread(target=self._warm_up, name="pool-warm-up", daemon=True).start()
@@ -324,8 +332,12 @@ class LearnerPool:
             if state is None:
                 return  # the round ended before this learner's turn: the leader has moved on
             trainer = self._trainer_for(learner)
-            self.model.load_state_dict(state)
+            self.shared.load_state_dict(state)
+            if self.personal_names:  # the pool's one model takes this learner's own part, and gives it back after
+                self.model.load_state_dict(learner.personal or self._fresh_personal, strict=False)
             update, num_examples, loss = trainer.train(round_number)
+            if self.personal_names:
+                learner.personal = sharing.personal_state(self.model, self.personal_names)
             if not self.plan.keep_momentum and self.config.examples_per_learner:
                 learner.trainer = None  # nothing kept: synthetic data is made again faster than it is stored
             if self.plan.secure_aggregation:  # copied: the model's buffers change with the next learner
@@ -333,7 +345,7 @@ class LearnerPool:
                     learner.parked = (round_number, {name: tensor.clone() for name, tensor in update.items()}, state, num_examples, loss)
                 self.offer_secure(learner)
                 return
-            manifest, payload = wire.encode(compress_for_plan(update, self.plan, self.model, learner.residual))
+            manifest, payload = wire.encode(compress_for_plan(update, self.plan, self.shared, learner.residual))
             # sent while the next learner trains: the leader's answer takes a few ms that the worker need not wait
             self._outbox.put((learner, round_number, manifest, payload, num_examples, loss))
         except grpc.RpcError as error:
@@ -406,6 +418,7 @@ class LearnerPool:
             tuple(tensor.to(self.device) for tensor in data.tensors),
             self.memory_format,
             progress=False,
+            shared=self.shared,
         )
         return learner.trainer
 
@@ -420,7 +433,7 @@ class LearnerPool:
             if current is None:
                 return  # a later round has begun: the leader closed this one without it
             update, state = payload
-            parameters = [name for name, _ in self.model.named_parameters()]
+            parameters = [name for name, _ in self.shared.named_parameters()]
             vector = learner.secagg.encode(current, update, state, parameters, num_examples)
             if self._masks is None or self._masks.length != vector.size:
                 self._masks = secagg.MaskGenerator(vector.size)

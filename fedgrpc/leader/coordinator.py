@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import torch
 
+from fedgrpc import sharing
 from fedgrpc.algorithms.strategy import FIRST_ROUND_NORM_RATIO, Strategy
 from fedgrpc.config.options import STRAGGLER_GRACE_FACTOR, STRAGGLER_GRACE_MIN_S, LeaderConfig
 from fedgrpc.console import StatusLine
@@ -60,8 +61,8 @@ class Published:
     model_states: list[bytes]  # the round-start push, serialized once
 
     @classmethod
-    def of(cls, round_number: int, model: torch.nn.Module, buffers: wire.BufferPool | None = None) -> Published:
-        """Encode a model's state for round `round_number` (in a buffer from `buffers`, given back once framed)."""
+    def of(cls, round_number: int, model: Any, buffers: wire.BufferPool | None = None) -> Published:
+        """Encode a model's (or its shared part's) state for round `round_number` (in a buffer from `buffers`, given back once framed)."""
         manifest, payload = wire.encode(model.state_dict(), allocate=buffers.take if buffers is not None else bytearray)
         published = cls(
             round_number,
@@ -147,7 +148,11 @@ class Leader:
         self.task = task or builtin_task(config.model, config.dataset, self.num_classes, config.seed)
         torch.manual_seed(config.seed)
         self.model = self.task.model().to(self.device)
-        self.specs = wire.specs_of(self.model.state_dict())
+        # what is federated (--share): the leader publishes, checks, aggregates and saves these tensors and no others
+        self.share = sharing.plan_share(config.share, self.task)
+        shared_names = sharing.shared_names(self.model, self.share, self.task)
+        self.shared = sharing.part(self.model, shared_names)
+        self.specs = wire.specs_of(self.shared.state_dict())
         self.model_bytes = wire.payload_bytes(self.specs)
         self.splits = Splits.of(config, train_data)
         self.stop_event = stop_event or threading.Event()  # set by a signal (or by a launcher) to wind the run down
@@ -160,20 +165,23 @@ class Leader:
         self._cond = threading.Condition()  # guards the roster's records and the open round, shared by both
         self._calls = ThreadPoolExecutor(max_workers=MAX_PARALLEL_CALLS, thread_name_prefix="learner-call")
         self.roster = Roster(config, tls, self._cond, self._calls, self.splits.examples, self._first_round)
-        variance_names = [name for name, _ in self.model.named_buffers() if name.endswith("running_var")]
-        self.strategy = Strategy(config, self.model, Path(config.checkpoint_dir) if config.checkpoint_dir else None)
+        variance_names = [name for name, _ in self.shared.named_buffers() if name.endswith("running_var")]
+        self.strategy = Strategy(config, self.shared, Path(config.checkpoint_dir) if config.checkpoint_dir else None)
         self.intake = Intake(config, self.specs, self.strategy.parameter_names, variance_names, self.roster, self._cond)
         self.roster.on_absent = self._note_lost
         self.buffered = BufferedRounds(self) if config.aggregation == "fedbuff" else None
-        self.learners_evaluate = config.learners_evaluate(leader_has_test_data=test_data is not None)
+        # with a personal part that trains, the leader's copy is no one's model: only the learners can evaluate
+        self.central_evaluation = test_data is not None and sharing.leader_evaluates(self.model, shared_names, config.evaluation)
+        self.learners_evaluate = config.learners_evaluate(leader_has_test_data=self.central_evaluation)
         self.federated_evaluation = FederatedEvaluation(self.roster, self._calls, config.evaluation_learners, config.seed)
         # secure aggregation: every entry of a learner's update lies within this bound (its parameters' L2 norm included)
         self.secagg_bound = config.clip_norm or FIRST_ROUND_NORM_RATIO * self.strategy.model_norm
         self._publish_buffers = wire.BufferPool(self.model_bytes, keep=1)  # each round's model is encoded here, then framed
-        self._published = Published.of(1, self.model)
+        self._published = Published.of(1, self.shared)
         self._saved_round = 0  # the last round on disk
         self._saved_at = time.monotonic()
-        self.plan = training_plan(config, self.task, self.num_classes, self.specs, self.learners_evaluate)
+        self.plan = training_plan(config, self.task, self.num_classes, wire.specs_of(self.model.state_dict()), self.learners_evaluate)
+        self.plan.MergeFrom(leader_pb2.TrainingPlan(share=self.share, shared_fingerprint=wire.fingerprint(self.specs)))
         self.roster.expected_task = (self.plan.task, self.plan.model_fingerprint)
 
     def restore(self, json_path: Path) -> int:
@@ -182,15 +190,15 @@ class Leader:
         saved = task_name(record["config"]["task"]) if record["config"]["task"] else record["config"]["model"]
         if saved != self.task.name or record["num_classes"] != self.num_classes:
             raise ValueError(f"{json_path} holds a {saved} with {record['num_classes']} classes, not this run's {self.task.name}")
-        model_manifest = checkpoint.manifest(self.model.state_dict())
+        model_manifest = checkpoint.manifest(self.shared.state_dict())
         weights, optimizer_tensors, spent = checkpoint.load_run(json_path, record, model_manifest, self.strategy.optimizer_manifest())
-        self.model.load_state_dict(weights)
+        self.shared.load_state_dict(weights)
         self.strategy.restore(optimizer_tensors, spent)
         if self.strategy.accountant is not None and spent > record["round"]:
             logger.info("counting %d noised rounds as spent, %d of them after the checkpoint resumed from", spent, spent - record["round"])
         self.start_round = record["round"] + 1
         self.resumed_metrics = record["metrics"]
-        self._published = Published.of(self.start_round, self.model)
+        self._published = Published.of(self.start_round, self.shared)
         self._saved_round = record["round"]
         logger.info("resuming after round %d from %s", record["round"], json_path)
         return record["round"]
@@ -390,13 +398,13 @@ class Leader:
         round_number = finished.round_number
         try:
             if finished.secure is not None:  # the model is still the round's: the masked buffers' changes are from it
-                finished.running = finished.secure.unmask(self.model.state_dict(), self.strategy.parameter_names)
+                finished.running = finished.secure.unmask(self.shared.state_dict(), self.strategy.parameter_names)
             mean = self.strategy.aggregate(finished)
         except ValueError as error:  # secagg.SecAggError among them
             raise RunError(f"round {round_number}: {error}; the model is unchanged") from None
         problem = self.strategy.step(round_number, mean, finished, lambda: self._published.state(self.specs))
         round_seconds = time.monotonic() - finished.opened_at
-        self._published = Published.of(round_number + 1, self.model, self._publish_buffers)
+        self._published = Published.of(round_number + 1, self.shared, self._publish_buffers)
         if self.intake.jobs is not None:
             with self._cond:  # the buffer filling now is bounded by this round's norms, as the next round would be
                 self.intake.round.norm_bound = self.strategy.norm_bound()
@@ -411,7 +419,7 @@ class Leader:
         evaluated = config.eval_every > 0 and (round_number % config.eval_every == 0 or round_number == config.rounds)
         if evaluated:
             self.status.show(f"round {round_number}/{config.rounds}: evaluating the new global model")
-        central = (self.evaluate() if evaluated and self.test_data is not None else None) or {}
+        central = (self.evaluate() if evaluated and self.central_evaluation else None) or {}
         federated = self.evaluate_on_learners(finished) if evaluated and self.learners_evaluate else {}
         return round_metrics(
             finished,
@@ -430,7 +438,7 @@ class Leader:
         checkpoint.save(
             Path(self.config.checkpoint_dir),
             metrics["round"],
-            self.model.state_dict(),
+            self.shared.state_dict(),
             {"config": dataclasses.asdict(self.config), "metrics": metrics, "num_classes": self.num_classes},
             keep=self.config.keep_checkpoints,
             optimizer_state=self.strategy.optimizer_tensors(),
@@ -503,4 +511,5 @@ def training_plan(
         lr_schedule=config.lr_schedule,
         warmup_rounds=config.warmup_rounds,
         secure_aggregation=config.secure_aggregation,
+        personal_steps=config.personal_steps,
     )

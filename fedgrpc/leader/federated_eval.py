@@ -53,7 +53,13 @@ def check_result(result: learner_pb2.EvaluateResult, round_number: int) -> dict[
         raise ValueError(problem)
     if not math.isfinite(result.loss):
         raise ValueError("loss is not finite")
-    return {"loss": result.loss, **result.metrics}
+    values = {"loss": result.loss, **result.metrics}
+    if result.personalized:
+        problem = metrics_problem(result.personal_metrics)
+        if problem is not None or not math.isfinite(result.personal_loss):
+            raise ValueError(f"personal metrics: {problem or 'loss is not finite'}")
+        values.update({"personal_loss": result.personal_loss, **{f"personal_{name}": v for name, v in result.personal_metrics.items()}})
+    return values
 
 
 def summarize(reports: Sequence[Report]) -> dict[str, float | int]:
@@ -134,21 +140,45 @@ class FederatedEvaluation:
 class LocalEvaluation:
     """A learner's side: global models evaluated on its own held-out data, in a copy of its model, one at a time."""
 
-    def __init__(self, task: Task, data: Examples, model: nn.Module, device: torch.device, stopping: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        task: Task,
+        data: Examples,
+        model: nn.Module,
+        device: torch.device,
+        stopping: Callable[[], bool],
+        personal: Callable[[int], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
         self.task = task
         self.data = data
         self.device = device
         self._stopping = stopping
         self._model = copy.deepcopy(model)  # a copy: a client's task hands over the script's own model, which trains meanwhile
         self._lock = threading.Lock()
+        # the learner's personal part (--share) after a round, by round: evaluated with the shared part that round made
+        self._personal = personal
+        # with the plan's personal_steps: fine-tunes the copy in place on the learner's own data (LocalTrainer.finetune)
+        self.finetune: Callable[[nn.Module, int], None] | None = None
 
     def evaluate(self, round_number: int, state: dict[str, torch.Tensor]) -> learner_pb2.EvaluateResult:
         """Evaluate round `round_number`'s global model (its tensors `state`); ValueError when a stop cut it short."""
         with self._lock:
-            self._model.load_state_dict(state)
+            self._model.load_state_dict(state, strict=self._personal is None)
+            if self._personal is not None:
+                self._model.load_state_dict(self._personal(round_number), strict=False)
             values = evaluate(self._model, self.task, self.data, self.device, LOCAL_EVAL_BATCH_SIZE, stop=self._stopping)
-        if values is None:
+            tuned = None
+            if values is not None and self.finetune is not None:
+                self.finetune(self._model, round_number)
+                tuned = evaluate(self._model, self.task, self.data, self.device, LOCAL_EVAL_BATCH_SIZE, stop=self._stopping)
+        if values is None or (self.finetune is not None and tuned is None):
             raise ValueError("stopping: the evaluation was cut short")
         loss = values.pop("loss")
         logger.info("round %d: evaluated the global model on %d own examples: loss %.4f %s", round_number, len(self.data), loss, values)
-        return learner_pb2.EvaluateResult(round=round_number, num_examples=len(self.data), loss=loss, metrics=values)
+        result = learner_pb2.EvaluateResult(round=round_number, num_examples=len(self.data), loss=loss, metrics=values)
+        if tuned is not None:
+            result.personalized = True
+            result.personal_loss = tuned.pop("loss")
+            result.personal_metrics.update(tuned)
+            logger.info("round %d: after fine-tuning: loss %.4f %s", round_number, result.personal_loss, tuned)
+        return result

@@ -32,6 +32,7 @@ from fedgrpc.learner.data import (
     split_specs,
 )
 from fedgrpc.learner.options import parse_learner_config
+from fedgrpc.learner.personal import PersonalStore, share_as_planned
 from fedgrpc.learner.secagg_party import SecAggParty, masked_tensors
 from fedgrpc.learner.service import MAX_STRANGER_CALLS, create_server
 from fedgrpc.learner.training import LocalTrainer
@@ -81,7 +82,14 @@ REJOIN_BACKOFF_MAX_S = 30.0
 class Learner:
     """One learner's state: its model, its data and the round it is in."""
 
-    def __init__(self, config: LearnerConfig, enrolment_token: str | None = None, tls: Tls | None = None, task: Task | None = None) -> None:
+    def __init__(
+        self,
+        config: LearnerConfig,
+        enrolment_token: str | None = None,
+        tls: Tls | None = None,
+        task: Task | None = None,
+        personal: PersonalStore | None = None,
+    ) -> None:
         self.config = config
         # the user's task (--task), or None to follow the leader's built-in model; its model is built now, so that
         # registration can name the task and its manifest's digest
@@ -98,7 +106,10 @@ class Learner:
         self.stub = rpc.leader_stub(self.channel, self._first_message_limit)
         self.model: torch.nn.Module | None = None
         self._forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # the model, or with --compile its compiled form
-        self.specs: list[wire.TensorSpec] | None = None
+        self.specs: list[wire.TensorSpec] | None = None  # the shared tensors: what the leader sends and takes back
+        self.shared: Any = None  # the model's shared part (sharing.part): the model itself when all is shared
+        self.personal_names: list[str] = []  # what --share keeps here, never sent
+        self.personal = personal or PersonalStore()
         self.learner_id = -1
         self.split_examples = 0  # examples of the split the leader sends (GetData); 0 with local data
         self.plan: leader_pb2.TrainingPlan | None = None
@@ -202,11 +213,11 @@ class Learner:
         model = self._task_model if self._task_model is not None else task.model()
         self.model = model.to(self.device, memory_format=self.memory_format)
         self._forward = compiled_for_training(self.model, self.device) if self.config.compile else self.model
-        self.specs = wire.specs_of(self.model.state_dict())
+        check_model(wire.specs_of(self.model.state_dict()), plan)
+        self.shared, self.personal_names, self.specs = share_as_planned(self.model, plan, task, self.personal)
         self._receive_buffers = wire.BufferPool(wire.payload_bytes(self.specs), keep=RECEIVE_BUFFERS_KEPT)
-        check_model(self.specs, plan)
         if plan.learners_evaluate:
-            self.evaluation = LocalEvaluation(task, self._own_test_data(), self.model, self.device, lambda: self._stop_reason is not None)
+            self.evaluation = own_evaluation(self, task)
         if not train:
             return
         if self.data is None:
@@ -222,16 +233,15 @@ class Learner:
             self.memory_format,
             progress=self.config.progress and not self.config.quiet,
             slowdown=self.config.slowdown,
+            shared=self.shared,
         )
+        if self.evaluation is not None and plan.personal_steps:
+            self.evaluation.finetune = self.trainer.finetune
 
-    def _own_test_data(self) -> Examples:
-        """This learner's held-out data (its task's test_data(--data-dir)), for the evaluations the leader asks for."""
-        try:
-            data = self.task.test_data(self.config.data_dir)
-        except (TaskError, DataError, OSError) as error:
-            raise LearnerError(f"the leader asks learners to evaluate on their own test data, and this one has none: {error}") from None
-        logger.info("evaluating global models on %d held-out examples of this learner's own", len(data))
-        return data
+    def keep_personal(self, round_number: int) -> None:
+        """After a round's training: keep the personal part (and write it under --personal-dir)."""
+        if self.personal_names:
+            self.personal.keep(round_number, self.model, self.personal_names)
 
     def _data_specs(self) -> list[wire.TensorSpec]:
         """What GetData must stream: split_examples examples of the layout registration announced."""
@@ -266,6 +276,7 @@ class Learner:
         try:
             for round_number in self.rounds():
                 update, num_examples, loss = self._train(round_number)
+                self.keep_personal(round_number)
                 self._raise_if_stopped()
                 self.report(round_number, update, num_examples, loss)
         except Stopped as stop:
@@ -283,7 +294,7 @@ class Learner:
         self._wait(lambda: self._started, "StartTraining")
         round_number, state, payload = self._get_model()
         while True:
-            self.model.load_state_dict(state)
+            self.shared.load_state_dict(state)  # the personal part stays as this learner's training left it
             # the round's model, kept past the buffer's reuse: secure aggregation sends buffers as changes from it,
             # and a client's update is the change from it
             self.round_state = {name: tensor.clone() for name, tensor in state.items()} if self.keeps_round_state() else None
@@ -385,10 +396,10 @@ class Learner:
                     "round %d: not among the round's secure aggregation (the leader went on without it); update not sent", round_number
                 )
                 return
-            parameters = [name for name, _ in self.model.named_parameters()]
+            parameters = [name for name, _ in self.shared.named_parameters()]
             update = masked_tensors(current, self.secagg.encode(current, update, round_state, parameters, num_examples))
         else:
-            update = compress_for_plan(update, self.plan, self.model, self._residual)
+            update = compress_for_plan(update, self.plan, self.shared, self._residual)
         if self._send_buffers is None:
             self._send_buffers = wire.BufferPool(wire.payload_bytes(wire.specs_of(update)), keep=1)
         manifest, payload = wire.encode(update, allocate=self._send_buffers.take)
@@ -417,6 +428,19 @@ class Learner:
     def _unit(self) -> str:
         """What the leader numbers this learner's work by: rounds, or under fedbuff its own training jobs."""
         return "job" if self.plan.aggregation == "fedbuff" else "round"
+
+
+def own_evaluation(learner: Learner, task: Task) -> LocalEvaluation:
+    """The evaluations the leader asks a learner for, on its held-out data (its task's test_data(--data-dir)), with
+    its personal part where --share keeps one."""
+    try:
+        data = task.test_data(learner.config.data_dir)
+    except (TaskError, DataError, OSError) as error:
+        raise LearnerError(f"the leader asks learners to evaluate on their own test data, and this one has none: {error}") from None
+    logger.info("evaluating global models on %d held-out examples of this learner's own", len(data))
+    stopping = lambda: learner._stop_reason is not None  # noqa: E731
+    personal = learner.personal.of_round if learner.personal_names else None
+    return LocalEvaluation(task, data, learner.model, learner.device, stopping, personal=personal)
 
 
 def register_until_admitted(
@@ -496,7 +520,7 @@ def send_update(
 
 
 def compress_for_plan(
-    update: dict[str, torch.Tensor], plan: leader_pb2.TrainingPlan, model: torch.nn.Module, residual: dict[str, torch.Tensor]
+    update: dict[str, torch.Tensor], plan: leader_pb2.TrainingPlan, model: Any, residual: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """An update as the plan's --compression sends it (top-k keeps what it leaves out in `residual` for the next round)."""
     if not plan.compression or plan.compression == "none":
@@ -540,9 +564,10 @@ def main(argv: list[str] | None = None) -> int:
         if config.data_dir:
             local_data = task.train_data(config.data_dir) if task is not None else load_local_data(config.data_dir)
         attempt = 0
+        personal = PersonalStore(config.personal_dir)  # outlives a session: a learner that rejoins keeps its personal part
         while True:
             try:
-                return run_session(config, enrolment_token, tls, local_data, task)
+                return run_session(config, enrolment_token, tls, local_data, task, personal)
             except LeaderLost as error:
                 if not config.rejoin:
                     raise
@@ -567,10 +592,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_session(
-    config: LearnerConfig, enrolment_token: str | None, tls: Tls | None, local_data: Examples | None, task: Task | None = None
+    config: LearnerConfig,
+    enrolment_token: str | None,
+    tls: Tls | None,
+    local_data: Examples | None,
+    task: Task | None = None,
+    personal: PersonalStore | None = None,
 ) -> int:
     """One membership of a federation: serve, register, train until told to stop. Raises LeaderLost if the leader goes."""
-    learner = Learner(config, enrolment_token, tls, task)
+    learner = Learner(config, enrolment_token, tls, task, personal)
     learner.data = local_data
     server, port, _ = create_server(learner, config.host, config.port, tls)
     try:

@@ -40,6 +40,12 @@ def build_learner_parser() -> Parser:
         help="train on local data here (your task's train_data(data_dir), or for a built-in model train/<class>/* or "
         "CIFAR-10); None means receive a split from the leader",
     )
+    add(
+        "--personal-dir",
+        default=defaults.personal_dir,
+        help="where this learner writes its personal part (what the leader's --share keeps off the wire) after each round, "
+        "and reads it back when it starts again; None keeps it in memory only",
+    )
 
     group = parser.add_argument_group("training")
     add = group.add_argument

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -59,7 +60,7 @@ def add_proximal_gradient(model: torch.nn.Module, global_state: dict[str, torch.
     """FedProx: add the gradient of (mu/2) * ||w - w_global||^2, which is mu * (w - w_global), to each parameter's."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if parameter.grad is not None:
+            if parameter.grad is not None and name in global_state:  # the personal part is not pulled anywhere
                 parameter.grad.add_(parameter - global_state[name], alpha=mu)
 
 
@@ -115,10 +116,13 @@ class LocalTrainer:
         slowdown: float = 1.0,
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], None] = time.sleep,
+        shared: Any = None,
     ) -> None:
         self.plan = plan
         self.learner_id = learner_id
         self.model = model
+        # what the update covers: the model's shared part (sharing.part); its personal part trains but is not reported
+        self.shared = shared if shared is not None else model
         self.forward = forward  # the model, or with --compile its compiled form
         self.task = task
         # The split is kept where the model trains (on the CPU, the same tensors): a GPU step then reads,
@@ -142,7 +146,7 @@ class LocalTrainer:
         augment_generator = torch.Generator().manual_seed(derive_seed(plan.seed, self.learner_id, "augment", round_number))
         batches = round_batches(plan, self.learner_id, len(self.tensors[-1]), round_number)
         logger.debug("round %d: training on %d local batches", round_number, len(batches))
-        global_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        global_state = {name: tensor.clone() for name, tensor in self.shared.state_dict().items()}
         lr = schedule.round_lr(plan.lr, plan.lr_schedule or "constant", plan.warmup_rounds, plan.rounds, round_number)
         optimizer = self._round_optimizer(lr)
         # Summed where the model runs: reading each step's loss would make a GPU step wait for the one before.
@@ -174,8 +178,23 @@ class LocalTrainer:
         if plan.aggregation == "fedsgd":
             update = aggregation.gradient_update(model)
         else:
-            update = aggregation.model_delta(global_state, model)
+            update = aggregation.model_delta(global_state, self.shared)
         return update, examples, total_loss.item() / examples
+
+    def finetune(self, model: torch.nn.Module, round_number: int) -> None:
+        """Personalized evaluation's fine-tuning: the plan's personal_steps SGD steps on this learner's data, in `model` (a copy)."""
+        plan = self.plan
+        device = self.tensors[-1].device
+        generator = torch.Generator().manual_seed(derive_seed(plan.seed, self.learner_id, "finetune", round_number))
+        optimizer = LocalSGD(list(model.parameters()), plan.lr, plan.momentum, plan.weight_decay)
+        size = len(self.tensors[-1])
+        model.train()
+        for _ in range(plan.personal_steps):
+            indices = torch.randperm(size, generator=generator)[: plan.batch_size].to(device)
+            inputs, targets = self.task.make_batch(self.tensors, indices, generator if plan.augment else None, self.memory_format)
+            optimizer.zero_grad()
+            self.task.loss(model(*inputs), targets).backward()
+            optimizer.step()
 
     def _round_optimizer(self, lr: float) -> LocalSGD:
         """A round's SGD at `lr`: a fresh one, or with keep_momentum the one kept from earlier rounds.

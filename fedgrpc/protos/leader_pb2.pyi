@@ -32,7 +32,7 @@ class LearnerInfo(_message.Message):
     def __init__(self, network_addr: _Optional[str] = ..., callback_token: _Optional[str] = ..., num_examples: _Optional[int] = ..., version: _Optional[str] = ..., tls: _Optional[bool] = ..., pooled: _Optional[bool] = ..., task: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class TrainingPlan(_message.Message):
-    __slots__ = ("model", "num_classes", "aggregation", "batch_size", "lr", "momentum", "weight_decay", "local_steps", "local_epochs", "seed", "rounds", "augment", "image_shape", "dataset", "model_fingerprint", "torch_version", "deterministic", "prox_mu", "compression", "topk_ratio", "lr_schedule", "warmup_rounds", "keep_momentum", "secure_aggregation", "task", "learners_evaluate")
+    __slots__ = ("model", "num_classes", "aggregation", "batch_size", "lr", "momentum", "weight_decay", "local_steps", "local_epochs", "seed", "rounds", "augment", "image_shape", "dataset", "model_fingerprint", "torch_version", "deterministic", "prox_mu", "compression", "topk_ratio", "lr_schedule", "warmup_rounds", "keep_momentum", "secure_aggregation", "task", "learners_evaluate", "share", "shared_fingerprint", "personal_steps")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,9 @@ class TrainingPlan(_message.Message):
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     LEARNERS_EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_classes: int
     aggregation: str
@@ -85,7 +88,10 @@ class TrainingPlan(_message.Message):
     secure_aggregation: bool
     task: str
     learners_evaluate: bool
-    def __init__(self, model: _Optional[str] = ..., num_classes: _Optional[int] = ..., aggregation: _Optional[str] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ..., augment: _Optional[bool] = ..., image_shape: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., torch_version: _Optional[str] = ..., deterministic: _Optional[bool] = ..., prox_mu: _Optional[float] = ..., compression: _Optional[str] = ..., topk_ratio: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_rounds: _Optional[int] = ..., keep_momentum: _Optional[bool] = ..., secure_aggregation: _Optional[bool] = ..., task: _Optional[str] = ..., learners_evaluate: _Optional[bool] = ...) -> None: ...
+    share: str
+    shared_fingerprint: str
+    personal_steps: int
+    def __init__(self, model: _Optional[str] = ..., num_classes: _Optional[int] = ..., aggregation: _Optional[str] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., local_steps: _Optional[int] = ..., local_epochs: _Optional[int] = ..., seed: _Optional[int] = ..., rounds: _Optional[int] = ..., augment: _Optional[bool] = ..., image_shape: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., torch_version: _Optional[str] = ..., deterministic: _Optional[bool] = ..., prox_mu: _Optional[float] = ..., compression: _Optional[str] = ..., topk_ratio: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., warmup_rounds: _Optional[int] = ..., keep_momentum: _Optional[bool] = ..., secure_aggregation: _Optional[bool] = ..., task: _Optional[str] = ..., learners_evaluate: _Optional[bool] = ..., share: _Optional[str] = ..., shared_fingerprint: _Optional[str] = ..., personal_steps: _Optional[int] = ...) -> None: ...
 
 class AckWithMetadata(_message.Message):
     __slots__ = ("success", "message", "learner_id", "max_learners", "plan", "session_token", "joins_round", "split_examples", "split_layout")

@@ -8,8 +8,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EvaluateResult(_message.Message):
-    __slots__ = ("round", "num_examples", "loss", "metrics")
+    __slots__ = ("round", "num_examples", "loss", "metrics", "personalized", "personal_loss", "personal_metrics")
     class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class PersonalMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -20,11 +27,17 @@ class EvaluateResult(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    PERSONALIZED_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_METRICS_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_examples: int
     loss: float
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    personalized: bool
+    personal_loss: float
+    personal_metrics: _containers.ScalarMap[str, float]
+    def __init__(self, round: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., personalized: _Optional[bool] = ..., personal_loss: _Optional[float] = ..., personal_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Empty(_message.Message):
     __slots__ = ()

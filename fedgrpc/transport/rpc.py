@@ -34,7 +34,7 @@ LEARNER_SERVICE = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full
 
 # Bumped whenever the protos or the payload layout change incompatibly; a learner
 # with another version is refused at registration.
-PROTOCOL_VERSION = "6"
+PROTOCOL_VERSION = "7"
 # Metadata entry that carries a caller's secret on every call after registration.
 TOKEN_METADATA_KEY = "x-session-token"
 # Metadata entry that carries the federation's shared enrolment secret on RegisterLearner.
