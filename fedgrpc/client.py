@@ -103,7 +103,7 @@ class Federation:
             raise ClientError("send() outside a round: call it inside `for round_number in federation.rounds():`")
         learner = self._learner
         if learner.plan.aggregation == "fedsgd":
-            update = aggregation.gradient_update(self.model)
+            update = aggregation.gradient_update(learner.shared)
         else:
             update = aggregation.model_delta(learner.round_state, learner.shared)
         round_number, self._round = self._round, 0

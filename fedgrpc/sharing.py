@@ -158,11 +158,26 @@ def personal_state(model: nn.Module, personal: list[str]) -> dict[str, torch.Ten
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items() if name in wanted}
 
 
-def leader_evaluates(model: nn.Module, names: list[str], evaluation: str) -> bool:
+def leader_part(model: nn.Module, task: Task, requested: str | None, aggregation: str, evaluation: str) -> tuple[str, Any, bool]:
+    """The leader's side of --share: the plan's share (plan_share), the model's shared part (part), and whether the
+    leader's copy is a whole model it can evaluate (leader_evaluates, which refuses combinations that cannot work)."""
+    share = plan_share(requested, task)
+    names = shared_names(model, share, task)
+    return share, part(model, names), leader_evaluates(model, names, aggregation, evaluation)
+
+
+def leader_evaluates(model: nn.Module, names: list[str], aggregation: str, evaluation: str) -> bool:
     """Whether the leader's copy is a whole model worth evaluating: every personal tensor is a frozen parameter (which
-    every learner loads alike), none that training moves. SharingError where --evaluation asks the leader and it is not."""
-    frozen = {name for name, parameter in model.named_parameters(remove_duplicate=False) if not parameter.requires_grad}
-    whole = all(name in frozen for name in personal_names(model, names))
+    every learner loads alike), none that training moves.
+
+    SharingError where a personal part that trains meets fedsgd (whose learners do not train), or --evaluation asks
+    the leader for a model it does not hold.
+    """
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    personal = personal_names(model, names)
+    whole = all(name in parameters and not parameters[name].requires_grad for name in personal)
+    if aggregation == "fedsgd" and any(name in parameters and parameters[name].requires_grad for name in personal):
+        raise SharingError("the part each learner keeps (--share, or the task's shared()) trains locally: add --aggregation fedavg")
     if not whole and evaluation in ("leader", "both"):
         raise SharingError(
             f"--evaluation {evaluation}: each learner keeps part of this model (--share), so the leader holds no whole "

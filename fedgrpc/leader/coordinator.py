@@ -149,9 +149,7 @@ class Leader:
         torch.manual_seed(config.seed)
         self.model = self.task.model().to(self.device)
         # what is federated (--share): the leader publishes, checks, aggregates and saves these tensors and no others
-        self.share = sharing.plan_share(config.share, self.task)
-        shared_names = sharing.shared_names(self.model, self.share, self.task)
-        self.shared = sharing.part(self.model, shared_names)
+        self.share, self.shared, whole = sharing.leader_part(self.model, self.task, config.share, config.aggregation, config.evaluation)
         self.specs = wire.specs_of(self.shared.state_dict())
         self.model_bytes = wire.payload_bytes(self.specs)
         self.splits = Splits.of(config, train_data)
@@ -171,7 +169,7 @@ class Leader:
         self.roster.on_absent = self._note_lost
         self.buffered = BufferedRounds(self) if config.aggregation == "fedbuff" else None
         # with a personal part that trains, the leader's copy is no one's model: only the learners can evaluate
-        self.central_evaluation = test_data is not None and sharing.leader_evaluates(self.model, shared_names, config.evaluation)
+        self.central_evaluation = test_data is not None and whole
         self.learners_evaluate = config.learners_evaluate(leader_has_test_data=self.central_evaluation)
         self.federated_evaluation = FederatedEvaluation(self.roster, self._calls, config.evaluation_learners, config.seed)
         # secure aggregation: every entry of a learner's update lies within this bound (its parameters' L2 norm included)

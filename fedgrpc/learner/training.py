@@ -176,7 +176,7 @@ class LocalTrainer:
                 progress.set_postfix(loss=f"{total_loss.item() / examples:.3f}", refresh=False)
         progress.close()
         if plan.aggregation == "fedsgd":
-            update = aggregation.gradient_update(model)
+            update = aggregation.gradient_update(self.shared)
         else:
             update = aggregation.model_delta(global_state, self.shared)
         return update, examples, total_loss.item() / examples
