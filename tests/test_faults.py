@@ -525,3 +525,34 @@ def test_rejoin_pauses_double_up_to_a_cap_with_jitter():
     assert [rejoin_pause(attempt, 0.0) for attempt in range(4)] == [0.5, 1.0, 2.0, 4.0]  # the lower half of 1, 2, 4, 8 s
     assert rejoin_pause(0, 0.999) == pytest.approx(1.0, abs=1e-3)
     assert rejoin_pause(20, 0.0) == 15.0 and rejoin_pause(20, 0.5) == 22.5  # capped at 30 s, jittered over 15-30 s
+
+
+class QuietContext:
+    """A servicer context that keeps its callbacks and notes a cancel."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def add_callback(self, callback) -> bool:
+        return True
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_stream_whose_requests_all_arrived_is_not_cancelled_while_the_server_works_on_them():
+    watchdog = rpc.Watchdog(idle_s=30.0)
+    try:
+        working, reading = QuietContext(), QuietContext()
+        evaluating = watchdog.watch(working, "/learner.LearnerService/Evaluate", 600.0)
+        stalled = watchdog.watch(reading, "/learner.LearnerService/Evaluate", 600.0)
+        assert list(rpc._touching(iter([b"model"]), evaluating)) == [b"model"]  # the leader sent the whole model
+        next(rpc._touching(iter([b"part", b"rest"]), stalled))  # a peer that sent part of its stream, then nothing
+        later = time.monotonic() + 60.0  # an evaluation that takes a minute of a loaded machine
+        assert watchdog.expired(later) == [stalled]
+        assert watchdog.expired(time.monotonic() + 601.0) == [evaluating]  # its deadline still holds
+    finally:
+        watchdog.close()

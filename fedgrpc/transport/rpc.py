@@ -249,9 +249,14 @@ class _Watched:
     method: str
     deadline: float
     last_moved: float = field(default_factory=time.monotonic)
+    # every request arrived: the server works on them (an evaluation, a sum), which its deadline bounds, not idleness
+    requests_done: bool = False
 
     def moved(self) -> None:
         self.last_moved = time.monotonic()
+
+    def idle(self, now: float, idle_s: float) -> bool:
+        return not self.requests_done and now - self.last_moved > idle_s
 
 
 class Watchdog:
@@ -281,14 +286,18 @@ class Watchdog:
     def _run(self) -> None:
         while not self._closed.wait(min(1.0, self.idle_s / 4)):
             now = time.monotonic()
-            with self._lock:
-                expired = [entry for entry in self._open if now - entry.last_moved > self.idle_s or now > entry.deadline]
-                self._open.difference_update(expired)
-            for entry in expired:
+            for entry in self.expired(now):
                 reason = "its deadline passed" if now > entry.deadline else f"it moved nothing for {self.idle_s:g}s"
                 logger.warning("cancelled a %s stream from %s: %s", entry.method.rsplit("/", 1)[-1], entry.context.peer(), reason)
                 self.cancelled += 1
                 entry.context.cancel()
+
+    def expired(self, now: float) -> list[_Watched]:
+        """The streams to cancel at `now` (idle too long, or past their deadline), no longer watched."""
+        with self._lock:
+            expired = [entry for entry in self._open if entry.idle(now, self.idle_s) or now > entry.deadline]
+            self._open.difference_update(expired)
+        return expired
 
     def close(self) -> None:
         """Stop the watching thread."""
@@ -437,10 +446,11 @@ class CallLimits(grpc.ServerInterceptor):
 
 
 def _touching(requests: Iterator[Any], entry: _Watched) -> Iterator[Any]:
-    """Pass a request stream through, noting each message's arrival."""
+    """Pass a request stream through, noting each message's arrival and the stream's end."""
     for request in requests:
         entry.moved()
         yield request
+    entry.requests_done = True
 
 
 class MethodCodecs(grpc.ServerInterceptor):
