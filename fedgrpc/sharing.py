@@ -147,9 +147,11 @@ def part(model: nn.Module, names: list[str]) -> Any:
 
 
 def personal_names(model: nn.Module, names: list[str]) -> list[str]:
-    """The state-dict names a learner keeps to itself: all but the shared ones."""
+    """The state-dict names a learner keeps to itself: those neither shared nor frozen. A frozen parameter (a
+    pretrained base under adapters) is every machine's alike, loaded from its own copy: never sent, never kept."""
+    frozen = {name for name, parameter in model.named_parameters(remove_duplicate=False) if not parameter.requires_grad}
     shared = set(names)
-    return [name for name in model.state_dict() if name not in shared]
+    return [name for name in model.state_dict() if name not in shared and name not in frozen]
 
 
 def personal_state(model: nn.Module, personal: list[str]) -> dict[str, torch.Tensor]:
@@ -167,16 +169,16 @@ def leader_part(model: nn.Module, task: Task, requested: str | None, aggregation
 
 
 def leader_evaluates(model: nn.Module, names: list[str], aggregation: str, evaluation: str) -> bool:
-    """Whether the leader's copy is a whole model worth evaluating: every personal tensor is a frozen parameter (which
-    every learner loads alike), none that training moves.
+    """Whether the leader's copy is a whole model worth evaluating: no learner keeps a personal part (what is not
+    shared is frozen, loaded alike everywhere).
 
     SharingError where a personal part that trains meets fedsgd (whose learners do not train), or --evaluation asks
     the leader for a model it does not hold.
     """
     parameters = dict(model.named_parameters(remove_duplicate=False))
     personal = personal_names(model, names)
-    whole = all(name in parameters and not parameters[name].requires_grad for name in personal)
-    if aggregation == "fedsgd" and any(name in parameters and parameters[name].requires_grad for name in personal):
+    whole = not personal
+    if aggregation == "fedsgd" and any(name in parameters for name in personal):
         raise SharingError("the part each learner keeps (--share, or the task's shared()) trains locally: add --aggregation fedavg")
     if not whole and evaluation in ("leader", "both"):
         raise SharingError(

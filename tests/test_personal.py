@@ -109,7 +109,20 @@ def test_each_preset_shares_what_its_recipe_names(tmp_path):
     model.norm.requires_grad_(False)
     model.body.requires_grad_(False)
     assert sharing.shared_names(model, "adapters") == HEAD  # only what trains; buffers stay
-    assert sharing.personal_names(model, HEAD) == [name for name in everything if name not in HEAD]
+    # frozen weights are every machine's alike: a learner keeps (and saves, and copies) only what its training moves
+    assert sharing.personal_names(model, HEAD) == ["norm.running_mean", "norm.running_var", "norm.num_batches_tracked"]
+
+
+def test_an_evaluation_copy_shares_the_frozen_base_instead_of_copying_it(tmp_path):
+    from fedgrpc.leader.federated_eval import LocalEvaluation
+
+    task = load_task(str(site_task(tmp_path, [])[0]))
+    model = task.model()
+    model.body.requires_grad_(False)
+    evaluation = LocalEvaluation(task, task.test_data(None), model, torch.device("cpu"), lambda: False)
+    copied = dict(evaluation._model.named_parameters())
+    for name, parameter in model.named_parameters():
+        assert (copied[name].data_ptr() == parameter.data_ptr()) == name.startswith("body.")
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,10 @@ class LocalEvaluation:
         self.data = data
         self.device = device
         self._stopping = stopping
-        self._model = copy.deepcopy(model)  # a copy: a client's task hands over the script's own model, which trains meanwhile
+        # a copy: a client's task hands over the script's own model, which trains meanwhile; frozen parameters (a
+        # pretrained base under adapters) are not copied but shared, since nothing writes them
+        frozen = {id(parameter): parameter for parameter in model.parameters() if not parameter.requires_grad}
+        self._model = copy.deepcopy(model, memo=frozen)
         self._lock = threading.Lock()
         # the learner's personal part (--share) after a round, by round: evaluated with the shared part that round made
         self._personal = personal
