@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, run_dir: Path, aggregation: str, straggler: bo
         *("--lr", str(args.lr), "--momentum", "0.9", "--weight-decay", "5e-4", "--rounds", "1000000", "--eval-every", "0"),
         *("--checkpoint-every", "1", "--keep-checkpoints", "1000000", "--run-dir", str(run_dir), "--threads", "1"),
         *("--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--quiet"),
-        *(["--round-timeout", "600"] if aggregation == "fedavg" else []),
+        *(["--round-timeout", "600"] if aggregation == "fedavg" else args.fedbuff_flags.split()),
     ]
     learner_cmd = [sys.executable, "learner.py", "--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1", "--device", "cpu"]
     learner_cmd += ["--threads", "1", "--quiet", "--connect-timeout", "300"]
@@ -99,6 +99,12 @@ def first_at(points: list[tuple[int, float, float, float]], target: float) -> fl
     return next((elapsed for _, elapsed, accuracy, _ in points if accuracy >= target), None)
 
 
+def cases(args: argparse.Namespace) -> list[bool]:
+    """Whether each pair of runs --cases names has the straggler."""
+    names = args.cases.split(",")
+    return [straggler for straggler, name in ((True, "straggler"), (False, "plain")) if name in names]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the four federations one after the other, evaluate their checkpoints, print (and with --out, save) the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--grid", type=float, default=30.0, help="seconds between evaluated checkpoints")
+    parser.add_argument("--fedbuff-flags", default="", help="leader flags for the fedbuff runs (default: none, its defaults)")
+    parser.add_argument("--cases", default="straggler,plain", help="which pairs of runs: straggler, plain or both")
     parser.add_argument("--earlier", default=None, help="JSON lines this benchmark printed: those runs are reported, not run again")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             key = (earlier["straggler"], earlier["aggregation"])
             results[key], commits[key] = [tuple(point) for point in earlier["points"]], earlier["commit"]
     with tempfile.TemporaryDirectory(prefix="fedbuff-bench-") as scratch:
-        for straggler in (True, False):
+        for straggler in cases(args):
             minutes = args.straggler_minutes if straggler else args.plain_minutes
             for aggregation in ("fedavg", "fedbuff"):
                 if (straggler, aggregation) in results:
@@ -141,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# fedbuff against synchronous fedavg: 4 learners, ResNet-20 on CIFAR-10, one slowed {args.slowdown:g}x",
         f"machine: {provenance.machine()}; one run per row, one after the other, alone on the machine",
         f"each job {args.local_steps} steps of batch {args.batch_size} at lr {args.lr:g}; {args.straggler_minutes:g} min of training "
-        f"with the straggler, {args.plain_minutes:g} min without; checkpoints evaluated every {args.grid:g} s",
+        f"with the straggler, {args.plain_minutes:g} min without; checkpoints evaluated every {args.grid:g} s; "
+        f"fedbuff with {args.fedbuff_flags or 'its defaults'}",
         "",
         "| learners | aggregation | commit | rounds | end accuracy | last 3 evaluated | "
         + " | ".join(f"time to {100 * target:.0f}%" for target in TARGETS)
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             + " |"
         )
     lines += ["", "fedbuff / fedavg, time to each target:", ""]
-    for straggler in (True, False):
+    for straggler in cases(args):
         ratios = []
         for target in TARGETS:
             sync, buffered = first_at(results[(straggler, "fedavg")], target), first_at(results[(straggler, "fedbuff")], target)
