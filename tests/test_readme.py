@@ -63,6 +63,9 @@ def test_every_readme_command_is_one_this_file_runs():
         "python leader.py --learners 2 --model resnet20 --aggregation fedavg --rounds 20",
         "python learner.py --leader LEADER_HOST:10134",
         "python local_federation.py --resume runs/RUN --rounds 40",
+        "python -m examples.lora_task BASE_DIR",
+        "FEDGRPC_BASE_MODEL=BASE_DIR python local_federation.py --task examples/lora_task.py --aggregation fedavg --local-steps 20 "
+        "--rounds 5 --lr 0.2",
         "python local_federation.py --engine ray --learners 1000 --fraction 0.01 --dataset synthetic --data-mode local --model small-cnn "
         "--aggregation fedavg --batch-size 10 --local-steps 5 --momentum 0 --rounds 3",
         "RAY_AUTH_MODE=token ray start --head --port 6379",
@@ -216,6 +219,16 @@ def test_resume_and_the_checkpoint_snippet_work_from_the_readme(tmp_path):
     loaded = run([sys.executable, str(script)], cwd=script.parent, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert int(loaded.stdout.split()[-1]) == 11642  # tiny-cnn's parameters
+
+
+def test_the_lora_example_fine_tunes_as_written(tmp_path):
+    make_base, command = [line for line in commands() if "lora_task" in line]
+    values = {"BASE_DIR": str(tmp_path / "base")}
+    assert run_line(make_base, values).returncode == 0
+    result = run_line(command, values, "--device", "cpu", "--rounds", "2", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, last = metrics(tmp_path / "run")
+    assert last["test_loss"] < first["test_loss"] and last["bytes_in"] == first["bytes_in"] == 2 * 3584  # two updates of adapters
 
 
 def test_the_ray_simulation_runs_as_written(tmp_path):
