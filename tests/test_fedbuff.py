@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import signal
 import subprocess
 import sys
@@ -26,9 +27,12 @@ from conftest import (
     start_learners,
     wait_until,
 )
+from fedgrpc.algorithms import fedbuff
 from fedgrpc.algorithms.strategy import Strategy
 from fedgrpc.config.options import LeaderConfig, parse_leader_config
+from fedgrpc.engines.pool import PoolConfig, run_pool
 from fedgrpc.leader import checkpoint, plots
+from fedgrpc.leader.coordinator import Published
 from fedgrpc.leader.intake import Intake
 from fedgrpc.learner import training
 from fedgrpc.protos import leader_pb2
@@ -188,13 +192,6 @@ def test_fedbuff_defaults(tmp_path):
     assert (config.training_slots(), config.buffered_updates(), config.staleness_limit(), config.checkpoint_every) == (4, 2, 8, 1)
     with pytest.raises(SystemExit):
         parse_leader_config(["--buffer-size", "3", "--run-dir", str(tmp_path / "sync")])  # a fedbuff flag without fedbuff
-
-
-def test_the_ray_engine_refuses_fedbuff_in_one_line():
-    result = subprocess.run(
-        [sys.executable, "local_federation.py", "--engine", "ray", "--aggregation", "fedbuff"], cwd=ROOT, capture_output=True, text=True
-    )
-    assert result.returncode == 2 and "fedbuff needs --engine processes" in result.stderr
 
 
 # ---- real federations ------------------------------------------------------------------------------------------------
@@ -375,3 +372,138 @@ def test_rules_compression_and_dp_apply_to_the_buffer(tmp_path, overrides):
     else:
         epsilons = [entry["dp_epsilon"] for entry in history]
         assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]  # every aggregation spends privacy
+
+
+# ---- virtual learners in a pool (the Ray engine's, here in-process) -------------------------------------------------
+
+
+class JobWatch:
+    """Records, in a federation of in-process pools, each model version the leader published, the version each job
+    was bound to by its learner's fetch, the model each job trained on, and the staleness each taken update was given."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.lock = threading.Lock()
+        self.versions: dict[int, dict[str, torch.Tensor]] = {}  # version -> the published shared state
+        self.bound: dict[tuple[int, int], list[int]] = {}  # (learner id, job) -> the version of each GetModel for it
+        self.trained: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (learner id, job) -> the model it trained on
+        self.taken: dict[tuple[int, int], tuple[int, int]] = {}  # (learner id, job) -> (staleness, version it joined)
+        published_of, bind, finish, train = Published.of.__func__, fedbuff.Jobs.bind, fedbuff.Jobs.finish, training.LocalTrainer.train
+
+        def watched_of(cls, round_number, model, buffers=None):
+            with self.lock:
+                self.versions[round_number] = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+            return published_of(cls, round_number, model, buffers)
+
+        def watched_bind(jobs, learner_id, version):
+            job = bind(jobs, learner_id, version)
+            with self.lock:
+                self.bound.setdefault((learner_id, job.number), []).append(job.version)
+            return job
+
+        def watched_finish(jobs, learner_id, number, digest, version_now):
+            answer, staleness = finish(jobs, learner_id, number, digest, version_now)
+            if answer is None:  # taken, not a retry's duplicate
+                with self.lock:
+                    self.taken[(learner_id, number)] = (staleness, version_now)
+            return answer, staleness
+
+        def watched_train(trainer, round_number):
+            if trainer.learner_id >= 0:  # not the pool's warm-up
+                with self.lock:
+                    self.trained[(trainer.learner_id, round_number)] = {k: v.clone() for k, v in trainer.shared.state_dict().items()}
+            return train(trainer, round_number)
+
+        monkeypatch.setattr(Published, "of", classmethod(watched_of))
+        monkeypatch.setattr(fedbuff.Jobs, "bind", watched_bind)
+        monkeypatch.setattr(fedbuff.Jobs, "finish", watched_finish)
+        monkeypatch.setattr(training.LocalTrainer, "train", watched_train)
+
+
+def test_a_pools_learners_each_train_their_own_jobs_on_the_model_version_the_leader_bound(tmp_path, monkeypatch):
+    watch = JobWatch(monkeypatch)
+    config = leader_config(tmp_path, aggregation="fedbuff", learners=4, buffer_size=2, rounds=5, local_steps=3, batch_size=16, lr=0.05)
+    with running_leader(config) as running:
+        pools = [run_pool(PoolConfig(leader=running.address, connect_timeout=30), indices) for indices in ([0, 2], [1, 3])]
+        history = running.leader.run()
+        assert all(pool.done.wait(60) for pool in pools)
+    assert all(pool.stop_reason == "training complete" for pool in pools)
+
+    # every aggregation took its buffer of updates, none refused as stale or malformed
+    assert [entry["updates_buffered"] for entry in history] == [2] * 5
+    assert not any(entry["updates_stale"] or entry["updates_rejected"] for entry in history)
+    assert sorted({learner_id for learner_id, _ in watch.trained}) == [0, 1, 2, 3]  # every virtual learner had its turns
+    for learner_id in range(4):  # each learner's jobs, numbered by its own count, one after another
+        jobs = sorted(job for owner, job in watch.trained if owner == learner_id)
+        assert jobs == list(range(1, len(jobs) + 1))
+
+    # each job fetched its own model once, with its learner's session, and trained on exactly the version that fetch bound
+    assert watch.bound.keys() >= watch.trained.keys()
+    for key, state in watch.trained.items():
+        assert len(watch.bound[key]) == 1, key
+        version = watch.bound[key][0]
+        assert all(torch.equal(state[name], watch.versions[version][name]) for name in state), (key, version)
+    # and the leader weighed each taken update by how far that version lagged behind the buffer it joined
+    assert len(watch.taken) >= 10
+    for key, (staleness, version_now) in watch.taken.items():
+        assert staleness == version_now - watch.bound[key][0] >= 0, key
+    recorded = [(entry["round"], entry["staleness_max"]) for entry in history]
+    assert recorded == [(v, max(s for s, joined in watch.taken.values() if joined == v)) for v in range(1, 6)]
+
+    # the buffers moved the model, and it learned
+    assert not torch.equal(watch.versions[6]["fc.weight"], watch.versions[1]["fc.weight"])
+    assert history[-1]["test_loss"] < history[0]["test_loss"]
+
+
+def test_a_pools_learner_that_drops_out_of_its_first_job_comes_back_for_a_later_one(tmp_path, caplog):
+    seed, dropout = 28, 0.3
+    # Each job is drawn for by the learner's count of jobs in all its sessions: learners 0 and 3 drop out of their
+    # first and none of its second. Drawn by the job's number, which starts at 1 again in each session, they would
+    # drop out of every job they were given.
+    assert [random.Random(f"dropout-{seed}-{index}-1").random() < dropout for index in range(4)] == [True, False, False, True]
+    assert not any(random.Random(f"dropout-{seed}-{index}-2").random() < dropout for index in range(4))
+    caplog.set_level(logging.INFO)
+    # more aggregations than the test needs: it stops the run once every learner has trained, however long rejoining takes
+    config = leader_config(tmp_path, aggregation="fedbuff", learners=4, buffer_size=2, rounds=10000, local_steps=2, batch_size=16)
+    with running_leader(config) as running:
+        leader = running.leader
+        pool_config = PoolConfig(leader=running.address, connect_timeout=30, dropout=dropout, seed=seed)
+        pools = [run_pool(pool_config, indices) for indices in ([0, 2], [1, 3])]
+        learners = {learner.index: learner for pool in pools for learner in pool.learners}
+        runner, outcome = run_until_stopped(leader)
+        # rounds_trained counts updates the leader took; read without the pool's lock: one attribute, and polled again
+        wait_until(lambda: all(learner.rounds_trained >= 1 for learner in learners.values()), timeout=120)
+        leader.stop_event.set()
+        runner.join(60)
+        leader.stop_learners("the test has seen what it checks")
+        assert all(pool.done.wait(60) for pool in pools)
+    assert outcome["error"] == "leader shutting down"
+    assert any("simulated dropout" in record.getMessage() for record in caplog.records if record.name == "fedgrpc.leader.roster")
+    assert learners[0].jobs_given >= 2 and learners[3].jobs_given >= 2  # dropped out of one job, registered again, given another
+    assert all(entry["updates_buffered"] == 2 for entry in leader.history)
+
+
+def test_under_fedbuff_a_pool_keeps_each_virtual_learners_personal_part_from_job_to_job(tmp_path, monkeypatch):
+    heads: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (learner, job) -> its head before and after
+    train = training.LocalTrainer.train
+
+    def recording_train(trainer, round_number):
+        before = trainer.model.fc.weight.detach().clone()
+        result = train(trainer, round_number)
+        if trainer.learner_id >= 0:  # not the pool's warm-up
+            heads[(trainer.learner_id, round_number)] = (before, trainer.model.fc.weight.detach().clone())
+        return result
+
+    monkeypatch.setattr(training.LocalTrainer, "train", recording_train)
+    config = leader_config(
+        tmp_path, aggregation="fedbuff", share="fedper", eval_every=0, learners=2, buffer_size=1, rounds=4, local_steps=3
+    )
+    with running_leader(config) as running:
+        pool = run_pool(PoolConfig(leader=running.address, connect_timeout=30), [0, 1])
+        history = running.leader.run()
+        assert pool.done.wait(60)
+    assert [entry["updates_buffered"] for entry in history] == [1] * 4
+    for learner_id, job in heads:  # the head a job starts from is the one the learner's previous job left, not the other's
+        if (learner_id, job + 1) in heads:
+            assert torch.equal(heads[(learner_id, job + 1)][0], heads[(learner_id, job)][1]), (learner_id, job)
+    assert (0, 2) in heads and (1, 2) in heads  # each trained a second job on its own head
+    assert not torch.equal(heads[(0, 1)][1], heads[(1, 1)][1])  # two learners, two heads, in one model

@@ -213,3 +213,23 @@ def test_secure_aggregation_on_ray_unmasks_rounds_whose_learners_drop_out_after_
     assert history[0]["learners_reported"] == learners - drops
     assert "simulated dropout" in result.stderr
     assert all(record["secagg_unmask_seconds"] > 0 and math.isfinite(record["train_loss"]) for record in history)
+
+
+def test_fedbuff_on_ray_fills_every_buffer_with_updates_from_both_pools(tmp_path, cluster_address):
+    run_dir = tmp_path / "run"
+    flags = ["--aggregation", "fedbuff", "--learners", "6", "--rounds", "3", "--buffer-size", "3", "--eval-every", "3"]
+    result = subprocess.run(
+        federation(run_dir, *flags, "--engine", "ray", "--ray-address", cluster_address),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = metrics(run_dir)
+    assert [record["round"] for record in history] == [1, 2, 3]
+    assert all(record["updates_buffered"] == 3 and not record["updates_rejected"] for record in history)
+    # each job's learner fetched the model its job trains on: the leader sent at least one model per update it took
+    model_bytes = wire.payload_bytes(wire.specs_of(build_model("tiny-cnn").state_dict()))
+    assert sum(record["bytes_out"] for record in history) >= 9 * model_bytes
+    assert final_weights(run_dir)[0] == 3 and math.isfinite(history[-1]["test_loss"])

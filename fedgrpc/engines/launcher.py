@@ -124,9 +124,9 @@ def launch(argv: list[str], ray_thread: RayThread | None) -> int:
         type=probability_below_one,
         default=0.0,
         metavar="P",
-        help="each round each virtual learner drops out with probability P (seeded): it fails the leader's call as a "
-        "learner that is gone would, without training, and registers again (under --secure-aggregation after the "
-        "round's key stages, the costly case); 0: none",
+        help="each round (under fedbuff, each job) each virtual learner drops out with probability P (seeded): it fails "
+        "the leader's call as a learner that is gone would, without training, and registers again (under "
+        "--secure-aggregation after the round's key stages, the costly case); 0: none",
     )
     args = parse_with_config(parser, expand_resume(parser, argv))
     learner_dirs = args.learner_data_dir or []
@@ -137,8 +137,6 @@ def launch(argv: list[str], ray_thread: RayThread | None) -> int:
     if args.engine == "ray":
         if learner_dirs or args.learner_compile:
             parser.error("--learner-data-dir and --learner-compile work with --engine processes only")
-        if args.aggregation == "fedbuff":
-            parser.error("--engine ray runs pools that train one round's model at a time; fedbuff needs --engine processes")
         if args.data_mode == "local" and (args.dataset != "synthetic" or args.task):
             parser.error("--engine ray with --data-mode local makes synthetic data: add --dataset synthetic, or use --data-mode split")
         if args.evaluation in ("learners", "both"):

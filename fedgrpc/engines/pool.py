@@ -4,11 +4,14 @@ Every virtual learner registers, authenticates, trains and reports through the s
 learner.py process; only its state between rounds (ids, secrets, data, kept momentum, error feedback) lives
 here instead of in a process of its own. It registers as pooled (LearnerInfo.pooled), so the leader starts
 its rounds without pushing the model (ModelState.fetch) and the pool fetches each round's model with GetModel
-once for all of its learners. ray_engine.py runs such pools as Ray actors.
+once for all of its learners. Under fedbuff the leader starts each learner's training jobs the same way, and
+each job's model is fetched by its own learner as its turn comes, since that fetch binds the job to the model
+version it trains on. ray_engine.py runs such pools as Ray actors.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
@@ -92,6 +95,8 @@ class VirtualLearner:
     residual: dict[str, torch.Tensor] = field(default_factory=dict)  # topk's error feedback
     personal: dict[str, torch.Tensor] | None = None  # its personal part (--share), as its last round left it
     rounds_trained: int = 0
+    session_of: str = ""  # the callback secret its session token was issued for (register)
+    jobs_given: int = 0  # fedbuff: the jobs the leader started it on in all its sessions (the seed of its dropout draws)
     secagg: SecAggParty = field(default_factory=SecAggParty)  # its side of each round's secure aggregation
     # under secure aggregation, a trained update waiting for its round's third stage: (round, update, round's model,
     # examples, loss); sent once the leader says whom to mask against, else replaced by the learner's next round
@@ -128,9 +133,10 @@ class LearnerPool:
         self.memory_format = torch.contiguous_format
         self._lock = threading.Lock()
         self._by_token: dict[str, VirtualLearner] = {}  # callback secret -> learner, for the gate and the handlers
-        self._jobs: queue.Queue[tuple[VirtualLearner, int] | None] = queue.Queue()  # (learner, round) to train; None: stop
-        self._model_round = 0  # the round of the model now in self._state
-        self._state: dict[str, torch.Tensor] | None = None
+        self._registered = threading.Condition(self._lock)  # a registration's answer came (VirtualLearner.session_of)
+        # (learner, round or fedbuff job, the callback secret it was started under) to train; None: stop
+        self._jobs: queue.Queue[tuple[VirtualLearner, int, str] | None] = queue.Queue()
+        self.models: PoolModels | None = None  # where each round's or job's model comes from, once the plan came
         self._stop_reason: str | None = None
         self._stopped = threading.Event()
         self.done = threading.Event()  # set once the pool has stopped serving (run_pool)
@@ -153,9 +159,9 @@ class LearnerPool:
             learner = self._by_token.get(callback_token)
         return learner if learner is not None and rpc.secrets_match(callback_token, learner.callback_token) else None
 
-    def start_round(self, learner: VirtualLearner, round_number: int) -> None:
-        """Queue a learner's round; the worker trains queued rounds one after another."""
-        self._jobs.put((learner, round_number))
+    def start_round(self, learner: VirtualLearner, round_number: int, callback_token: str) -> None:
+        """Queue a learner's round (under fedbuff, its job) started under `callback_token`; the worker trains them one after another."""
+        self._jobs.put((learner, round_number, callback_token))
 
     def stop(self, reason: str) -> None:
         """End the pool: the leader told one of its learners to stop, and they share this process."""
@@ -218,7 +224,7 @@ class LearnerPool:
                     continue
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise LearnerError(f"the leader refused registration: {error.details()}") from None
-        with self._lock:
+        with self._registered:
             if learner.learner_id != reply.learner_id:
                 learner.trainer = None  # another slot: another split, and its own seeds
                 learner.personal = None  # trained on the other split
@@ -226,6 +232,8 @@ class LearnerPool:
             learner.parked = None
             learner.learner_id = reply.learner_id
             learner.session_token = reply.session_token
+            learner.session_of = info.callback_token
+            self._registered.notify_all()
             learner.split_examples = reply.split_examples
             self.split_layout = layout_specs(reply.split_layout)
             if self.plan is None:
@@ -242,26 +250,10 @@ class LearnerPool:
         self.shared, self.personal_names, specs = share_as_planned(model, plan, self.task)
         self._fresh_personal = sharing.personal_state(model, self.personal_names)
         self.plan, self.model, self.specs, self.memory_format = plan, model, specs, memory_format
+        self.models = PoolModels(self.stub, specs, plan.model, per_job=plan.aggregation == "fedbuff")
         if self.task.builtin:  # a user's task's data is not known before the first split arrives
-            threading.Thread(target=self._warm_up, name="pool-warm-up", daemon=True).start()
-
-    def _warm_up(self) -> None:
-        """Train a throwaway copy of the model for one round while the other learners register.
-
-        A process's first training step costs far more than later ones (PyTorch picks and builds its convolution
-        kernels); paid here, it stays out of round 1.
-        """
-        plan = leader_pb2.TrainingPlan()
-        plan.CopyFrom(self.plan)
-        plan.local_steps = 1
-        model = self.task.model().to(self.device, memory_format=self.memory_format)
-        data = synthetic_shard(max(2, plan.batch_size), plan.seed, -1)
-        tensors = (data.images.to(self.device), (data.labels % plan.num_classes).to(self.device))
-        trainer = LocalTrainer(plan, -1, model, model, self.task, tensors, self.memory_format, False)
-        try:
-            trainer.train(1)
-        except RuntimeError as error:  # the real round will meet it too, and say so
-            logger.debug("warm-up failed: %s", error)
+            warm = functools.partial(warm_up, plan, self.task, self.device, memory_format)
+            threading.Thread(target=warm, name="pool-warm-up", daemon=True).start()
 
     def _first_message_limit(self) -> int:
         """Most bytes the first message of a stream from the leader may take (wire.first_message_limit)."""
@@ -315,22 +307,27 @@ class LearnerPool:
             logger.warning("learner %d: %s", learner.index, error)
 
     def drops_out(self, learner: VirtualLearner, round_number: int) -> bool:
-        """Whether a learner drops out of a round (simulated dropouts, PoolConfig.dropout)."""
-        draw = random.Random(f"dropout-{self.config.seed}-{learner.index}-{round_number}").random()
+        """Whether a learner drops out of a round, or under fedbuff of its latest job (simulated dropouts, PoolConfig.dropout)."""
+        # a job's number starts again at 1 in each session: drawn by it, a learner that dropped out would again and again
+        turn = learner.jobs_given if self.models.per_job else round_number
+        draw = random.Random(f"dropout-{self.config.seed}-{learner.index}-{turn}").random()
         return draw < self.config.dropout
 
     def drop_out(self, learner: VirtualLearner) -> None:
         """A learner dropped out: the leader marks it absent as its call fails, and it registers again."""
         self._registering.submit(self._register_again, learner)
 
-    def _train_and_send(self, learner: VirtualLearner, round_number: int) -> None:
-        """Train one learner's round on that round's model and hand its update to the sender; a failed call loses that update only."""
-        if self.config.dropout and self.drops_out(learner, round_number):
-            return
+    def _train_and_send(self, learner: VirtualLearner, round_number: int, callback_token: str) -> None:
+        """Train one learner's round (under fedbuff, its job) on its model and hand its update to the sender; a failed
+        call loses that update only."""
+        if self.plan.secure_aggregation and self.config.dropout and self.drops_out(learner, round_number):
+            return  # after its key stages; without secure aggregation it failed the round's start instead
+        if not self._in_session(learner, callback_token):
+            return  # started in a session that has ended since: the leader forgot that work with it
         try:
-            state = self._model_for(learner, round_number)
+            state = self.models.for_work(learner, round_number)
             if state is None:
-                return  # the round ended before this learner's turn: the leader has moved on
+                return  # the round (or job) ended before this learner's turn: the leader has moved on
             trainer = self._trainer_for(learner)
             self.shared.load_state_dict(state)
             if self.personal_names:  # the pool's one model takes this learner's own part, and gives it back after
@@ -352,6 +349,15 @@ class LearnerPool:
             self._call_failed(learner, round_number, error)
         except LearnerError as error:  # a malformed model or split from the leader: this round's update is lost
             logger.error("learner %d, round %d: %s", learner.index, round_number, error)
+
+    def _in_session(self, learner: VirtualLearner, callback_token: str) -> bool:
+        """Whether work started under `callback_token` is the learner's now, once its registration's answer is in (a
+        fedbuff job can come before the answer to the registration that earned it)."""
+        with self._registered:
+            self._registered.wait_for(
+                lambda: learner.callback_token != callback_token or learner.session_of == callback_token, timeout=REGISTER_ATTEMPT_S
+            )
+            return learner.callback_token == callback_token == learner.session_of
 
     def offer_secure_later(self, learner: VirtualLearner) -> None:
         """offer_secure on another thread: a stage call must not wait for room in the outbox."""
@@ -386,19 +392,6 @@ class LearnerPool:
                 learner.rounds_trained += 1
             except grpc.RpcError as error:
                 self._call_failed(learner, round_number, error)
-
-    def _model_for(self, learner: VirtualLearner, round_number: int) -> dict[str, torch.Tensor] | None:
-        """Round `round_number`'s global model: fetched with GetModel the first time any learner of the pool needs it."""
-        if self._model_round == round_number:
-            return self._state
-        model_bytes = wire.payload_bytes(self.specs)
-        responses = self.stub.GetModel(leader_pb2.Empty(), timeout=rpc.transfer_timeout(model_bytes), metadata=learner.metadata())
-        try:
-            received = wire.receive(responses, max_bytes=model_bytes, expected=self.specs)
-        except wire.WireError as error:
-            raise LearnerError(f"the leader's model does not fit this pool's {self.plan.model}: {error}") from None
-        self._model_round, self._state = received.header.round, received.tensors
-        return self._state if self._model_round == round_number else None
 
     def _trainer_for(self, learner: VirtualLearner) -> LocalTrainer:
         """A learner's trainer over its data, made on its first round (and kept while it holds momentum or a fetched split)."""
@@ -469,7 +462,7 @@ class PoolServicer(learner_pb2_grpc.LearnerServiceServicer):
     def StartTraining(self, request: learner_pb2.Empty, context: grpc.ServicerContext) -> learner_pb2.Ack:
         self._learner(context)
         context.abort(
-            grpc.StatusCode.FAILED_PRECONDITION, "a pooled learner's rounds start with SyncModelState (fetch), which names the round"
+            grpc.StatusCode.FAILED_PRECONDITION, "a pooled learner's rounds and jobs start with SyncModelState (fetch), which names them"
         )
 
     def SyncModelState(self, request_iterator: Iterator[learner_pb2.ModelState], context: grpc.ServicerContext) -> learner_pb2.Ack:
@@ -485,10 +478,12 @@ class PoolServicer(learner_pb2_grpc.LearnerServiceServicer):
         if not first.fetch:  # a pushed model: the pool takes each round's model from GetModel, so only the round is read
             for _ in itertools.chain([first], request_iterator):
                 pass
+        if self.pool.models.per_job:
+            learner.jobs_given += 1
         if not self.pool.plan.secure_aggregation and self.pool.config.dropout and self.pool.drops_out(learner, first.round):
             self._drop_out(learner, context)
-        self.pool.start_round(learner, first.round)
-        return learner_pb2.Ack(success=True, message=f"round {first.round} queued")
+        self.pool.start_round(learner, first.round, rpc.caller_token(context))
+        return learner_pb2.Ack(success=True, message=f"{'job' if self.pool.models.per_job else 'round'} {first.round} queued")
 
     def _drop_out(self, learner: VirtualLearner, context: grpc.ServicerContext) -> None:
         """Fail the leader's call as a learner that is gone would, and have it register again."""
@@ -514,6 +509,61 @@ class PoolServicer(learner_pb2_grpc.LearnerServiceServicer):
     def Unmask(self, request: learner_pb2.SecAggUnmaskRequest, context: grpc.ServicerContext) -> learner_pb2.SecAggRevealedShares:
         learner = self._learner(context)
         return refuse(context, lambda: learner.secagg.unmask(request))
+
+
+def warm_up(plan: leader_pb2.TrainingPlan, task: Task, device: torch.device, memory_format: torch.memory_format) -> None:
+    """Train a throwaway copy of the model for one round while the pool's learners register.
+
+    A process's first training step costs far more than later ones (PyTorch picks and builds its convolution
+    kernels); paid here, it stays out of round 1.
+    """
+    warm_plan = leader_pb2.TrainingPlan()
+    warm_plan.CopyFrom(plan)
+    warm_plan.local_steps = 1
+    model = task.model().to(device, memory_format=memory_format)
+    data = synthetic_shard(max(2, plan.batch_size), plan.seed, -1)
+    tensors = (data.images.to(device), (data.labels % plan.num_classes).to(device))
+    trainer = LocalTrainer(warm_plan, -1, model, model, task, tensors, memory_format, False)
+    try:
+        trainer.train(1)
+    except RuntimeError as error:  # the real round will meet it too, and say so
+        logger.debug("warm-up failed: %s", error)
+
+
+class PoolModels:
+    """The global model each round or job of a pool's learners trains on, fetched with GetModel.
+
+    A round's model is fetched once for all of the pool's learners. Under fedbuff a learner's job is bound to the model
+    version its own fetch returns (the leader numbers the model with the job), so each job's model is fetched by its
+    learner as its turn comes: on the newest model, and nothing kept for the learners still waiting.
+    """
+
+    def __init__(self, stub: Any, specs: list[wire.TensorSpec], model_name: str, per_job: bool) -> None:
+        self.stub = stub
+        self.specs = specs
+        self.model_name = model_name
+        self.per_job = per_job
+        self._round = 0  # the round of the model in self._state
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def for_work(self, learner: VirtualLearner, number: int) -> dict[str, torch.Tensor] | None:
+        """The model of `learner`'s round (under fedbuff, its job) `number`; None when the leader has moved past it."""
+        if self.per_job:
+            fetched, state = self._fetch(learner)
+            return state if fetched == number else None
+        if self._round != number:
+            self._round, self._state = self._fetch(learner)
+        return self._state if self._round == number else None
+
+    def _fetch(self, learner: VirtualLearner) -> tuple[int, dict[str, torch.Tensor]]:
+        """GetModel with `learner`'s session: the round (or job) the leader numbers the model with, and its tensors."""
+        model_bytes = wire.payload_bytes(self.specs)
+        responses = self.stub.GetModel(leader_pb2.Empty(), timeout=rpc.transfer_timeout(model_bytes), metadata=learner.metadata())
+        try:
+            received = wire.receive(responses, max_bytes=model_bytes, expected=self.specs)
+        except wire.WireError as error:
+            raise LearnerError(f"the leader's model does not fit this pool's {self.model_name}: {error}") from None
+        return received.header.round, received.tensors
 
 
 def create_server(pool: LearnerPool, host: str, port: int, tls: Tls | None = None) -> tuple[grpc.Server, int, Any]:

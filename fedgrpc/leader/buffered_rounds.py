@@ -13,6 +13,7 @@ from fedgrpc.algorithms import fedbuff
 from fedgrpc.leader.intake import RoundState
 from fedgrpc.leader.roster import LearnerRecord, MemberChecks
 from fedgrpc.protos import learner_pb2
+from fedgrpc.transport import rpc
 
 if TYPE_CHECKING:
     from fedgrpc.leader.coordinator import Leader
@@ -53,18 +54,22 @@ class BufferedRounds:
             given = jobs.assign(self.leader.roster.alive())
             starts = []
             for record, job in given:
-                fetches = not record.started  # a newcomer is started and fetches its model (GetModel), which binds the job
+                # a newcomer is started, and a pooled learner told its job: each fetches its model (GetModel), which binds
+                # the job; a pool serves thousands of learners, so it fetches each job's model only as it comes to train it
+                pushed = record.started and not record.pooled
                 record.started = True
-                if not fetches:
+                if pushed:
                     job.version = published.round_number
-                starts.append((record, job, fetches))
+                starts.append((record, job, pushed))
 
-        def begin(record: LearnerRecord, job: fedbuff.Job, fetches: bool) -> Any:
-            states = None if fetches else published.for_job(published.model_states, learner_pb2.ModelState, job.number)
+        def begin(record: LearnerRecord, job: fedbuff.Job, pushed: bool) -> Any:
+            if record.pooled:
+                return start_pooled(record, job.number)
+            states = published.for_job(published.model_states, learner_pb2.ModelState, job.number) if pushed else None
             return self.leader._start(record, states, published.nbytes)
 
-        for record, job, fetches in starts:
-            self.leader._call_in_background(record, functools.partial(begin, job=job, fetches=fetches), "a training job's start")
+        for record, job, pushed in starts:
+            self.leader._call_in_background(record, functools.partial(begin, job=job, pushed=pushed), "a training job's start")
 
     def collect(self, round_number: int, run_start: float) -> RoundState:
         """fedbuff: wait until round `round_number`'s buffer has its updates, checking on the learners that train meanwhile.
@@ -98,3 +103,10 @@ class BufferedRounds:
                     )
                 self.leader._cond.wait(min(WAIT_SLICE_S, checks.seconds_to_next()))
             return self.leader.intake.filled.pop(round_number)
+
+
+def start_pooled(record: LearnerRecord, number: int) -> Any:
+    """Tell a pooled learner its round, or under fedbuff its job, `number` without the model (ModelState.fetch): its pool
+    fetches it (a round's once for all its learners, a job's when the job's turn comes)."""
+    start = learner_pb2.ModelState(round=number, fetch=True)
+    return record.stub.SyncModelState(iter([start]), timeout=rpc.CONTROL_TIMEOUT_S, metadata=rpc.token_metadata(record.callback_token))

@@ -26,7 +26,7 @@ from fedgrpc.config.options import STRAGGLER_GRACE_FACTOR, STRAGGLER_GRACE_MIN_S
 from fedgrpc.console import StatusLine
 from fedgrpc.data import IMAGE_SHAPE, Examples, derive_seed, resolve_device, split_by
 from fedgrpc.leader import checkpoint
-from fedgrpc.leader.buffered_rounds import BufferedRounds
+from fedgrpc.leader.buffered_rounds import BufferedRounds, start_pooled
 from fedgrpc.leader.federated_eval import FederatedEvaluation
 from fedgrpc.leader.intake import Intake, RoundState
 from fedgrpc.leader.recorder import Recorder
@@ -318,9 +318,7 @@ class Leader:
 
         def begin(record: LearnerRecord) -> Any:
             if record.pooled:  # its pool fetches the round's model once for all of its learners (GetModel)
-                start = learner_pb2.ModelState(round=current.round_number, fetch=True)
-                metadata = rpc.token_metadata(record.callback_token)
-                return record.stub.SyncModelState(iter([start]), timeout=rpc.CONTROL_TIMEOUT_S, metadata=metadata)
+                return start_pooled(record, current.round_number)
             return self._start(record, None if record.learner_id in newcomers else published.model_states, published.nbytes)
 
         for record in records:

@@ -101,12 +101,6 @@ def check_learner_info(
             if tls_on
             else "this leader does not use TLS: start the learner without --tls-cert",
         )
-    if info.pooled and config.aggregation == "fedbuff":
-        raise rpc.RequestRefused(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "a simulation pool trains its learners on one round's model at a time, and fedbuff has no rounds to "
-            "share: run fedbuff with learner.py processes (local_federation.py --engine processes)",
-        )
     if config.data_mode == "split" and info.num_examples:
         raise rpc.RequestRefused(
             grpc.StatusCode.FAILED_PRECONDITION,
