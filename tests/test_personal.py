@@ -368,3 +368,18 @@ def test_under_fedsgd_a_frozen_personal_part_works_and_one_that_trains_is_refuse
     assert [spec.name for spec in running.leader.specs] == HEAD
     assert [entry["learners_reported"] for entry in history] == [2, 2]
     assert all(entry["test_loss"] is not None for entry in history)  # the leader evaluates: its copy is everyone's model
+
+
+def test_the_round_line_shows_the_learners_accuracy_before_and_after_fine_tuning():
+    from fedgrpc.leader.round_report import describe_evaluation
+
+    metrics = {"fed_eval_learners": 10, "fed_eval_loss": 2.5, "fed_eval_loss_min": 0.5, "fed_eval_loss_max": 6.0}
+    metrics |= {
+        "fed_eval_accuracy": 0.231,
+        "fed_eval_accuracy_min": 0.0,
+        "fed_eval_accuracy_max": 0.83,
+        "fed_eval_personal_accuracy": 0.811,
+    }
+    assert describe_evaluation(metrics) == (
+        "learners' loss 2.5000 (0.5000-6.0000), accuracy 23.10% (0.00-83.00%), 81.10% after fine-tuning over 10 learners"
+    )

@@ -92,5 +92,7 @@ def describe_evaluation(metrics: dict[str, Any]) -> str:
                 f", accuracy {100 * metrics['fed_eval_accuracy']:.2f}% "
                 f"({100 * metrics['fed_eval_accuracy_min']:.2f}-{100 * metrics['fed_eval_accuracy_max']:.2f}%)"
             )
+        if "fed_eval_personal_accuracy" in metrics:  # --personal-steps
+            text += f", {100 * metrics['fed_eval_personal_accuracy']:.2f}% after fine-tuning"
         parts.append(f"{text} over {metrics['fed_eval_learners']} learners")
     return ", ".join(parts) or "not evaluated"
