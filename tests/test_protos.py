@@ -68,3 +68,13 @@ def test_blog_field_numbers_are_kept():
         "Unmask",
         "Evaluate",
     ]
+
+
+def test_a_model_chunk_and_a_model_state_are_the_same_bytes_so_the_leader_frames_a_model_once():
+    from fedgrpc.protos import leader_pb2, learner_pb2, tensors_pb2
+
+    manifest = tensors_pb2.TensorManifest(tensors=[tensors_pb2.TensorSpec(name="fc.weight", dtype="float32", shape=[2, 3])])
+    chunk = leader_pb2.ModelChunk(chunk=bytes(range(24)), manifest=manifest, round=7).SerializeToString()
+    assert learner_pb2.ModelState(chunk=bytes(range(24)), manifest=manifest, round=7).SerializeToString() == chunk
+    state = learner_pb2.ModelState.FromString(chunk)
+    assert (state.round, state.chunk, state.fetch, state.stop) == (7, bytes(range(24)), False, False)

@@ -56,20 +56,17 @@ class Published:
     """The global model learners train on in round `round_number`, encoded once and framed once for every call that sends it."""
 
     round_number: int
-    nbytes: int  # the model's payload size; the payload itself is not kept, only its two framings
+    nbytes: int  # the model's payload size; the payload itself is not kept, only its framing
     model_chunks: list[bytes]  # GetModel's replies, serialized once (wire.frames)
-    model_states: list[bytes]  # the round-start push, serialized once
+    # the round-start push: the same bytes, one list, since ModelState numbers chunk, manifest and round as ModelChunk does
+    model_states: list[bytes]
 
     @classmethod
     def of(cls, round_number: int, model: Any, buffers: wire.BufferPool | None = None) -> Published:
         """Encode a model's (or its shared part's) state for round `round_number` (in a buffer from `buffers`, given back once framed)."""
         manifest, payload = wire.encode(model.state_dict(), allocate=buffers.take if buffers is not None else bytearray)
-        published = cls(
-            round_number,
-            len(payload),
-            list(wire.frames(leader_pb2.ModelChunk, manifest, payload, round=round_number)),
-            list(wire.frames(learner_pb2.ModelState, manifest, payload, round=round_number)),
-        )
+        frames = list(wire.frames(leader_pb2.ModelChunk, manifest, payload, round=round_number))
+        published = cls(round_number, len(payload), frames, frames)
         if buffers is not None:
             buffers.give(payload)  # the frames hold copies
         return published
