@@ -37,6 +37,12 @@ def cluster_address() -> str:
     cluster.shutdown()
 
 
+def run_on_ray(run_dir: Path, cluster_address: str, *flags: str) -> subprocess.CompletedProcess:
+    """federation() run with the Ray engine on the test cluster."""
+    command = federation(run_dir, *flags, "--engine", "ray", "--ray-address", cluster_address)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
 def federation(run_dir: Path, *flags: str) -> list[str]:
     """local_federation.py on a synthetic task small enough for a test, writing into run_dir."""
     return [
@@ -87,13 +93,7 @@ def test_actors_and_their_learners_follow_the_declared_shares():
 def test_six_virtual_learners_on_two_nodes_end_with_the_process_engines_weights(tmp_path, cluster_address):
     # kept momentum: round 2 starts from each learner's round-1 momentum, which a pool must keep for each of its learners
     flags = ["--learners", "6", "--rounds", "2", "--deterministic", "--keep-momentum", "--momentum", "0.9", "--checkpoint-every", "1"]
-    on_ray = subprocess.run(
-        federation(tmp_path / "ray", *flags, "--engine", "ray", "--ray-address", cluster_address),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
+    on_ray = run_on_ray(tmp_path / "ray", cluster_address, *flags)
     assert on_ray.returncode == 0, on_ray.stderr[-3000:]
     processes = subprocess.run(federation(tmp_path / "processes", *flags), cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert processes.returncode == 0, processes.stderr[-3000:]
@@ -116,13 +116,7 @@ def test_six_virtual_learners_on_two_nodes_end_with_the_process_engines_weights(
 
 def test_a_users_task_file_runs_on_ray_and_its_int64_tokens_reach_the_pools(tmp_path, cluster_address):
     flags = ["--task", "examples/sequence.py", "--learners", "6", "--rounds", "2", "--local-steps", "20", "--lr", "0.1"]
-    result = subprocess.run(
-        federation(tmp_path / "run", *flags, "--engine", "ray", "--ray-address", cluster_address),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
+    result = run_on_ray(tmp_path / "run", cluster_address, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     history = metrics(tmp_path / "run")
     assert [entry["learners_reported"] for entry in history] == [6, 6]
@@ -195,13 +189,7 @@ def test_secure_aggregation_on_ray_unmasks_rounds_whose_learners_drop_out_after_
     run_dir = tmp_path / "run"
     dropout, learners, seed = 0.2, 20, 11
     flags = ["--learners", str(learners), "--rounds", "3", "--secure-aggregation", "--simulate-dropout", str(dropout), "--eval-every", "0"]
-    result = subprocess.run(
-        federation(run_dir, *flags, "--engine", "ray", "--ray-address", cluster_address),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
+    result = run_on_ray(run_dir, cluster_address, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     history = metrics(run_dir)
     assert [record["round"] for record in history] == [1, 2, 3]
@@ -215,16 +203,10 @@ def test_secure_aggregation_on_ray_unmasks_rounds_whose_learners_drop_out_after_
     assert all(record["secagg_unmask_seconds"] > 0 and math.isfinite(record["train_loss"]) for record in history)
 
 
-def test_fedbuff_on_ray_fills_every_buffer_with_updates_from_both_pools(tmp_path, cluster_address):
+def test_fedbuff_on_ray_fills_every_buffer_and_each_job_fetches_its_model(tmp_path, cluster_address):
     run_dir = tmp_path / "run"
     flags = ["--aggregation", "fedbuff", "--learners", "6", "--rounds", "3", "--buffer-size", "3", "--eval-every", "3"]
-    result = subprocess.run(
-        federation(run_dir, *flags, "--engine", "ray", "--ray-address", cluster_address),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
+    result = run_on_ray(run_dir, cluster_address, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     history = metrics(run_dir)
     assert [record["round"] for record in history] == [1, 2, 3]
