@@ -119,10 +119,15 @@ def test_an_evaluation_copy_shares_the_frozen_base_instead_of_copying_it(tmp_pat
     task = load_task(str(site_task(tmp_path, [])[0]))
     model = task.model()
     model.body.requires_grad_(False)
-    evaluation = LocalEvaluation(task, task.test_data(None), model, torch.device("cpu"), lambda: False)
+    shared = sharing.shared_names(model, "adapters")  # the head and the norm's affine parameters
+    evaluation = LocalEvaluation(task, task.test_data(None), model, torch.device("cpu"), lambda: False, loaded=shared)
     copied = dict(evaluation._model.named_parameters())
     for name, parameter in model.named_parameters():
         assert (copied[name].data_ptr() == parameter.data_ptr()) == name.startswith("body.")
+    # a frozen tensor that a global model carries (--share all) is loaded into the copy, so the copy has its own
+    everything = LocalEvaluation(task, task.test_data(None), model, torch.device("cpu"), lambda: False, loaded=list(model.state_dict()))
+    own = dict(everything._model.named_parameters())
+    assert all(own[name].data_ptr() != parameter.data_ptr() for name, parameter in model.named_parameters())
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import math
 import random
 import statistics
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -148,14 +148,20 @@ class LocalEvaluation:
         device: torch.device,
         stopping: Callable[[], bool],
         personal: Callable[[int], dict[str, torch.Tensor]] | None = None,
+        loaded: Collection[str] | None = None,
     ) -> None:
         self.task = task
         self.data = data
         self.device = device
         self._stopping = stopping
-        # a copy: a client's task hands over the script's own model, which trains meanwhile; frozen parameters (a
-        # pretrained base under adapters) are not copied but shared, since nothing writes them
-        frozen = {id(parameter): parameter for parameter in model.parameters() if not parameter.requires_grad}
+        # a copy: a client's task hands over the script's own model, which trains meanwhile; frozen parameters that
+        # no evaluation loads (a pretrained base under adapters; `loaded`: the names a global model carries) are
+        # shared with the model rather than copied, since nothing writes them
+        frozen = {
+            id(parameter): parameter
+            for name, parameter in model.named_parameters()
+            if not parameter.requires_grad and loaded is not None and name not in loaded
+        }
         self._model = copy.deepcopy(model, memo=frozen)
         self._lock = threading.Lock()
         # the learner's personal part (--share) after a round, by round: evaluated with the shared part that round made

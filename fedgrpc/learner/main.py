@@ -440,7 +440,8 @@ def own_evaluation(learner: Learner, task: Task) -> LocalEvaluation:
     logger.info("evaluating global models on %d held-out examples of this learner's own", len(data))
     stopping = lambda: learner._stop_reason is not None  # noqa: E731
     personal = learner.personal.of_round if learner.personal_names else None
-    return LocalEvaluation(task, data, learner.model, learner.device, stopping, personal=personal)
+    loaded = {spec.name for spec in learner.specs}  # what a global model carries: the shared tensors
+    return LocalEvaluation(task, data, learner.model, learner.device, stopping, personal=personal, loaded=loaded)
 
 
 def register_until_admitted(
