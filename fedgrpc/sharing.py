@@ -47,13 +47,18 @@ def _direct_tensors(model: nn.Module) -> Iterator[tuple[nn.Module, str]]:
                 yield module, full
 
 
+def trained_names(model: nn.Module) -> set[str]:
+    """The state-dict names of the parameters that train (requires_grad), a tied one under each of its names."""
+    return {name for name, parameter in model.named_parameters(remove_duplicate=False) if parameter.requires_grad}
+
+
 def preset_names(model: nn.Module, preset: str) -> list[str]:
     """The state-dict names a preset shares, in state-dict order."""
     order = list(model.state_dict())
     if preset == "all":
         return order
     if preset == "adapters":
-        trained = {name for name, parameter in model.named_parameters(remove_duplicate=False) if parameter.requires_grad}
+        trained = trained_names(model)
         return [name for name in order if name in trained]
     if preset == "fedbn":
         personal = {name for module, name in _direct_tensors(model) if is_norm(module)}
@@ -78,8 +83,7 @@ def shared_names(model: nn.Module, share: str, task: Task | None = None) -> list
         names = _task_names(model, task)
     else:
         names = preset_names(model, share or "all")
-    parameters = {name for name, parameter in model.named_parameters(remove_duplicate=False) if parameter.requires_grad}
-    if not parameters.intersection(names):
+    if not trained_names(model).intersection(names):
         raise SharingError(f"--share {share}: no trainable parameter would be shared, so the federation would learn nothing")
     return names
 

@@ -42,7 +42,8 @@ class PersonalStore:
         """
         if not names:
             return False
-        expected = checkpoint.manifest({name: tensor for name, tensor in model.state_dict().items() if name in set(names)})
+        wanted = set(names)
+        expected = checkpoint.manifest({name: tensor for name, tensor in model.state_dict().items() if name in wanted})
         if self.tensors is None and self.directory is not None and not self._read:
             self._read = True
             latest = checkpoint.latest(self.directory)
