@@ -8,7 +8,7 @@ import math
 import random
 import statistics
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -48,18 +48,18 @@ def check_result(result: learner_pb2.EvaluateResult, round_number: int) -> dict[
         raise ValueError(f"the result is for round {result.round}, not {round_number}")
     if not 0 < result.num_examples <= MAX_EVAL_EXAMPLES:
         raise ValueError(f"num_examples must be in 1..{MAX_EVAL_EXAMPLES}, got {result.num_examples}")
-    problem = metrics_problem(result.metrics)
-    if problem is not None:
-        raise ValueError(problem)
-    if not math.isfinite(result.loss):
-        raise ValueError("loss is not finite")
-    values = {"loss": result.loss, **result.metrics}
-    if result.personalized:
-        problem = metrics_problem(result.personal_metrics)
-        if problem is not None or not math.isfinite(result.personal_loss):
-            raise ValueError(f"personal metrics: {problem or 'loss is not finite'}")
-        values.update({"personal_loss": result.personal_loss, **{f"personal_{name}": v for name, v in result.personal_metrics.items()}})
+    values = checked_values(result.loss, result.metrics)
+    if result.personalized:  # the same numbers after the plan's personal_steps of fine-tuning
+        values.update(checked_values(result.personal_loss, result.personal_metrics, prefix="personal_"))
     return values
+
+
+def checked_values(loss: float, metrics: Mapping[str, float], prefix: str = "") -> dict[str, float]:
+    """A loss and its metrics under their names (with `prefix`), or ValueError when they cannot be counted."""
+    problem = metrics_problem(metrics) or (None if math.isfinite(loss) else "loss is not finite")
+    if problem is not None:
+        raise ValueError(f"personal metrics: {problem}" if prefix else problem)
+    return {f"{prefix}loss": loss, **{f"{prefix}{name}": value for name, value in metrics.items()}}
 
 
 def summarize(reports: Sequence[Report]) -> dict[str, float | int]:
