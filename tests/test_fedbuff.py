@@ -164,6 +164,86 @@ def test_a_retried_update_counts_once_and_a_different_second_one_is_refused():
     assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Clock:
+    """A clock the test sets by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def job_script(durations: dict[int, float], cycles: int, quorum: int) -> list[tuple[float, int, int]]:
+    """Learners that each take durations[id] seconds a job and a buffer of `quorum`: (time given, learner, version) of every job.
+
+    Events run in time order: an update is taken (the buffer fills and a new version is made every `quorum` of them),
+    then the line is offered jobs, as BufferedRounds.dispatch does; the line is also offered jobs every 0.5 s.
+    """
+    clock = Clock()
+    jobs = fedbuff.Jobs(slots=len(durations), max_staleness=100, clock=clock)
+    members = [Member(learner_id) for learner_id in durations]
+    version, reported, log, due = 1, 0, [], {}
+
+    def offer() -> None:
+        for record, job in jobs.assign(members, needed=quorum - reported):
+            jobs.bind(record.learner_id, version)
+            log.append((clock.now, record.learner_id, version))
+            due[record.learner_id] = (clock.now + durations[record.learner_id], job.number)
+
+    offer()
+    while len(log) < cycles * len(durations):
+        learner_id = min(due, key=lambda key: due[key][0])
+        clock.now = min(due[learner_id][0], math.floor(clock.now / 0.5) * 0.5 + 0.5)
+        if clock.now == due[learner_id][0]:
+            _, number = due.pop(learner_id)
+            jobs.finish(learner_id, number, digest=(clock.now,), version_now=version)
+            reported += 1
+            if reported == quorum:
+                version, reported = version + 1, 0
+        offer()
+    return log
+
+
+def test_learners_of_one_pace_wait_for_the_buffer_about_to_fill_and_train_on_the_model_it_makes():
+    # four learners of nearly one pace, a buffer of four: after the first jobs (no job times known yet), each waits
+    # the moment until the others' updates fill the buffer, so every later job trains on the newest version
+    log = job_script({0: 10.0, 1: 10.2, 2: 10.4, 3: 10.6}, cycles=4, quorum=4)
+    first, later = log[:4], log[4:]
+    assert [version for _, _, version in first] == [1, 1, 1, 1]
+    assert [version for _, _, version in later[:4]] == [1, 1, 1, 2]  # job times are learned from the first jobs
+    assert [version for _, _, version in later[4:]] == [3] * 4 + [4] * 4  # from then on: synchronous rounds
+    # each waited for the slowest of the four: version 3 is made when its update (10.6 s + 10.6 s) fills buffer 2
+    assert [round(given, 6) for given, _, _ in later[4:]] == [21.2] * 4 + [31.8] * 4
+
+
+def test_a_learner_does_not_wait_for_a_straggler_nor_past_its_allowance():
+    # learner 3 takes 4x as long: its update is due far beyond a quarter of a fast learner's job, so nobody waits for it
+    log = job_script({0: 10.0, 1: 10.0, 2: 10.0, 3: 40.0}, cycles=3, quorum=4)
+    fast = sorted(given for given, learner, _ in log if learner != 3)
+    assert fast == [0.0] * 3 + [10.0] * 3 + [20.0] * 3 + [30.0] * 2  # each fast job starts the moment the last one ends
+
+    # a job due within the allowance that does not come holds the line for that allowance (a quarter of 10 s), no longer
+    clock = Clock()
+    jobs = fedbuff.Jobs(slots=2, max_staleness=100, clock=clock)
+    members = [Member(0), Member(1)]
+    for record, _ in jobs.assign(members):
+        jobs.bind(record.learner_id, 1)
+    clock.now = 10.0
+    jobs.finish(0, 1, digest=("a",), version_now=1)
+    jobs.finish(1, 1, digest=("b",), version_now=1)
+    assert [record.learner_id for record, _ in jobs.assign(members, needed=2)] == [0, 1]  # nobody in flight to wait for
+    for learner_id in (0, 1):
+        jobs.bind(learner_id, 2)
+    clock.now = 20.0
+    jobs.finish(0, 2, digest=("c",), version_now=2)  # learner 1's update is due now: the buffer lacks only it
+    assert jobs.assign(members, needed=1) == []
+    clock.now = 22.4
+    assert jobs.assign(members, needed=1) == []
+    clock.now = 22.6  # past 20 + 0.25 x 10: learner 0 trains on the model it has
+    assert [record.learner_id for record, _ in jobs.assign(members, needed=1)] == [0]
+
+
 # ---- the command line -----------------------------------------------------------------------------------------------
 
 
@@ -189,7 +269,7 @@ def test_fedbuff_refuses_what_needs_a_cohort_in_one_line(capsys, flags, message)
 def test_fedbuff_defaults(tmp_path):
     config, _, _ = parse_leader_config(["--aggregation", "fedbuff", "--learners", "4", "--run-dir", str(tmp_path / "run")])
     # all four train, two updates make an aggregation, an update may lag 4 * 4/2 aggregations, every one is written
-    assert (config.training_slots(), config.buffered_updates(), config.staleness_limit(), config.checkpoint_every) == (4, 2, 8, 1)
+    assert (config.training_slots(), config.buffered_updates(), config.staleness_limit(), config.checkpoint_every) == (4, 4, 4, 1)
     with pytest.raises(SystemExit):
         parse_leader_config(["--buffer-size", "3", "--run-dir", str(tmp_path / "sync")])  # a fedbuff flag without fedbuff
 
@@ -239,7 +319,7 @@ def test_with_concurrency_2_of_4_learners_never_more_than_2_train_and_all_take_t
     assert join_all(learners) == [0, 0, 0, 0]
     assert watch.most == 2  # two at once, never three
     assert sorted(watch.trained) == [0, 1, 2, 3]  # the other two waited their turn and had it
-    assert [entry["updates_buffered"] for entry in history] == [1] * 6  # the default buffer: half of 2
+    assert [entry["updates_buffered"] for entry in history] == [2] * 6  # the default buffer: one per training slot
     assert history[-1]["learners_training_max"] == 2
 
 

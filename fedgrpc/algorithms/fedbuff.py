@@ -8,13 +8,18 @@ same loop in both modes. The leader keeps what each number stands for: the model
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
 from fedgrpc.leader.roster import LearnerRecord
 from fedgrpc.transport import rpc
+
+HOLD_FRACTION = 0.25  # of a learner's own job time: the longest it waits in line for a buffer about to fill
+DURATION_WEIGHT = 0.5  # weight of a learner's latest job time in its running estimate
 
 
 class StaleUpdate(rpc.RequestRefused):
@@ -42,17 +47,27 @@ class LearnerJobs:
     given: int = 0
     current: Job | None = None
     finished: tuple[int, object] | None = None  # (job number, its update's digest)
+    started: float = 0.0  # when its current job was given
+    duration: float | None = None  # its jobs' running time, from give to update taken; None before the first
+    waiting_since: float = 0.0  # when it last joined the line
 
 
 class Jobs:
     """Who trains now: at most `slots` learners hold a job, the rest wait their turn in the order they finished.
 
+    A learner whose update leaves the buffer short waits in line while the jobs in flight are due to fill it
+    within HOLD_FRACTION of its own job time: it then trains on the model that buffer makes rather than on one
+    that is a version old by the time it reports. Learners of one pace so train as in synchronous rounds; a
+    straggler's job is due too late to hold anyone. A learner waits no longer than that allowance however late
+    the jobs it waits for turn out to be.
+
     Guarded by the leader's lock, like the intake it belongs to; it makes no calls itself.
     """
 
-    def __init__(self, slots: int, max_staleness: int) -> None:
+    def __init__(self, slots: int, max_staleness: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.slots = slots
         self.max_staleness = max_staleness
+        self._clock = clock
         self._learners: dict[int, LearnerJobs] = {}
         self._waiting: deque[int] = deque()  # learner ids, first in line first
         self.most_training = 0  # the most jobs held at once so far
@@ -66,25 +81,45 @@ class Jobs:
         state = self._learners.get(learner_id)
         return state.current if state is not None else None
 
-    def assign(self, alive: list[LearnerRecord]) -> list[tuple[LearnerRecord, Job]]:
-        """Give jobs to learners waiting their turn while slots are free; a learner not seen before joins the line's end."""
+    def assign(self, alive: list[LearnerRecord], needed: int = 0) -> list[tuple[LearnerRecord, Job]]:
+        """Give jobs to learners waiting their turn while slots are free; a learner not seen before joins the line's end.
+
+        `needed` is how many updates the open buffer still lacks: while the jobs in flight are due to bring them
+        soon enough, the line waits (see the class).
+        """
+        now = self._clock()
         for record in alive:
             state = self._learners.get(record.learner_id)
             if state is None or state.record is not record:  # new, or a newcomer in a freed slot: its own count
-                self._learners[record.learner_id] = LearnerJobs(record)
+                self._learners[record.learner_id] = LearnerJobs(record, waiting_since=now)
                 self._waiting.append(record.learner_id)
         given = []
         busy = sum(state.current is not None for state in self._learners.values())
         while self._waiting and busy < self.slots:
-            state = self._learners.get(self._waiting.popleft())
+            state = self._learners.get(self._waiting[0])
+            if state is not None and state.current is None and state.record.alive and self._fill_is_due(state, needed, now):
+                break  # the head of the line waits for the model the buffer makes; those behind it after it
+            self._waiting.popleft()
             if state is None or state.current is not None or not state.record.alive:
                 continue
             state.given += 1
             state.current = Job(state.given)
+            state.started = now
             given.append((state.record, state.current))
             busy += 1
         self.most_training = max(self.most_training, busy)
         return given
+
+    def _fill_is_due(self, waiting: LearnerJobs, needed: int, now: float) -> bool:
+        """Whether the jobs in flight are due to bring the buffer's `needed` updates within `waiting`'s allowance."""
+        if needed <= 0 or waiting.duration is None:
+            return False
+        due = sorted(
+            state.started + state.duration
+            for state in self._learners.values()
+            if state.current is not None and state.duration is not None and state.record.alive
+        )
+        return len(due) >= needed and max(due[needed - 1], now) <= waiting.waiting_since + HOLD_FRACTION * waiting.duration
 
     def drop(self, learner_id: int) -> None:
         """Forget a learner that is gone: its job, if any, frees its slot."""
@@ -136,6 +171,11 @@ class Jobs:
 
     def _end(self, state: LearnerJobs, learner_id: int, digest: object) -> None:
         """The job is over (its update taken, or refused as stale): the learner joins the end of the line."""
-        state.finished = (state.current.number, digest) if digest is not None else state.finished
+        now = self._clock()
+        if digest is not None:
+            state.finished = (state.current.number, digest)
+            took = now - state.started
+            state.duration = took if state.duration is None else DURATION_WEIGHT * took + (1 - DURATION_WEIGHT) * state.duration
         state.current = None
+        state.waiting_since = now
         self._waiting.append(learner_id)

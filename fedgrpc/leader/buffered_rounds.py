@@ -51,7 +51,8 @@ class BufferedRounds:
             waiting = self.leader.intake.round.round_number != published.round_number  # a filled buffer is being applied
             if not self.leader.started or waiting or published.round_number > self.leader.config.rounds or self.leader.stop_event.is_set():
                 return
-            given = jobs.assign(self.leader.roster.alive())
+            current = self.leader.intake.round
+            given = jobs.assign(self.leader.roster.alive(), needed=current.quorum - current.reported)
             starts = []
             for record, job in given:
                 # a newcomer is started, and a pooled learner told its job: each fetches its model (GetModel), which binds
