@@ -4,7 +4,7 @@ Four learner.py processes and leader.py on this machine, ResNet-20 on the CIFAR-
 each job --local-steps batches of --batch-size at --lr (momentum 0.9, weight decay 5e-4, crop and flip), the
 server's plain step. One learner is slowed --slowdown times (learner.py --slowdown) in the straggler pair. fedavg
 waits for every learner each round (--round-timeout 600, so the default grace never drops the straggler); fedbuff
-runs with its defaults (buffer of 2, all 4 training). Each run trains for its budget of wall time with no
+runs with its defaults (a buffer of 4, one per learner training, all 4 training). Each run trains for its budget of wall time with no
 evaluation, writing every round; then the checkpoint first written after each --grid seconds is evaluated on the
 10,000 test images, and the time to each target is the elapsed time of the first evaluated checkpoint at or above it.
 

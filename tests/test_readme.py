@@ -137,7 +137,7 @@ def test_the_fedbuff_example_learns_with_its_defaults(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     history = metrics(tmp_path / "run")
     assert [entry["round"] for entry in history] == list(range(1, 21))
-    assert all(entry["updates_buffered"] == 2 for entry in history)  # the default buffer: half of the 4 learners
+    assert all(entry["updates_buffered"] == 4 for entry in history)  # the default buffer: one per learner training
     assert history[-1]["test_accuracy"] > 0.9
     assert len(list((tmp_path / "run" / "checkpoints").glob("round-*.json"))) == 3  # one per aggregation, the last 3 kept
 

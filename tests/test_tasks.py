@@ -320,5 +320,5 @@ def test_a_user_task_runs_with_secure_aggregation_dp_and_fedbuff(tmp_path, setti
         assert all(entry["learners_reported"] == 3 and entry["update_norm_mean"] is None for entry in history)  # sums only
         assert history[0]["dp_epsilon"] < history[-1]["dp_epsilon"]
     else:
-        assert all(entry["updates_buffered"] == 1 for entry in history)  # fedbuff's default buffer: half of 2 learners
+        assert all(entry["updates_buffered"] == 2 for entry in history)  # fedbuff's default buffer: both learners
     assert history[-1]["test_loss"] < history[0]["test_loss"]  # it learns through either path

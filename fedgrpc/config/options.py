@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORT = 10134  # the blog's port
 AGGREGATIONS = ("fedsgd", "fedavg", "fedbuff")
 LOCAL_TRAINING = ("fedavg", "fedbuff")  # learners train locally and report their model's change
-# fedbuff's default buffer: half of the learners training at once, and no more than FedBuff's paper found enough at scale
+# fedbuff's default buffer: one update per learner training at once, and no more than FedBuff's paper found enough at scale
 FEDBUFF_DEFAULT_MAX_BUFFER = 10
 # fedbuff's default --max-staleness: this many times the staleness of updates from learners that all train at one pace
 STALENESS_LIMIT_FACTOR = 4
@@ -98,7 +98,7 @@ class LeaderConfig:
     share: str | None = None  # what is federated (sharing.py); None: the task's shared(), else all
     personal_steps: int = 0  # learners also evaluate after this many local fine-tuning steps; 0: not
     secure_aggregation: bool = False  # SecAgg+: the leader learns only each round's sum
-    buffer_size: int = 0  # fedbuff: updates per aggregation; 0: half of --concurrency, at most FEDBUFF_DEFAULT_MAX_BUFFER
+    buffer_size: int = 0  # fedbuff: updates per aggregation; 0: --concurrency, at most FEDBUFF_DEFAULT_MAX_BUFFER
     max_staleness: int = 0  # fedbuff: 0: STALENESS_LIMIT_FACTOR times the staleness of learners that train at one pace
     concurrency: int = 0  # fedbuff: learners training at once; 0: every learner
     secagg_neighbours: int = 0  # 0: secagg.default_neighbours (O(log n))
@@ -134,8 +134,8 @@ class LeaderConfig:
         return self.concurrency or self.learners
 
     def buffered_updates(self) -> int:
-        """fedbuff: updates each aggregation takes (--buffer-size, or half the training slots up to FEDBUFF_DEFAULT_MAX_BUFFER)."""
-        return self.buffer_size or min(FEDBUFF_DEFAULT_MAX_BUFFER, math.ceil(self.training_slots() / 2))
+        """fedbuff: updates each aggregation takes (--buffer-size, or one per training slot up to FEDBUFF_DEFAULT_MAX_BUFFER)."""
+        return self.buffer_size or min(FEDBUFF_DEFAULT_MAX_BUFFER, self.training_slots())
 
     def staleness_limit(self) -> int:
         """fedbuff: the most aggregations an update may lag behind (--max-staleness, or a multiple of the usual lag)."""
@@ -351,7 +351,7 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
         type=non_negative_int,
         default=defaults.buffer_size,
         metavar="K",
-        help=f"fedbuff: updates that make one aggregation, which counts as a round (0: half of --concurrency, at most "
+        help=f"fedbuff: updates that make one aggregation, which counts as a round (0: --concurrency, at most "
         f"{FEDBUFF_DEFAULT_MAX_BUFFER})",
     )
     add(
