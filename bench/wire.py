@@ -7,6 +7,8 @@ checks and bookkeeping cost. Client and server share this process, as the bare s
 The leader answers AccumulateGradients once an update is checked and adds it to the round's float64 sum
 behind the answer. The call is timed to the answer, as the learner waits; a second row adds the wait for
 that sum, which the round's close waits for, and which the next call here waits for before it starts.
+The paths take turns, run after run, and each ratio is the median over runs of the path against the bare
+stream of the same run, so that the machine's drift in speed between runs does not count as the path's.
 
     python -m bench.wire --runs 5
 """
@@ -70,21 +72,38 @@ def receive_bytes(chunks: Iterator[bytes], size: int) -> bytearray:
 
 def timed(call: Callable[[], object], runs: int) -> list[float]:
     """Seconds of each of `runs` calls, after one warm-up call."""
-    return timed_and_settled(call, runs, lambda: None)[0]
-
-
-def timed_and_settled(call: Callable[[], object], runs: int, settle: Callable[[], object]) -> tuple[list[float], list[float]]:
-    """Seconds of each of `runs` calls after one warm-up call, and of each call plus the `settle()` after it."""
     call()
-    settle()
-    seconds, settled = [], []
+    seconds = []
     for _ in range(runs):
         start = time.perf_counter()
         call()
         seconds.append(time.perf_counter() - start)
-        settle()
-        settled.append(time.perf_counter() - start)
-    return seconds, settled
+    return seconds
+
+
+def interleaved(paths: dict[str, Callable[[], object]], settles: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
+    """Seconds of each path's calls: one warm-up call of each, then `runs` rounds that call every path once in turn.
+
+    A path named in `settles` also gets a row "NAME, settled": the call plus the settle() after it. Taking the
+    paths in turn, run after run, exposes each to the same drift of the machine's speed, so the ratio of a path
+    to the bare stream in the same round measures the path rather than the moment it ran in.
+    """
+    seconds: dict[str, list[float]] = {}
+    for name, call in paths.items():
+        call()
+        settles.get(name, lambda: None)()
+        seconds[name] = []
+        if name in settles:
+            seconds[f"{name}, settled"] = []
+    for _ in range(runs):
+        for name, call in paths.items():
+            start = time.perf_counter()
+            call()
+            seconds[name].append(time.perf_counter() - start)
+            if name in settles:
+                settles[name]()
+                seconds[f"{name}, settled"].append(time.perf_counter() - start)
+    return seconds
 
 
 def main() -> None:
@@ -92,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed repetitions per path, after one warm-up")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # the transfer is what is measured; keep torch from competing with gRPC's threads
+    # torch keeps its default thread count, as leader.py and learner.py do with their default --threads 0
 
     with tempfile.TemporaryDirectory() as tmp:
         config = leader_module.LeaderConfig(
@@ -173,15 +192,18 @@ def main() -> None:
             def summed() -> None:
                 leader.intake.round.summed()
 
-            results = {
-                "bare stream, server to client": timed(bare_pull, args.runs),
-                "GetModel (leader to learner)": timed(get_model, args.runs),
-                "bare stream, client to server": timed(bare_push, args.runs),
-                "SyncModelState (leader to learner)": timed(sync_model_state, args.runs),
-            }
-            accumulated, accumulated_and_summed = timed_and_settled(accumulate, args.runs, summed)
-            results["AccumulateGradients (learner to leader)"] = accumulated
-            results["AccumulateGradients and the leader's sum"] = accumulated_and_summed
+            timings = interleaved(
+                {
+                    "bare stream, server to client": bare_pull,
+                    "GetModel (leader to learner)": get_model,
+                    "bare stream, client to server": bare_push,
+                    "SyncModelState (leader to learner)": sync_model_state,
+                    "AccumulateGradients (learner to leader)": accumulate,
+                },
+                {"AccumulateGradients (learner to leader)": summed},
+                args.runs,
+            )
+            results = {name.replace(" (learner to leader), settled", " and the leader's sum"): value for name, value in timings.items()}
             bare.stop(grace=None)
         finally:
             leader_server.stop(grace=None)
@@ -206,12 +228,14 @@ def main() -> None:
         f"{args.runs} timed runs per path after one warm-up"
     )
     print()
-    print("| path | MB/s median | min | max | vs bare stream (same direction) |")
+    print("| path | MB/s median | min | max | vs bare stream (same direction), median of the runs' ratios |")
     print("|---|---|---|---|---|")
     for path, seconds in results.items():
         rates = [rate(value) for value in seconds]
         baseline = baselines.get(path)
-        ratio = f"{statistics.median(rates) / statistics.median(rate(v) for v in results[baseline]):.2f}x" if baseline else "1 (baseline)"
+        ratio = "1 (baseline)"
+        if baseline:  # each run's path against the bare stream of the same round
+            ratio = f"{statistics.median(bare / own for bare, own in zip(results[baseline], seconds, strict=True)):.2f}x"
         print(f"| {path} | {statistics.median(rates):.0f} | {min(rates):.0f} | {max(rates):.0f} | {ratio} |")
 
 
