@@ -142,3 +142,20 @@ def test_the_blockwise_promoted_sum_takes_a_transposed_tensor():
     total = torch.zeros(4, 3, dtype=torch.float64)
     add_promoted(total, update, 2.0, torch.empty(5, dtype=torch.float64))  # a staging block smaller than the tensor
     assert torch.equal(total, 2.0 * update.double())
+
+
+def test_a_reset_sum_takes_nothing_from_the_round_before_and_matches_a_fresh_sum_bit_for_bit():
+    generator = torch.Generator().manual_seed(3)
+    rounds = [[{"w": torch.randn(3_000_001, generator=generator), "n": torch.tensor(7 + index)} for index in range(3)] for _ in range(2)]
+    reused = aggregation.RunningMean()
+    for updates in rounds:
+        reused.reset()  # the round before's sums are still in its buffers: the first add must overwrite them
+        fresh = aggregation.RunningMean()
+        for weight, update in zip((3.0, 0.5, 11.0), updates, strict=True):
+            reused.add(update, weight)
+            fresh.add(update, weight)
+        mean = reused.mean()
+        assert reused.count == 3 and reused.total_weight == 14.5
+        assert torch.equal(mean["w"], fresh.mean()["w"]) and int(mean["n"]) == 9  # (3*7 + 0.5*8 + 11*9) / 14.5 = 8.55, rounded
+        expected = (3.0 * updates[0]["w"].double() + 0.5 * updates[1]["w"].double() + 11.0 * updates[2]["w"].double()) / 14.5
+        assert torch.equal(mean["w"], expected.float())

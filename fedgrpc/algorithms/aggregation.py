@@ -25,8 +25,9 @@ def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
 PROMOTION_BLOCK = 1 << 20
 
 
-def add_promoted(total: torch.Tensor, tensor: torch.Tensor, weight: float, staging: torch.Tensor) -> None:
-    """total += weight * tensor, in float64 (`total`'s dtype), promoting `tensor` block by block through `staging`.
+def add_promoted(total: torch.Tensor, tensor: torch.Tensor, weight: float, staging: torch.Tensor, accumulate: bool = True) -> None:
+    """total += weight * tensor, in float64 (`total`'s dtype), promoting `tensor` block by block through `staging`;
+    with `accumulate` False, total = weight * tensor (what it adds to a zero sum, without reading the sum).
 
     The same arithmetic as adding the tensors directly: each element is promoted exactly, then multiplied and
     added in float64.
@@ -36,7 +37,10 @@ def add_promoted(total: torch.Tensor, tensor: torch.Tensor, weight: float, stagi
         piece = flat[start : start + staging.numel()]
         block = staging[: piece.numel()]
         block.copy_(piece)
-        flat_total[start : start + piece.numel()].add_(block, alpha=weight)
+        if accumulate:
+            flat_total[start : start + piece.numel()].add_(block, alpha=weight)
+        else:
+            torch.mul(block, weight, out=flat_total[start : start + piece.numel()])
 
 
 class RunningMean:
@@ -60,15 +64,14 @@ class RunningMean:
         for name, tensor in update.items():
             if name not in self._sums:
                 self._dtypes[name] = tensor.dtype
-                self._sums[name] = torch.zeros(tensor.shape, dtype=torch.float64)
-            add_promoted(self._sums[name], tensor, weight, self._staging)
+                self._sums[name] = torch.empty(tensor.shape, dtype=torch.float64)
+            # the first update is written rather than added: an empty sum's buffers are never zeroed nor read
+            add_promoted(self._sums[name], tensor, weight, self._staging, accumulate=self.count > 0)
         self.total_weight += weight
         self.count += 1
 
     def reset(self) -> RunningMean:
-        """Empty the sum, keeping its buffers: zeroing memory already mapped is several times cheaper than fresh tensors."""
-        for total in self._sums.values():
-            total.zero_()
+        """Empty the sum, keeping its buffers (memory already mapped): the next add writes them instead of adding to them."""
         self.total_weight = 0.0
         self.count = 0
         return self
