@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the four federations one after the other, evaluate their checkpoints, print (and with --out, save) the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="the CIFAR-10 copy in image-folder layout (train/, test/)")
-    parser.add_argument("--straggler-minutes", type=float, default=15.0, help="training time of each run with the straggler")
+    parser.add_argument("--straggler-minutes", type=float, default=20.0, help="training time of each run with the straggler")
     parser.add_argument("--plain-minutes", type=float, default=8.0, help="training time of each run without it")
     parser.add_argument("--slowdown", type=float, default=4.0)
     parser.add_argument("--local-steps", type=int, default=20)
