@@ -81,28 +81,32 @@ def timed(call: Callable[[], object], runs: int) -> list[float]:
     return seconds
 
 
-def interleaved(paths: dict[str, Callable[[], object]], settles: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
+def interleaved(
+    paths: dict[str, Callable[[], object]], settles: dict[str, tuple[str, Callable[[], object]]], runs: int
+) -> dict[str, list[float]]:
     """Seconds of each path's calls: one warm-up call of each, then `runs` rounds that call every path once in turn.
 
-    A path named in `settles` also gets a row "NAME, settled": the call plus the settle() after it. Taking the
-    paths in turn, run after run, exposes each to the same drift of the machine's speed, so the ratio of a path
-    to the bare stream in the same round measures the path rather than the moment it ran in.
+    A path named in `settles` (path -> (row, settle)) also gets that row: the call plus the settle() after it.
+    Taking the paths in turn, run after run, exposes each to the same drift of the machine's speed, so the ratio
+    of a path to the bare stream in the same round measures the path rather than the moment it ran in.
     """
     seconds: dict[str, list[float]] = {}
     for name, call in paths.items():
         call()
-        settles.get(name, lambda: None)()
         seconds[name] = []
         if name in settles:
-            seconds[f"{name}, settled"] = []
+            row, settle = settles[name]
+            settle()
+            seconds[row] = []
     for _ in range(runs):
         for name, call in paths.items():
             start = time.perf_counter()
             call()
             seconds[name].append(time.perf_counter() - start)
             if name in settles:
-                settles[name]()
-                seconds[f"{name}, settled"].append(time.perf_counter() - start)
+                row, settle = settles[name]
+                settle()
+                seconds[row].append(time.perf_counter() - start)
     return seconds
 
 
@@ -173,7 +177,7 @@ def main() -> None:
 
             def sync_model_state() -> None:
                 ack = learner_stub.SyncModelState(
-                    iter(published.model_states), timeout=CALL_TIMEOUT_S, metadata=rpc.token_metadata(learner.callback_token)
+                    iter(published.frames), timeout=CALL_TIMEOUT_S, metadata=rpc.token_metadata(learner.callback_token)
                 )
                 assert ack.success, ack.message
 
@@ -192,7 +196,7 @@ def main() -> None:
             def summed() -> None:
                 leader.intake.round.summed()
 
-            timings = interleaved(
+            results = interleaved(
                 {
                     "bare stream, server to client": bare_pull,
                     "GetModel (leader to learner)": get_model,
@@ -200,10 +204,9 @@ def main() -> None:
                     "SyncModelState (leader to learner)": sync_model_state,
                     "AccumulateGradients (learner to leader)": accumulate,
                 },
-                {"AccumulateGradients (learner to leader)": summed},
+                {"AccumulateGradients (learner to leader)": ("AccumulateGradients and the leader's sum", summed)},
                 args.runs,
             )
-            results = {name.replace(" (learner to leader), settled", " and the leader's sum"): value for name, value in timings.items()}
             bare.stop(grace=None)
         finally:
             leader_server.stop(grace=None)

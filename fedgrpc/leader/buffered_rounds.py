@@ -48,10 +48,10 @@ class BufferedRounds:
             return
         with self.leader._cond:
             published = self.leader._published
-            waiting = self.leader.intake.round.round_number != published.round_number  # a filled buffer is being applied
+            current = self.leader.intake.round
+            waiting = current.round_number != published.round_number  # a filled buffer is being applied
             if not self.leader.started or waiting or published.round_number > self.leader.config.rounds or self.leader.stop_event.is_set():
                 return
-            current = self.leader.intake.round
             given = jobs.assign(self.leader.roster.alive(), needed=current.quorum - current.reported)
             starts = []
             for record, job in given:
@@ -66,7 +66,7 @@ class BufferedRounds:
         def begin(record: LearnerRecord, job: fedbuff.Job, pushed: bool) -> Any:
             if record.pooled:
                 return start_pooled(record, job.number)
-            states = published.for_job(published.model_states, learner_pb2.ModelState, job.number) if pushed else None
+            states = published.for_job(job.number) if pushed else None
             return self.leader._start(record, states, published.nbytes)
 
         for record, job, pushed in starts:

@@ -57,29 +57,28 @@ class Published:
 
     round_number: int
     nbytes: int  # the model's payload size; the payload itself is not kept, only its framing
-    model_chunks: list[bytes]  # GetModel's replies, serialized once (wire.frames)
-    # the round-start push: the same bytes, one list, since ModelState numbers chunk, manifest and round as ModelChunk does
-    model_states: list[bytes]
+    # the model's messages, serialized once (wire.frames): GetModel's replies and the round-start push alike, since
+    # ModelState numbers chunk, manifest and round as ModelChunk does (tests/test_protos.py)
+    frames: list[bytes]
 
     @classmethod
     def of(cls, round_number: int, model: Any, buffers: wire.BufferPool | None = None) -> Published:
         """Encode a model's (or its shared part's) state for round `round_number` (in a buffer from `buffers`, given back once framed)."""
         manifest, payload = wire.encode(model.state_dict(), allocate=buffers.take if buffers is not None else bytearray)
-        frames = list(wire.frames(leader_pb2.ModelChunk, manifest, payload, round=round_number))
-        published = cls(round_number, len(payload), frames, frames)
+        published = cls(round_number, len(payload), list(wire.frames(leader_pb2.ModelChunk, manifest, payload, round=round_number)))
         if buffers is not None:
             buffers.give(payload)  # the frames hold copies
         return published
 
-    def for_job(self, frames: list[bytes], message_type: type, number: int) -> list[bytes]:
-        """fedbuff: the model's frames (`model_chunks` or `model_states`) numbered for a learner's job instead of the round."""
-        first = message_type.FromString(frames[0])  # one chunk parsed and written again; the rest are shared
+    def for_job(self, number: int) -> list[bytes]:
+        """fedbuff: the model's frames numbered for a learner's job instead of the round."""
+        first = leader_pb2.ModelChunk.FromString(self.frames[0])  # one chunk parsed and written again; the rest are shared
         first.round = number
-        return [first.SerializeToString(), *frames[1:]]
+        return [first.SerializeToString(), *self.frames[1:]]
 
     def state(self, specs: list[wire.TensorSpec]) -> dict[str, torch.Tensor]:
         """The published model's tensors, decoded from its frames (to go back to it after a refused round)."""
-        messages = [learner_pb2.ModelState.FromString(frame) for frame in self.model_states]
+        messages = [learner_pb2.ModelState.FromString(frame) for frame in self.frames]
         return wire.receive(messages, max_bytes=self.nbytes, expected=specs).tensors
 
 
@@ -222,9 +221,9 @@ class Leader:
         with self._cond:
             published = self._published
             if self.intake.jobs is None:
-                return published.model_chunks, published.nbytes
+                return published.frames, published.nbytes
             job = self.intake.jobs.bind(learner_id, published.round_number)
-        return published.for_job(published.model_chunks, leader_pb2.ModelChunk, job.number), published.nbytes
+        return published.for_job(job.number), published.nbytes
 
     # ---- the round loop -----------------------------------------------------------------------------------------
 
@@ -316,7 +315,7 @@ class Leader:
         def begin(record: LearnerRecord) -> Any:
             if record.pooled:  # its pool fetches the round's model once for all of its learners (GetModel)
                 return start_pooled(record, current.round_number)
-            return self._start(record, None if record.learner_id in newcomers else published.model_states, published.nbytes)
+            return self._start(record, None if record.learner_id in newcomers else published.frames, published.nbytes)
 
         for record in records:
             self._call_in_background(record, begin, "the round's start")
@@ -463,7 +462,7 @@ class Leader:
 
     def evaluate_on_learners(self, finished: RoundState) -> dict[str, float | int]:
         """The learners that reported in `finished` evaluate the model it made on their own test data (federated_eval)."""
-        states = self._published.for_job(self._published.model_states, learner_pb2.ModelState, finished.round_number)
+        states = self._published.for_job(finished.round_number)
         return self.federated_evaluation.run(finished, states, self._published.nbytes, self.stop_event.is_set)
 
     def close(self) -> None:
