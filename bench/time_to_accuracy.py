@@ -2,7 +2,10 @@
 
 Both sides train ResNet-20 from seed 0 with one recipe: SGD with --lr, momentum 0.9 and weight decay
 5e-4, in the memory format learners choose by default, batches of --batch-size with random crop and flip, --warmup
-epochs of linear warm-up then cosine decay, --epochs passes over the training set. The federation does one local epoch per round (each
+epochs of linear warm-up then cosine decay, --epochs passes over the training set. The learning rate changes at the
+federated rounds' boundaries on both sides: with --rounds-per-epoch k the centralized side cuts each epoch into k
+even runs of batches, each at the rate of the round that sees as many examples (a warm-up of one epoch with
+k = 1 is no warm-up: round r of a W-round warm-up gets r/W of --lr). The federation does one local epoch per round (each
 learner one pass over its half), so federated round r and centralized epoch r have seen the same
 number of examples. Both evaluate the whole test set after every epoch. The centralized side runs in
 this process on every core; the federation is `local_federation.py`, which splits the cores between
@@ -58,13 +61,18 @@ def centralized(args: argparse.Namespace) -> list[tuple[float, float]]:
     forward = compiled_for_training(model, device) if args.compile else model  # as learners started with --compile do
     history = []
     start = time.monotonic()
+    per_epoch = args.rounds_per_epoch
+    firsts = range(0, len(train), args.batch_size)
     for epoch in range(1, args.epochs + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.round_lr(args.lr, "cosine", args.warmup, args.epochs, epoch)
         model.train()
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(derive_seed(args.seed, "epoch", epoch)))
         generator = torch.Generator().manual_seed(derive_seed(args.seed, "augment", epoch))
-        for first in range(0, len(train), args.batch_size):
+        for index, first in enumerate(firsts):
+            # the learning rate of the federated round that sees these examples: with --rounds-per-epoch k the
+            # epoch's batches are cut into k even runs, and both sides warm up and decay by examples seen
+            number = (epoch - 1) * per_epoch + index * per_epoch // len(firsts) + 1
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.round_lr(args.lr, "cosine", args.warmup * per_epoch, args.epochs * per_epoch, number)
             indices = order[first : first + args.batch_size].to(device)
             optimizer.zero_grad(set_to_none=True)
             inputs = training_inputs(images, indices, generator, memory_format)
@@ -313,7 +321,8 @@ def main() -> int:
     columns = (["centralized"] if central else []) + [f"federated ({mode})" for mode in runs]
     lines = [
         f"# Time to accuracy: {args.model}, {args.dataset}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
-        f"{args.warmup} warm-up epochs then cosine",
+        f"{args.warmup} warm-up epochs then cosine"
+        + (f", the lr set {args.rounds_per_epoch} times an epoch on both sides" if args.rounds_per_epoch > 1 else ""),
         "",
         f"- machine: {provenance.machine()}; --device {args.device}"
         + ("; training steps compiled (--compile)" if args.compile else "")
