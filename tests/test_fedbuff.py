@@ -206,22 +206,22 @@ def job_script(durations: dict[int, float], cycles: int, quorum: int) -> list[tu
 
 
 def test_learners_of_one_pace_wait_for_the_buffer_about_to_fill_and_train_on_the_model_it_makes():
-    # four learners of nearly one pace, a buffer of four: after the first jobs (no job times known yet), each waits
-    # the moment until the others' updates fill the buffer, so every later job trains on the newest version
+    # four learners of nearly one pace, a buffer of four: each waits the moment until the others' updates fill the
+    # buffer, so every job trains on the newest version, the second jobs too (the others' first jobs, whose times are
+    # not known yet, are expected at the waiting learner's pace): synchronous rounds throughout
     log = job_script({0: 10.0, 1: 10.2, 2: 10.4, 3: 10.6}, cycles=4, quorum=4)
-    first, later = log[:4], log[4:]
-    assert [version for _, _, version in first] == [1, 1, 1, 1]
-    assert [version for _, _, version in later[:4]] == [1, 1, 1, 2]  # job times are learned from the first jobs
-    assert [version for _, _, version in later[4:]] == [3] * 4 + [4] * 4  # from then on: synchronous rounds
-    # each waited for the slowest of the four: version 3 is made when its update (10.6 s + 10.6 s) fills buffer 2
-    assert [round(given, 6) for given, _, _ in later[4:]] == [21.2] * 4 + [31.8] * 4
+    assert [version for _, _, version in log] == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
+    # each waited for the slowest of the four: version k + 1 is made when its k-th update (k x 10.6 s) fills buffer k
+    assert [round(given, 6) for given, _, _ in log] == [0.0] * 4 + [10.6] * 4 + [21.2] * 4 + [31.8] * 4
 
 
 def test_a_learner_does_not_wait_for_a_straggler_nor_past_its_allowance():
-    # learner 3 takes 4x as long: its update is due far beyond a quarter of a fast learner's job, so nobody waits for it
+    # learner 3 takes 4x as long. Its first job's time is not known when the others finish theirs at 10 s: expected at
+    # their pace, it holds them for their allowance (a quarter of 10 s; the line is offered jobs every 0.5 s, so they go
+    # at 13 s). From then on its job is overdue, nobody waits for it, and each fast job starts the moment the last ends.
     log = job_script({0: 10.0, 1: 10.0, 2: 10.0, 3: 40.0}, cycles=3, quorum=4)
     fast = sorted(given for given, learner, _ in log if learner != 3)
-    assert fast == [0.0] * 3 + [10.0] * 3 + [20.0] * 3 + [30.0] * 2  # each fast job starts the moment the last one ends
+    assert fast == [0.0] * 3 + [13.0] * 3 + [23.0] * 3 + [33.0] * 2
 
     # a job due within the allowance that does not come holds the line for that allowance (a quarter of 10 s), no longer
     clock = Clock()
@@ -268,7 +268,7 @@ def test_fedbuff_refuses_what_needs_a_cohort_in_one_line(capsys, flags, message)
 
 def test_fedbuff_defaults(tmp_path):
     config, _, _ = parse_leader_config(["--aggregation", "fedbuff", "--learners", "4", "--run-dir", str(tmp_path / "run")])
-    # all four train, two updates make an aggregation, an update may lag 4 * 4/2 aggregations, every one is written
+    # all four train, four updates make an aggregation, an update may lag 4 * 4/4 aggregations, every one is written
     assert (config.training_slots(), config.buffered_updates(), config.staleness_limit(), config.checkpoint_every) == (4, 4, 4, 1)
     with pytest.raises(SystemExit):
         parse_leader_config(["--buffer-size", "3", "--run-dir", str(tmp_path / "sync")])  # a fedbuff flag without fedbuff

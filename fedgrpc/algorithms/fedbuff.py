@@ -111,15 +111,23 @@ class Jobs:
         return given
 
     def _fill_is_due(self, waiting: LearnerJobs, needed: int, now: float) -> bool:
-        """Whether the jobs in flight are due to bring the buffer's `needed` updates within `waiting`'s allowance."""
+        """Whether the jobs in flight are due to bring the buffer's `needed` updates within `waiting`'s allowance.
+
+        A job whose time is not known yet (a learner's first) is expected to take as long as `waiting`'s own, and
+        counts until it runs over that by the allowance: learners of one pace so train in step from their second
+        jobs on, as in synchronous rounds, and a straggler's first job holds the others once, by the allowance.
+        """
         if needed <= 0 or waiting.duration is None:
             return False
+        allowance = HOLD_FRACTION * waiting.duration
         due = sorted(
-            state.started + state.duration
+            state.started + (state.duration if state.duration is not None else waiting.duration)
             for state in self._learners.values()
-            if state.current is not None and state.duration is not None and state.record.alive
+            if state.current is not None
+            and state.record.alive
+            and (state.duration is not None or now <= state.started + waiting.duration + allowance)
         )
-        return len(due) >= needed and max(due[needed - 1], now) <= waiting.waiting_since + HOLD_FRACTION * waiting.duration
+        return len(due) >= needed and max(due[needed - 1], now) <= waiting.waiting_since + allowance
 
     def drop(self, learner_id: int) -> None:
         """Forget a learner that is gone: its job, if any, frees its slot."""
