@@ -12,17 +12,21 @@ this process on every core; the federation is `local_federation.py`, which split
 its two learners (--learners 1: one learner holding the whole set, which leaves only the federation's
 machinery between it and centralized training). Reports each epoch's accuracy and elapsed seconds,
 the wall time to --target, the final accuracies, and the ratios the goals are stated in. With
---compress, one federation per mode.
+--compress, one federation per mode; with --seeds, the whole comparison once per seed, then each seed's ratio and
+their median.
 
     python -m bench.time_to_accuracy --data-dir DIR --epochs 50 --out time-to-accuracy-run.md   # docs/time-to-accuracy.md collects runs
     python -m bench.time_to_accuracy --dataset synthetic --model tiny-cnn --epochs 2   # a quick check
+    python -m bench.time_to_accuracy --data-dir DIR --epochs 2 --target 0.45 --seeds 0,1,2   # one ratio per seed, and the median
     python -m bench.time_to_accuracy --data-dir DIR --device cuda   # both sides on the GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -204,6 +208,17 @@ def local_steps(args: argparse.Namespace) -> int:
     return steps
 
 
+def seed_list(text: str) -> list[int]:
+    """--seeds: distinct integers separated by commas."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 0,1,2; got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"each seed once, got {text!r}")
+    return seeds
+
+
 def time_to(history: list[tuple[float, float]], target: float) -> float | None:
     """Elapsed seconds at the first epoch whose accuracy reaches `target`, or None."""
     return next((seconds for value, seconds in history if value >= target), None)
@@ -217,6 +232,13 @@ def main() -> int:
     parser.add_argument("--model", default="resnet20")
     parser.add_argument(
         "--seed", type=int, default=0, help="the seed of both sides: the initial model, batch order, augmentation and the learners' split"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=seed_list,
+        default=None,
+        help="comma-separated seeds: the whole comparison once per seed, then each seed's time-to-target ratio and "
+        "their median (a one-epoch reading under a climbing rate moves by points from seed to seed)",
     )
     parser.add_argument("--epochs", type=int, default=50, help="epochs on each side (federated rounds of one local epoch)")
     parser.add_argument("--warmup", type=int, default=2, help="epochs of linear learning-rate warm-up")
@@ -309,6 +331,24 @@ def main() -> int:
         parser.error("--no-federated with --no-centralized leaves nothing to run")
     if args.side_by_side and (len(modes) != 1 or not args.centralized):
         parser.error("--side-by-side runs one federation beside the centralized side: give one --compress mode, with --centralized")
+    seeds = [args.seed] if args.seeds is None else args.seeds
+    lines: list[str] = []
+    ratios: dict[int, dict[str, float | None]] = {}
+    for seed in seeds:
+        args.seed = seed
+        seed_lines, ratios[seed] = compare(args, modes)
+        print("\n".join(seed_lines), flush=True)
+        lines += seed_lines + [""]
+    if len(seeds) > 1:
+        summary = seeds_summary(ratios, args.target)
+        print("\n".join(summary), flush=True)
+        lines += summary
+    report_file.save(lines, args.out)
+    return 0
+
+
+def compare(args: argparse.Namespace, modes: list[str]) -> tuple[list[str], dict[str, float | None]]:
+    """One seed's comparison: the report's lines, and each federation's time to --target over centralized's (None: not reached)."""
     started = start_federation(args, modes[0]) if args.side_by_side else None
     try:
         central = centralized(args) if args.centralized else []
@@ -359,14 +399,34 @@ def main() -> int:
     ]
     if central:
         lines.append(f"| centralized | {100 * central[-1][0]:.2f}% | - | {_seconds(central_time)} | 1.00x | - |")
+    ratios: dict[str, float | None] = {}
     for mode, (history, bytes_in) in runs.items():
         reached = time_to(history, args.target)
-        ratio = f"{reached / central_time:.2f}x" if reached is not None and central_time else "-"
+        ratios[mode] = reached / central_time if reached is not None and central_time else None
+        ratio = "-" if ratios[mode] is None else f"{ratios[mode]:.2f}x"
         gap = f"{100 * (history[-1][0] - central[-1][0]):+.2f}" if central else "-"
         lines.append(f"| federated ({mode}) | {100 * history[-1][0]:.2f}% | {gap} | {_seconds(reached)} | {ratio} | {bytes_in:,} |")
-    print("\n".join(lines), flush=True)
-    report_file.save(lines, args.out)
-    return 0
+    return lines, ratios
+
+
+def seeds_summary(ratios: dict[int, dict[str, float | None]], target: float) -> list[str]:
+    """Each seed's time-to-target ratio per federation and their median (a federation that did not reach it counts as slowest)."""
+    modes = list(next(iter(ratios.values())))
+    lines = [
+        f"## Time to {100 * target:.0f}% against centralized, by seed",
+        "",
+        "| seed | " + " | ".join(f"federated ({mode})" for mode in modes) + " |",
+        "|---|" + "---|" * len(modes),
+    ]
+    for seed, by_mode in ratios.items():
+        lines.append(f"| {seed} | " + " | ".join(_ratio(by_mode[mode]) for mode in modes) + " |")
+    medians = [statistics.median(math.inf if by_mode[mode] is None else by_mode[mode] for by_mode in ratios.values()) for mode in modes]
+    lines.append("| median | " + " | ".join(_ratio(None if median == math.inf else median) for median in medians) + " |")
+    return lines
+
+
+def _ratio(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.2f}x"
 
 
 def _seconds(value: float | None) -> str:
