@@ -58,8 +58,8 @@ class Jobs:
     A learner whose update leaves the buffer short waits in line while the jobs in flight are due to fill it
     within HOLD_FRACTION of its own job time: it then trains on the model that buffer makes rather than on one
     that is a version old by the time it reports. Learners of one pace so train as in synchronous rounds; a
-    straggler's job is due too late to hold anyone. A learner waits no longer than that allowance however late
-    the jobs it waits for turn out to be.
+    straggler's job, once its time is known, is due too late to hold anyone. A learner waits no longer than that
+    allowance however late the jobs it waits for turn out to be.
 
     Guarded by the leader's lock, like the intake it belongs to; it makes no calls itself.
     """
