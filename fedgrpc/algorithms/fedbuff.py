@@ -120,13 +120,15 @@ class Jobs:
         if needed <= 0 or waiting.duration is None:
             return False
         allowance = HOLD_FRACTION * waiting.duration
-        due = sorted(
-            state.started + (state.duration if state.duration is not None else waiting.duration)
-            for state in self._learners.values()
-            if state.current is not None
-            and state.record.alive
-            and (state.duration is not None or now <= state.started + waiting.duration + allowance)
-        )
+        due = []
+        for state in self._learners.values():
+            if state.current is None or not state.record.alive:
+                continue
+            if state.duration is not None:
+                due.append(state.started + state.duration)
+            elif now <= state.started + waiting.duration + allowance:  # a first job, not yet overdue at waiting's pace
+                due.append(state.started + waiting.duration)
+        due.sort()
         return len(due) >= needed and max(due[needed - 1], now) <= waiting.waiting_since + allowance
 
     def drop(self, learner_id: int) -> None:
