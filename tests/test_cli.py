@@ -12,9 +12,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
+from fedgrpc.config.options import parse_leader_config
 from fedgrpc.leader import checkpoint
+from fedgrpc.learner.options import parse_learner_config
 from fedgrpc.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,11 +123,19 @@ def test_sigterm_on_the_leader_stops_learners_cleanly(tmp_path):
     assert checkpoint.latest(tmp_path / "checkpoints") is not None
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--leader", "no-port-here"], "is not a host:port address"), (["--slowdown", "0.5"], "--slowdown: must be 1 or more, got 0.5")],
+)
+def test_bad_learner_flags_are_refused_in_one_line(capsys, flags, message):
+    with pytest.raises(SystemExit) as caught:
+        parse_learner_config(flags)
+    assert caught.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) <= 2
+
+
 def test_learner_errors_are_one_line():
-    result = run("learner.py", "--leader", "no-port-here")
-    assert result.returncode == 2 and "is not a host:port address" in result.stderr
-    result = run("learner.py", "--slowdown", "0.5")
-    assert result.returncode == 2 and "--slowdown: must be 1 or more, got 0.5" in result.stderr
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
@@ -149,9 +160,13 @@ def test_leader_errors_are_one_line(tmp_path):
         result = run("leader.py", *TINY, "--host", "127.0.0.1", "--port", str(port), "--run-dir", str(tmp_path / "busy"))
     assert result.returncode == 2 and "the port is in use" in result.stderr and "Traceback" not in result.stderr
     result = run("leader.py", "--learners", "0")
-    assert result.returncode == 2 and "--learners: must be at least 1" in result.stderr
-    result = run("leader.py", "--model", "gpt")
-    assert result.returncode == 2 and "invalid choice: 'gpt'" in result.stderr
+    assert result.returncode == 2 and "--learners: must be at least 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unknown_model_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as caught:
+        parse_leader_config(["--model", "gpt"])
+    assert caught.value.code == 2 and "invalid choice: 'gpt'" in capsys.readouterr().err
 
 
 def test_join_timeout_ends_the_run_with_a_hint(tmp_path):

@@ -146,12 +146,14 @@ def test_config_file_values_apply_and_flags_win(tmp_path):
         ("rounds = \n", "is not valid TOML"),
     ],
 )
-def test_bad_config_files_get_one_line_errors(tmp_path, content, message):
+def test_bad_config_files_get_one_line_errors(tmp_path, capsys, content, message):
     path = tmp_path / "bad.toml"
     path.write_text(content)
-    result = subprocess.run([sys.executable, "leader.py", "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as caught:
+        leader_module.parse_leader_config(["--config", str(path)])
+    assert caught.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) <= 2
 
 
 def test_leader_serves_reflection_only_when_asked_and_health_always(tmp_path, channel_to):
