@@ -1,8 +1,7 @@
 """The blog's utils.py: CIFAR-10 loading and splitting (the code lives in fedgrpc/data.py)."""
 
+from fedgrpc.config.choices import DATASETS, PARTITIONS
 from fedgrpc.data import (
-    DATASETS,
-    PARTITIONS,
     DataError,
     Examples,
     ImageData,

@@ -24,6 +24,7 @@ import grpc
 import torch
 
 from fedgrpc.algorithms import aggregation
+from fedgrpc.config.files import read_enrolment_token
 from fedgrpc.config.options import DEFAULT_PORT, LearnerConfig
 from fedgrpc.learner.data import LeaderLost, LearnerError, Stopped
 from fedgrpc.learner.main import Learner, advertise_address_for, rejoin_pause
@@ -205,5 +206,5 @@ def join(
     )
     rpc.parse_address(leader)
     tls = Tls.from_files(tls_cert, tls_key, tls_ca)
-    enrolment_token = rpc.read_enrolment_token(token_file)
+    enrolment_token = read_enrolment_token(token_file)
     return Federation(model, Task(name, f"client.join(task={task!r})", functions), config, num_examples, enrolment_token, tls)

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedgrpc.config.choices import DATASETS
+
 logger = logging.getLogger(__name__)
 
-DATASETS = ("cifar10", "imagefolder", "synthetic")
 # Per-channel statistics of the CIFAR-10 training set, in [0, 1] units.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -351,9 +352,6 @@ def label_histogram(labels: torch.Tensor, indices: torch.Tensor, num_classes: in
     if selected.numel() and (int(selected.min()) < 0 or int(selected.max()) >= num_classes):
         raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {int(selected.min())}..{int(selected.max())}")
     return torch.bincount(selected, minlength=num_classes).tolist()
-
-
-PARTITIONS = ("iid", "dirichlet", "shards")
 
 
 def split_by(partition: str, data: Examples, num_parts: int, alpha: float, classes_per_part: int, seed: int) -> list[torch.Tensor]:

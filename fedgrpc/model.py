@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedgrpc.config.choices import CHANNELS_LAST_SETTINGS
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection (He et al. 2016)."""
@@ -141,7 +143,6 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 # Models that train faster in the channels-last memory format on a CPU (bench/channels_last.py: 1.3-1.9x for
 # these; the ImageNet-style resnet18 at 32x32 gains nothing, so it is left out).
 CHANNELS_LAST_FASTER_ON_CPU = frozenset({"resnet20", "resnet18-cifar", "small-cnn", "tiny-cnn"})
-CHANNELS_LAST_SETTINGS = ("auto", "on", "off")
 
 
 def memory_format_for(setting: str, name: str, device: torch.device) -> torch.memory_format:

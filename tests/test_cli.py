@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedgrpc.algorithms import aggregation
+from fedgrpc.config import choices
 from fedgrpc.config.options import parse_leader_config
 from fedgrpc.leader import checkpoint
 from fedgrpc.learner.options import parse_learner_config
-from fedgrpc.model import build_model
+from fedgrpc.model import MODELS, build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "synthetic", "--model", "tiny-cnn", "--device", "cpu"]
@@ -161,6 +163,22 @@ def test_leader_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "the port is in use" in result.stderr and "Traceback" not in result.stderr
     result = run("leader.py", "--learners", "0")
     assert result.returncode == 2 and "--learners: must be at least 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_launcher_answers_a_bad_flag_before_loading_pytorch():
+    # -X importtime lists every module the process imported: the launcher parses all of the leader's flags, and its
+    # leader and learners load PyTorch, not it
+    result = run("-X", "importtime", "local_federation.py", "--model", "gpt")
+    assert result.returncode == 2 and "invalid choice: 'gpt'" in result.stderr
+    imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    assert "fedgrpc.config.options" in imported and "argparse" in imported
+    assert not [name for name in imported if name.split(".")[0] in ("torch", "numpy", "grpc")]
+
+
+def test_the_flag_choices_name_what_the_modules_implement():
+    assert choices.MODEL_NAMES == tuple(MODELS)
+    assert choices.RULE_NAMES == tuple(aggregation.RULES)
+    assert set(choices.FEDOPT_MODES) < set(choices.SERVER_OPTIMIZERS)
 
 
 def test_an_unknown_model_is_refused_with_the_choices(capsys):

@@ -15,8 +15,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from conftest import join_all, leader_config, start_learners
 from fedgrpc import provision
+from fedgrpc.config.files import read_enrolment_token
 from fedgrpc.leader import main as leader_module
-from fedgrpc.transport import rpc
 
 LEARNERS = ("site-a", "site-b")
 MACHINES = ("leader", *LEARNERS)
@@ -75,7 +75,7 @@ def test_provision_makes_a_ca_and_a_folder_per_machine(tmp_path, capsys):
         usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         assert set(usages) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
         assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        tokens.add(rpc.read_enrolment_token(str(folder / "enrolment.token")))
+        tokens.add(read_enrolment_token(str(folder / "enrolment.token")))
         flags = flag_values(commands[name])
         assert {flag: flags[flag] for flag in ("--tls-cert", "--tls-key", "--tls-ca", "--token-file")} == {
             "--tls-cert": f"{name}/cert.pem",
@@ -103,7 +103,7 @@ def test_a_round_completes_with_the_printed_files_over_mutual_tls(tmp_path, caps
         tls_key=leader_flags["--tls-key"],
         tls_ca=leader_flags["--tls-ca"],
     )
-    leader, server, port, _ = leader_module.serve(config, rpc.read_enrolment_token(leader_flags["--token-file"]))
+    leader, server, port, _ = leader_module.serve(config, read_enrolment_token(leader_flags["--token-file"]))
     try:
         assert leader.roster.trusts_registrants
         learners = []

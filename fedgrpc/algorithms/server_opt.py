@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi", "adagrad")
-FEDOPT_MODES = ("adam", "yogi", "adagrad")  # the adaptive ones, run by FedOpt
+from fedgrpc.config.choices import FEDOPT_MODES, SERVER_OPTIMIZERS
 
 
 class FedOpt(torch.optim.Optimizer):

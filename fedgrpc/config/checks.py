@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from fedgrpc.algorithms import server_opt
+from fedgrpc.config.choices import FEDOPT_MODES
 from fedgrpc.config.options import LOCAL_TRAINING, LeaderConfig
 
 
@@ -29,7 +29,7 @@ def config_problems(config: LeaderConfig) -> list[str]:
         problems.append("--dp-noise-multiplier needs --clip-norm: the noise is calibrated to the clipped norm")
     if config.dp_noise_multiplier and config.rule != "mean":
         problems.append("--dp-noise-multiplier works with --rule mean only (the accountant assumes a clipped sum)")
-    if config.server_opt in server_opt.FEDOPT_MODES and config.server_momentum:
+    if config.server_opt in FEDOPT_MODES and config.server_momentum:
         problems.append(f"--server-opt {config.server_opt} takes its momentum from --server-beta1; leave --server-momentum at 0")
     if config.server_opt != "sgd" and config.server_lr <= 0:
         problems.append(f"--server-opt {config.server_opt} needs --server-lr > 0")

@@ -1,14 +1,18 @@
-"""Config files under the command line: TOML or JSON settings turned into flags, so that argparse checks them."""
+"""Files under the command line: config files (TOML or JSON settings turned into flags, so that argparse checks them)
+and the enrolment secret's."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from fedgrpc.config.choices import ENROLMENT_ENV
 
 
 class ConfigFileError(ValueError):
@@ -85,3 +89,16 @@ def flag_value(argv: Sequence[str], flag: str) -> str | None:
         if arg.startswith(f"{flag}="):
             return arg.split("=", 1)[1]
     return None
+
+
+def read_enrolment_token(token_file: str | None) -> str | None:
+    """The enrolment secret from --token-file, else $FL_ENROLMENT_TOKEN (kept out of `ps` output), else None."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as error:
+            raise ValueError(f"cannot read --token-file {token_file}: {error.strerror}") from None
+        if not token:
+            raise ValueError(f"--token-file {token_file} is empty")
+        return token
+    return os.environ.get(ENROLMENT_ENV) or None

@@ -12,12 +12,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from fedgrpc.algorithms import aggregation, schedule, server_opt
-from fedgrpc.config.files import parse_with_config
+from fedgrpc.algorithms import schedule
+from fedgrpc.config.choices import (
+    COMPRESSION_MODES,
+    DATASETS,
+    ENROLMENT_ENV,
+    MODEL_NAMES,
+    PARTITIONS,
+    RULE_NAMES,
+    SERVER_OPTIMIZERS,
+    STREAM_IDLE_TIMEOUT_S,
+)
+from fedgrpc.config.files import parse_with_config, read_enrolment_token
 from fedgrpc.config.run_dir import expand_resume, resolve_paths
-from fedgrpc.data import DATASETS, PARTITIONS
-from fedgrpc.model import MODELS
-from fedgrpc.transport import compression, rpc
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +118,7 @@ class LeaderConfig:
     compression: str = "none"
     topk_ratio: float = 0.01
     deterministic: bool = False
-    stream_idle_timeout: float = rpc.STREAM_IDLE_TIMEOUT_S
+    stream_idle_timeout: float = STREAM_IDLE_TIMEOUT_S
     reflection: bool = False
     resume: str | None = None  # a run directory to continue
     tls_cert: str | None = None
@@ -238,11 +245,11 @@ def add_security_flags(parser: argparse.ArgumentParser, defaults: Any, role: str
     """The enrolment secret and TLS files."""
     group = parser.add_argument_group("security")
     if role == "leader":
-        token_help = f"file holding the enrolment secret learners must present to register (or set ${rpc.ENROLMENT_ENV}); None means anyone who reaches the port may join"
+        token_help = f"file holding the enrolment secret learners must present to register (or set ${ENROLMENT_ENV}); None means anyone who reaches the port may join"
         cert_help = "PEM certificate to serve TLS with (and to present when calling learners)"
         ca_help = "PEM CA certificate that learners' certificates must chain to; also requires learners to present one (mutual TLS)"
     else:
-        token_help = f"file holding the federation's enrolment secret (or set ${rpc.ENROLMENT_ENV}); None means none"
+        token_help = f"file holding the federation's enrolment secret (or set ${ENROLMENT_ENV}); None means none"
         cert_help = "PEM certificate this learner serves TLS with and presents to the leader"
         ca_help = "PEM CA certificate the leader's certificate must chain to (turns on TLS to the leader)"
     group.add_argument("--token-file", default=None, help=token_help)
@@ -304,7 +311,7 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
         metavar="FILE.py|MODULE",
         help="your task file or module: model(), train_data(dir), test_data(dir), optional loss() and metrics(); every learner holds it too (None: the built-in --model on --dataset)",
     )
-    add("--model", choices=list(MODELS), default=defaults.model, help="built-in architecture, built from model.py on both sides")
+    add("--model", choices=MODEL_NAMES, default=defaults.model, help="built-in architecture, built from model.py on both sides")
     add("--dataset", choices=DATASETS, default=defaults.dataset, help="data set kind")
     add("--data-dir", default=defaults.data_dir, help="where the data set lives (CIFAR-10 downloads here when online)")
     add(
@@ -393,7 +400,7 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
     add = group.add_argument
     add(
         "--server-opt",
-        choices=server_opt.SERVER_OPTIMIZERS,
+        choices=SERVER_OPTIMIZERS,
         default=defaults.server_opt,
         help="the leader's optimizer on the averaged update: sgd (FedAvg; in fedsgd the blog's SGD with --lr, --momentum, "
         "--weight-decay), sgdm (FedAvgM), adam, yogi or adagrad (FedOpt, Reddi et al. 2021); all but fedsgd's sgd use --server-lr",
@@ -425,7 +432,7 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
         "--rule",
         "--aggregator",
         dest="rule",
-        choices=list(aggregation.RULES),
+        choices=RULE_NAMES,
         default=defaults.rule,
         help="how a round's updates combine: mean (weighted by examples), coordinate-wise median, trimmed-mean (--trim), "
         "krum or multi-krum (--byzantine)",
@@ -508,7 +515,7 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
         "--compression",
         "--compress",
         dest="compression",
-        choices=compression.MODES,
+        choices=COMPRESSION_MODES,
         default=defaults.compression,
         help="how learners send updates: none (float32), fp16, int8 (per-tensor scale) or topk (--topk-ratio of each "
         "parameter tensor's entries, the rest carried to the next round: error feedback)",
@@ -627,7 +634,7 @@ def parse_leader_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bo
     args.pop("config")
     verbose = args.pop("verbose")
     try:
-        enrolment_token = rpc.read_enrolment_token(args.pop("token_file"))
+        enrolment_token = read_enrolment_token(args.pop("token_file"))
         config = resolve_paths(LeaderConfig(**args))
     except ValueError as error:
         parser.error(str(error))

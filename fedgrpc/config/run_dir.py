@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedgrpc.config.files import flag_value
-from fedgrpc.leader import checkpoint
 from fedgrpc.leader.plots import METRICS_FILE
-from fedgrpc.leader.recorder import CONFIG_FILE
 
 if TYPE_CHECKING:
     from fedgrpc.config.options import LeaderConfig
 
 logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"  # the run's settings, written by the leader's Recorder; --resume reads them back
 
 
 def expand_resume(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[str]:
@@ -49,7 +49,7 @@ def resolve_paths(config: LeaderConfig) -> LeaderConfig:
             run_dir = f"{base}-{suffix}"
         if run_dir != base:
             logger.warning("%s holds another run's results; this run writes to %s (--resume %s continues that one)", base, run_dir, base)
-        if not inside and checkpoint.latest(Path(config.checkpoint_dir)) is not None:
+        if not inside and latest_checkpoint(Path(config.checkpoint_dir)) is not None:
             raise ValueError(
                 f"--checkpoint-dir {config.checkpoint_dir} holds another run's checkpoints: pass an empty "
                 f"directory, or --resume the run they belong to"
@@ -60,4 +60,11 @@ def resolve_paths(config: LeaderConfig) -> LeaderConfig:
 
 def holds_results(run_dir: Path) -> bool:
     """Whether a directory holds a run's config, metrics or checkpoints."""
-    return (run_dir / CONFIG_FILE).exists() or (run_dir / METRICS_FILE).exists() or checkpoint.latest(run_dir / "checkpoints") is not None
+    return (run_dir / CONFIG_FILE).exists() or (run_dir / METRICS_FILE).exists() or latest_checkpoint(run_dir / "checkpoints") is not None
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """checkpoint.latest, imported here: checkpoint.py brings PyTorch, which parsing the flags need not wait for."""
+    from fedgrpc.leader import checkpoint
+
+    return checkpoint.latest(directory)

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedgrpc.config.files import flag_value, parse_with_config
+from fedgrpc.config.files import flag_value, parse_with_config, read_enrolment_token
 from fedgrpc.engines import import_path
 
 if TYPE_CHECKING:  # imported where they are used: they bring PyTorch and Ray, which a bad flag need not wait for
@@ -258,7 +258,7 @@ def run_on_ray(args: argparse.Namespace, leader_argv: list[str], port: int, ray_
 
     on_cluster = args.ray_address is not None
     # On a cluster the leader listens on every interface, and an enrolment secret keeps strangers out.
-    enrolment_token = rpc.read_enrolment_token(args.token_file) or secrets.token_urlsafe(32)
+    enrolment_token = read_enrolment_token(args.token_file) or secrets.token_urlsafe(32)
     os.environ[rpc.ENROLMENT_ENV] = enrolment_token
     host = "0.0.0.0" if on_cluster else "127.0.0.1"
     pool_config = PoolConfig(

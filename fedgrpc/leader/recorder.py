@@ -8,11 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedgrpc.config.run_dir import CONFIG_FILE
 from fedgrpc.leader import checkpoint, plots
 
 logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.json"
 
 
 class TensorBoardMissing(ImportError):

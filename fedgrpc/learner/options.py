@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from fedgrpc.config.files import parse_with_config
+from fedgrpc.config.choices import CHANNELS_LAST_SETTINGS
+from fedgrpc.config.files import parse_with_config, read_enrolment_token
 from fedgrpc.config.options import LearnerConfig, Parser, add_compute_flags, add_output_flags, add_security_flags, at_least_one
-from fedgrpc.model import CHANNELS_LAST_SETTINGS
 from fedgrpc.transport import rpc
 from fedgrpc.transport.tls import Tls
 
@@ -114,7 +114,7 @@ def parse_learner_config(argv: list[str] | None = None) -> tuple[LearnerConfig, 
     token_file = args.pop("token_file")
     config = LearnerConfig(**args)
     try:
-        enrolment_token = rpc.read_enrolment_token(token_file)
+        enrolment_token = read_enrolment_token(token_file)
         tls = Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
         rpc.parse_address(config.leader)
         if config.advertise_address:

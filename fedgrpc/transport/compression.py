@@ -8,9 +8,8 @@ from collections.abc import Collection, Mapping, Sequence
 
 import torch
 
+from fedgrpc.config.choices import COMPRESSION_MODES as MODES
 from fedgrpc.transport import wire
-
-MODES = ("none", "fp16", "int8", "topk")
 
 # Symmetric int8 quantization uses levels -127..127 only, so that x and -x quantize to mirror images;
 # -128 is never produced and a payload holding it is refused.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-import os
 import re
 import threading
 import time
@@ -13,13 +12,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fedgrpc.config.choices import ENROLMENT_ENV, STREAM_IDLE_TIMEOUT_S
 from fedgrpc.protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 from fedgrpc.transport import wire
 
@@ -39,8 +38,6 @@ PROTOCOL_VERSION = "7"
 TOKEN_METADATA_KEY = "x-session-token"
 # Metadata entry that carries the federation's shared enrolment secret on RegisterLearner.
 ENROLMENT_METADATA_KEY = "x-enrolment-token"
-# Environment variable the commands read the enrolment secret from, so it stays out of `ps` output.
-ENROLMENT_ENV = "FL_ENROLMENT_TOKEN"
 # Deadline of short control calls (register, start, health checks).
 CONTROL_TIMEOUT_S = 30.0
 # Deadlines of calls that stream a model, an update or a data split: the control
@@ -62,9 +59,6 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 # Calls one session token may have in flight at once. An honest learner needs two
 # (a transfer and a heartbeat); the cap keeps one peer from taking every thread.
 MAX_CALLS_PER_CALLER = 4
-# A stream that moves no message for this long is cancelled, so that a peer that
-# stops reading or writing frees its server thread.
-STREAM_IDLE_TIMEOUT_S = 30.0
 # Calls from peers that hold no session (health checks, reflection, registration) are bounded so that they can never
 # take the threads members need: in-flight calls in all (a share of the server's threads) and from one host (half of
 # that, so that one host cannot keep the rest out; a refused learner waits and tries again), and streams, which may
@@ -162,19 +156,6 @@ def callback_problem(address: str, peer: str, trusted: bool) -> str | None:
         f"the callback address {address} is not the address this registration came from ({source}); "
         f"advertising another address needs the federation's enrolment secret (${ENROLMENT_ENV}) or a client certificate"
     )
-
-
-def read_enrolment_token(token_file: str | None) -> str | None:
-    """The enrolment secret from --token-file, else $FL_ENROLMENT_TOKEN, else None."""
-    if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as error:
-            raise ValueError(f"cannot read --token-file {token_file}: {error.strerror}") from None
-        if not token:
-            raise ValueError(f"--token-file {token_file} is empty")
-        return token
-    return os.environ.get(ENROLMENT_ENV) or None
 
 
 def is_loopback(host: str) -> bool:
