@@ -1,8 +1,8 @@
 """The names the flags choose among, and the settings both roles' flags share, kept free of PyTorch.
 
-Parsing the command line needs only these, so `--help` or a bad flag is answered before PyTorch loads, and
-local_federation.py parses its flags without loading PyTorch beside the processes it starts. The modules that implement
-each name import it from here; tests/test_cli.py checks that they implement exactly these.
+Parsing the leader's flags needs only these, so local_federation.py answers `--help` or a bad flag at once and parses
+its flags without loading PyTorch beside the leader and learners it starts. The modules that implement each name
+import it from here; tests/test_cli.py checks that they implement exactly these.
 """
 
 from __future__ import annotations
