@@ -165,10 +165,11 @@ def test_leader_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and "--learners: must be at least 1" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_the_launcher_answers_a_bad_flag_before_loading_pytorch():
-    # -X importtime lists every module the process imported: the launcher parses all of the leader's flags, and its
-    # leader and learners load PyTorch, not it
-    result = run("-X", "importtime", "local_federation.py", "--model", "gpt")
+@pytest.mark.parametrize("door", ["local_federation.py", "leader.py"])
+def test_a_bad_flag_is_answered_before_pytorch_loads(door):
+    # -X importtime lists every module the process imported: the leader loads PyTorch once its flags are good, and
+    # the launcher leaves it to the leader and learners it starts
+    result = run("-X", "importtime", door, "--model", "gpt")
     assert result.returncode == 2 and "invalid choice: 'gpt'" in result.stderr
     imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
     assert "fedgrpc.config.options" in imported and "argparse" in imported

@@ -2,32 +2,29 @@
 
     python leader.py --learners 2 --task my_task.py
 
-The coordinator is coordinator.Leader, its gRPC boundary service.py; this module is the command.
+The coordinator is coordinator.Leader, its gRPC boundary service.py; this module is the command. It parses the flags
+before the rest of the leader (and PyTorch) loads, so that `--help` or a bad flag is answered at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import sys
 import threading
 from pathlib import Path
-
-import torch
-from grpc_health.v1 import health_pb2
+from typing import TYPE_CHECKING, Any
 
 from fedgrpc.config.options import LeaderConfig, parse_leader_config
 from fedgrpc.console import printable, setup_logging
-from fedgrpc.data import DataError
-from fedgrpc.leader import checkpoint
-from fedgrpc.leader.coordinator import Leader, RunError, training_plan
-from fedgrpc.leader.recorder import Recorder, TensorBoardMissing
-from fedgrpc.leader.round_report import describe_evaluation
-from fedgrpc.leader.service import SERVER_STOP_GRACE_S, LeaderServicer, handle_shutdown_signals, serve
-from fedgrpc.protos import learner_pb2
-from fedgrpc.task import TaskError
-from fedgrpc.transport import rpc
+
+if TYPE_CHECKING:
+    from fedgrpc.leader import checkpoint
+    from fedgrpc.leader.coordinator import Leader, RunError, training_plan
+    from fedgrpc.leader.service import LeaderServicer, handle_shutdown_signals, serve
+    from fedgrpc.protos import learner_pb2
 
 # the command and what it builds on, for launchers, benchmarks and tests
 __all__ = [
@@ -36,6 +33,7 @@ __all__ = [
     "LeaderServicer",
     "RunError",
     "checkpoint",
+    "handle_shutdown_signals",
     "learner_pb2",
     "main",
     "parse_leader_config",
@@ -43,12 +41,48 @@ __all__ = [
     "training_plan",
 ]
 
+# Where the names above live, imported on first use: they bring PyTorch, which `--help` or a bad flag need not wait for.
+_HOMES = {
+    "Leader": "fedgrpc.leader.coordinator",
+    "RunError": "fedgrpc.leader.coordinator",
+    "training_plan": "fedgrpc.leader.coordinator",
+    "LeaderServicer": "fedgrpc.leader.service",
+    "handle_shutdown_signals": "fedgrpc.leader.service",
+    "serve": "fedgrpc.leader.service",
+    "checkpoint": "fedgrpc.leader",
+    "learner_pb2": "fedgrpc.protos",
+}
+
 logger = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    home = importlib.import_module(_HOMES[name])
+    return getattr(home, name) if hasattr(home, name) else importlib.import_module(f"{_HOMES[name]}.{name}")
 
 
 def main(argv: list[str] | None = None, stop_event: threading.Event | None = None) -> int:
     """Run a federation from the command line (setting `stop_event` stops it, as Ctrl-C does)."""
     config, verbose, enrolment_token = parse_leader_config(argv)
+    return run(config, verbose, enrolment_token, stop_event)
+
+
+def run(config: LeaderConfig, verbose: bool, enrolment_token: str | None, stop_event: threading.Event | None) -> int:
+    """Serve the federation the parsed flags describe until it ends; returns the exit status."""
+    # imported once the flags are known to be good: they bring PyTorch
+    import torch
+    from grpc_health.v1 import health_pb2
+
+    from fedgrpc.data import DataError
+    from fedgrpc.leader.coordinator import RunError
+    from fedgrpc.leader.recorder import Recorder, TensorBoardMissing
+    from fedgrpc.leader.round_report import describe_evaluation
+    from fedgrpc.leader.service import SERVER_STOP_GRACE_S, handle_shutdown_signals, serve
+    from fedgrpc.task import TaskError
+    from fedgrpc.transport import rpc
+
     run_dir = Path(config.run_dir)
     setup_logging("leader", verbose, config.quiet, run_dir / "leader.log", config.log_format)
     logger.info("config: %s", json.dumps(dataclasses.asdict(config), sort_keys=True))
