@@ -65,6 +65,16 @@ def wait_until(condition, timeout: float = 60.0) -> None:
         time.sleep(0.05)  # polling our own in-process state, not waiting on a peer
 
 
+def refusal(parse, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """What a command's parser printed refusing `argv`: it exits with status 2 and says why in one line (and a hint)."""
+    with pytest.raises(SystemExit) as caught:
+        parse(argv)
+    assert caught.value.code == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) <= 2, error
+    return error
+
+
 def leader_config(tmp_path: Path, **overrides: object) -> LeaderConfig:
     """A small, fast federation on loopback: synthetic data, the BatchNorm-free tiny CNN, no augmentation."""
     settings: dict[str, object] = dict(
