@@ -189,7 +189,12 @@ def callback_address() -> str:
 
 
 def register_client(
-    channel: grpc.Channel, callback_token: str | None = None, address: str | None = None, task: str = "", fingerprint: str = ""
+    channel: grpc.Channel,
+    callback_token: str | None = None,
+    address: str | None = None,
+    task: str = "",
+    fingerprint: str = "",
+    former_learner_id: int | None = None,
 ) -> Client:
     """Register through the real RPC, as a learner whose server is at `address` (by default the shared CallbackServer)."""
     address = address or callback_address()
@@ -200,6 +205,7 @@ def register_client(
         version=rpc.PROTOCOL_VERSION,
         task=task,
         model_fingerprint=fingerprint,
+        former_learner_id=former_learner_id,
     )
     for attempt in range(100):  # a leader busy with other registrations says so; learner.py waits and tries again too
         try:

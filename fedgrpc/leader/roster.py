@@ -253,11 +253,10 @@ class Roster:
         self._records: dict[int, LearnerRecord] = {}
         self._tokens: dict[str, int] = {}
         self._by_callback: dict[bytes, LearnerRecord] = {}  # live members by callback_key
-        self._absent_slots: list[int] = []
+        self._absent_slots: list[int] = []  # heap of slots whose learner is absent, for the next newcomer
+        self._next_unused = 0  # no slot below it is unused (a slot asked back can be taken out of order)
         self._pools_reported: set[str] = set()  # pool addresses whose learners' absence was logged
-        self._pools_answered: dict[
-            str, float
-        ] = {}  # pool address -> when it last answered a registration's call-back  # heap of slots whose learner is absent, for the next newcomer
+        self._pools_answered: dict[str, float] = {}  # pool address -> when it last answered a registration's call-back
         self.channels = Channels(tls)
         self._revoked: OrderedDict[str, str] = OrderedDict()  # ended session token -> why it ended
         self._sweep_lock = threading.Lock()
@@ -375,8 +374,9 @@ class Roster:
         self, info: leader_pb2.LearnerInfo, channel: grpc.Channel, stub: learner_pb2_grpc.LearnerServiceStub, certificate: str | None
     ) -> tuple[LearnerRecord, LearnerRecord | None]:
         """Give a checked registrant a slot: (its record, the absent member it replaced)."""
+        wanted = info.former_learner_id if info.HasField("former_learner_id") else None
         with self._cond:
-            learner_id = self._free_slot()
+            learner_id = self._free_slot(wanted)
         if learner_id is None:
             self.sweep()  # a full federation may hold members that are gone
         with self._cond:
@@ -384,7 +384,7 @@ class Roster:
             if known is not None:  # the same registration, retried while this one was checked
                 self.channels.give(info.network_addr)
                 return same_certificate(known, certificate), None
-            learner_id = self._free_slot()
+            learner_id = self._free_slot(wanted)
             if learner_id is None:
                 raise rpc.RequestRefused(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -393,7 +393,11 @@ class Roster:
                 )
             replaced = self._records.get(learner_id)
             if replaced is not None:  # the slot of an absent learner: its split and its session go to the newcomer
-                heapq.heappop(self._absent_slots)
+                if self._absent_slots[0] == learner_id:
+                    heapq.heappop(self._absent_slots)
+                else:  # asked back out of turn
+                    self._absent_slots.remove(learner_id)
+                    heapq.heapify(self._absent_slots)
                 self._end_session(replaced, "its slot went to a newcomer")
                 self.channels.give(replaced.address)
             record = LearnerRecord(
@@ -415,10 +419,17 @@ class Roster:
                 self._cond.notify_all()  # fill() waits for this; waking it at every registration slows registering
         return record, replaced
 
-    def _free_slot(self) -> int | None:
-        """The id a newcomer gets: the next unused one, else the lowest one whose learner is absent; None when full."""
-        if len(self._records) < self.config.learners:
-            return len(self._records)
+    def _free_slot(self, wanted: int | None = None) -> int | None:
+        """The id a registrant gets (under the lock): the one it asks back (`wanted`, its former_learner_id) when that
+        slot is unused or its learner absent, else the lowest unused one, else the lowest one whose learner is absent;
+        None when full."""
+        if wanted is not None and 0 <= wanted < self.config.learners:
+            if wanted not in self._records or wanted in self._absent_slots:
+                return wanted
+        while self._next_unused in self._records:
+            self._next_unused += 1
+        if self._next_unused < self.config.learners:
+            return self._next_unused
         return self._absent_slots[0] if self._absent_slots else None
 
     # ---- leaving ------------------------------------------------------------------------------------------------

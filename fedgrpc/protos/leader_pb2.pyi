@@ -12,7 +12,7 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class LearnerInfo(_message.Message):
-    __slots__ = ("network_addr", "callback_token", "num_examples", "version", "tls", "pooled", "task", "model_fingerprint")
+    __slots__ = ("network_addr", "callback_token", "num_examples", "version", "tls", "pooled", "task", "model_fingerprint", "former_learner_id")
     NETWORK_ADDR_FIELD_NUMBER: _ClassVar[int]
     CALLBACK_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class LearnerInfo(_message.Message):
     POOLED_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    FORMER_LEARNER_ID_FIELD_NUMBER: _ClassVar[int]
     network_addr: str
     callback_token: str
     num_examples: int
@@ -29,7 +30,8 @@ class LearnerInfo(_message.Message):
     pooled: bool
     task: str
     model_fingerprint: str
-    def __init__(self, network_addr: _Optional[str] = ..., callback_token: _Optional[str] = ..., num_examples: _Optional[int] = ..., version: _Optional[str] = ..., tls: _Optional[bool] = ..., pooled: _Optional[bool] = ..., task: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    former_learner_id: int
+    def __init__(self, network_addr: _Optional[str] = ..., callback_token: _Optional[str] = ..., num_examples: _Optional[int] = ..., version: _Optional[str] = ..., tls: _Optional[bool] = ..., pooled: _Optional[bool] = ..., task: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., former_learner_id: _Optional[int] = ...) -> None: ...
 
 class TrainingPlan(_message.Message):
     __slots__ = ("model", "num_classes", "aggregation", "batch_size", "lr", "momentum", "weight_decay", "local_steps", "local_epochs", "seed", "rounds", "augment", "image_shape", "dataset", "model_fingerprint", "torch_version", "deterministic", "prox_mu", "compression", "topk_ratio", "lr_schedule", "warmup_rounds", "keep_momentum", "secure_aggregation", "task", "learners_evaluate", "share", "shared_fingerprint", "personal_steps")
