@@ -273,9 +273,10 @@ def main() -> int:
     )
     parser.add_argument(
         "--keep-momentum",
-        action="store_true",
-        help="the leader's --keep-momentum: learners keep their SGD momentum from round to round, as the "
-        "centralized side keeps it from epoch to epoch (default: each round starts from none)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the leader's --keep-momentum (its default here): learners keep their SGD momentum from round to round, "
+        "as the centralized side keeps it from epoch to epoch; --no-keep-momentum starts each round from none",
     )
     parser.add_argument(
         "--centralized",

@@ -4,7 +4,8 @@
 
     federation = fedgrpc.join(model, task="my_task", leader="HOST:10134", num_examples=len(train_set))
     for round_number in federation.rounds():  # the round's global weights are in `model` now
-        train_one_epoch(model, loader, optimizer)  # your own loop, optimizer, loss, precision
+        train_one_epoch(model, loader, optimizer)  # your own loop, optimizer, loss, precision; an optimizer made once
+                                                   # keeps its momentum across rounds, as learner.py does (plan.keep_momentum)
         federation.send(loss=last_loss)  # the model's change this round, weighted by num_examples
 
 It is the learner's own path (fedgrpc.learner.main.Learner: registration, tokens, TLS, compression, secure aggregation, fedbuff
@@ -133,8 +134,11 @@ class Federation:
     # ---- membership -----------------------------------------------------------------------------------------------
 
     def _join(self) -> None:
+        former = self._learner
         learner = Learner(self.config, self._enrolment_token, self._tls, self.task)
         learner.own_examples = self.num_examples
+        if former is not None and former.learner_id >= 0:  # joining again: ask back the id held (the batches follow it)
+            learner.former_learner_id = former.learner_id
         server, port, _ = create_server(learner, self.config.host, self.config.port, self._tls)
         self._learner, self._server = learner, server
         try:

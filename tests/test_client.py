@@ -117,8 +117,9 @@ def test_the_client_api_and_learner_py_end_a_deterministic_run_with_identical_we
         def run() -> None:
             federation = client.join(model, str(task_file), address, num_examples=len(data), host="127.0.0.1")
             plan = federation.plan
+            assert plan.keep_momentum  # fedavg's default: learner.py keeps its momentum, as an optimizer made once does
+            optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
             for _ in federation.rounds():
-                optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
                 batches = federation.batches(len(data))
                 for indices in batches:
                     optimizer.zero_grad()

@@ -25,8 +25,10 @@ def federate(config, resume_from: Path | None = None) -> dict[str, torch.Tensor]
 
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
-    # fedavg with server momentum, so the optimizer state must survive the restart too
+    # fedavg with server momentum, so the optimizer state must survive the restart too; the learners here restart as well,
+    # so they keep no momentum (test_faults resumes with learners that live through it, keeping theirs)
     settings = dict(aggregation="fedavg", local_steps=3, batch_size=64, lr=0.05, server_momentum=0.5, augment=True, seed=11)
+    settings.update(keep_momentum=False)
     straight = federate(leader_config(tmp_path / "straight", rounds=4, **settings))
 
     interrupted = leader_config(tmp_path / "resumed", rounds=2, **settings)

@@ -86,12 +86,10 @@ def test_fedavg_round_equals_average_of_independently_trained_models(tmp_path, l
         torch.testing.assert_close(final[name], expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("keep_momentum", [False, True])
-def test_fedavg_learners_keep_momentum_across_rounds_only_when_asked(tmp_path, keep_momentum):
+@pytest.mark.parametrize(("setting", "keep_momentum"), [(None, True), (False, False)], ids=["default", "no-keep-momentum"])
+def test_fedavg_learners_keep_momentum_across_rounds_unless_told_not_to(tmp_path, setting, keep_momentum):
     rounds = 2  # one full-shard step a round: round 2's step starts from round 1's momentum, or from none
-    config, initial, final, history = run_federation(
-        tmp_path, aggregation="fedavg", local_steps=1, rounds=rounds, keep_momentum=keep_momentum
-    )
+    config, initial, final, history = run_federation(tmp_path, aggregation="fedavg", local_steps=1, rounds=rounds, keep_momentum=setting)
 
     data = shards(SEED)
 

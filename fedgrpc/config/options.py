@@ -72,7 +72,7 @@ class LeaderConfig:
     server_beta2: float = 0.99
     server_tau: float = 1e-3
     prox_mu: float = 0.0
-    keep_momentum: bool = False
+    keep_momentum: bool | None = None  # None: kept_momentum() decides
     partition: str = "iid"
     alpha: float = 0.5
     classes_per_learner: int = 2
@@ -385,7 +385,8 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
         "--keep-momentum",
         action=argparse.BooleanOptionalAction,
         default=defaults.keep_momentum,
-        help="fedavg: learners keep their SGD momentum from round to round instead of starting each round from none",
+        help="fedavg, fedbuff: learners keep their SGD momentum from round to round instead of starting each round from "
+        "none (default: kept when every learner trains every round, --fraction 1)",
     )
     add("--augment", action=argparse.BooleanOptionalAction, default=defaults.augment, help="random crop and flip on the learners")
     add(
@@ -393,7 +394,8 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
         action=argparse.BooleanOptionalAction,
         default=defaults.deterministic,
         help="deterministic kernels on the learners and updates summed in learner order, so that a resumed run "
-        "reproduces an uninterrupted one bit for bit; the leader holds every update of a round in memory",
+        "reproduces an uninterrupted one bit for bit (with kept momentum: if the learners live through the restart; "
+        "checkpoints every round then); the leader holds every update of a round in memory",
     )
 
     group = parser.add_argument_group("server optimizer")
@@ -627,6 +629,15 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
     return parser
 
 
+def kept_momentum(config: LeaderConfig) -> bool:
+    """Whether learners keep their momentum across rounds: --keep-momentum, else yes under local SGD with momentum when
+    every learner trains every round (a sampled learner's momentum is rounds old when it trains again, and a simulation's
+    thousands of virtual learners would each hold a model's worth)."""
+    if config.keep_momentum is not None:
+        return config.keep_momentum
+    return config.aggregation in LOCAL_TRAINING and config.momentum > 0 and config.fraction == 1.0
+
+
 def parse_leader_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bool, str | None]:
     """Parse the command line into a LeaderConfig, the verbose flag and the enrolment secret (kept out of the config)."""
     parser = build_leader_parser()
@@ -642,8 +653,12 @@ def parse_leader_config(argv: list[str] | None = None) -> tuple[LeaderConfig, bo
         parser.error(f"--min-learners {config.min_learners} exceeds --learners {config.learners}")
     if config.concurrency > config.learners:
         parser.error(f"--concurrency {config.concurrency} exceeds --learners {config.learners}")
-    if config.aggregation == "fedbuff" and not config.checkpoint_every and config.checkpoint_seconds == LeaderConfig.checkpoint_seconds:
-        # aggregations come every few seconds and nothing replays them: a crash then loses at most the buffer
+    config = dataclasses.replace(config, keep_momentum=kept_momentum(config))  # config.json records what was chosen
+    default_cadence = not config.checkpoint_every and config.checkpoint_seconds == LeaderConfig.checkpoint_seconds
+    if default_cadence and (config.aggregation == "fedbuff" or (config.deterministic and config.keep_momentum)):
+        # fedbuff: aggregations come every few seconds and nothing replays them: a crash then loses at most the buffer.
+        # --deterministic with kept momentum: learners keep their last rounds' momentum (learner/momentum.py), enough to
+        # replay exactly from the last round's checkpoint, not from one written a minute of rounds before
         config = dataclasses.replace(config, checkpoint_every=1)
     if config.secure_aggregation and config.max_norm_ratio == LeaderConfig.max_norm_ratio:
         # the default bound reads each update's norm, which secure aggregation hides: learners clip their own instead

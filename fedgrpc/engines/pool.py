@@ -335,7 +335,7 @@ class LearnerPool:
             update, num_examples, loss = trainer.train(round_number)
             if self.personal_names:
                 learner.personal = sharing.personal_state(self.model, self.personal_names)
-            if not self.plan.keep_momentum and self.config.examples_per_learner:
+            if not (self.plan.keep_momentum and self.plan.momentum) and self.config.examples_per_learner:
                 learner.trainer = None  # nothing kept: synthetic data is made again faster than it is stored
             if self.plan.secure_aggregation:  # copied: the model's buffers change with the next learner
                 with self._lock:

@@ -22,7 +22,7 @@ import torch
 
 from fedgrpc import sharing
 from fedgrpc.algorithms.strategy import FIRST_ROUND_NORM_RATIO, Strategy
-from fedgrpc.config.options import STRAGGLER_GRACE_FACTOR, STRAGGLER_GRACE_MIN_S, LeaderConfig
+from fedgrpc.config.options import STRAGGLER_GRACE_FACTOR, STRAGGLER_GRACE_MIN_S, LeaderConfig, kept_momentum
 from fedgrpc.console import StatusLine
 from fedgrpc.data import IMAGE_SHAPE, Examples, derive_seed, resolve_device, split_by
 from fedgrpc.leader import checkpoint
@@ -497,7 +497,7 @@ def training_plan(
         torch_version=torch.__version__,
         deterministic=config.deterministic,
         prox_mu=config.prox_mu,
-        keep_momentum=config.keep_momentum,
+        keep_momentum=kept_momentum(config),
         compression=config.compression,
         topk_ratio=config.topk_ratio,
         lr_schedule=config.lr_schedule,

@@ -29,6 +29,7 @@ class LeaderLost(LearnerError):
     """The leader stopped answering or ended this learner's session; the learner may register again."""
 
     rounds_trained = 0  # rounds the lost session trained: one that trained was dropped, not refused
+    learner_id: int | None = None  # the id the lost session held (or asked back), for the next to ask back
 
 
 class Stopped(Exception):

@@ -31,6 +31,7 @@ from fedgrpc.learner.data import (
     load_local_data,
     split_specs,
 )
+from fedgrpc.learner.momentum import MomentumStore
 from fedgrpc.learner.options import parse_learner_config
 from fedgrpc.learner.personal import PersonalStore, share_as_planned
 from fedgrpc.learner.secagg_party import SecAggParty, masked_tensors
@@ -89,6 +90,7 @@ class Learner:
         tls: Tls | None = None,
         task: Task | None = None,
         personal: PersonalStore | None = None,
+        momentum: MomentumStore | None = None,
     ) -> None:
         self.config = config
         # the user's task (--task), or None to follow the leader's built-in model; its model is built now, so that
@@ -110,12 +112,13 @@ class Learner:
         self.shared: Any = None  # the model's shared part (sharing.part): the model itself when all is shared
         self.personal_names: list[str] = []  # what --share keeps here, never sent
         self.personal = personal or PersonalStore()
+        self.momentum = momentum or MomentumStore()  # the kept momentum (keep_momentum) of this and earlier sessions
         self.learner_id = -1
+        self.former_learner_id: int | None = None  # the id an earlier session held, asked back at registration
         self.split_examples = 0  # examples of the split the leader sends (GetData); 0 with local data
         self.plan: leader_pb2.TrainingPlan | None = None
         self.data: Examples | None = None
-        # a client's script trains on data it holds itself (client.py): the examples it declares, 0 for learner.py
-        self.own_examples = 0
+        self.own_examples = 0  # a client script's own data (client.py): the examples it declares; 0 for learner.py
         self.split_layout: list[wire.TensorSpec] = []  # what GetData streams, one example each (AckWithMetadata.split_layout)
         self.evaluation: LocalEvaluation | None = None  # where the leader asks learners to evaluate on their own test data
         self.trainer: LocalTrainer | None = None  # the round's local work, once prepared
@@ -180,6 +183,7 @@ class Learner:
             tls=self.tls is not None and self.tls.serving,
             task=self.user_task.name if self.user_task is not None else "",
             model_fingerprint=wire.fingerprint(wire.specs_of(self._task_model.state_dict())) if self._task_model is not None else "",
+            former_learner_id=self.former_learner_id,
         )
         reply = register_until_admitted(self.stub, info, self.config, self._enrolment_metadata)
         self.learner_id = reply.learner_id
@@ -234,6 +238,8 @@ class Learner:
             progress=self.config.progress and not self.config.quiet,
             slowdown=self.config.slowdown,
             shared=self.shared,
+            kept=self.momentum,
+            owner=self.learner_id if self.split_examples else -1,  # a split from the leader is this id's; own data is ours
         )
         if self.evaluation is not None and plan.personal_steps:
             self.evaluation.finetune = self.trainer.finetune
@@ -243,13 +249,12 @@ class Learner:
         if self.personal_names:
             self.personal.keep(round_number, self.model, self.personal_names)
 
-    def _data_specs(self) -> list[wire.TensorSpec]:
-        """What GetData must stream: split_examples examples of the layout registration announced."""
-        return split_specs(self.split_examples, self.split_layout)
-
     def _first_message_limit(self) -> int:
-        """Most bytes the first message of a stream from the leader may take: a model's or a data split's manifest, a chunk, a header."""
-        return wire.first_message_limit(self.specs if self.specs is not None else self._data_specs() if self.plan is not None else [])
+        """Most bytes the first message of a stream from the leader may take: a model's or a data split's manifest (what
+        GetData must stream: split_examples examples of the layout registration announced), a chunk, a header."""
+        if self.specs is not None or self.plan is None:
+            return wire.first_message_limit(self.specs or [])
+        return wire.first_message_limit(split_specs(self.split_examples, self.split_layout))
 
     def _fetch_data(self) -> Examples:
         """GetData: this learner's split, exactly as many examples of the layout as registration said."""
@@ -407,7 +412,7 @@ class Learner:
         def before_retry(error: grpc.RpcError, pause: float) -> None:
             self._raise_if_stopped()  # the leader said stop while this update was under way
             logger.warning(
-                "%s %d: update not taken (%s: %s); sending it again", self._unit(), round_number, error.code().name, error.details()
+                "%s %d: update not taken (%s: %s); sending it again", work_unit(self.plan), round_number, error.code().name, error.details()
             )
             self._raise_if_stopped_within(pause)
 
@@ -416,18 +421,21 @@ class Learner:
             reply = send_update(self.stub, manifest, payload, header, self._metadata(), before_retry)
         except UpdateNotTaken as refusal:
             self._raise_if_stopped()
-            logger.warning("%s %d: update not taken: %s", self._unit(), round_number, refusal)
+            logger.warning("%s %d: update not taken: %s", work_unit(self.plan), round_number, refusal)
             return
         except grpc.RpcError as error:
             self._raise_if_stopped()
-            raise self._call_failed(f"sending the {self._unit()} {round_number} update", error) from None
+            raise self._call_failed(f"sending the {work_unit(self.plan)} {round_number} update", error) from None
         finally:
             self._send_buffers.give(payload)  # the calls are over: nothing reads the payload any more
-        logger.info("%s %d: sent update (%d examples, loss %.4f): %s", self._unit(), round_number, num_examples, loss, reply.message)
+        logger.info(
+            "%s %d: sent update (%d examples, loss %.4f): %s", work_unit(self.plan), round_number, num_examples, loss, reply.message
+        )
 
-    def _unit(self) -> str:
-        """What the leader numbers this learner's work by: rounds, or under fedbuff its own training jobs."""
-        return "job" if self.plan.aggregation == "fedbuff" else "round"
+
+def work_unit(plan: leader_pb2.TrainingPlan) -> str:
+    """What the leader numbers a learner's work by: rounds, or under fedbuff its own training jobs."""
+    return "job" if plan.aggregation == "fedbuff" else "round"
 
 
 def own_evaluation(learner: Learner, task: Task) -> LocalEvaluation:
@@ -565,13 +573,15 @@ def main(argv: list[str] | None = None) -> int:
         if config.data_dir:
             local_data = task.train_data(config.data_dir) if task is not None else load_local_data(config.data_dir)
         attempt = 0
-        personal = PersonalStore(config.personal_dir)  # outlives a session: a learner that rejoins keeps its personal part
+        # these outlive a session: a learner that rejoins keeps its personal part, its momentum and (asked back) its id
+        personal, momentum, former_id = PersonalStore(config.personal_dir), MomentumStore(), None
         while True:
             try:
-                return run_session(config, enrolment_token, tls, local_data, task, personal)
+                return run_session(config, enrolment_token, tls, local_data, task, personal, momentum, former_id)
             except LeaderLost as error:
                 if not config.rejoin:
                     raise
+                former_id = error.learner_id
                 if error.rounds_trained:  # it was dropped after taking part, not refused again and again: no long backoff
                     attempt = 0
                 pause = rejoin_pause(attempt, random.random())
@@ -599,10 +609,14 @@ def run_session(
     local_data: Examples | None,
     task: Task | None = None,
     personal: PersonalStore | None = None,
+    momentum: MomentumStore | None = None,
+    former_id: int | None = None,
 ) -> int:
-    """One membership of a federation: serve, register, train until told to stop. Raises LeaderLost if the leader goes."""
-    learner = Learner(config, enrolment_token, tls, task, personal)
+    """One membership of a federation: serve, register (asking back `former_id`, the id an earlier one held), train until
+    told to stop. Raises LeaderLost if the leader goes."""
+    learner = Learner(config, enrolment_token, tls, task, personal, momentum)
     learner.data = local_data
+    learner.former_learner_id = former_id
     server, port, _ = create_server(learner, config.host, config.port, tls)
     try:
         learner.register(advertise_address_for(config, port))
@@ -612,6 +626,7 @@ def run_session(
         return 0
     except LeaderLost as error:
         error.rounds_trained = learner.rounds_trained
+        error.learner_id = learner.learner_id if learner.learner_id >= 0 else former_id
         raise
     finally:
         server.stop(grace=2).wait()  # an interpreter that exits while gRPC's threads still run can abort

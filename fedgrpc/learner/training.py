@@ -13,6 +13,7 @@ from tqdm import tqdm
 from fedgrpc.algorithms import aggregation, schedule
 from fedgrpc.config.options import LOCAL_TRAINING
 from fedgrpc.data import derive_seed
+from fedgrpc.learner.momentum import MomentumStore
 from fedgrpc.protos import leader_pb2
 from fedgrpc.task import Task
 
@@ -117,6 +118,8 @@ class LocalTrainer:
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], None] = time.sleep,
         shared: Any = None,
+        kept: MomentumStore | None = None,
+        owner: int = -1,
     ) -> None:
         self.plan = plan
         self.learner_id = learner_id
@@ -136,6 +139,11 @@ class LocalTrainer:
         self._clock = clock
         self._sleep = sleep
         self._optimizer: LocalSGD | None = None  # kept across rounds with the plan's keep_momentum
+        self._last_round = 0  # the round the optimizer last trained
+        # with keep_momentum, each round's momentum, kept beyond this trainer's session; `owner` says whose data made it:
+        # this learner id's split from the leader, or -1 for the learner's own data
+        self.kept = kept
+        self.owner = owner
 
     def train(self, round_number: int) -> tuple[dict[str, torch.Tensor], int, float]:
         """Do round `round_number`'s local work; returns (update, examples used, mean loss)."""
@@ -148,7 +156,7 @@ class LocalTrainer:
         logger.debug("round %d: training on %d local batches", round_number, len(batches))
         global_state = {name: tensor.clone() for name, tensor in self.shared.state_dict().items()}
         lr = schedule.round_lr(plan.lr, plan.lr_schedule or "constant", plan.warmup_rounds, plan.rounds, round_number)
-        optimizer = self._round_optimizer(lr)
+        optimizer = self._round_optimizer(lr, round_number)
         # Summed where the model runs: reading each step's loss would make a GPU step wait for the one before.
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
         examples = 0
@@ -175,6 +183,8 @@ class LocalTrainer:
             if not progress.disable and step % PROGRESS_EVERY == 0:
                 progress.set_postfix(loss=f"{total_loss.item() / examples:.3f}", refresh=False)
         progress.close()
+        if plan.keep_momentum and self.kept is not None:
+            self.kept.keep(round_number, self.owner, optimizer.momentum_buffers)
         if plan.aggregation == "fedsgd":
             update = aggregation.gradient_update(self.shared)
         else:
@@ -196,13 +206,24 @@ class LocalTrainer:
             self.task.loss(model(*inputs), targets).backward()
             optimizer.step()
 
-    def _round_optimizer(self, lr: float) -> LocalSGD:
-        """A round's SGD at `lr`: a fresh one, or with keep_momentum the one kept from earlier rounds.
+    def _round_optimizer(self, lr: float, round_number: int) -> LocalSGD:
+        """Round `round_number`'s SGD at `lr`: a fresh one, or with keep_momentum the one kept from earlier rounds.
 
-        A kept optimizer still steps the same parameter tensors: loading a global model copies into them.
+        A kept optimizer still steps the same parameter tensors: loading a global model copies into them. One that
+        trained this round or a later one already (a leader restarted from an earlier checkpoint asks again; under
+        fedbuff a learner may take two jobs on one model) is replaced by the momentum the round before left, from `kept`.
         """
         plan = self.plan
-        if not plan.keep_momentum or self._optimizer is None:
-            self._optimizer = LocalSGD(list(self.model.parameters()), lr, plan.momentum, plan.weight_decay)
-        self._optimizer.lr = lr
-        return self._optimizer
+        optimizer = self._optimizer
+        replayed = optimizer is not None and (
+            self._last_round > round_number or (self._last_round == round_number and plan.aggregation != "fedbuff")
+        )
+        if not plan.keep_momentum or optimizer is None or replayed:
+            optimizer = LocalSGD(list(self.model.parameters()), lr, plan.momentum, plan.weight_decay)
+            kept = self.kept.before(round_number, self.owner, optimizer.parameters) if plan.keep_momentum and self.kept else None
+            if kept is not None:
+                optimizer.momentum_buffers = kept
+            self._optimizer = optimizer
+        self._last_round = round_number
+        optimizer.lr = lr
+        return optimizer
