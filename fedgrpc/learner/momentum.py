@@ -32,9 +32,10 @@ class MomentumStore:
         if owner != self._owner:
             self._kept.clear()
             self._owner = owner
-        self._kept[round_number] = [None if buffer is None else buffer.detach().clone() for buffer in buffers]
-        for old in sorted(self._kept)[:-ROUNDS_KEPT]:
-            del self._kept[old]
+        self._kept.pop(round_number, None)
+        # the oldest round's copy is written over rather than a new one made: a fresh 45 MB copy costs page faults
+        spare = self._kept.pop(min(self._kept)) if len(self._kept) >= ROUNDS_KEPT else []
+        self._kept[round_number] = [copied(buffer, spare[index] if index < len(spare) else None) for index, buffer in enumerate(buffers)]
 
     def before(self, round_number: int, owner: int, parameters: Sequence[torch.Tensor]) -> Buffers | None:
         """The momentum to start round `round_number` from: a copy of what the newest kept round before it left, or None
@@ -58,3 +59,12 @@ class MomentumStore:
             return None
         logger.info("round %d starts from the momentum round %d left", round_number, max(earlier))
         return [None if buffer is None else buffer.clone() for buffer in buffers]
+
+
+def copied(buffer: torch.Tensor | None, into: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy of `buffer`, written into `into` where that is a tensor of its shape, dtype and device."""
+    if buffer is None:
+        return None
+    if into is not None and into.shape == buffer.shape and into.dtype == buffer.dtype and into.device == buffer.device:
+        return into.copy_(buffer)
+    return buffer.detach().clone()
