@@ -87,6 +87,10 @@ def test_kept_momentum_applies_only_to_the_data_and_model_that_made_it():
     assert store.before(2, 0, parameters) is None
     store.keep(3, -1, [torch.ones(3, 2), None])
     assert store.before(3, -1, parameters) is None  # round 3 replayed: what round 3 left is gone, nothing before it
+    for round_number in range(1, 7):  # copies are written over the oldest kept: each round still keeps its own values
+        store.keep(round_number, -1, [torch.full((3, 2), float(round_number)), torch.full((4,), -float(round_number))])
+    assert [store.before(number, -1, parameters)[1][0].item() for number in (6, 5)] == [-5.0, -4.0]
+    assert store.before(4, -1, parameters) is None  # round 3 was older than the last three rounds (4, 5, 6)
 
 
 def test_a_learner_registering_again_gets_its_former_id_when_the_slot_is_free(tmp_path, channel_to):
