@@ -386,7 +386,7 @@ def build_leader_parser(prog: str | None = None, description: str | None = None)
         action=argparse.BooleanOptionalAction,
         default=defaults.keep_momentum,
         help="fedavg, fedbuff: learners keep their SGD momentum from round to round instead of starting each round from "
-        "none (default: kept when every learner trains every round, --fraction 1)",
+        "none (None: kept when every learner trains every round, --fraction 1, and --momentum is above 0)",
     )
     add("--augment", action=argparse.BooleanOptionalAction, default=defaults.augment, help="random crop and flip on the learners")
     add(
